@@ -1,0 +1,68 @@
+"""Checkpoints: Orbax ``CheckpointManager`` with one item per part of the train state.
+
+Layout of ``WORKDIR/checkpoints/<step>/``:
+  ``params``, ``ema_params``, ``opt_state`` — PyTree items (OCDBT), each restorable
+  alone, and any sub-tree of them by a partial restore;
+  ``meta`` — JSON: ``step`` and the full ``config`` (the model config is what a
+  reader needs to rebuild the model).
+The data position and the PRNG position of a run are its step (batches and keys
+are pure functions of ``(seed, step)``), so the step restores both.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+STATE_ITEMS = ("params", "ema_params", "opt_state")
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON data (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def manager(directory: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only),
+        item_names=STATE_ITEMS + ("meta",))
+
+
+def save(mngr: ocp.CheckpointManager, state: dict, config: ml_collections.ConfigDict) -> None:
+    """Saves the train state at ``state['step']`` (asynchronously; see ``mngr.wait_until_finished``)."""
+    step = int(state["step"])
+    items = {name: ocp.args.StandardSave(state[name]) for name in STATE_ITEMS}
+    mngr.save(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonSave({"step": step, "config": config_json(config)}), **items), force=True)
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:
+    step = mngr.latest_step() if step is None else step
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, directory: str) -> None:
+    """Refuses to resume a checkpoint written for another model config."""
+    saved, now = saved_config["model"], config_json(config)["model"]
+    if saved != now:
+        diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        detail = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}" for k in diffs)
+        raise ValueError(
+            f"{directory} holds a checkpoint of a different model ({detail}). Use another --workdir, "
+            f"or run with the config that wrote it.")
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None = None) -> dict:
+    """Restores the full train state onto the shardings given by ``abstract_state``
+    (a tree of ``jax.ShapeDtypeStruct`` with ``sharding``)."""
+    step = mngr.latest_step() if step is None else step
+    items = {name: ocp.args.StandardRestore(abstract_state[name]) for name in STATE_ITEMS}
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    state = {name: restored[name] for name in STATE_ITEMS}
+    state["step"] = jax.device_put(step, abstract_state["step"].sharding)
+    return state

@@ -1,0 +1,119 @@
+"""The config schema: every key a kindjax config may have, with its default.
+
+Config files (``configs/*.py``) start from :func:`base_config` and override.
+:func:`validate` refuses unknown keys and impossible settings with a message that
+names the key and the fix, before anything is compiled.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """DiT hyper-parameters; ``arch`` (S/B/L/XL) overrides hidden_size/depth/num_heads."""
+    return ml_collections.ConfigDict(dict(
+        arch="",                  # "", "S", "B", "L" or "XL"
+        hidden_size=128,
+        depth=4,
+        num_heads=4,
+        image_size=8,             # input side (pixels, or latent side for latent models)
+        in_channels=1,
+        patch_size=2,
+        num_classes=10,
+        mlp_ratio=4.0,
+        class_dropout=0.1,        # classifier-free guidance label dropout
+        learn_sigma=True,         # output ε and the variance interpolation v
+        adaln_init="zero",        # "zero" (adaLN-Zero) or "gaussian"
+        adaln_std=(1e-3,),        # one std, or (α, γ, β) e.g. (8e-4, 1.2e-3, 8e-4)
+        timestep_freq_shift=1.0,  # 1 as diffusers' DiT, 0 as the original DiT code
+        norm_eps=1e-6,
+        mlp_norm_eps=1e-6,        # eps of the LayerNorm before the MLP (diffusers' DiT: its norm_eps)
+        dtype="float32",          # compute dtype: "float32" or "bfloat16" (params stay float32)
+        linear=ml_collections.ConfigDict(dict(kind="dense")),
+    ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All sections with their defaults (the paper's DiT training settings where they apply)."""
+    return ml_collections.ConfigDict(dict(
+        model=model_config(),
+        diffusion=dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02),
+        data=dict(
+            name="digits",        # "digits" (embedded), later "imagenet", "folder", "latents"
+            classes=(),           # subset of dataset classes to train on, relabelled 0..n-1; () = all
+            root="",              # data directory for on-disk data sets
+            seed=0,
+        ),
+        optim=dict(lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, warmup_steps=0),
+        train=dict(
+            batch_size=256,
+            num_steps=400_000,
+            seed=0,
+            ema_decay=0.9999,
+            log_every=100,
+            checkpoint_every=5000,
+            keep_checkpoints=3,
+            sample_every=10_000,
+            trainable=(".*",),    # regexes on parameter paths; the rest is frozen
+        ),
+        mesh=dict(data=-1, fsdp=1),   # -1: all remaining devices
+        sample=dict(sampler="ddpm", num_steps=250, cfg_scale=1.5, ddim_eta=0.0, grid_per_class=4,
+                    clip_denoised=False),   # True for pixel-space data in [-1, 1]
+        eval=dict(num_samples=500, batch_size=250),
+    ))
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with the key at fault and the fix in the message."""
+
+
+def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in cfg.items():
+        if isinstance(v, ml_collections.ConfigDict) and k != "linear":
+            keys |= _flat_keys(v, f"{prefix}{k}.")
+        else:
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks ``config`` before anything is built or compiled; raises :class:`ConfigError`.
+
+    ``model.linear`` keys are the chosen variant's and are checked when the model is traced.
+    """
+    unknown = sorted(_flat_keys(config) - _flat_keys(base_config()))
+    _require(not unknown, f"unknown config keys {unknown}; the known keys and their defaults are in "
+                          f"kindjax/config.py (a typo?)")
+    m, t, o = config.model, config.train, config.optim
+    _require(m.arch in ("", "S", "B", "L", "XL"), f"model.arch={m.arch!r}: use '', 'S', 'B', 'L' or 'XL'")
+    _require(m.image_size % m.patch_size == 0,
+             f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
+    _require(m.adaln_init in ("zero", "gaussian"), f"model.adaln_init={m.adaln_init!r}: use 'zero' or 'gaussian'")
+    _require(len(m.adaln_std) in (1, 3), f"model.adaln_std={tuple(m.adaln_std)}: give 1 std or 3 (α, γ, β)")
+    _require(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
+    _require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout={m.class_dropout} must be in [0, 1)")
+    _require(t.batch_size > 0 and t.batch_size % num_devices == 0,
+             f"train.batch_size={t.batch_size} is not divisible by the {num_devices} devices of the mesh "
+             f"(data×fsdp); use a multiple of {num_devices}")
+    _require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+    _require(t.num_steps > 0, f"train.num_steps={t.num_steps} must be positive")
+    for key in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints"):
+        _require(t[key] > 0, f"train.{key}={t[key]} must be positive")
+    _require(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be ≥ 0")
+    _require(config.sample.sampler in ("ddpm", "ddim"),
+             f"sample.sampler={config.sample.sampler!r}: use 'ddpm' or 'ddim'")
+    _require(0 < config.sample.num_steps <= config.diffusion.num_timesteps,
+             f"sample.num_steps={config.sample.num_steps} must be in [1, diffusion.num_timesteps="
+             f"{config.diffusion.num_timesteps}]")
+    classes = tuple(config.data.classes)
+    if classes:
+        _require(len(classes) == m.num_classes,
+                 f"data.classes has {len(classes)} classes but model.num_classes={m.num_classes}; "
+                 f"set model.num_classes={len(classes)}")

@@ -1,0 +1,205 @@
+"""KIND: a linear layer decomposed into a learngene and per-class tailors.
+
+Every matrix is ``W = U · diag(σ) · Vᵀ`` (``U`` of shape ``(d_out, r)``, ``V`` of
+shape ``(d_in, r)``) with ``r = N_cls·N_T + N_G`` components: ``N_G`` learngene
+components shared by all classes and one tailor of ``N_T`` components per class.
+A sample of class ``c`` uses ``W_c = U_G diag(σ_G) V_Gᵀ + U_T[c] diag(σ_T[c]) V_T[c]ᵀ``
+(the class gate); the null class ``c = N_cls`` of classifier-free guidance uses the
+learngene alone.  Gradients therefore reach only the learngene and the tailors of
+the classes present in a batch.
+
+Parameter tree of one layer (a path says what a leaf is: a ``tailors`` component
+means a tailor leaf whose leading axis is the class; everything else is learngene)::
+
+    learngene/U      (d_out, N_G)          tailors/U      (N_cls, d_out, N_T)
+    learngene/sigma  (N_G,)                tailors/sigma  (N_cls, N_T)
+    learngene/V      (d_in, N_G)           tailors/V      (N_cls, d_in, N_T)
+    bias             (d_out,)
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+if TYPE_CHECKING:
+    from kindjax.layers import LinearFactory
+
+#: Keys of ``config.model.linear`` for ``kind="kind"``.
+CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "n_classes")
+
+
+def kind_config(n_learngene: int, n_tailor: int, n_classes: int) -> ml_collections.ConfigDict:
+    """``config.model.linear`` for KIND with ``N_G``, ``N_T`` and ``N_cls`` (= model.num_classes)."""
+    return ml_collections.ConfigDict(dict(
+        kind="kind", n_learngene=n_learngene, n_tailor=n_tailor, n_classes=n_classes))
+
+
+def kind_sizes(linear_config: Mapping) -> tuple[int, int, int]:
+    """``(N_cls, N_T, N_G)`` read from ``config.model.linear``, each a positive int."""
+    unknown = sorted(set(linear_config.keys()) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"config.model.linear has unknown keys {unknown} for kind='kind'; "
+                         f"allowed keys: {list(CONFIG_KEYS)}")
+    sizes = []
+    for key in ("n_classes", "n_tailor", "n_learngene"):
+        value = linear_config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.model.linear.{key} must be a positive int for kind='kind', "
+                             f"got {value!r}")
+        sizes.append(value)
+    return sizes[0], sizes[1], sizes[2]
+
+
+def _check_fits(d_in: int, d_out: int, n_classes: int, n_tailor: int, n_learngene: int,
+                role: str) -> int:
+    """The rank ``r = N_cls·N_T + N_G``; ValueError if ``r > min(d_in, d_out)``."""
+    rank = n_classes * n_tailor + n_learngene
+    if rank > min(d_in, d_out):
+        raise ValueError(
+            f"KIND rank does not fit matrix {role!r} (d_in={d_in}, d_out={d_out}): "
+            f"r = N_cls·N_T + N_G = {n_classes}·{n_tailor} + {n_learngene} = {rank} > "
+            f"min(d_in, d_out) = {min(d_in, d_out)}. Lower config.model.linear.n_tailor or "
+            f"n_learngene, or widen the model.")
+    return rank
+
+
+def check_rank(d_in: int, d_out: int, linear_config: Mapping, role: str) -> int:
+    """Validates that ``r = N_cls·N_T + N_G ≤ min(d_in, d_out)`` for one matrix; returns ``r``."""
+    n_classes, n_tailor, n_learngene = kind_sizes(linear_config)
+    return _check_fits(d_in, d_out, n_classes, n_tailor, n_learngene, role)
+
+
+def matrix_shapes(model_config: ml_collections.ConfigDict) -> dict[str, tuple[int, int]]:
+    """``role → (d_in, d_out)`` of the six main matrices of a DiT block for ``model_config``."""
+    from kindjax.models.dit import DIT_ARCHS  # local: kindjax.models imports kindjax.layers
+
+    hidden = DIT_ARCHS[model_config.arch][0] if model_config.get("arch") else model_config.hidden_size
+    mlp = int(hidden * model_config.mlp_ratio)
+    square = (hidden, hidden)
+    return {"q": square, "k": square, "v": square, "attn_out": square,
+            "mlp_in": (hidden, mlp), "mlp_out": (mlp, hidden)}
+
+
+def init_sigma(d_in: int, d_out: int, n_used: int) -> float:
+    """``s = sqrt(2·d_in·d_out / ((d_in + d_out)·n_used))``.
+
+    With orthonormal ``U``, ``V`` and all ``n_used`` singular values equal to ``s``,
+    ``‖W_c‖_F² = n_used·s² = d_in·d_out·2/(d_in + d_out)``: the expected squared norm
+    of a xavier-uniform dense matrix (entry variance ``2/(d_in + d_out)``).
+    """
+    return (2.0 * d_in * d_out / ((d_in + d_out) * n_used)) ** 0.5
+
+
+def _extend_orthonormal(key: jax.Array, basis: jax.Array, k: int) -> jax.Array:
+    """``k`` new orthonormal columns ⟂ ``basis``: the last ``k`` columns of ``Q``, ``[basis | Z] = QR``.
+
+    ``Z ~ N(0, 1)^{n×k}`` and the signs are fixed so that ``diag(R) ≥ 0``.  With
+    ``basis = Q₀`` from the same rule, this is one joint QR of ``[Z₀ | Z]`` (block
+    Gram–Schmidt), i.e. the first columns of a Haar-random orthogonal matrix.
+    """
+    z = jax.random.normal(key, (basis.shape[0], k), jnp.float32)
+    q, r = jnp.linalg.qr(jnp.concatenate([basis.astype(jnp.float32), z], axis=1))
+    q = q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)
+    return q[:, basis.shape[1]:]
+
+
+def init_learngene(key: jax.Array, d_in: int, d_out: int, n_learngene: int,
+                   sigma: float) -> dict[str, jax.Array]:
+    """Learngene factors: ``U_G``, ``V_G`` random with orthonormal columns, ``σ_G = sigma``."""
+    key_u, key_v = jax.random.split(key)
+    return {"U": _extend_orthonormal(key_u, jnp.zeros((d_out, 0)), n_learngene),
+            "sigma": jnp.full((n_learngene,), sigma, jnp.float32),
+            "V": _extend_orthonormal(key_v, jnp.zeros((d_in, 0)), n_learngene)}
+
+
+def init_tailors(key: jax.Array, learngene: Mapping[str, jax.Array], n_classes: int,
+                 n_tailor: int, sigma: float) -> dict[str, jax.Array]:
+    """Tailor factors, orthonormal to each other and to ``learngene``; ``σ_T = sigma``.
+
+    Class ``c`` owns components ``c·N_T … (c+1)·N_T - 1`` of the ``N_cls·N_T``
+    tailor columns (KIND eq. 6).  Also the fresh tailors of a transferred learngene.
+    """
+    key_u, key_v = jax.random.split(key)
+
+    def per_class(columns: jax.Array) -> jax.Array:
+        return columns.reshape(columns.shape[0], n_classes, n_tailor).transpose(1, 0, 2)
+
+    total = n_classes * n_tailor
+    return {"U": per_class(_extend_orthonormal(key_u, learngene["U"], total)),
+            "sigma": jnp.full((n_classes, n_tailor), sigma, jnp.float32),
+            "V": per_class(_extend_orthonormal(key_v, learngene["V"], total))}
+
+
+def kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
+                tailors: Mapping[str, jax.Array], bias: jax.Array,
+                dtype: jnp.dtype | None = None) -> jax.Array:
+    """Class-gated product, efficient form, for ``x`` of shape ``(B, ..., d_in)``.
+
+    ``out_b = x_b·W_G + ((x_b·V_T[c_b]) ⊙ σ_T[c_b]·[y_b < N_cls])·U_T[c_b]ᵀ + b`` with
+    ``W_G = V_G diag(σ_G) U_Gᵀ`` (one ``(d_in, d_out)`` matrix for the whole batch,
+    built in the parameter dtype) and ``c_b = clip(y_b, 0, N_cls - 1)``: the null
+    class ``y_b = N_cls`` gets no tailor.  Computes in ``dtype`` (default ``x.dtype``).
+    """
+    dtype = dtype or x.dtype
+    n_classes = tailors["sigma"].shape[0]
+    w_g = (learngene["V"] * learngene["sigma"]) @ learngene["U"].T
+    c = jnp.clip(y, 0, n_classes - 1)
+    gate = jnp.where((y < n_classes)[:, None], tailors["sigma"][c], 0.0)
+    gate = jnp.expand_dims(gate, tuple(range(1, x.ndim - 1)))
+    x = x.astype(dtype)
+    h = jnp.einsum("b...i,bik->b...k", x, tailors["V"][c].astype(dtype)) * gate.astype(dtype)
+    tailor = jnp.einsum("b...k,bok->b...o", h, tailors["U"][c].astype(dtype))
+    return jnp.dot(x, w_g.astype(dtype)) + tailor + bias.astype(dtype)
+
+
+class KINDLinear(nn.Module):
+    """KIND layer ``out = x·W_yᵀ + b``, ``W_y = U_G diag(σ_G) V_Gᵀ + U_T[y] diag(σ_T[y]) V_T[y]ᵀ``.
+
+    Initialisation (``k = N_G + N_T`` components used by a conditioned sample):
+    ``[U_G | U_T]`` and ``[V_G | V_T]`` are the first ``r`` columns of Haar-random
+    orthogonal matrices (one joint QR each), every ``σ = sqrt(2·d_in·d_out / ((d_in +
+    d_out)·k))`` and ``b = 0``, so ``‖W_c‖_F²`` equals the expected value for a
+    xavier-uniform dense matrix and the output variance of a class-conditioned
+    sample matches the dense DiT layer's, ``2·d_in/(d_in + d_out)·Var(x)``.  The null
+    class keeps ``N_G/k`` of that variance.  (KIND only says "randomly initialize".)
+    """
+
+    features: int
+    n_classes: int
+    n_tailor: int
+    n_learngene: int
+    role: str = "linear"
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        d_in, d_out = x.shape[-1], self.features
+        _check_fits(d_in, d_out, self.n_classes, self.n_tailor, self.n_learngene, self.role)
+        sigma = init_sigma(d_in, d_out, self.n_learngene + self.n_tailor)
+        learngene = self.param("learngene", init_learngene, d_in, d_out, self.n_learngene, sigma)
+        tailors = self.param("tailors", init_tailors, learngene, self.n_classes, self.n_tailor, sigma)
+        bias = self.param("bias", nn.initializers.zeros, (d_out,))
+        return kind_linear(x, y, learngene, tailors, bias, self.dtype)
+
+
+def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
+    """KIND layers for all six matrices; refuses ranks that do not fit or a wrong ``n_classes``."""
+    linear = model_config.linear
+    n_classes, n_tailor, n_learngene = kind_sizes(linear)
+    if n_classes != model_config.num_classes:
+        raise ValueError(
+            f"config.model.linear.n_classes={n_classes} must equal config.model.num_classes="
+            f"{model_config.num_classes} (one tailor per class; the null class uses the "
+            f"learngene alone).")
+    for role, (d_in, d_out) in matrix_shapes(model_config).items():
+        check_rank(d_in, d_out, linear, role)
+
+    def make(role: str, features: int, name: str) -> nn.Module:
+        return KINDLinear(features=features, n_classes=n_classes, n_tailor=n_tailor,
+                          n_learngene=n_learngene, role=role, name=name)
+
+    return make

@@ -1,0 +1,254 @@
+"""DiT (Peebles & Xie 2023) with adaLN-Zero / adaLN-Gaussian blocks, in Flax Linen.
+
+Images are NHWC.  The six main matrices of every block come from an injected
+linear factory (``kindjax.layers``), so KIND, FINE and the PEFT baselines reuse
+this one backbone.  ``model.apply(params, x, t, y)`` returns ``(B, H, W, C_out)``
+with ``C_out = 2·C`` when the variance is learned (ε first, then the variance
+interpolation ``v``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kindjax.layers import LinearFactory, make_linear_factory
+
+#: DiT sizes: name → (hidden size, depth, heads).
+DIT_ARCHS: dict[str, tuple[int, int, int]] = {
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding, ``(grid², dim)``.
+
+    Half the channels encode the row index, half the column index, each as
+    ``[sin(p·ω_k), cos(p·ω_k)]`` with ``ω_k = 10000^(-k/(dim/4))``.
+    """
+    if dim % 4:
+        raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos embedding")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
+                             indexing="ij")
+
+    def embed(pos: np.ndarray) -> np.ndarray:
+        angles = pos.reshape(-1)[:, None] * omega[None, :]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    # DiT's order: the first half from the column (w) coordinate, the second from the row (h).
+    return np.concatenate([embed(cols), embed(rows)], axis=1).astype(np.float32)
+
+
+def timestep_embedding(t: jax.Array, dim: int, freq_shift: float, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal timestep features ``[cos(t·ω_k), sin(t·ω_k)]``, ``ω_k = P^(-k/(dim/2 - shift))``."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t → MLP(sinusoid(t)) (two dense layers with SiLU, N(0, 0.02²) init)."""
+
+    hidden_size: int
+    freq_dim: int = 256
+    freq_shift: float = 1.0
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        init = nn.initializers.normal(0.02)
+        h = timestep_embedding(t, self.freq_dim, self.freq_shift)
+        h = nn.Dense(self.hidden_size, kernel_init=init, name="linear_1")(h)
+        return nn.Dense(self.hidden_size, kernel_init=init, name="linear_2")(nn.silu(h))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table with one extra row, the null class used for guidance."""
+
+    num_classes: int
+    hidden_size: int
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        table = self.param("embedding", nn.initializers.normal(0.02),
+                           (self.num_classes + 1, self.hidden_size))
+        return jnp.take(table, y, axis=0)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN: ``x·(1 + scale) + shift`` broadcast over tokens."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def adaln_kernel_init(adaln_init: str, stds: Sequence[float], hidden: int):
+    """Initialiser of the block modulation matrix (6 chunks: β, γ, α for attention then MLP).
+
+    ``zero``: adaLN-Zero.  ``gaussian``: N(0, std²) with one std for all chunks, or
+    three stds for (α, γ, β) as in adaLN-Gaussian-v2.
+    """
+    if adaln_init == "zero":
+        return nn.initializers.zeros
+    if adaln_init != "gaussian":
+        raise ValueError(f"model.adaln_init={adaln_init!r}: use 'zero' or 'gaussian'")
+    if len(stds) == 1:
+        alpha = gamma = beta = stds[0]
+    elif len(stds) == 3:
+        alpha, gamma, beta = stds
+    else:
+        raise ValueError(f"model.adaln_std needs 1 or 3 values (α, γ, β), got {list(stds)}")
+    chunk_std = jnp.repeat(jnp.asarray([beta, gamma, alpha] * 2, jnp.float32), hidden)
+
+    def init(key, shape, dtype=jnp.float32):
+        return (jax.random.normal(key, shape, dtype) * chunk_std[None, :]).astype(dtype)
+
+    return init
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v and output matrices."""
+
+    hidden_size: int
+    num_heads: int
+    linear: LinearFactory
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        head_dim = d // self.num_heads
+
+        def heads(role):
+            return self.linear(role, d, role)(x, y).reshape(b, n, self.num_heads, head_dim)
+
+        q, k, v = heads("q"), heads("k"), heads("v")
+        out = jax.nn.dot_product_attention(q, k, v)
+        return self.linear("attn_out", d, "attn_out")(out.reshape(b, n, d), y)
+
+
+class DiTBlock(nn.Module):
+    """``x += α₁·Attn(adaLN(x)); x += α₂·MLP(adaLN(x))`` with (β, γ, α) from the condition."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float
+    linear: LinearFactory
+    adaln_init: str
+    adaln_std: Sequence[float]
+    norm_eps: float
+    mlp_norm_eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array, y: jax.Array) -> jax.Array:
+        d = self.hidden_size
+        mod = nn.Dense(6 * d, kernel_init=adaln_kernel_init(self.adaln_init, self.adaln_std, d),
+                       bias_init=nn.initializers.zeros, name="adaln_modulation")(nn.silu(c))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        norm = lambda name, eps: nn.LayerNorm(eps, use_bias=False, use_scale=False, name=name)
+        h = modulate(norm("norm1", self.norm_eps)(x), shift_msa, scale_msa)
+        x = x + gate_msa[:, None] * Attention(d, self.num_heads, self.linear, name="attn")(h, y)
+        h = modulate(norm("norm2", self.mlp_norm_eps)(x), shift_mlp, scale_mlp)
+        h = self.linear("mlp_in", int(d * self.mlp_ratio), "mlp_in")(h, y)
+        h = self.linear("mlp_out", d, "mlp_out")(nn.gelu(h, approximate=True), y)
+        return x + gate_mlp[:, None] * h
+
+
+class FinalLayer(nn.Module):
+    """adaLN (zero-initialised) then a zero-initialised projection to patch pixels."""
+
+    patch_size: int
+    out_channels: int
+    norm_eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        mod = nn.Dense(2 * d, kernel_init=nn.initializers.zeros, name="adaln_modulation")(nn.silu(c))
+        shift, scale = jnp.split(mod, 2, axis=-1)
+        x = modulate(nn.LayerNorm(self.norm_eps, use_bias=False, use_scale=False, name="norm")(x),
+                     shift, scale)
+        return nn.Dense(self.patch_size ** 2 * self.out_channels, kernel_init=nn.initializers.zeros,
+                        name="linear")(x)
+
+
+class DiT(nn.Module):
+    """Class-conditional diffusion transformer.
+
+    ``__call__(x, t, y)``: ``x`` noisy images ``(B, H, W, C)``, ``t`` timesteps
+    ``(B,)``, ``y`` class ids ``(B,)`` in ``[0, num_classes]`` (the last is the null
+    class).  Label dropout for guidance is the trainer's (:func:`drop_labels`), so
+    the module is a pure function of its inputs.
+    """
+
+    image_size: int
+    in_channels: int
+    patch_size: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    num_classes: int
+    linear: LinearFactory
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True
+    adaln_init: str = "zero"
+    adaln_std: Sequence[float] = (1e-3,)
+    timestep_freq_shift: float = 1.0
+    norm_eps: float = 1e-6
+    mlp_norm_eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        p = self.patch_size
+        if h != self.image_size or w != self.image_size or c != self.in_channels:
+            raise ValueError(f"DiT expects inputs (B, {self.image_size}, {self.image_size}, "
+                             f"{self.in_channels}), got {x.shape}")
+        gh, gw = h // p, w // p
+        patches = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
+        tokens = nn.Dense(self.hidden_size, kernel_init=nn.initializers.xavier_uniform(),
+                          name="x_embedder")(patches.astype(self.dtype))
+        tokens = tokens + sincos_pos_embed_2d(self.hidden_size, gh).astype(self.dtype)[None]
+        cond = (TimestepEmbedder(self.hidden_size, freq_shift=self.timestep_freq_shift, name="t_embedder")(t)
+                + LabelEmbedder(self.num_classes, self.hidden_size, name="y_embedder")(y))
+        cond = cond.astype(self.dtype)
+        for i in range(self.depth):
+            tokens = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.linear,
+                              self.adaln_init, tuple(self.adaln_std), self.norm_eps,
+                              self.mlp_norm_eps, name=f"block_{i}")(tokens, cond, y)
+        out = FinalLayer(p, self.out_channels, self.norm_eps, name="final_layer")(tokens, cond)
+        out = out.reshape(b, gh, gw, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
+        return out.reshape(b, h, w, self.out_channels).astype(jnp.float32)
+
+
+def drop_labels(key: jax.Array, y: jax.Array, prob: float, null_class: int) -> jax.Array:
+    """Classifier-free-guidance label dropout: each y → ``null_class`` with probability ``prob``."""
+    return jnp.where(jax.random.bernoulli(key, prob, y.shape), null_class, y)
+
+
+def build_model(config: ml_collections.ConfigDict) -> DiT:
+    """The Linen DiT for ``config`` (a full config with a ``model`` field, or the model config)."""
+    m = config.model if "model" in config else config
+    hidden, depth, heads = DIT_ARCHS[m.arch] if m.get("arch") else (m.hidden_size, m.depth, m.num_heads)
+    if m.image_size % m.patch_size:
+        raise ValueError(f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
+    if hidden % heads:
+        raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads")
+    return DiT(
+        image_size=m.image_size, in_channels=m.in_channels, patch_size=m.patch_size,
+        hidden_size=hidden, depth=depth, num_heads=heads, num_classes=m.num_classes,
+        linear=make_linear_factory(m), mlp_ratio=m.mlp_ratio,
+        learn_sigma=m.learn_sigma, adaln_init=m.adaln_init, adaln_std=tuple(m.adaln_std),
+        timestep_freq_shift=m.timestep_freq_shift, norm_eps=m.norm_eps, mlp_norm_eps=m.mlp_norm_eps,
+        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)

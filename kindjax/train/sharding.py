@@ -1,0 +1,70 @@
+"""Device mesh and parameter sharding rules (``jax.jit`` + ``NamedSharding``).
+
+Mesh axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallel, with
+parameters and optimizer state sharded).  The batch is split over both axes.
+Rule for every array of the train state (parameters, EMA, optimizer moments):
+a leaf with at least ``min_size`` elements is split over ``fsdp`` along its
+largest axis that the ``fsdp`` size divides; every other leaf is replicated.
+The rule depends on the shape only, so an optimizer moment gets the sharding of
+its parameter.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(num_devices: int, data: int, fsdp: int) -> tuple[int, int]:
+    """Resolves ``-1`` (all remaining devices) and checks ``data·fsdp`` equals the device count."""
+    if data == -1 and fsdp == -1:
+        raise ValueError("config.mesh: only one of data and fsdp may be -1")
+    if data == -1:
+        data, rem = divmod(num_devices, fsdp)
+        if rem:
+            raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {num_devices} devices")
+    elif fsdp == -1:
+        fsdp, rem = divmod(num_devices, data)
+        if rem:
+            raise ValueError(f"config.mesh.data={data} does not divide the {num_devices} devices")
+    if data * fsdp != num_devices:
+        raise ValueError(f"config.mesh data×fsdp = {data}×{fsdp} = {data * fsdp}, but {num_devices} "
+                         f"devices are visible; set config.mesh.data=-1 to use them all")
+    return data, fsdp
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Any = None) -> Mesh:
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    shape = mesh_shape(devices.size, data, fsdp)
+    return Mesh(devices.reshape(shape), ("data", "fsdp"))
+
+
+def leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2 ** 12) -> P:
+    """PartitionSpec of one state leaf under the rule in the module docstring."""
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % fsdp == 0:
+            spec = [None] * len(shape)
+            spec[axis] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def state_shardings(mesh: Mesh, state_shapes: Any) -> Any:
+    """NamedSharding for every leaf of a (shape-only) train state."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda s: NamedSharding(mesh, leaf_spec(tuple(s.shape), fsdp)), state_shapes)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``data`` and ``fsdp``."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,223 @@
+"""The trainer: one jitted, sharded train step and the resumable loop around it.
+
+The train state is a plain dict ``{step, params, ema_params, opt_state}``.  A
+step's batch and PRNG keys are pure functions of ``(seed, step)``, so a restored
+step resumes the data and noise streams exactly where the killed run left them.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from kindjax import checkpoints
+from kindjax import params as P
+from kindjax.data import make_dataset
+from kindjax.diffusion import GaussianDiffusion, q_sample, training_losses
+from kindjax.models.dit import DiT, build_model, drop_labels
+from kindjax.sample import generate
+from kindjax.train import sharding
+from kindjax.train.logging import RunLogger, image_grid, to_uint8
+from kindjax.train.optimizer import learning_rate, make_optimizer, trainable_predicate
+
+State = dict[str, Any]
+
+
+def init_state(key: jax.Array, model: DiT, optimizer: optax.GradientTransformation) -> State:
+    """Fresh parameters (EMA = a copy) and optimizer state at step 0."""
+    x = jnp.zeros((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
+    params = model.init(key, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "ema_params": jax.tree.map(jnp.copy, params), "opt_state": optimizer.init(params)}
+
+
+def is_class_gated(params: Any) -> bool:
+    """A model with tailor leaves trains under the class gate (decided by paths alone)."""
+    return any(P.is_tailor(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+
+
+def classes_present(y: jax.Array, num_classes: int) -> jax.Array:
+    """Bool ``(num_classes,)``: which real classes the step's (post-dropout) labels contain."""
+    return jnp.zeros((num_classes + 1,), bool).at[y].set(True)[:num_classes]
+
+
+def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusion: GaussianDiffusion,
+               optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict,
+               base_key: jax.Array) -> tuple[State, dict[str, jax.Array]]:
+    """One AdamW step on the hybrid diffusion loss; EMA update; class gate when the model has tailors."""
+    key = jax.random.fold_in(base_key, state["step"])
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    x0 = batch["image"]
+    y = drop_labels(k_drop, batch["label"], config.model.class_dropout, model.num_classes)
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, diffusion.num_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    xt = q_sample(diffusion, x0, t, noise)
+
+    def loss_fn(params):
+        out = model.apply({"params": params}, xt, t, y)
+        losses = training_losses(diffusion, out, x0, xt, t, noise, learn_sigma=model.learn_sigma)
+        return losses["loss"].mean(), losses
+
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    if is_class_gated(params):
+        present = classes_present(y, model.num_classes)
+        params = P.gate_class_rows(params, state["params"], present)
+        opt_state = P.gate_class_rows(opt_state, state["opt_state"], present)
+    ema = optax.incremental_update(params, state["ema_params"], 1.0 - config.train.ema_decay)
+    trainable = trainable_predicate(config)
+    grad_norm = optax.tree.norm([g for path, g in jax.tree_util.tree_leaves_with_path(grads) if trainable(path)])
+    metrics = {"loss": loss, "mse": losses["mse"].mean(), "vb": losses["vb"].mean(), "grad_norm": grad_norm,
+               "lr": learning_rate(config)(state["step"])}
+    return {"step": state["step"] + 1, "params": params, "ema_params": ema, "opt_state": opt_state}, metrics
+
+
+class Trainer:
+    """Builds the model, mesh, optimizer, state (fresh or restored) and the jitted step."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+                 devices: Any = None):
+        self.config = config
+        self.workdir = workdir
+        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+        self.model = build_model(config)
+        self.diffusion = GaussianDiffusion.from_config(config.diffusion)
+        self.optimizer = make_optimizer(config)
+        self.dataset = make_dataset(config)
+        self.base_key = jax.random.key(config.train.seed)
+        init = functools.partial(init_state, model=self.model, optimizer=self.optimizer)
+        abstract = jax.eval_shape(init, self.base_key)
+        self.state_sharding = sharding.state_shardings(self.mesh, abstract)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self._init = jax.jit(init, out_shardings=self.state_sharding)
+        step = functools.partial(train_step, model=self.model, diffusion=self.diffusion,
+                                 optimizer=self.optimizer, config=config, base_key=self.base_key)
+        self.step_fn = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
+                               out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+                               donate_argnums=0)
+
+    def fresh_state(self) -> State:
+        return self._init(jax.random.fold_in(self.base_key, 1 << 20))
+
+    def global_batch(self, step: int) -> dict[str, jax.Array]:
+        """The step's batch, each process loading only its own rows, placed on the mesh."""
+        b = self.config.train.batch_size
+        batch = self.dataset.batch(step, b, self.config.data.seed)
+        n, i = jax.process_count(), jax.process_index()
+        local = {k: v[i * b // n:(i + 1) * b // n] for k, v in batch.items()}
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (b,) + v.shape[1:])
+                for k, v in local.items()}
+
+    def sample(self, params: Any, key: jax.Array, labels: np.ndarray) -> np.ndarray:
+        """Images for ``labels`` from ``params`` with the config's sampler and guidance."""
+        return generate(self.model, params, self.diffusion, key, labels, self.config.sample,
+                        batch_size=self.config.eval.batch_size, mesh=self.mesh)
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def sample_grid(trainer: Trainer, state: State, step: int, logger: RunLogger) -> str:
+    """Writes ``WORKDIR/samples/step_<step>.png`` (one row per class, EMA weights) and logs it."""
+    cfg = trainer.config
+    per_class = cfg.sample.grid_per_class
+    labels = np.repeat(np.arange(trainer.model.num_classes), per_class)
+    images = trainer.sample(state["ema_params"], jax.random.fold_in(trainer.base_key, 2 << 20), labels)
+    upscale = max(1, 64 // trainer.model.image_size)
+    grid = image_grid(to_uint8(images)[..., :3], rows=trainer.model.num_classes, upscale=upscale)
+    path = os.path.join(trainer.workdir, "samples", f"step_{step:07d}.png")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        from PIL import Image
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    logger.image(step, "samples", grid)
+    return path
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          evaluate: Callable[[Trainer, State], dict[str, float]] | None = None) -> State:
+    """Trains to ``config.train.num_steps`` (resuming from ``workdir`` if it holds a checkpoint).
+
+    Saves every ``checkpoint_every`` steps, on SIGTERM, and at the end; logs every
+    ``log_every`` steps; writes a sample grid every ``sample_every`` steps and at the
+    end; then runs ``evaluate`` (if given) and writes its figures to ``metrics.json``.
+    """
+    tc = config.train
+    trainer = Trainer(config, workdir)
+    mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    logger = RunLogger(workdir, tc.num_steps)
+    if mngr.latest_step() is not None:
+        checkpoints.check_same_model(checkpoints.read_meta(mngr)["config"], config, workdir)
+        state = checkpoints.restore(mngr, trainer.abstract_state)
+        logger.text(f"Resumed from {workdir} at step {int(state['step'])}.")
+    else:
+        state = trainer.fresh_state()
+        logger.text(f"Fresh run in {workdir}: {P.count(state['params'])/1e6:.3f}M parameters "
+                    f"({P.count(state['params'], trainable_predicate(config))/1e6:.3f}M trainable), "
+                    f"mesh {dict(trainer.mesh.shape)}.")
+    step = int(state["step"])
+    preemption = Preemption()
+    history: list[dict[str, jax.Array]] = []
+    t_last, step_last = time.time(), step
+    try:
+        while step < tc.num_steps:
+            state, metrics = trainer.step_fn(state, trainer.global_batch(step))
+            step += 1
+            history.append(metrics)
+            if step % tc.log_every == 0 or step == tc.num_steps:
+                mean = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0]}
+                now = time.time()
+                rate = (step - step_last) / max(now - t_last, 1e-9)
+                mean.update({"steps_per_sec": rate, "images_per_sec": rate * tc.batch_size})
+                logger.scalars(step, mean)
+                history, t_last, step_last = [], now, step
+            if preemption.requested:
+                logger.text(f"SIGTERM: saving step {step} and exiting.")
+                break
+            if step % tc.checkpoint_every == 0:
+                checkpoints.save(mngr, state, config)
+            if step % tc.sample_every == 0 and step < tc.num_steps:
+                sample_grid(trainer, state, step, logger)
+        if mngr.latest_step() != step:
+            checkpoints.save(mngr, state, config)
+        mngr.wait_until_finished()
+        if preemption.requested:
+            return state
+        path = sample_grid(trainer, state, step, logger)
+        logger.text(f"Sample grid: {path}")
+        if evaluate is not None:
+            results = evaluate(trainer, state)
+            logger.scalars(step, {f"eval/{k}": v for k, v in results.items()}, console=False)
+            logger.text("Evaluation: " + json.dumps(results))
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "metrics.json"), "w") as f:
+                    json.dump({"step": step, **results}, f, indent=2)
+    finally:
+        preemption.restore()
+        logger.close()
+        mngr.close()
+    return state

@@ -1,0 +1,42 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported) and small shared configs."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+
+def tiny_overrides() -> list[str]:
+    """Command-line overrides that shrink configs/dit_digits.py to a seconds-long run."""
+    return ["--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
+            "--config.train.batch_size=16", "--config.optim.warmup_steps=0", "--config.train.num_steps=8", "--config.train.log_every=1",
+            "--config.train.checkpoint_every=4", "--config.train.sample_every=1000",
+            "--config.sample.num_steps=4", "--config.sample.grid_per_class=1",
+            "--config.eval.num_samples=20", "--config.eval.batch_size=20"]
+
+
+def tiny_config():
+    from configs.dit_digits import get_config
+
+    c = get_config()
+    c.model.update(hidden_size=64, depth=2, num_heads=2)
+    c.optim.warmup_steps = 0
+    c.train.update(batch_size=16, num_steps=8, log_every=1, checkpoint_every=4, sample_every=1000)
+    c.sample.update(num_steps=4, grid_per_class=1)
+    c.eval.update(num_samples=20, batch_size=20)
+    return c
+
+
+@pytest.fixture
+def single_device_env():
+    """Environment for a subprocess run of the CLI on one CPU device."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = ""
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env

@@ -1,0 +1,192 @@
+"""KIND layer: efficient class gate vs a naive per-sample full-rank oracle, init, config checks."""
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import kindjax
+from kindjax.config import model_config
+from kindjax.layers.dense import DenseLinear
+from kindjax.layers.kind import KINDLinear, check_rank, kind_config, kind_linear
+
+N_CLS, N_T, N_G = 4, 3, 5
+D_IN, D_OUT = 24, 40
+# Classes 0 and 2 twice, the null class twice; 1 and 3 are absent (3 = the null's clamped index).
+Y = np.array([0, 2, N_CLS, 2, 0, N_CLS], np.int32)
+
+
+def random_params(key: jax.Array, dtype) -> dict:
+    """Random (never zero) learngene, tailors and bias of a (D_IN → D_OUT) layer."""
+    shapes = {"learngene": {"U": (D_OUT, N_G), "sigma": (N_G,), "V": (D_IN, N_G)},
+              "tailors": {"U": (N_CLS, D_OUT, N_T), "sigma": (N_CLS, N_T), "V": (N_CLS, D_IN, N_T)},
+              "bias": (D_OUT,)}
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [jax.random.normal(k, s, dtype) for k, s in zip(keys, leaves)])
+
+
+def oracle(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    """``out_b = x_b·W_{y_b}ᵀ + b`` with ``W_c = U diag(σ ⊙ m_c) Vᵀ`` over all r components."""
+    lg, tl = params["learngene"], params["tailors"]
+    u = jnp.concatenate([lg["U"]] + [tl["U"][c] for c in range(N_CLS)], axis=1)
+    v = jnp.concatenate([lg["V"]] + [tl["V"][c] for c in range(N_CLS)], axis=1)
+    sigma = jnp.concatenate([lg["sigma"]] + [tl["sigma"][c] for c in range(N_CLS)])
+    owner = np.concatenate([np.full(N_G, -1)] + [np.full(N_T, c) for c in range(N_CLS)])
+    masks = jnp.asarray([(owner == -1) | (owner == c) for c in range(N_CLS + 1)], sigma.dtype)
+    weights = jnp.einsum("or,br,ir->boi", u, sigma * masks[y], v)   # (B, d_out, d_in)
+    return jnp.einsum("bni,boi->bno", x, weights) + params["bias"]
+
+
+def efficient(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    return kind_linear(x, y, params["learngene"], params["tailors"], params["bias"])
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_efficient_gate_matches_oracle_values_and_gradients():
+    with jax.enable_x64(True):
+        kp, kx, kg = jax.random.split(jax.random.key(0), 3)
+        params = random_params(kp, jnp.float64)
+        x = jax.random.normal(kx, (len(Y), 7, D_IN), jnp.float64)
+        cot = jax.random.normal(kg, (len(Y), 7, D_OUT), jnp.float64)
+        y = jnp.asarray(Y)
+        out, want_out = jax.jit(efficient)(params, x, y), jax.jit(oracle)(params, x, y)
+        assert out.dtype == jnp.float64
+        out, want_out = np.asarray(out), np.asarray(want_out)
+        assert rel_err(out, want_out) <= 1e-5
+        null = Y == N_CLS                                   # the null-class rows: learngene only
+        assert rel_err(out[null], want_out[null]) <= 1e-5
+
+        def grads(fn):
+            return jax.jit(jax.grad(lambda p, xx: jnp.sum(fn(p, xx, y) * cot), argnums=(0, 1)))
+
+        got, want = grads(efficient)(params, x), grads(oracle)(params, x)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+            assert g.dtype == jnp.float64
+            assert rel_err(g, w) <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_absent_classes_get_exactly_zero_gradient():
+    params = random_params(jax.random.key(1), jnp.float32)
+    x = jax.random.normal(jax.random.key(2), (len(Y), 5, D_IN))
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(efficient(p, x, jnp.asarray(Y)) ** 2)))(params)
+    for name, g in grads["tailors"].items():
+        g = np.asarray(g)
+        for c in range(N_CLS):
+            if c in Y:
+                assert np.abs(g[c]).max() > 0, (name, c)
+            else:
+                assert np.all(g[c] == 0), (name, c)
+    assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads["learngene"]))
+
+
+def test_module_float32_and_bfloat16_against_oracle():
+    layer = KINDLinear(features=D_OUT, n_classes=N_CLS, n_tailor=N_T, n_learngene=N_G)
+    x = jax.random.normal(jax.random.key(3), (len(Y), 5, D_IN))
+    y = jnp.asarray(Y)
+    apply = jax.jit(layer.apply)
+    variables = jax.jit(layer.init)(jax.random.key(4), x, y)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape),
+                          variables["params"])
+    want = jax.jit(oracle)(params, x, y)
+    assert rel_err(apply({"params": params}, x, y), want) <= 1e-5
+    out16 = apply({"params": params}, x.astype(jnp.bfloat16), y)
+    assert out16.dtype == jnp.bfloat16
+    assert rel_err(out16.astype(jnp.float32), want) <= 3e-2
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("d_in,d_out,n_cls,n_t,n_g", [
+    (64, 64, 10, 2, 20), (64, 256, 8, 3, 30), (256, 64, 8, 3, 30), (96, 384, 20, 4, 12)])
+def test_init_matches_dense_output_scale(d_in, d_out, n_cls, n_t, n_g):
+    tokens = 64
+    y = jnp.arange(n_cls + 1, dtype=jnp.int32)            # every class and the null class
+    x = jax.random.normal(jax.random.key(6), (n_cls + 1, tokens, d_in))
+    layer = KINDLinear(features=d_out, n_classes=n_cls, n_tailor=n_t, n_learngene=n_g)
+    params = jax.jit(layer.init)(jax.random.key(7), x, y)["params"]
+    out = np.asarray(jax.jit(layer.apply)({"params": params}, x, y))
+    params = jax.tree.map(np.asarray, params)
+    dense = DenseLinear(features=d_out)
+    dense_out = np.asarray(jax.jit(lambda k: dense.apply(dense.init(k, x), x))(jax.random.key(8)))
+    dense_std, cond_std, null_std = dense_out.std(), out[:n_cls].std(), out[n_cls].std()
+    assert abs(cond_std / dense_std - 1) < 0.1, (cond_std, dense_std)
+    assert abs(null_std / cond_std - np.sqrt(n_g / (n_g + n_t))) < 0.1, (null_std, cond_std)
+    # One joint orthonormal basis over learngene and all tailors, equal singular values.
+    for name, dim in (("U", d_out), ("V", d_in)):
+        basis = np.concatenate([params["learngene"][name]] + list(params["tailors"][name]), axis=1)
+        assert basis.shape == (dim, n_cls * n_t + n_g)
+        np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-5)
+    sigma = np.sqrt(2 * d_in * d_out / ((d_in + d_out) * (n_g + n_t)))
+    np.testing.assert_allclose(params["learngene"]["sigma"], sigma, rtol=1e-6)
+    np.testing.assert_allclose(params["tailors"]["sigma"], sigma, rtol=1e-6)
+
+
+def test_rank_that_does_not_fit_is_refused_with_the_numbers():
+    assert check_rank(64, 256, kind_config(n_learngene=34, n_tailor=3, n_classes=10), "mlp_in") == 64
+    with pytest.raises(ValueError) as err:
+        check_rank(64, 256, kind_config(n_learngene=20, n_tailor=5, n_classes=10), "mlp_in")
+    for text in ("'mlp_in'", "d_in=64", "d_out=256", "10·5 + 20 = 70", "min(d_in, d_out) = 64"):
+        assert text in str(err.value)
+    # In a DiT whose MLP is narrower than its width, only the MLP matrices fail.
+    config = small_dit_config(hidden=32, n_learngene=13, n_tailor=1, n_classes=4)
+    config.mlp_ratio = 0.5
+    with pytest.raises(ValueError, match="'mlp_in'.*d_in=32, d_out=16.*= 17 > min"):
+        kindjax.build_model(config)
+    with pytest.raises(ValueError, match="'attn_out'.*d_in=24"):
+        KINDLinear(features=48, n_classes=4, n_tailor=4, n_learngene=10, role="attn_out").init(
+            jax.random.key(0), jnp.ones((1, 2, 24)), jnp.zeros((1,), jnp.int32))
+
+
+def test_bad_linear_config_is_refused():
+    config = small_dit_config(hidden=32, n_learngene=8, n_tailor=2, n_classes=5)
+    with pytest.raises(ValueError, match="n_classes=5 must equal config.model.num_classes=4"):
+        kindjax.build_model(config)
+    config = small_dit_config(hidden=32, n_learngene=0, n_tailor=2, n_classes=4)
+    with pytest.raises(ValueError, match="n_learngene must be a positive int"):
+        kindjax.build_model(config)
+    config = small_dit_config(hidden=32, n_learngene=8, n_tailor=2, n_classes=4)
+    config.linear.n_tailors = 2
+    with pytest.raises(ValueError, match=r"unknown keys \['n_tailors'\]"):
+        kindjax.build_model(config)
+
+
+def small_dit_config(hidden: int, n_learngene: int, n_tailor: int,
+                     n_classes: int) -> ml_collections.ConfigDict:
+    config = model_config()
+    config.update(dict(hidden_size=hidden, depth=2, num_heads=2, image_size=8, in_channels=1,
+                       patch_size=2, num_classes=4, adaln_init="gaussian"))
+    config.linear = ml_collections.ConfigDict(dict(
+        kind="kind", n_learngene=n_learngene, n_tailor=n_tailor, n_classes=n_classes))
+    return config
+
+
+def test_dit_builds_with_kind_layers_and_has_the_expected_paths():
+    d, n_g, n_t, n_cls = 32, 8, 2, 4
+    model = kindjax.build_model(small_dit_config(d, n_g, n_t, n_cls))
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+    t = jnp.array([1, 500, 999])
+    y = jnp.array([0, 3, n_cls])
+    params = jax.jit(model.init)(jax.random.key(1), x, t, y)["params"]
+    flat = {"/".join(path): leaf.shape
+            for path, leaf in flax.traverse_util.flatten_dict(params).items()}
+    shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "attn_out": (d, d),
+              "mlp_in": (d, 4 * d), "mlp_out": (4 * d, d)}
+    for i in range(2):
+        for role, (d_in, d_out) in shapes.items():
+            prefix = f"block_{i}/attn/{role}" if role in ("q", "k", "v", "attn_out") else f"block_{i}/{role}"
+            layer = {k[len(prefix) + 1:]: s for k, s in flat.items() if k.startswith(prefix + "/")}
+            assert layer == {
+                "learngene/U": (d_out, n_g), "learngene/sigma": (n_g,), "learngene/V": (d_in, n_g),
+                "tailors/U": (n_cls, d_out, n_t), "tailors/sigma": (n_cls, n_t),
+                "tailors/V": (n_cls, d_in, n_t), "bias": (d_out,)}, prefix
+    tailor_paths = [k for k in flat if "tailors" in k.split("/")]
+    assert len(tailor_paths) == 2 * 6 * 3 and all(flat[k][0] == n_cls for k in tailor_paths)
+    out = jax.jit(model.apply)({"params": params}, x, t, y)
+    assert out.shape == (3, 8, 8, 2) and np.all(np.isfinite(np.asarray(out)))
