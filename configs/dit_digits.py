@@ -14,7 +14,7 @@ def get_config():
     config.optim.lr = 1e-3
     config.optim.warmup_steps = 100
     t = config.train
-    t.batch_size, t.num_steps, t.ema_decay = 128, 3000, 0.999
+    t.batch_size, t.num_steps, t.ema_decay, t.ema_warmup = 128, 3000, 0.999, True
     t.log_every, t.checkpoint_every, t.sample_every = 100, 500, 1000
     config.sample.update(sampler="ddpm", num_steps=100, cfg_scale=2.0, grid_per_class=10,
                          clip_denoised=True)

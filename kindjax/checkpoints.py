@@ -18,6 +18,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from kindjax.config import ConfigError
+
 STATE_ITEMS = ("params", "ema_params", "opt_state")
 
 
@@ -52,7 +54,7 @@ def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, dire
     if saved != now:
         diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         detail = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}" for k in diffs)
-        raise ValueError(
+        raise ConfigError(
             f"{directory} holds a checkpoint of a different model ({detail}). Use another --workdir, "
             f"or run with the config that wrote it.")
 

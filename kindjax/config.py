@@ -36,6 +36,7 @@ def model_config() -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     """All sections with their defaults (the paper's DiT training settings where they apply)."""
     return ml_collections.ConfigDict(dict(
+        job="train",              # "train", or "kind_transfer" (pre-train, then transfer; kindjax.run)
         model=model_config(),
         diffusion=dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02),
         data=dict(
@@ -50,12 +51,20 @@ def base_config() -> ml_collections.ConfigDict:
             num_steps=400_000,
             seed=0,
             ema_decay=0.9999,
+            ema_warmup=False,     # decay_t = min(ema_decay, (1 + t) / (10 + t)) for short runs
             log_every=100,
             checkpoint_every=5000,
             keep_checkpoints=3,
             sample_every=10_000,
             trainable=(".*",),    # regexes on parameter paths; the rest is frozen
+            freeze_learngene=False,  # keep the learngene bundle (kindjax.params) bit-identical
         ),
+        # Start from a pre-trained learngene (a workdir, step dir or sliced checkpoint);
+        # tailors and the new classes' label rows are drawn fresh (kindjax.transfer).
+        init=dict(learngene=""),
+        # job="kind_transfer": after pre-training on data.classes, transfer the learngene
+        # (frozen) to `classes` with fresh tailors, and recombine `recombine_classes`.
+        transfer=dict(classes=(), num_steps=1000, lr=1e-3, recombine_classes=()),
         mesh=dict(data=-1, fsdp=1),   # -1: all remaining devices
         sample=dict(sampler="ddpm", num_steps=250, cfg_scale=1.5, ddim_eta=0.0, grid_per_class=4,
                     clip_denoised=False),   # True for pixel-space data in [-1, 1]
@@ -112,6 +121,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(0 < config.sample.num_steps <= config.diffusion.num_timesteps,
              f"sample.num_steps={config.sample.num_steps} must be in [1, diffusion.num_timesteps="
              f"{config.diffusion.num_timesteps}]")
+    _require(config.job in ("train", "kind_transfer"), f"job={config.job!r}: use 'train' or 'kind_transfer'")
+    if config.job == "kind_transfer" or config.train.freeze_learngene or config.init.learngene:
+        _require(m.linear.kind == "kind", f"job={config.job!r} / train.freeze_learngene / init.learngene need "
+                                          f"a KIND model (model.linear.kind='kind'), got {m.linear.kind!r}")
+    if config.job == "kind_transfer":
+        _require(len(config.transfer.classes) > 0, "job='kind_transfer' needs transfer.classes (the novel classes)")
+        overlap = set(config.transfer.classes) & set(config.data.classes)
+        _require(not overlap, f"transfer.classes {sorted(overlap)} are also pre-training classes (data.classes)")
+        _require(set(config.transfer.recombine_classes) <= set(range(m.num_classes)),
+                 f"transfer.recombine_classes={tuple(config.transfer.recombine_classes)} must be model "
+                 f"classes 0..{m.num_classes - 1}")
     classes = tuple(config.data.classes)
     if classes:
         _require(len(classes) == m.num_classes,

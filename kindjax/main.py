@@ -8,6 +8,7 @@ several processes (TPU pod, SLURM, or ``JAX_COORDINATOR_ADDRESS`` set), it calls
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -35,9 +36,13 @@ def main(argv: list[str]) -> None:
 
     if started_multiprocess():
         jax.distributed.initialize()
+    from kindjax.config import ConfigError
     from kindjax.run import run
 
-    run(FLAGS.config, FLAGS.workdir)
+    try:
+        run(FLAGS.config, FLAGS.workdir)
+    except ConfigError as e:
+        sys.exit(f"kindjax: {e}")
 
 
 if __name__ == "__main__":

@@ -1,41 +1,99 @@
-"""What ``python -m kindjax.main`` runs: validate the config, then train (and evaluate)."""
+"""What ``python -m kindjax.main`` runs: validate the config, then the job it names.
+
+Jobs: ``train`` (train, then evaluate where the data set has an evaluator) and
+``kind_transfer`` (KIND pre-training under the class gate, then transfer of the
+frozen learngene to novel classes with fresh tailors; ``WORKDIR/pretrain`` and
+``WORKDIR/transfer``, figures of both in ``WORKDIR/metrics.json``).
+"""
 from __future__ import annotations
+
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from kindjax.config import ConfigError, validate
+from kindjax.data import make_dataset
+from kindjax.evaluation.digits_report import evaluate_digits, evaluate_kind_digits
 from kindjax.models.dit import build_model
 from kindjax.train.sharding import mesh_shape
 from kindjax.train.trainer import train
 
-#: Data sets with an evaluator that runs at the end of training.
-EVALUATORS = {"digits": "kindjax.evaluation.digits_report:evaluate_digits"}
-
 
 def check(config: ml_collections.ConfigDict) -> None:
-    """Every check that needs no compilation: the schema, the mesh, and a shape-only
-    trace of the model (which surfaces a linear variant's own errors, e.g. a rank that does not fit)."""
+    """Every check that needs no compilation: the schema, the mesh, the data source, and a
+    shape-only trace of the model (which surfaces a linear variant's own errors, e.g. a rank that does not fit)."""
     num_devices = jax.device_count()
     try:
         mesh_shape(num_devices, config.mesh.data, config.mesh.fsdp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     validate(config, num_devices)
+    make_dataset(config)
     model = build_model(config)
     x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
     i = jax.ShapeDtypeStruct((1,), jnp.int32)
-    jax.eval_shape(model.init, jax.random.key(0), x, i, i)
+    try:
+        jax.eval_shape(model.init, jax.random.key(0), x, i, i)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def transfer_config(config: ml_collections.ConfigDict, learngene: str) -> ml_collections.ConfigDict:
+    """The transfer stage of a ``kind_transfer`` job: the novel classes, fresh tailors,
+    the learngene frozen, ``transfer.lr`` for ``transfer.num_steps`` steps."""
+    c = config.copy_and_resolve_references()
+    t, k = config.transfer, len(config.transfer.classes)
+    c.job = "train"
+    c.data.classes = tuple(t.classes)
+    c.model.num_classes = k
+    c.model.linear.n_classes = k
+    c.init.learngene = learngene
+    c.train.freeze_learngene = True
+    c.optim.lr = t.lr
+    c.train.num_steps = t.num_steps
+    c.transfer = ml_collections.ConfigDict(dict(classes=(), num_steps=t.num_steps, lr=t.lr, recombine_classes=()))
+    return c
+
+
+def finished(workdir: str, num_steps: int) -> dict | None:
+    """The metrics of a stage that already ran to ``num_steps`` (so a rerun skips it)."""
+    path = os.path.join(workdir, "metrics.json")
+    if os.path.exists(path):
+        metrics = json.load(open(path))
+        if metrics.get("step") == num_steps:
+            return metrics
+    return None
+
+
+def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    pre_dir, tr_dir = os.path.join(workdir, "pretrain"), os.path.join(workdir, "transfer")
+    pre_config = config.copy_and_resolve_references()
+    pre_config.job = "train"
+    tr_config = transfer_config(config, pre_dir)
+    check(tr_config)
+    pre = finished(pre_dir, config.train.num_steps)
+    if pre is None:
+        train(pre_config, pre_dir, evaluate=evaluate_kind_digits)
+        pre = finished(pre_dir, config.train.num_steps)
+    novel = finished(tr_dir, tr_config.train.num_steps)
+    if novel is None:
+        train(tr_config, tr_dir, evaluate=evaluate_digits)
+        novel = finished(tr_dir, tr_config.train.num_steps)
+    report = {k: v for k, v in pre.items() if k != "step"}
+    report.update(novel_accuracy=novel["sample_accuracy"], novel_frechet_distance=novel["frechet_distance"])
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    print("KIND on the digits:\n" + "\n".join(f"  {k:28s} {v:.4f}" for k, v in report.items()), flush=True)
+    return report
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     check(config)
-    target = EVALUATORS.get(config.data.name)
-    evaluate = None
-    if target:
-        import importlib
-
-        module, name = target.split(":")
-        evaluate = getattr(importlib.import_module(module), name)
-    train(config, workdir, evaluate=evaluate)
+    if config.job == "kind_transfer":
+        run_kind_transfer(config, workdir)
+    else:
+        train(config, workdir, evaluate=evaluate_digits if config.data.name == "digits" else None)

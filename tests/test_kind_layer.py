@@ -11,7 +11,8 @@ import pytest
 import kindjax
 from kindjax.config import model_config
 from kindjax.layers.dense import DenseLinear
-from kindjax.layers.kind import KINDLinear, check_rank, kind_config, kind_linear
+from kindjax.layers.kind import (KINDLinear, check_rank, kind_config, kind_linear,
+                                 naive_kind_linear)
 
 N_CLS, N_T, N_G = 4, 3, 5
 D_IN, D_OUT = 24, 40
@@ -190,3 +191,39 @@ def test_dit_builds_with_kind_layers_and_has_the_expected_paths():
     assert len(tailor_paths) == 2 * 6 * 3 and all(flat[k][0] == n_cls for k in tailor_paths)
     out = jax.jit(model.apply)({"params": params}, x, t, y)
     assert out.shape == (3, 8, 8, 2) and np.all(np.isfinite(np.asarray(out)))
+
+
+def test_naive_formulation_matches_gated_values_and_gradients():
+    kp, kx, kg = jax.random.split(jax.random.key(9), 3)
+    params = random_params(kp, jnp.float32)
+    x = jax.random.normal(kx, (len(Y), 7, D_IN))
+    cot = jax.random.normal(kg, (len(Y), 7, D_OUT))
+    y = jnp.asarray(Y)
+
+    def naive(p, xx, yy):
+        return naive_kind_linear(xx, yy, p["learngene"], p["tailors"], p["bias"])
+
+    assert rel_err(jax.jit(naive)(params, x, y), jax.jit(efficient)(params, x, y)) <= 1e-5
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda p, xx: jnp.sum(fn(p, xx, y) * cot), argnums=(0, 1)))
+
+    got, want = grads(naive)(params, x), grads(efficient)(params, x)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        assert rel_err(g, w) <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_dit_naive_formulation_matches_gated_and_bad_formulation_is_refused():
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+    t, y = jnp.array([1, 500, 999]), jnp.array([0, 3, 4])
+    gated = kindjax.build_model(small_dit_config(32, 8, 2, 4))
+    config = small_dit_config(32, 8, 2, 4)
+    config.linear.formulation = "naive"
+    naive = kindjax.build_model(config)
+    params = jax.jit(gated.init)(jax.random.key(1), x, t, y)   # zero final layer: perturb all
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+    want = jax.jit(gated.apply)(params, x, t, y)
+    assert rel_err(jax.jit(naive.apply)(params, x, t, y), want) <= 1e-5
+    config.linear.formulation = "full"
+    with pytest.raises(ValueError, match=r"formulation='full': use one of \['gated', 'naive'\]"):
+        kindjax.build_model(config)

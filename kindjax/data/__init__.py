@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from kindjax.config import ConfigError
+
 from kindjax.data.digits import load_digits
 from kindjax.data.pipeline import ArrayDataset, subset
 
@@ -21,12 +23,12 @@ def make_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
     if name == "digits":
         return load_digits(tuple(config.data.classes))
     if name in NOT_YET_AVAILABLE:
-        raise NotImplementedError(
+        raise ConfigError(
             f"config.data.name={name!r} needs {NOT_YET_AVAILABLE[name]}. That pipeline is not part of "
             f"kindjax yet (tracked as the real-data issue: TFDS ImageNet with a manual download "
             f"directory, image folders, and SD-VAE latent encoding). Until then, train on the embedded "
             f"digits: --config configs/default.py")
-    raise ValueError(f"config.data.name={name!r} is not a known data source; "
+    raise ConfigError(f"config.data.name={name!r} is not a known data source; "
                      f"use 'digits' or one of {sorted(NOT_YET_AVAILABLE)}")
 
 

@@ -29,13 +29,29 @@ if TYPE_CHECKING:
     from kindjax.layers import LinearFactory
 
 #: Keys of ``config.model.linear`` for ``kind="kind"``.
-CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "n_classes")
+CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "n_classes", "formulation")
+
+#: ``config.model.linear.formulation``: how the class gate is computed (same values).
+#: ``gated`` is the efficient form; ``naive`` materialises one full-rank weight per
+#: sample (about twice the FLOPs or more) and is a reference and benchmark baseline.
+FORMULATIONS = ("gated", "naive")
 
 
-def kind_config(n_learngene: int, n_tailor: int, n_classes: int) -> ml_collections.ConfigDict:
+def kind_config(n_learngene: int, n_tailor: int, n_classes: int,
+                formulation: str = "gated") -> ml_collections.ConfigDict:
     """``config.model.linear`` for KIND with ``N_G``, ``N_T`` and ``N_cls`` (= model.num_classes)."""
     return ml_collections.ConfigDict(dict(
-        kind="kind", n_learngene=n_learngene, n_tailor=n_tailor, n_classes=n_classes))
+        kind="kind", n_learngene=n_learngene, n_tailor=n_tailor, n_classes=n_classes,
+        formulation=formulation))
+
+
+def kind_formulation(linear_config: Mapping) -> str:
+    """``config.model.linear.formulation`` (default ``"gated"``), checked against :data:`FORMULATIONS`."""
+    formulation = linear_config.get("formulation", "gated")
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"config.model.linear.formulation={formulation!r}: use one of "
+                         f"{list(FORMULATIONS)}")
+    return formulation
 
 
 def kind_sizes(linear_config: Mapping) -> tuple[int, int, int]:
@@ -156,6 +172,36 @@ def kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
     return jnp.dot(x, w_g.astype(dtype)) + tailor + bias.astype(dtype)
 
 
+def naive_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
+                      tailors: Mapping[str, jax.Array], bias: jax.Array,
+                      dtype: jnp.dtype | None = None) -> jax.Array:
+    """Class-gated product, naive form: the same values as :func:`kind_linear`.
+
+    Materialises every sample's full-rank masked weight ``W_b = V diag(σ ⊙ m_{y_b}) Uᵀ``
+    (``(B, d_in, d_out)``, over all ``r`` components; ``m_c`` keeps the learngene and
+    tailor ``c``, the null class keeps the learngene alone) in the parameter dtype,
+    then applies it with one batched product.
+    """
+    dtype = dtype or x.dtype
+    n_classes, n_tailor = tailors["sigma"].shape
+
+    def columns(factor: jax.Array) -> jax.Array:   # (N_cls, d, N_T) → (d, N_cls·N_T), class-major
+        return factor.transpose(1, 0, 2).reshape(factor.shape[1], -1)
+
+    u = jnp.concatenate([learngene["U"], columns(tailors["U"])], axis=1)
+    v = jnp.concatenate([learngene["V"], columns(tailors["V"])], axis=1)
+    owner = jnp.repeat(jnp.arange(n_classes), n_tailor)
+    mask = jnp.concatenate([jnp.ones((y.shape[0], learngene["sigma"].shape[0]), bool),
+                            owner[None, :] == y[:, None]], axis=1)
+    sigma = jnp.concatenate([learngene["sigma"], tailors["sigma"].reshape(-1)])
+    weights = jnp.einsum("ir,br,or->bio", v, jnp.where(mask, sigma, 0.0), u)
+    out = jnp.einsum("b...i,bio->b...o", x.astype(dtype), weights.astype(dtype))
+    return out + bias.astype(dtype)
+
+
+_APPLY = {"gated": kind_linear, "naive": naive_kind_linear}
+
+
 class KINDLinear(nn.Module):
     """KIND layer ``out = x·W_yᵀ + b``, ``W_y = U_G diag(σ_G) V_Gᵀ + U_T[y] diag(σ_T[y]) V_T[y]ᵀ``.
 
@@ -173,23 +219,27 @@ class KINDLinear(nn.Module):
     n_tailor: int
     n_learngene: int
     role: str = "linear"
+    formulation: str = "gated"
     dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        if self.formulation not in _APPLY:
+            raise ValueError(f"KINDLinear formulation={self.formulation!r}: use one of {list(_APPLY)}")
         d_in, d_out = x.shape[-1], self.features
         _check_fits(d_in, d_out, self.n_classes, self.n_tailor, self.n_learngene, self.role)
         sigma = init_sigma(d_in, d_out, self.n_learngene + self.n_tailor)
         learngene = self.param("learngene", init_learngene, d_in, d_out, self.n_learngene, sigma)
         tailors = self.param("tailors", init_tailors, learngene, self.n_classes, self.n_tailor, sigma)
         bias = self.param("bias", nn.initializers.zeros, (d_out,))
-        return kind_linear(x, y, learngene, tailors, bias, self.dtype)
+        return _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype)
 
 
 def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
     """KIND layers for all six matrices; refuses ranks that do not fit or a wrong ``n_classes``."""
     linear = model_config.linear
     n_classes, n_tailor, n_learngene = kind_sizes(linear)
+    formulation = kind_formulation(linear)
     if n_classes != model_config.num_classes:
         raise ValueError(
             f"config.model.linear.n_classes={n_classes} must equal config.model.num_classes="
@@ -200,6 +250,6 @@ def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
 
     def make(role: str, features: int, name: str) -> nn.Module:
         return KINDLinear(features=features, n_classes=n_classes, n_tailor=n_tailor,
-                          n_learngene=n_learngene, role=role, name=name)
+                          n_learngene=n_learngene, role=role, formulation=formulation, name=name)
 
     return make

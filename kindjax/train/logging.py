@@ -22,14 +22,15 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, rows: int, upscale: int = 1, pad: int = 1) -> np.ndarray:
-    """``(N, H, W, C)`` uint8 images → one ``(rows·(H+pad)+pad, cols·(W+pad)+pad, C)`` grid, row-major."""
+def image_grid(images: np.ndarray, rows: int, upscale: int = 1, pad: int = 1, border: int = 96) -> np.ndarray:
+    """``(N, H, W, C)`` uint8 images → one ``(rows·(H+pad)+pad, cols·(W+pad)+pad, C)`` grid, row-major,
+    cells separated by ``pad`` pixels of grey level ``border``."""
     n, h, w, c = images.shape
     cols = -(-n // rows)
     if upscale > 1:
         images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
         h, w = h * upscale, w * upscale
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), border, np.uint8)
     for i, img in enumerate(images):
         r, k = divmod(i, cols)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img

@@ -26,7 +26,12 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def trainable_predicate(config: ml_collections.ConfigDict) -> Callable[[tuple], bool]:
-    return P.match_any(config.train.trainable)
+    """Path matches ``train.trainable`` and is not a learngene leaf under ``freeze_learngene``
+    (the label table's null row is frozen by the class gate instead)."""
+    matches = P.match_any(config.train.trainable)
+    if config.train.freeze_learngene:
+        return lambda path: matches(path) and not P.is_learngene(path)
+    return matches
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

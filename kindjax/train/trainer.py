@@ -25,6 +25,7 @@ from kindjax.data import make_dataset
 from kindjax.diffusion import GaussianDiffusion, q_sample, training_losses
 from kindjax.models.dit import DiT, build_model, drop_labels
 from kindjax.sample import generate
+from kindjax.transfer import check_compatible, transfer_learngene
 from kindjax.train import sharding
 from kindjax.train.logging import RunLogger, image_grid, to_uint8
 from kindjax.train.optimizer import learning_rate, make_optimizer, trainable_predicate
@@ -32,12 +33,20 @@ from kindjax.train.optimizer import learning_rate, make_optimizer, trainable_pre
 State = dict[str, Any]
 
 
-def init_state(key: jax.Array, model: DiT, optimizer: optax.GradientTransformation) -> State:
-    """Fresh parameters (EMA = a copy) and optimizer state at step 0."""
+def init_params(key: jax.Array, model: DiT) -> Any:
     x = jnp.zeros((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
-    params = model.init(key, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+    return model.init(key, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+
+
+def state_from_params(params: Any, optimizer: optax.GradientTransformation) -> State:
+    """Step 0: the parameters, their EMA (a copy) and fresh optimizer state."""
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "ema_params": jax.tree.map(jnp.copy, params), "opt_state": optimizer.init(params)}
+
+
+def init_state(key: jax.Array, model: DiT, optimizer: optax.GradientTransformation) -> State:
+    """Fresh parameters (EMA = a copy) and optimizer state at step 0."""
+    return state_from_params(init_params(key, model), optimizer)
 
 
 def is_class_gated(params: Any) -> bool:
@@ -48,6 +57,15 @@ def is_class_gated(params: Any) -> bool:
 def classes_present(y: jax.Array, num_classes: int) -> jax.Array:
     """Bool ``(num_classes,)``: which real classes the step's (post-dropout) labels contain."""
     return jnp.zeros((num_classes + 1,), bool).at[y].set(True)[:num_classes]
+
+
+def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+    """EMA decay at ``step``: ``ema_decay``, or ``min(ema_decay, (1+t)/(10+t))`` with ``ema_warmup``."""
+    decay = jnp.asarray(config.train.ema_decay, jnp.float32)
+    if config.train.ema_warmup:
+        t = step.astype(jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+    return decay
 
 
 def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusion: GaussianDiffusion,
@@ -72,9 +90,10 @@ def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusi
     params = optax.apply_updates(state["params"], updates)
     if is_class_gated(params):
         present = classes_present(y, model.num_classes)
-        params = P.gate_class_rows(params, state["params"], present)
-        opt_state = P.gate_class_rows(opt_state, state["opt_state"], present)
-    ema = optax.incremental_update(params, state["ema_params"], 1.0 - config.train.ema_decay)
+        update_null = not config.train.freeze_learngene
+        params = P.gate_class_rows(params, state["params"], present, update_null)
+        opt_state = P.gate_class_rows(opt_state, state["opt_state"], present, update_null)
+    ema = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay(config, state["step"]))
     trainable = trainable_predicate(config)
     grad_norm = optax.tree.norm([g for path, g in jax.tree_util.tree_leaves_with_path(grads) if trainable(path)])
     metrics = {"loss": loss, "mse": losses["mse"].mean(), "vb": losses["vb"].mean(), "grad_norm": grad_norm,
@@ -109,7 +128,18 @@ class Trainer:
                                donate_argnums=0)
 
     def fresh_state(self) -> State:
-        return self._init(jax.random.fold_in(self.base_key, 1 << 20))
+        """Step 0: a random init, or (``init.learngene``) a transferred learngene with fresh tailors."""
+        key = jax.random.fold_in(self.base_key, 1 << 20)
+        if not self.config.init.learngene:
+            return self._init(key)
+        from kindjax.learngene import load_learngene
+
+        learngene = load_learngene(self.config.init.learngene)
+        check_compatible(learngene.config.model, self.config.model)
+        fresh = jax.jit(functools.partial(init_params, model=self.model))(key)
+        params = transfer_learngene(fresh, learngene.params, jax.random.fold_in(key, 1), self.config.model)
+        build = functools.partial(state_from_params, optimizer=self.optimizer)
+        return jax.jit(build, out_shardings=self.state_sharding)(params)
 
     def global_batch(self, step: int) -> dict[str, jax.Array]:
         """The step's batch, each process loading only its own rows, placed on the mesh."""
@@ -148,7 +178,8 @@ def sample_grid(trainer: Trainer, state: State, step: int, logger: RunLogger) ->
     labels = np.repeat(np.arange(trainer.model.num_classes), per_class)
     images = trainer.sample(state["ema_params"], jax.random.fold_in(trainer.base_key, 2 << 20), labels)
     upscale = max(1, 64 // trainer.model.image_size)
-    grid = image_grid(to_uint8(images)[..., :3], rows=trainer.model.num_classes, upscale=upscale)
+    grid = image_grid(to_uint8(images)[..., :3], rows=trainer.model.num_classes, upscale=upscale,
+                      pad=max(1, upscale // 2))
     path = os.path.join(trainer.workdir, "samples", f"step_{step:07d}.png")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,0 +1,276 @@
+"""Load a learngene, or the tailors of a few classes, and assemble a model for those classes.
+
+A checkpoint path is any of: a training workdir (``DIR/checkpoints/<step>/``, the
+latest step unless ``step`` is given), one step directory of it, or a directory
+written by ``python -m kindjax.slice``.  Reads are Orbax partial restores into host
+numpy arrays: only the arrays of the requested part are read, and the devices (or
+sharding) of the training run are not needed.
+
+Which leaves belong to which part follows :mod:`kindjax.params`: the learngene is
+every non-tailor leaf plus the null row of the label table; the tailors of class
+``c`` are row ``c`` of every tailor leaf and of the label table.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
+
+from kindjax import checkpoints
+from kindjax import params as P
+from kindjax.models.dit import DiT, build_model
+
+META = "meta"
+PARTS = ("learngene", "tailors")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a part was read from.
+
+    ``path``: the directory that was read; ``kind``: ``workdir``, ``step`` or ``sliced``;
+    ``checkpoint``: the training step directory the weights come from; ``step``: its
+    step; ``item``: ``ema_params`` or ``params``.
+    """
+
+    path: str
+    kind: str
+    checkpoint: str
+    step: int
+    item: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Learngene:
+    """The class-agnostic part of a model (nested dict of host arrays) and its config."""
+
+    params: dict
+    config: ml_collections.ConfigDict
+    source: Source
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tailors:
+    """Tailor leaves and label rows of ``classes`` (original ids), in that order."""
+
+    params: dict
+    classes: tuple[int, ...]
+    config: ml_collections.ConfigDict
+    source: Source
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Assembled:
+    """A DiT for ``len(classes)`` classes: label ``i`` is original class ``classes[i]``,
+    label ``len(classes)`` the null class."""
+
+    model: DiT
+    params: dict
+    classes: tuple[int, ...]
+    config: ml_collections.ConfigDict
+
+    def labels(self, original: Iterable[int]) -> np.ndarray:
+        """The model's labels for original class ids (each must be one of ``classes``)."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        missing = sorted({int(c) for c in original} - set(index))
+        if missing:
+            raise ValueError(f"classes {missing} are not in this model, which has {self.classes}")
+        return np.asarray([index[int(c)] for c in original], np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Located:
+    directory: epath.Path
+    kind: str
+    meta: dict
+
+
+def _read_json(directory: epath.Path, name: str = META) -> dict:
+    restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+        directory, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
+    return restored[name]
+
+
+def _locate(path: str | epath.PathLike, step: int | None) -> _Located:
+    """Resolves a workdir, step directory or sliced checkpoint to the directory to read."""
+    directory = epath.Path(path).absolute()
+    has_meta = (directory / META).is_dir()
+    if has_meta and any((directory / part).is_dir() for part in PARTS):
+        located = _Located(directory, "sliced", _read_json(directory))
+    elif has_meta and (directory / "params").is_dir():
+        located = _Located(directory, "step", _read_json(directory))
+    elif (directory / "checkpoints").is_dir():
+        root = directory / "checkpoints"
+        steps = sorted(ocp.utils.checkpoint_steps(root))
+        if not steps:
+            raise FileNotFoundError(f"{root} holds no finished checkpoint")
+        if step is not None and step not in steps:
+            raise ValueError(f"{directory} has no checkpoint at step {step}; it has steps {steps}")
+        found = ocp.step.find_step_path(root, ocp.step.standard_name_format(),
+                                        step=steps[-1] if step is None else step)
+        return _Located(found, "workdir", _read_json(found))
+    else:
+        raise FileNotFoundError(
+            f"{directory} holds no kindjax checkpoint: expected a training workdir (with "
+            f"checkpoints/<step>/), a step directory (with meta/ and params/), or a directory "
+            f"written by python -m kindjax.slice")
+    if step is not None and step != located.meta["step"]:
+        raise ValueError(f"{directory} holds step {located.meta['step']} only, not step {step}")
+    return located
+
+
+def _source(located: _Located, ema: bool) -> Source:
+    meta = located.meta
+    if located.kind == "sliced":
+        return Source(str(located.directory), "sliced", meta["source"]["checkpoint"], meta["step"],
+                      meta["source"]["item"])
+    item = "ema_params" if ema else "params"
+    return Source(str(located.directory), located.kind, str(located.directory), meta["step"], item)
+
+
+def _check_sliced_part(located: _Located, part: str) -> None:
+    if located.meta["part"] != part:
+        raise ValueError(f"{located.directory} holds the {located.meta['part']} only, not the {part}; "
+                         f"read the {part} from {located.meta['source']['checkpoint']}, where it was sliced from")
+
+
+def _path(key: tuple[str, ...]) -> tuple:
+    return tuple(jax.tree_util.DictKey(k) for k in key)
+
+
+def _restore(item_dir: epath.Path, keep: Callable[[tuple], bool] = lambda path: True) -> dict:
+    """Reads only the arrays of a PyTree item whose path satisfies ``keep``, as numpy arrays.
+
+    Orbax partial restore: the ``item`` lists the wanted leaves, every other leaf is
+    skipped without being read.
+    """
+    saved = traverse_util.flatten_dict(ocp.PyTreeCheckpointHandler().metadata(item_dir).tree)
+    keys = [k for k in saved if keep(_path(k))]
+    item = traverse_util.unflatten_dict({k: 0 for k in keys})
+    restore_args = traverse_util.unflatten_dict({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in keys})
+    return ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+
+
+def _config(located: _Located) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(located.meta["config"])
+
+
+def load_learngene(path: str | epath.PathLike, *, step: int | None = None, ema: bool = True) -> Learngene:
+    """The learngene of the checkpoint at ``path``; reads no tailor leaf.
+
+    ``step`` picks a step of a workdir (default: the latest); ``ema`` reads the EMA
+    weights (default) or the raw ones.  Both are fixed for a sliced checkpoint.
+    """
+    located = _locate(path, step)
+    source = _source(located, ema)
+    if located.kind == "sliced":
+        _check_sliced_part(located, "learngene")
+        params = _restore(located.directory / "learngene")
+    else:
+        params, _ = P.split_learngene_tailors(
+            _restore(located.directory / source.item, lambda p: not P.is_tailor(p)))
+    return Learngene(params, _config(located), source)
+
+
+def _check_classes(classes: Sequence[int], available: Sequence[int], where: str) -> tuple[int, ...]:
+    classes = tuple(int(c) for c in classes)
+    if not classes:
+        raise ValueError("classes is empty: give at least one class id")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes {classes} has repeated ids")
+    missing = [c for c in classes if c not in available]
+    if missing:
+        raise ValueError(f"classes {missing} are out of range: {where}")
+    return classes
+
+
+def load_tailors(path: str | epath.PathLike, classes: Sequence[int], *, step: int | None = None,
+                 ema: bool = True) -> Tailors:
+    """The tailors of ``classes`` (original class ids) of the checkpoint at ``path``.
+
+    Reads the tailor leaves and the label table only (whole arrays; the rows of
+    ``classes`` are kept), never a learngene leaf.  ``step`` and ``ema`` as in
+    :func:`load_learngene`.
+    """
+    located = _locate(path, step)
+    config, source = _config(located), _source(located, ema)
+    if located.kind == "sliced":
+        _check_sliced_part(located, "tailors")
+        available = tuple(located.meta["classes"])
+        classes = _check_classes(classes, available,
+                                 f"the sliced tailors at {located.directory} hold classes {available}")
+        bundle = _restore(located.directory / "tailors")
+    else:
+        n = config.model.num_classes
+        classes = _check_classes(classes, range(n), f"the model of {located.directory} has classes "
+                                                    f"0..{n - 1} (model.num_classes={n})")
+        available = tuple(range(n))
+        _, bundle = P.split_learngene_tailors(_restore(located.directory / source.item, P.has_class_rows))
+        if not any(P.is_tailor(p) for p, _ in jax.tree_util.tree_leaves_with_path(bundle)):
+            raise ValueError(f"the model of {located.directory} has no tailors (model.linear.kind="
+                             f"{config.model.linear.kind!r}); load_learngene reads all its parameters")
+    rows = np.asarray([available.index(c) for c in classes])
+    params = jax.tree.map(lambda leaf: np.asarray(leaf)[rows], bundle)
+    return Tailors(params, classes, config, source)
+
+
+def _model_json(config: ml_collections.ConfigDict) -> dict:
+    """The model config as JSON data, without the class counts (set by :func:`assemble`)."""
+    model = checkpoints.config_json(config)["model"]
+    model.pop("num_classes")
+    model["linear"].pop("n_classes", None)
+    return model
+
+
+def _check_same_model(learngene: Learngene, tailors: Tailors) -> None:
+    a, b = _model_json(learngene.config), _model_json(tailors.config)
+    if a != b:
+        diffs = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        detail = ", ".join(f"model.{k}: learngene {a.get(k)!r} vs tailors {b.get(k)!r}" for k in diffs)
+        raise ValueError(f"the learngene ({learngene.source.path}) and the tailors ({tailors.source.path}) "
+                         f"come from different models: {detail}")
+
+
+def _class_config(config: ml_collections.ConfigDict, k: int) -> ml_collections.ConfigDict:
+    config = copy.deepcopy(config)
+    config.model.num_classes = k
+    if "n_classes" in config.model.linear:
+        config.model.linear.n_classes = k
+    return config
+
+
+def assemble(learngene: Learngene, tailors: Tailors, *, verbose: bool = True) -> Assembled:
+    """The deployable DiT for ``tailors.classes``, relabelled ``0..k-1`` in that order.
+
+    The null class ``k`` uses the learngene alone.  The two parts must come from the
+    same model config (up to the number of classes).  Prints the parameter counts
+    per part when ``verbose``.
+    """
+    _check_same_model(learngene, tailors)
+    k = len(tailors.classes)
+    config = _class_config(tailors.config, k)
+    params = jax.tree.map(jnp.asarray, P.merge_learngene_tailors(learngene.params, tailors.params))
+    if verbose:
+        print(_summary(learngene, tailors))
+    return Assembled(build_model(config), params, tailors.classes, config)
+
+
+def _summary(learngene: Learngene, tailors: Tailors) -> str:
+    k, n_full = len(tailors.classes), tailors.config.model.num_classes
+    n_g, n_t = P.count(learngene.params), P.count(tailors.params)
+    full = n_g + n_t // k * n_full
+    return (f"Assembled a DiT for classes {list(tailors.classes)} (labels 0..{k - 1}, null class {k}):\n"
+            f"  learngene {n_g:>12,}\n"
+            f"  tailors   {n_t:>12,}  ({k} classes × {n_t // k:,})\n"
+            f"  total     {n_g + n_t:>12,}  = {100 * (n_g + n_t) / full:.1f}% of the full "
+            f"{n_full}-class model ({full:,})")
+
