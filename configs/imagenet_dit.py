@@ -16,3 +16,14 @@ def imagenet_config(arch: str, patch_size: int = 2):
     config.sample.update(sampler="ddpm", num_steps=250, cfg_scale=1.5, grid_per_class=1)
     config.eval.update(num_samples=50_000, batch_size=256)
     return config
+
+
+def kind_imagenet_config(arch: str, n_learngene: int, n_tailor: int, num_classes: int = 150):
+    """KIND pre-training as in the KIND paper: 150 training classes, rank
+    num_classes·n_tailor + n_learngene = the hidden size."""
+    from kindjax.layers.kind import kind_config
+
+    config = imagenet_config(arch)
+    config.model.num_classes = num_classes
+    config.model.linear = kind_config(n_learngene=n_learngene, n_tailor=n_tailor, n_classes=num_classes)
+    return config

@@ -20,6 +20,7 @@ from kindjax.evaluation.digits_report import evaluate_digits, evaluate_kind_digi
 from kindjax.models.dit import build_model
 from kindjax.train.sharding import mesh_shape
 from kindjax.train.trainer import train
+from kindjax.transfer import transfer_config
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -41,23 +42,6 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e)) from None
 
 
-def transfer_config(config: ml_collections.ConfigDict, learngene: str) -> ml_collections.ConfigDict:
-    """The transfer stage of a ``kind_transfer`` job: the novel classes, fresh tailors,
-    the learngene frozen, ``transfer.lr`` for ``transfer.num_steps`` steps."""
-    c = config.copy_and_resolve_references()
-    t, k = config.transfer, len(config.transfer.classes)
-    c.job = "train"
-    c.data.classes = tuple(t.classes)
-    c.model.num_classes = k
-    c.model.linear.n_classes = k
-    c.init.learngene = learngene
-    c.train.freeze_learngene = True
-    c.optim.lr = t.lr
-    c.train.num_steps = t.num_steps
-    c.transfer = ml_collections.ConfigDict(dict(classes=(), num_steps=t.num_steps, lr=t.lr, recombine_classes=()))
-    return c
-
-
 def finished(workdir: str, num_steps: int) -> dict | None:
     """The metrics of a stage that already ran to ``num_steps`` (so a rerun skips it)."""
     path = os.path.join(workdir, "metrics.json")
@@ -68,20 +52,27 @@ def finished(workdir: str, num_steps: int) -> dict | None:
     return None
 
 
-def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def stage(config: ml_collections.ConfigDict, workdir: str, evaluate) -> dict | None:
+    """Runs one training stage unless it already finished; its metrics, or None if it was
+    preempted (SIGTERM: the checkpoint is saved and rerunning the command resumes)."""
+    metrics = finished(workdir, config.train.num_steps)
+    if metrics is None:
+        train(config, workdir, evaluate=evaluate)
+        metrics = finished(workdir, config.train.num_steps)
+    return metrics
+
+
+def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     pre_dir, tr_dir = os.path.join(workdir, "pretrain"), os.path.join(workdir, "transfer")
     pre_config = config.copy_and_resolve_references()
     pre_config.job = "train"
     tr_config = transfer_config(config, pre_dir)
     check(tr_config)
-    pre = finished(pre_dir, config.train.num_steps)
-    if pre is None:
-        train(pre_config, pre_dir, evaluate=evaluate_kind_digits)
-        pre = finished(pre_dir, config.train.num_steps)
-    novel = finished(tr_dir, tr_config.train.num_steps)
+    pre = stage(pre_config, pre_dir, evaluate_kind_digits)
+    novel = stage(tr_config, tr_dir, evaluate_digits) if pre is not None else None
     if novel is None:
-        train(tr_config, tr_dir, evaluate=evaluate_digits)
-        novel = finished(tr_dir, tr_config.train.num_steps)
+        print("Stopped before the end; rerun the same command to resume.", flush=True)
+        return None
     report = {k: v for k, v in pre.items() if k != "step"}
     report.update(novel_accuracy=novel["sample_accuracy"], novel_frechet_distance=novel["frechet_distance"])
     if jax.process_index() == 0:

@@ -55,3 +55,20 @@ def transfer_learngene(fresh: Mapping[str, Any], learngene: Mapping[str, Any], k
         return {k: redraw(v) for k, v in node.items()}
 
     return redraw(P.merge_learngene_tailors(learngene, tailors))
+
+
+def transfer_config(config: ml_collections.ConfigDict, learngene: str) -> ml_collections.ConfigDict:
+    """The transfer stage of a ``kind_transfer`` job: the novel classes, fresh tailors,
+    the learngene frozen, ``transfer.lr`` for ``transfer.num_steps`` steps."""
+    c = config.copy_and_resolve_references()
+    t, k = config.transfer, len(config.transfer.classes)
+    c.job = "train"
+    c.data.classes = tuple(t.classes)
+    c.model.num_classes = k
+    c.model.linear.n_classes = k
+    c.init.learngene = learngene
+    c.train.freeze_learngene = True
+    c.optim.lr = t.lr
+    c.train.num_steps = t.num_steps
+    c.transfer = ml_collections.ConfigDict(dict(classes=(), num_steps=t.num_steps, lr=t.lr, recombine_classes=()))
+    return c

@@ -9,7 +9,7 @@ from ml_collections import config_flags  # noqa: F401  (config files are plain m
 
 from conftest import ROOT
 from kindjax.config import ConfigError
-from kindjax.models.dit import DIT_ARCHS
+from kindjax.models.dit import DIT_ARCHS, build_model
 from kindjax.run import check
 
 
@@ -32,6 +32,19 @@ def test_imagenet_configs_have_the_paper_settings_and_name_the_missing_data(name
     assert DIT_ARCHS[arch][0] % DIT_ARCHS[arch][2] == 0
     with pytest.raises(ConfigError, match="ImageNet-1K .*configs/default.py"):
         check(config)
+
+
+@pytest.mark.parametrize("name, hidden, n_learngene, n_tailor", [("kind_dit_b", 768, 318, 3),
+                                                                 ("kind_dit_l", 1024, 424, 4)])
+def test_kind_imagenet_configs_fill_the_rank_exactly(name, hidden, n_learngene, n_tailor):
+    config = load(name)
+    linear = config.model.linear
+    assert (linear.n_learngene, linear.n_tailor, linear.n_classes) == (n_learngene, n_tailor, 150)
+    assert DIT_ARCHS[config.model.arch][0] == hidden == 150 * n_tailor + n_learngene
+    build_model(config)  # the KIND factory checks the rank of all six matrices here
+    config.model.linear.n_learngene += 1
+    with pytest.raises(ValueError, match=f"r = N_cls·N_T \\+ N_G = 150·{n_tailor} \\+ {n_learngene + 1}"):
+        build_model(config)
 
 
 def test_every_digits_config_passes_the_checks():

@@ -8,7 +8,7 @@ from conftest import tiny_config
 from kindjax import checkpoints
 from kindjax import params as P
 from kindjax.layers.kind import kind_config
-from kindjax.run import transfer_config
+from kindjax.transfer import transfer_config
 from kindjax.train.trainer import Trainer, train
 
 
@@ -77,19 +77,20 @@ def test_transfer_freezes_learngene_and_trains_fresh_tailors(tmp_path):
     config.transfer.update(classes=(7, 8, 9), num_steps=6, lr=1e-3)
     tconfig = transfer_config(config, str(tmp_path / "pre"))
     trainer = Trainer(tconfig, str(tmp_path / "tr"))
-    start = trainer.fresh_state()
+    start = jax.tree.map(np.asarray, trainer.fresh_state())  # host copy: the step donates its input
     learngene_pre, _ = P.split_learngene_tailors(pre["ema_params"])
     learngene_start, tailors_start = P.split_learngene_tailors(start["params"])
     # The transferred learngene is the pre-trained EMA learngene, exactly.
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  learngene_start, learngene_pre)
-    # Fresh tailors are orthonormal to the transferred learngene factors.
+    # Fresh tailors are orthonormal, and orthogonal to the (trained) learngene factors.
     layer = start["params"]["block_0"]["attn"]["q"]
-    u_learngene = np.asarray(layer["learngene"]["U"])
-    u_tailors = np.asarray(layer["tailors"]["U"]).transpose(1, 0, 2).reshape(u_learngene.shape[0], -1)
-    u = np.concatenate([u_learngene, u_tailors], axis=1)
-    np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-5)
-    state = start
+    for factor in ("U", "V"):
+        learngene_cols = np.asarray(layer["learngene"][factor])
+        tailor_cols = np.asarray(layer["tailors"][factor]).transpose(1, 0, 2).reshape(learngene_cols.shape[0], -1)
+        np.testing.assert_allclose(tailor_cols.T @ tailor_cols, np.eye(tailor_cols.shape[1]), atol=1e-5)
+        np.testing.assert_allclose(learngene_cols.T @ tailor_cols, 0.0, atol=1e-5)
+    state = jax.device_put(start, trainer.state_sharding)
     for step in range(6):
         state, _ = trainer.step_fn(state, trainer.global_batch(step))
     learngene_end, tailors_end = P.split_learngene_tailors(state["params"])
