@@ -1,6 +1,6 @@
 """KIND on the embedded digits: the README's main job (``configs/default.py``).
 
-Pre-train a KIND DiT on digits 0–6 under the class gate (rank 128 = 7 classes × 8
+Pre-train a KIND DiT on digits 0–6 under the class gate for 2,400 steps (rank 128 = 7 classes × 8
 tailor components + 72 learngene components), then transfer the frozen learngene to
 the novel digits 7–9 with fresh tailors at the paper's lr 1e-3.  The report
 (console and WORKDIR/metrics.json): kind_accuracy, learngene_only_entropy,
@@ -16,6 +16,7 @@ def get_config():
     config.job = "kind_transfer"
     config.data.classes = (0, 1, 2, 3, 4, 5, 6)
     config.model.num_classes = 7
+    config.train.num_steps = 2400
     config.model.linear = kind_config(n_learngene=72, n_tailor=8, n_classes=7)
     config.transfer.update(classes=(7, 8, 9), num_steps=1000, lr=1e-3, recombine_classes=(0, 3, 6))
     return config

@@ -162,3 +162,17 @@ def test_normalized_prediction_entropy_hand_value(evaluator):
     images = np.random.default_rng(8).uniform(-1, 1, size=(16, 8, 8, 1))
     value = fixed.normalized_prediction_entropy(images, [0, 3])
     assert value == pytest.approx(0.8112781244591328, rel=1e-6)
+
+
+def test_class_distribution_entropy(evaluator):
+    digits = load_digits()
+    ones = digits.images[digits.labels == 1][:40]
+    twos = digits.images[digits.labels == 2][:40]
+    sevens = digits.images[digits.labels == 7][:20]
+    # Real digits are classified correctly, so the predicted-class distribution over
+    # (1, 2, 7) is (40, 40, 20)/100: H = -Σ q log q / log 3.
+    q = np.array([0.4, 0.4, 0.2])
+    expected = -np.sum(q * np.log(q)) / np.log(3)
+    images = np.concatenate([ones, twos, sevens])
+    assert evaluator.class_distribution_entropy(images, (1, 2, 7)) == pytest.approx(expected, abs=0.02)
+    assert evaluator.class_distribution_entropy(ones, (1, 2, 7)) == pytest.approx(0.0, abs=0.05)

@@ -190,3 +190,16 @@ class DigitsEvaluator:
         log_p = _log_softmax(self.logits(images)[:, classes])
         entropy = -np.sum(np.exp(log_p) * log_p, axis=-1)
         return float(np.mean(entropy) / np.log(len(classes)))
+
+    def class_distribution_entropy(self, images: np.ndarray, classes: Sequence[int]) -> float:
+        """``H(q) / log k`` of the distribution ``q`` of predicted classes over the samples,
+        predictions restricted to ``classes`` (k of them): 1 = samples spread evenly over
+        the classes, 0 = every sample predicted as the same class."""
+        classes = [int(c) for c in classes]
+        if len(classes) < 2 or len(set(classes)) != len(classes):
+            raise ValueError(f"need at least two distinct classes, got {classes}")
+        predicted = np.argmax(self.logits(images)[:, classes], axis=-1)
+        q = np.bincount(predicted, minlength=len(classes)) / len(predicted)
+        q = q[q > 0]
+        return float(-np.sum(q * np.log(q)) / np.log(len(classes)))
+

@@ -39,8 +39,11 @@ def evaluate_kind_digits(trainer: Any, state: dict) -> dict[str, float]:
     """The KIND pre-training report on the digits (EMA weights):
 
     ``kind_accuracy`` / ``kind_frechet_distance``: class-conditional samples, tailors on;
-    ``learngene_only_entropy``: predicted-class entropy over the pre-training classes of
-    null-class samples (the learngene alone, no guidance), normalised by log k;
+    ``learngene_only_entropy``: entropy of the distribution of predicted classes (over the
+    pre-training classes) of null-class samples — the learngene alone, no guidance —
+    normalised by log k (1: the learngene favours no class);
+    ``learngene_only_sample_entropy``: the mean per-sample prediction entropy of those
+    samples, normalised by log k (near 0: each sample is a clear digit);
     ``recombined_accuracy``: the model assembled from the learngene and the tailors of
     ``transfer.recombine_classes`` only, read back from the saved checkpoint;
     ``full_accuracy_on_recombined``: the full model's accuracy on those same classes.
@@ -59,7 +62,8 @@ def evaluate_kind_digits(trainer: Any, state: dict) -> dict[str, float]:
     unguided.cfg_scale = 1.0
     images = generate(model, state["ema_params"], trainer.diffusion, key,
                       np.full(n, model.num_classes, np.int32), unguided, cfg.eval.batch_size, trainer.mesh)
-    report["learngene_only_entropy"] = evaluator().normalized_prediction_entropy(images, classes)
+    report["learngene_only_entropy"] = evaluator().class_distribution_entropy(images, classes)
+    report["learngene_only_sample_entropy"] = evaluator().normalized_prediction_entropy(images, classes)
 
     kept = tuple(cfg.transfer.recombine_classes)
     if kept:
