@@ -123,3 +123,12 @@ def test_split_is_stratified_deterministic_and_a_partition():
     assert not np.array_equal(other.images, test.images)
     with pytest.raises(ValueError):
         split_train_test(data, seed=0, test_fraction=1.0)
+
+
+def test_embedded_digits_equal_scikit_learns():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    reference = sklearn_digits()
+    data = load_digits()
+    np.testing.assert_array_equal(data.labels, reference.target)
+    np.testing.assert_array_equal(data.images[..., 0], reference.images / 8.0 - 1.0)
