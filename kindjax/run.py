@@ -78,7 +78,7 @@ def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict |
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump(report, f, indent=2)
-    print("KIND on the digits:\n" + "\n".join(f"  {k:28s} {v:.4f}" for k, v in report.items()), flush=True)
+    print("KIND on the digits:\n" + "\n".join(f"  {k:30s} {v:.4f}" for k, v in report.items()), flush=True)
     return report
 
 
