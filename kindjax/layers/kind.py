@@ -150,26 +150,43 @@ def init_tailors(key: jax.Array, learngene: Mapping[str, jax.Array], n_classes: 
             "V": per_class(_extend_orthonormal(key_v, learngene["V"], total))}
 
 
+def learngene_product(x: jax.Array, learngene: Mapping[str, jax.Array], dtype: jnp.dtype) -> jax.Array:
+    """``x·V_G diag(σ_G) U_Gᵀ``, associated for the fewest multiply-adds at ``x``'s static shape.
+
+    Either ``W_G = V_G diag(σ_G) U_Gᵀ`` is built once (in the parameter dtype, shared by
+    the batch: ``d_in·N_G·d_out``) and applied (``n·d_in·d_out`` for ``n`` rows of ``x``),
+    or ``x`` goes through the two thin factors (``n·N_G·(d_in + d_out)``).  The thin
+    route always wins when ``N_G < d_in·d_out/(d_in + d_out)`` (DiT-S, ``N_G = 234``:
+    the MLP matrices, threshold 307), otherwise only for few rows (the 384×384
+    matrices of DiT-S: below 1070 rows).  Each sample still gets no weight of its own.
+    """
+    v, sigma, u = learngene["V"], learngene["sigma"], learngene["U"]
+    (d_in, n_learngene), d_out = v.shape, u.shape[0]
+    rows = x.size // d_in
+    if rows * n_learngene * (d_in + d_out) < d_in * d_out * (rows + n_learngene):
+        return jnp.dot(jnp.dot(x, v.astype(dtype)) * sigma.astype(dtype), u.T.astype(dtype))
+    return jnp.dot(x, ((v * sigma) @ u.T).astype(dtype))
+
+
 def kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
                 tailors: Mapping[str, jax.Array], bias: jax.Array,
                 dtype: jnp.dtype | None = None) -> jax.Array:
     """Class-gated product, efficient form, for ``x`` of shape ``(B, ..., d_in)``.
 
     ``out_b = x_b·W_G + ((x_b·V_T[c_b]) ⊙ σ_T[c_b]·[y_b < N_cls])·U_T[c_b]ᵀ + b`` with
-    ``W_G = V_G diag(σ_G) U_Gᵀ`` (one ``(d_in, d_out)`` matrix for the whole batch,
-    built in the parameter dtype) and ``c_b = clip(y_b, 0, N_cls - 1)``: the null
-    class ``y_b = N_cls`` gets no tailor.  Computes in ``dtype`` (default ``x.dtype``).
+    ``W_G = V_G diag(σ_G) U_Gᵀ`` shared by the whole batch (:func:`learngene_product`)
+    and ``c_b = clip(y_b, 0, N_cls - 1)``: the null class ``y_b = N_cls`` gets no
+    tailor.  No weight is built per sample.  Computes in ``dtype`` (default ``x.dtype``).
     """
     dtype = dtype or x.dtype
     n_classes = tailors["sigma"].shape[0]
-    w_g = (learngene["V"] * learngene["sigma"]) @ learngene["U"].T
     c = jnp.clip(y, 0, n_classes - 1)
     gate = jnp.where((y < n_classes)[:, None], tailors["sigma"][c], 0.0)
     gate = jnp.expand_dims(gate, tuple(range(1, x.ndim - 1)))
     x = x.astype(dtype)
     h = jnp.einsum("b...i,bik->b...k", x, tailors["V"][c].astype(dtype)) * gate.astype(dtype)
     tailor = jnp.einsum("b...k,bok->b...o", h, tailors["U"][c].astype(dtype))
-    return jnp.dot(x, w_g.astype(dtype)) + tailor + bias.astype(dtype)
+    return learngene_product(x, learngene, dtype) + tailor + bias.astype(dtype)
 
 
 def naive_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
