@@ -66,10 +66,11 @@ class RunLogger:
             text = "  ".join(f"{k}={v:.4g}" for k, v in values.items())
             print(f"[step {step}/{self.total_steps}  {elapsed:7.1f}s] {text}", flush=True)
 
-    def image(self, step: int, tag: str, grid: np.ndarray) -> None:
+    def image(self, step: int, tag: str, grid: np.ndarray, png: bytes | None = None) -> None:
+        """Logs ``grid`` (``png``: its already-encoded PNG, to avoid encoding it twice)."""
         h, w, c = grid.shape
         self._event(step, summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
-            height=h, width=w, colorspace=c, encoded_image_string=png_bytes(grid))))
+            height=h, width=w, colorspace=c, encoded_image_string=png or png_bytes(grid))))
 
     def text(self, message: str) -> None:
         if self.is_main:

@@ -27,7 +27,7 @@ from kindjax.models.dit import DiT, build_model, drop_labels
 from kindjax.sample import generate
 from kindjax.transfer import check_compatible, transfer_learngene
 from kindjax.train import sharding
-from kindjax.train.logging import RunLogger, image_grid, to_uint8
+from kindjax.train.logging import RunLogger, image_grid, png_bytes, to_uint8
 from kindjax.train.optimizer import learning_rate, make_optimizer, trainable_predicate
 
 State = dict[str, Any]
@@ -181,11 +181,12 @@ def sample_grid(trainer: Trainer, state: State, step: int, logger: RunLogger) ->
     grid = image_grid(to_uint8(images)[..., :3], rows=trainer.model.num_classes, upscale=upscale,
                       pad=max(1, upscale // 2))
     path = os.path.join(trainer.workdir, "samples", f"step_{step:07d}.png")
+    png = png_bytes(grid)
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        from PIL import Image
-        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-    logger.image(step, "samples", grid)
+        with open(path, "wb") as f:
+            f.write(png)
+    logger.image(step, "samples", grid, png)
     return path
 
 
