@@ -6,8 +6,10 @@ examples is the concatenation of per-epoch permutations
     stream = perm(seed, 0) ++ perm(seed, 1) ++ …
     perm(seed, e) = np.random.default_rng((seed, e)).permutation(N)
 
-and step ``s`` takes ``stream[s·B : (s+1)·B]``. A run's data position is therefore
-just its step: resuming at step ``s`` yields the same batches as an uninterrupted run.
+and step ``s`` takes ``stream[s·B : (s+1)·B]``. With ``random_flip``, row ``b`` of the
+step's batch is mirrored left–right when ``u_b < 1/2``, ``u = default_rng((seed, s, FLIP_STREAM)).random(B)``.
+A run's data position is therefore just its step: resuming at step ``s`` yields the same
+batches as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -16,15 +18,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
+#: Third seed word of the flip draws, so they never share a stream with the permutations.
+FLIP_STREAM = 1
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArrayDataset:
-    """Images (float32 NHWC in [-1, 1]) with int32 labels in ``0..num_classes-1``."""
+    """Images (float32 NHWC in [-1, 1]) with int32 labels in ``0..num_classes-1``;
+    ``random_flip`` mirrors each batch row with probability 1/2 (see module docstring)."""
 
     images: np.ndarray
     labels: np.ndarray
     num_classes: int
     class_names: tuple[str, ...]
+    random_flip: bool = False
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -57,7 +64,11 @@ class ArrayDataset:
     def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
         """The batch of ``step``: ``dict(image=(B,H,W,C) float32, label=(B,) int32)``."""
         idx = self.indices(step, batch_size, seed)
-        return {"image": self.images[idx], "label": self.labels[idx]}
+        images = self.images[idx]
+        if self.random_flip:
+            flip = np.random.default_rng((seed, step, FLIP_STREAM)).random(batch_size) < 0.5
+            images[flip] = images[flip, :, ::-1]
+        return {"image": images, "label": self.labels[idx]}
 
 
 def subset(dataset: ArrayDataset, classes: Sequence[int]) -> ArrayDataset:
@@ -78,4 +89,5 @@ def subset(dataset: ArrayDataset, classes: Sequence[int]) -> ArrayDataset:
         labels=relabel[dataset.labels[keep]],
         num_classes=len(classes),
         class_names=tuple(dataset.class_names[c] for c in classes),
+        random_flip=dataset.random_flip,
     )
