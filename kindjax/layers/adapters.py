@@ -1,0 +1,438 @@
+"""PEFT baselines as linear-layer variants: LoRA, DoRA, PiSSA, OFT, LoHa, SVDiff.
+
+Each layer wraps a frozen pre-trained dense layer ``out = x·W + b`` whose leaves
+keep the dense paths (``kernel`` of shape ``(d_in, d_out)``, ``bias``), so a dense
+checkpoint maps onto it leaf by leaf.  The trainable leaves sit under ``adapter/``
+(select them with ``config.train.trainable = ("/adapter/",)``); SVDiff's frozen
+singular factors sit under ``svd/``.  Forward values follow HF ``peft`` 0.21.2 and
+its default hyper-parameters.  Matrices are stored for kindjax's row-vector
+convention ``x·W``: each is the transpose of peft's (``lora_A`` is ``(d_in, r)``,
+peft's ``lora_A.weight`` is ``(r, d_in)``).
+
+Parameter tree of one layer (``k = min(d_in, d_out)``, ``n·b = d_in``)::
+
+    lora, pissa  adapter/lora_A (d_in, r)   adapter/lora_B (r, d_out)
+    dora         the same + adapter/magnitude (d_out,)
+    oft          adapter/Q (n, b(b-1)/2)     (upper triangles of the skew-symmetric blocks)
+    loha         adapter/hada_w1_a (r, d_out)  adapter/hada_w1_b (d_in, r)  (and w2_a, w2_b)
+    svdiff       svd/U (d_out, k)  svd/sigma (k,)  svd/V (d_in, k)  adapter/delta (k,)
+    all          kernel (d_in, d_out)  bias (d_out,)
+
+``config.model.linear`` keys (defaults are peft's): ``rank`` (8) and ``alpha`` (8.0)
+for lora/dora/pissa/loha (``scale s = alpha / rank``); for oft either ``r`` (number
+of blocks) or ``oft_block_size`` (default 32), plus ``use_cayley_neumann`` (True)
+and ``num_cayley_neumann_terms`` (5); svdiff has none.
+
+Data-dependent initialisation from a pre-trained dense layer: :data:`FROM_DENSE`
+maps a kind to ``from_dense(layer_params, key, linear_config) -> layer_params``,
+called on a fresh layer node into which the pre-trained ``kernel`` and ``bias``
+have been copied (PiSSA: principal components; DoRA: magnitude; SVDiff: SVD).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kindjax.config import ConfigError
+from kindjax.layers.kind import matrix_shapes
+
+if TYPE_CHECKING:
+    from kindjax.layers import LinearFactory
+
+_LOW_RANK = {"rank": 8, "alpha": 8.0}
+
+#: ``config.model.linear`` keys of each adapter kind (besides ``kind``), with peft's defaults.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": _LOW_RANK,
+    "dora": _LOW_RANK,
+    "pissa": _LOW_RANK,
+    "loha": _LOW_RANK,
+    "oft": {"r": 0, "oft_block_size": 32, "use_cayley_neumann": True, "num_cayley_neumann_terms": 5},
+    "svdiff": {},
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def adapter_settings(linear_config: Mapping) -> dict[str, Any]:
+    """``config.model.linear`` of an adapter kind, checked, with peft's defaults filled in.
+
+    OFT: give ``r`` (blocks per layer) or ``oft_block_size``, not both (peft's rule
+    ``r · oft_block_size = d_in``); giving only ``r`` drops the default block size.
+    Raises :class:`~kindjax.config.ConfigError` naming the key and the fix.
+    """
+    kind = linear_config.get("kind")
+    if kind not in DEFAULTS:
+        raise ConfigError(f"config.model.linear.kind={kind!r} is not an adapter kind; "
+                          f"use one of {sorted(DEFAULTS)}")
+    defaults = DEFAULTS[kind]
+    given = {k: v for k, v in linear_config.items() if k != "kind"}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"config.model.linear has unknown keys {unknown} for kind={kind!r}; "
+                          f"allowed keys: {['kind', *defaults]}")
+    settings = {**defaults, **given}
+    if kind == "oft":
+        if "r" in given and "oft_block_size" not in given:
+            settings["oft_block_size"] = 0
+        for key in ("r", "oft_block_size"):
+            if not _is_int(settings[key]) or settings[key] < 0:
+                raise ConfigError(f"config.model.linear.{key} must be an int ≥ 0 for kind='oft', "
+                                  f"got {settings[key]!r}")
+        if (settings["r"] > 0) == (settings["oft_block_size"] > 0):
+            raise ConfigError(
+                f"config.model.linear: give exactly one of r (number of OFT blocks) and oft_block_size "
+                f"(block size), since r·oft_block_size = d_in; got r={settings['r']}, "
+                f"oft_block_size={settings['oft_block_size']} (set the other to 0)")
+        if not isinstance(settings["use_cayley_neumann"], bool):
+            raise ConfigError(f"config.model.linear.use_cayley_neumann must be a bool, "
+                              f"got {settings['use_cayley_neumann']!r}")
+        terms = settings["num_cayley_neumann_terms"]
+        if not _is_int(terms) or terms < 1:
+            raise ConfigError(f"config.model.linear.num_cayley_neumann_terms must be a positive int, "
+                              f"got {terms!r}")
+    elif kind != "svdiff":
+        if not _is_int(settings["rank"]) or settings["rank"] < 1:
+            raise ConfigError(f"config.model.linear.rank must be a positive int for kind={kind!r}, "
+                              f"got {settings['rank']!r}")
+        alpha = settings["alpha"]
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ConfigError(f"config.model.linear.alpha must be a positive number for kind={kind!r}, "
+                              f"got {alpha!r}")
+    return settings
+
+
+def oft_blocks(d_in: int, r: int, oft_block_size: int, role: str = "linear") -> tuple[int, int]:
+    """``(n, b)``: ``n`` OFT blocks of size ``b`` with ``n·b = d_in``, from peft's ``r`` or ``oft_block_size``.
+
+    peft silently rounds a size that does not divide ``d_in``; kindjax refuses it.
+    """
+    size, key = (oft_block_size, "oft_block_size") if oft_block_size > 0 else (r, "r")
+    if d_in % size:
+        raise ConfigError(
+            f"config.model.linear.{key}={size} does not divide d_in={d_in} of matrix {role!r} "
+            f"(OFT needs r·oft_block_size = d_in); choose a divisor of every matrix's input size")
+    return (d_in // size, size) if key == "oft_block_size" else (size, d_in // size)
+
+
+def _check_pissa_rank(rank: int, d_in: int, d_out: int, role: str) -> None:
+    if rank > min(d_in, d_out):
+        raise ConfigError(
+            f"config.model.linear.rank={rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of matrix "
+            f"{role!r}: PiSSA takes the r principal singular components; lower the rank")
+
+
+# ----------------------------------------------------------------------------- initialisers
+
+def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: torch's ``kaiming_uniform_(a=sqrt(5))`` (peft's default)."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def init_lora(key: jax.Array, d_in: int, d_out: int, rank: int) -> dict[str, jax.Array]:
+    """LoRA factors as peft: ``A`` kaiming-uniform (fan-in ``d_in``), ``B = 0``, so ``ΔW = 0``."""
+    return {"lora_A": kaiming_uniform(key, (d_in, rank), d_in),
+            "lora_B": jnp.zeros((rank, d_out), jnp.float32)}
+
+
+def dora_magnitude(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float) -> jax.Array:
+    """``‖W + s·A·B‖`` per output feature (the norm over the ``d_in`` inputs of each column)."""
+    return jnp.linalg.norm(kernel + scale * (lora_a @ lora_b), axis=0)
+
+
+def init_dora(key: jax.Array, kernel: jax.Array, rank: int, scale: float) -> dict[str, jax.Array]:
+    """LoRA factors plus DoRA's magnitude ``m = ‖W + s·A·B‖`` (``= ‖W‖`` since ``B = 0``)."""
+    factors = init_lora(key, kernel.shape[0], kernel.shape[1], rank)
+    return {**factors, "magnitude": dora_magnitude(kernel, factors["lora_A"], factors["lora_B"], scale)}
+
+
+def init_loha(key: jax.Array, d_in: int, d_out: int, rank: int) -> dict[str, jax.Array]:
+    """LoHa factors as peft: three kaiming-uniform (fan-in ``r`` for ``w_a``, ``d_in`` for
+    ``w1_b``) and ``w2_b = 0``, so ``ΔW = 0``."""
+    k1a, k1b, k2a = jax.random.split(key, 3)
+    return {"hada_w1_a": kaiming_uniform(k1a, (rank, d_out), rank),
+            "hada_w1_b": kaiming_uniform(k1b, (d_in, rank), d_in),
+            "hada_w2_a": kaiming_uniform(k2a, (rank, d_out), rank),
+            "hada_w2_b": jnp.zeros((d_in, rank), jnp.float32)}
+
+
+def svd_factors(kernel: jax.Array) -> dict[str, jax.Array]:
+    """Thin SVD in float32, ``W = V·diag(σ)·Uᵀ`` for the ``(d_in, d_out)`` kernel: ``U (d_out, k)``,
+    ``σ (k,)`` descending, ``V (d_in, k)``, ``k = min(d_in, d_out)``."""
+    v, sigma, ut = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
+    return {"U": ut.T, "sigma": sigma, "V": v}
+
+
+# ----------------------------------------------------------------------------- maths
+
+def skew_symmetric(upper: jax.Array, block_size: int) -> jax.Array:
+    """``Q = M - Mᵀ`` per block, ``M`` holding ``upper`` on the strict upper triangle (row-major,
+    peft's order); ``upper`` is ``(n, b(b-1)/2)``, ``Q`` is ``(n, b, b)``."""
+    rows, cols = np.triu_indices(block_size, 1)
+    m = jnp.zeros((upper.shape[0], block_size, block_size), upper.dtype).at[:, rows, cols].set(upper)
+    return m - jnp.swapaxes(m, -1, -2)
+
+
+def cayley(q: jax.Array, use_neumann: bool, num_terms: int) -> jax.Array:
+    """Orthogonal blocks from skew-symmetric ``Q``, with peft's two conventions.
+
+    Exact: ``R = (I - Q)(I + Q)⁻¹``.  Cayley–Neumann (peft's default): the series of
+    ``(I + Q)(I - Q)⁻¹`` truncated as peft does, ``R = I + 2Q + 2Q² + … + 2Q^{m-1} + Q^m``
+    with ``m = n - 1`` for ``n ≥ 4`` terms (``n = 3`` uses ``m = 3``, ``n = 2`` is ``I + 2Q``,
+    ``n = 1`` is ``I``).  (The two conventions are each other's transpose; either is orthogonal.)
+    """
+    eye = jnp.broadcast_to(jnp.eye(q.shape[-1], dtype=q.dtype), q.shape)
+    if not use_neumann:
+        return jnp.linalg.solve(eye + q, eye - q)
+    if num_terms == 1:
+        return eye
+    if num_terms == 2:
+        return eye + 2.0 * q
+    last = max(num_terms - 1, 3)
+    out, power = eye, eye
+    for k in range(1, last + 1):
+        power = power @ q
+        out = out + (1.0 if k == last else 2.0) * power
+    return out
+
+
+def oft_rotate(x: jax.Array, rotation: jax.Array) -> jax.Array:
+    """``x·R`` for the block-diagonal ``R = diag(R_1, …, R_n)`` acting on ``x``'s last axis."""
+    n, b, _ = rotation.shape
+    blocks = x.reshape(*x.shape[:-1], n, b)
+    return jnp.einsum("...nk,nkc->...nc", blocks, rotation).reshape(x.shape)
+
+
+def loha_delta(adapter: Mapping[str, jax.Array], scale: float) -> jax.Array:
+    """``ΔW = s·(w1_b·w1_a) ⊙ (w2_b·w2_a)``, ``(d_in, d_out)`` (peft's ``(W1a W1b) ⊙ (W2a W2b)``, transposed)."""
+    return scale * ((adapter["hada_w1_b"] @ adapter["hada_w1_a"])
+                    * (adapter["hada_w2_b"] @ adapter["hada_w2_a"]))
+
+
+def svdiff_weight(kernel: jax.Array, svd: Mapping[str, jax.Array], delta: jax.Array) -> jax.Array:
+    """SVDiff's ``W' = V·diag(ReLU(σ + δ))·Uᵀ``, computed as ``W + V·diag(ReLU(σ + δ) - σ)·Uᵀ``.
+
+    The two agree because ``W = V·diag(σ)·Uᵀ``; the residual form gives ``W`` bit for bit at
+    ``δ = 0`` (``ReLU(σ) = σ``), whatever the rounding of the stored SVD.
+    """
+    shift = jax.nn.relu(svd["sigma"] + delta) - svd["sigma"]
+    return kernel + (svd["V"] * shift) @ svd["U"].T
+
+
+# ----------------------------------------------------------------------------- layers
+
+class _AdaptedDense(nn.Module):
+    """The frozen dense leaves ``kernel`` (xavier-uniform) and ``bias`` (zeros) at the layer root."""
+
+    features: int
+    dtype: jnp.dtype | None = None
+
+    def dense_params(self, d_in: int) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", nn.initializers.xavier_uniform(), (d_in, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return kernel, bias
+
+
+class LoRALinear(_AdaptedDense):
+    """LoRA: ``out = x·W + s·(x·A)·B + b``, ``s = α/r``, i.e. ``W' = W + s·A·B``."""
+
+    rank: int = 8
+    alpha: float = 8.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        del y
+        kernel, bias = self.dense_params(x.shape[-1])
+        adapter = self.param("adapter", init_lora, x.shape[-1], self.features, self.rank)
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        low_rank = jnp.dot(jnp.dot(x, adapter["lora_A"].astype(dtype)), adapter["lora_B"].astype(dtype))
+        return (jnp.dot(x, kernel.astype(dtype)) + (self.alpha / self.rank) * low_rank
+                + bias.astype(dtype))
+
+
+class PiSSALinear(LoRALinear):
+    """PiSSA: LoRA's forward; :func:`pissa_from_dense` puts the ``r`` principal singular
+    components of the pre-trained ``W`` in ``A``, ``B`` and keeps the residual as ``W``.
+    A fresh layer (no pre-trained ``W``) starts as LoRA does (``B = 0``)."""
+
+
+class DoRALinear(_AdaptedDense):
+    """DoRA: ``out = (m / ‖W + s·A·B‖) ⊙ (x·W + s·(x·A)·B) + b``, norm per output feature.
+
+    Gradient choice (peft, DoRA §4.3): the norm ``‖W + s·A·B‖`` is a constant for the
+    gradient (``stop_gradient``), so ``A``, ``B`` get gradient through the numerator only.
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        del y
+        scale = self.alpha / self.rank
+        kernel, bias = self.dense_params(x.shape[-1])
+        adapter = self.param("adapter", init_dora, kernel, self.rank, scale)
+        norm = jax.lax.stop_gradient(dora_magnitude(kernel, adapter["lora_A"], adapter["lora_B"], scale))
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        low_rank = jnp.dot(jnp.dot(x, adapter["lora_A"].astype(dtype)), adapter["lora_B"].astype(dtype))
+        out = jnp.dot(x, kernel.astype(dtype)) + scale * low_rank
+        return out * (adapter["magnitude"] / norm).astype(dtype) + bias.astype(dtype)
+
+
+class OFTLinear(_AdaptedDense):
+    """OFT: ``out = (x·R)·W + b``, ``R = diag(R_1, …, R_n)`` orthogonal blocks of size ``b``
+    from skew-symmetric ``Q_i`` (:func:`cayley`), applied on the input side as peft does.
+    ``Q = 0`` at init, so ``R = I``.  (peft's ``coft``, ``block_share`` and dropout: off.)"""
+
+    r: int = 0
+    oft_block_size: int = 32
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+    role: str = "linear"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        del y
+        n, b = oft_blocks(x.shape[-1], self.r, self.oft_block_size, self.role)
+        kernel, bias = self.dense_params(x.shape[-1])
+        adapter = self.param("adapter", lambda key: {"Q": jnp.zeros((n, b * (b - 1) // 2), jnp.float32)})
+        rotation = cayley(skew_symmetric(adapter["Q"], b), self.use_cayley_neumann,
+                          self.num_cayley_neumann_terms)
+        dtype = self.dtype or x.dtype
+        x = oft_rotate(x.astype(dtype), rotation.astype(dtype))
+        return jnp.dot(x, kernel.astype(dtype)) + bias.astype(dtype)
+
+
+class LoHaLinear(_AdaptedDense):
+    """LoHa: ``out = x·(W + ΔW) + b``, ``ΔW = (α/r)·(w1_b·w1_a) ⊙ (w2_b·w2_a)`` (built once per call)."""
+
+    rank: int = 8
+    alpha: float = 8.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        del y
+        kernel, bias = self.dense_params(x.shape[-1])
+        adapter = self.param("adapter", init_loha, x.shape[-1], self.features, self.rank)
+        dtype = self.dtype or x.dtype
+        weight = kernel + loha_delta(adapter, self.alpha / self.rank)
+        return jnp.dot(x.astype(dtype), weight.astype(dtype)) + bias.astype(dtype)
+
+
+class SVDiffLinear(_AdaptedDense):
+    """SVDiff: ``out = x·V·diag(ReLU(σ + δ))·Uᵀ + b`` with ``U, σ, V`` the frozen SVD of the
+    pre-trained ``W`` (``svd/``) and the spectral shift ``δ`` (``adapter/delta``, init 0)
+    the only trainable leaf; see :func:`svdiff_weight`."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        del y
+        kernel, bias = self.dense_params(x.shape[-1])
+        svd = self.param("svd", lambda key: svd_factors(kernel))
+        adapter = self.param("adapter", lambda key: {"delta": jnp.zeros_like(svd["sigma"])})
+        dtype = self.dtype or x.dtype
+        weight = svdiff_weight(kernel, svd, adapter["delta"])
+        return jnp.dot(x.astype(dtype), weight.astype(dtype)) + bias.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- from_dense
+
+def keep_fresh_init(layer_params: dict, key: jax.Array, linear_config: Mapping) -> dict:
+    """LoRA, OFT, LoHa: the fresh adapter already gives ``ΔW = 0``; the node is returned unchanged."""
+    del key, linear_config
+    return layer_params
+
+
+def pissa_from_dense(layer_params: dict, key: jax.Array, linear_config: Mapping) -> dict:
+    """PiSSA's init (peft ``init_lora_weights="pissa"``) from the pre-trained ``W = V·diag(σ)·Uᵀ``.
+
+    ``A = V_r·diag(sqrt(σ_r/s))``, ``B = diag(sqrt(σ_r/s))·U_rᵀ`` (so ``s·A·B`` is the rank-``r``
+    principal part) and the kernel becomes the residual ``W - s·A·B``; SVD in float32.
+    """
+    del key
+    settings = adapter_settings(linear_config)
+    rank, scale = settings["rank"], settings["alpha"] / settings["rank"]
+    kernel = layer_params["kernel"]
+    _check_pissa_rank(rank, kernel.shape[0], kernel.shape[1], "linear")
+    svd = svd_factors(kernel)
+    root = jnp.sqrt(svd["sigma"][:rank] / scale)
+    lora_a, lora_b = svd["V"][:, :rank] * root, root[:, None] * svd["U"][:, :rank].T
+    residual = kernel.astype(jnp.float32) - scale * (lora_a @ lora_b)
+    adapter = {**layer_params["adapter"], "lora_A": lora_a.astype(layer_params["adapter"]["lora_A"].dtype),
+               "lora_B": lora_b.astype(layer_params["adapter"]["lora_B"].dtype)}
+    return {**layer_params, "kernel": residual.astype(kernel.dtype), "adapter": adapter}
+
+
+def dora_from_dense(layer_params: dict, key: jax.Array, linear_config: Mapping) -> dict:
+    """DoRA's magnitude from the pre-trained kernel: ``m = ‖W + s·A·B‖`` per output feature (peft)."""
+    del key
+    settings = adapter_settings(linear_config)
+    adapter = layer_params["adapter"]
+    magnitude = dora_magnitude(layer_params["kernel"], adapter["lora_A"], adapter["lora_B"],
+                               settings["alpha"] / settings["rank"])
+    return {**layer_params, "adapter": {**adapter, "magnitude": magnitude.astype(adapter["magnitude"].dtype)}}
+
+
+def svdiff_from_dense(layer_params: dict, key: jax.Array, linear_config: Mapping) -> dict:
+    """SVDiff's frozen factors from the pre-trained kernel (``svd/``); ``δ`` is kept (0 when fresh)."""
+    del key, linear_config
+    return {**layer_params, "svd": svd_factors(layer_params["kernel"])}
+
+
+#: ``kind → from_dense(layer_params, key, linear_config) -> layer_params`` for the adapter kinds.
+FROM_DENSE: dict[str, Callable[[dict, jax.Array, Mapping], dict]] = {
+    "lora": keep_fresh_init,
+    "dora": dora_from_dense,
+    "pissa": pissa_from_dense,
+    "oft": keep_fresh_init,
+    "loha": keep_fresh_init,
+    "svdiff": svdiff_from_dense,
+}
+
+
+# ----------------------------------------------------------------------------- factories
+
+def _adapter_factory(kind: str) -> Callable[[ml_collections.ConfigDict], LinearFactory]:
+    """The factory builder for ``kind``: settings checked (and OFT blocks / PiSSA rank for every
+    matrix of the DiT) when the factory is built, before anything is traced."""
+
+    def build(model_config: ml_collections.ConfigDict) -> LinearFactory:
+        settings = adapter_settings(model_config.linear)
+        for role, (d_in, d_out) in matrix_shapes(model_config).items():
+            if kind == "oft":
+                oft_blocks(d_in, settings["r"], settings["oft_block_size"], role)
+            elif kind == "pissa":
+                _check_pissa_rank(settings["rank"], d_in, d_out, role)
+
+        def make(role: str, features: int, name: str, shared: Any = None) -> nn.Module:
+            del shared
+            if kind == "oft":
+                return OFTLinear(features=features, role=role, name=name, **settings)
+            if kind == "svdiff":
+                return SVDiffLinear(features=features, name=name)
+            return _LOW_RANK_LAYERS[kind](features=features, name=name, **settings)
+
+        return make
+
+    build.__doc__ = f"{kind} adapter layers (kindjax.layers.adapters) for all six matrices."
+    return build
+
+
+_LOW_RANK_LAYERS = {"lora": LoRALinear, "dora": DoRALinear, "pissa": PiSSALinear, "loha": LoHaLinear}
+
+lora_factory = _adapter_factory("lora")
+dora_factory = _adapter_factory("dora")
+pissa_factory = _adapter_factory("pissa")
+oft_factory = _adapter_factory("oft")
+loha_factory = _adapter_factory("loha")
+svdiff_factory = _adapter_factory("svdiff")
