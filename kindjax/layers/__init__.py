@@ -7,15 +7,26 @@ Linen module called as ``layer(x, y)`` with tokens ``x`` of shape ``(B, N, d_in)
 and the per-sample class ids ``y`` of shape ``(B,)`` (the null class of
 classifier-free guidance is ``num_classes``); variants that are not class-gated
 ignore ``y``.
+
+A variant may also hold parameters once per model, shared by the layers of every
+block (FINE's ``U``, ``V``): its factory then carries a ``shared_params``
+attribute (:class:`SharedParams`).  The DiT builds that module once at the top
+level, calls it, and passes its output to every ``make(role, features, name,
+shared=...)``; factories without shared parameters get ``shared=None`` and ignore it.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import dataclasses
+from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import ml_collections
 
+from kindjax.layers.adapters import FROM_DENSE as ADAPTERS_FROM_DENSE
+from kindjax.layers.adapters import (dora_factory, loha_factory, lora_factory, oft_factory,
+                                     pissa_factory, svdiff_factory)
 from kindjax.layers.dense import DenseLinear
+from kindjax.layers.fine import fine_factory
 from kindjax.layers.kind import kind_factory
 
 #: Roles of the six main matrices of a DiT block, in the papers' vocabulary.
@@ -23,16 +34,32 @@ ROLES = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
 
 
 class LinearFactory(Protocol):
-    def __call__(self, role: str, features: int, name: str) -> nn.Module:
-        """Returns the layer for matrix ``role`` with ``features`` outputs."""
+    def __call__(self, role: str, features: int, name: str, shared: Any = None) -> nn.Module:
+        """Returns the layer for matrix ``role`` with ``features`` outputs; ``shared`` is the
+        output of the factory's :class:`SharedParams` module (``None`` when it has none)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedParams:
+    """Parameters a variant holds once per model: ``module(name=name)`` is built by the DiT at
+    the top level (its leaves live under ``name/``), called with no arguments, and its
+    output is passed as ``shared=`` to every layer the factory makes."""
+
+    name: str
+    module: Callable[..., nn.Module]
+
+
+def shared_params(factory: LinearFactory) -> SharedParams | None:
+    """The factory's :class:`SharedParams`, or ``None`` for a variant without shared parameters."""
+    return getattr(factory, "shared_params", None)
 
 
 def dense_factory(config: ml_collections.ConfigDict) -> LinearFactory:
     """Plain dense layers: W x + b (the DiT baseline)."""
     del config
 
-    def make(role: str, features: int, name: str) -> nn.Module:
-        del role
+    def make(role: str, features: int, name: str, shared: Any = None) -> nn.Module:
+        del role, shared
         return DenseLinear(features=features, name=name)
 
     return make
@@ -42,7 +69,19 @@ def dense_factory(config: ml_collections.ConfigDict) -> LinearFactory:
 VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], LinearFactory]] = {
     "dense": dense_factory,
     "kind": kind_factory,
+    "fine": fine_factory,
+    "lora": lora_factory,
+    "dora": dora_factory,
+    "pissa": pissa_factory,
+    "oft": oft_factory,
+    "loha": loha_factory,
+    "svdiff": svdiff_factory,
 }
+
+#: Data-dependent initialisation of a variant from a pre-trained dense layer (kindjax.transfer):
+#: ``kind → from_dense(layer_params, key, linear_config) -> layer_params``; kinds not listed
+#: start from the copied dense leaves and their own fresh init as they are.
+FROM_DENSE: dict[str, Callable] = {**ADAPTERS_FROM_DENSE}
 
 
 def make_linear_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:

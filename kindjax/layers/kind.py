@@ -31,10 +31,11 @@ if TYPE_CHECKING:
 #: Keys of ``config.model.linear`` for ``kind="kind"``.
 CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "n_classes", "formulation")
 
-#: ``config.model.linear.formulation``: how the class gate is computed (same values).
-#: ``gated`` is the efficient form; ``naive`` materialises one full-rank weight per
-#: sample (about twice the FLOPs or more) and is a reference and benchmark baseline.
-FORMULATIONS = ("gated", "naive")
+#: ``config.model.linear.formulation``: how the class gate is computed.  ``gated`` is the
+#: efficient form; ``naive`` materialises one full-rank weight per sample (same values,
+#: about twice the FLOPs or more; a reference and benchmark baseline).  ``ungated`` is
+#: KIND's ablation #3: every sample uses every tailor (no class gate).
+FORMULATIONS = ("gated", "naive", "ungated")
 
 
 def kind_config(n_learngene: int, n_tailor: int, n_classes: int,
@@ -216,7 +217,20 @@ def naive_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Ar
     return out + bias.astype(dtype)
 
 
-_APPLY = {"gated": kind_linear, "naive": naive_kind_linear}
+def ungated_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
+                        tailors: Mapping[str, jax.Array], bias: jax.Array,
+                        dtype: jnp.dtype | None = None) -> jax.Array:
+    """Without the class gate (KIND ablation #3): ``out = x·(W_G + Σ_c V_T[c] diag(σ_T[c]) U_T[c]ᵀ) + b``
+    for every sample, the tailors acting as one low-rank adapter of rank ``N_cls·N_T``."""
+    del y
+    dtype = dtype or x.dtype
+    x = x.astype(dtype)
+    h = jnp.einsum("...i,cik->...ck", x, tailors["V"].astype(dtype)) * tailors["sigma"].astype(dtype)
+    tailor = jnp.einsum("...ck,cok->...o", h, tailors["U"].astype(dtype))
+    return learngene_product(x, learngene, dtype) + tailor + bias.astype(dtype)
+
+
+_APPLY = {"gated": kind_linear, "naive": naive_kind_linear, "ungated": ungated_kind_linear}
 
 
 class KINDLinear(nn.Module):
@@ -265,7 +279,7 @@ def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
     for role, (d_in, d_out) in matrix_shapes(model_config).items():
         check_rank(d_in, d_out, linear, role)
 
-    def make(role: str, features: int, name: str) -> nn.Module:
+    def make(role: str, features: int, name: str, shared: None = None) -> nn.Module:
         return KINDLinear(features=features, n_classes=n_classes, n_tailor=n_tailor,
                           n_learngene=n_learngene, role=role, formulation=formulation, name=name)
 

@@ -2,14 +2,16 @@
 
 Images are NHWC.  The six main matrices of every block come from an injected
 linear factory (``kindjax.layers``), so KIND, FINE and the PEFT baselines reuse
-this one backbone.  ``model.apply(params, x, t, y)`` returns ``(B, H, W, C_out)``
+this one backbone; parameters a variant shares across blocks (FINE's ``U``, ``V``)
+are built once at the top level (``kindjax.layers.SharedParams``) and lent to every
+block.  ``model.apply(params, x, t, y)`` returns ``(B, H, W, C_out)``
 with ``C_out = 2·C`` when the variance is learned (ε first, then the variance
 interpolation ``v``).
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kindjax.layers import LinearFactory, make_linear_factory
+from kindjax.layers import LinearFactory, make_linear_factory, shared_params
 
 #: DiT sizes: name → (hidden size, depth, heads).
 DIT_ARCHS: dict[str, tuple[int, int, int]] = {
@@ -121,20 +123,25 @@ class Attention(nn.Module):
     linear: LinearFactory
 
     @nn.compact
-    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, y: jax.Array, shared: Any = None) -> jax.Array:
         b, n, d = x.shape
         head_dim = d // self.num_heads
 
         def heads(role):
-            return self.linear(role, d, role)(x, y).reshape(b, n, self.num_heads, head_dim)
+            return self.linear(role, d, role, shared=shared)(x, y).reshape(b, n, self.num_heads, head_dim)
 
         q, k, v = heads("q"), heads("k"), heads("v")
         out = jax.nn.dot_product_attention(q, k, v)
-        return self.linear("attn_out", d, "attn_out")(out.reshape(b, n, d), y)
+        return self.linear("attn_out", d, "attn_out", shared=shared)(out.reshape(b, n, d), y)
 
 
 class DiTBlock(nn.Module):
-    """``x += α₁·Attn(adaLN(x)); x += α₂·MLP(adaLN(x))`` with (β, γ, α) from the condition."""
+    """``x += α₁·Attn(adaLN(x)); x += α₂·MLP(adaLN(x))`` with (β, γ, α) from the condition;
+    ``shared``: the linear variant's parameters shared across blocks (or ``None``).
+
+    With ``residual_scales`` (DiffFit): ``x += γ₁ ⊙ α₁·Attn(…); x += γ₂ ⊙ α₂·MLP(…)`` with
+    learned per-channel ``gamma_attn``, ``gamma_mlp`` initialised to 1 (no change at init).
+    """
 
     hidden_size: int
     num_heads: int
@@ -144,19 +151,23 @@ class DiTBlock(nn.Module):
     adaln_std: Sequence[float]
     norm_eps: float
     mlp_norm_eps: float
+    residual_scales: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, c: jax.Array, y: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, c: jax.Array, y: jax.Array, shared: Any = None) -> jax.Array:
         d = self.hidden_size
         mod = nn.Dense(6 * d, kernel_init=adaln_kernel_init(self.adaln_init, self.adaln_std, d),
                        bias_init=nn.initializers.zeros, name="adaln_modulation")(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        if self.residual_scales:
+            gate_msa = gate_msa * self.param("gamma_attn", nn.initializers.ones, (d,)).astype(gate_msa.dtype)
+            gate_mlp = gate_mlp * self.param("gamma_mlp", nn.initializers.ones, (d,)).astype(gate_mlp.dtype)
         norm = lambda name, eps: nn.LayerNorm(eps, use_bias=False, use_scale=False, name=name)
         h = modulate(norm("norm1", self.norm_eps)(x), shift_msa, scale_msa)
-        x = x + gate_msa[:, None] * Attention(d, self.num_heads, self.linear, name="attn")(h, y)
+        x = x + gate_msa[:, None] * Attention(d, self.num_heads, self.linear, name="attn")(h, y, shared)
         h = modulate(norm("norm2", self.mlp_norm_eps)(x), shift_mlp, scale_mlp)
-        h = self.linear("mlp_in", int(d * self.mlp_ratio), "mlp_in")(h, y)
-        h = self.linear("mlp_out", d, "mlp_out")(nn.gelu(h, approximate=True), y)
+        h = self.linear("mlp_in", int(d * self.mlp_ratio), "mlp_in", shared=shared)(h, y)
+        h = self.linear("mlp_out", d, "mlp_out", shared=shared)(nn.gelu(h, approximate=True), y)
         return x + gate_mlp[:, None] * h
 
 
@@ -202,6 +213,7 @@ class DiT(nn.Module):
     timestep_freq_shift: float = 1.0
     norm_eps: float = 1e-6
     mlp_norm_eps: float = 1e-6
+    residual_scales: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @property
@@ -223,10 +235,12 @@ class DiT(nn.Module):
         cond = (TimestepEmbedder(self.hidden_size, freq_shift=self.timestep_freq_shift, name="t_embedder")(t)
                 + LabelEmbedder(self.num_classes, self.hidden_size, name="y_embedder")(y))
         cond = cond.astype(self.dtype)
+        spec = shared_params(self.linear)
+        shared = spec.module(name=spec.name)() if spec is not None else None
         for i in range(self.depth):
             tokens = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.linear,
                               self.adaln_init, tuple(self.adaln_std), self.norm_eps,
-                              self.mlp_norm_eps, name=f"block_{i}")(tokens, cond, y)
+                              self.mlp_norm_eps, self.residual_scales, name=f"block_{i}")(tokens, cond, y, shared)
         out = FinalLayer(p, self.out_channels, self.norm_eps, name="final_layer")(tokens, cond)
         out = out.reshape(b, gh, gw, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, h, w, self.out_channels).astype(jnp.float32)
@@ -251,4 +265,5 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
         linear=make_linear_factory(m), mlp_ratio=m.mlp_ratio,
         learn_sigma=m.learn_sigma, adaln_init=m.adaln_init, adaln_std=tuple(m.adaln_std),
         timestep_freq_shift=m.timestep_freq_shift, norm_eps=m.norm_eps, mlp_norm_eps=m.mlp_norm_eps,
+        residual_scales=m.get("residual_scales", False),
         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)

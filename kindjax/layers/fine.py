@@ -1,0 +1,157 @@
+"""FINE: singular vectors shared by all layers, singular values per layer.
+
+Every main matrix of block ``l`` is ``W_l = U · diag(σ_l) · Vᵀ`` (FINE eq. 7) with
+``U`` of shape ``(d_out, r)`` and ``V`` of shape ``(d_in, r)`` shared by all blocks
+(one pair per matrix kind: q, k, v, attn_out, mlp_in, mlp_out) and ``σ_l`` of
+shape ``(r,)`` and a bias owned by the layer.  The shared ``U, V`` are FINE's
+learngene, used to initialise DiTs of other depths and widths (:mod:`kindjax.fine`).
+
+``r`` is ``config.model.linear.rank``: the number of shared singular components,
+the "sigma share" of the FINE supplementary's Table 7 (DiT-B 100, DiT-L 148).
+
+Parameter tree (a path says what a leaf is)::
+
+    fine_bases/<role>/U        (d_out, r)   one array per role, shared by every block
+    fine_bases/<role>/V        (d_in, r)
+    block_<l>/.../<role>/sigma (r,)         per layer
+    block_<l>/.../<role>/bias  (d_out,)     per layer
+
+The DiT builds ``fine_bases`` once (:class:`FineBases`, declared through
+:class:`kindjax.layers.SharedParams`) and lends its arrays to every layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from kindjax.config import ConfigError
+from kindjax.layers.kind import _extend_orthonormal, init_sigma, learngene_product, matrix_shapes
+
+#: Keys of ``config.model.linear`` for ``kind="fine"``.
+CONFIG_KEYS = ("kind", "rank")
+
+#: Name of the top-level module that holds the shared factors (FINE's learngene).
+BASES = "fine_bases"
+
+
+def fine_config(rank: int) -> ml_collections.ConfigDict:
+    """``config.model.linear`` for FINE with ``rank`` shared singular components."""
+    return ml_collections.ConfigDict(dict(kind="fine", rank=rank))
+
+
+def fine_rank(linear_config: Mapping) -> int:
+    """``config.model.linear.rank``, checked to be a positive int (and no unknown keys)."""
+    unknown = sorted(set(linear_config.keys()) - set(CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"config.model.linear has unknown keys {unknown} for kind='fine'; "
+                          f"allowed keys: {list(CONFIG_KEYS)}")
+    rank = linear_config.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"config.model.linear.rank must be a positive int for kind='fine' (the number "
+                          f"of shared singular components), got {rank!r}")
+    return rank
+
+
+def init_bases(key: jax.Array, d_in: int, d_out: int, rank: int) -> dict[str, jax.Array]:
+    """``U (d_out, r)`` and ``V (d_in, r)``: the first ``r`` columns of Haar-random orthogonal matrices."""
+    key_u, key_v = jax.random.split(key)
+    return {"U": _extend_orthonormal(key_u, jnp.zeros((d_out, 0)), rank),
+            "V": _extend_orthonormal(key_v, jnp.zeros((d_in, 0)), rank)}
+
+
+def fine_linear(x: jax.Array, bases: Mapping[str, jax.Array], sigma: jax.Array, bias: jax.Array,
+                dtype: jnp.dtype | None = None) -> jax.Array:
+    """``out = x · V diag(σ) Uᵀ + b``, i.e. ``x · W_lᵀ + b`` for ``W_l = U diag(σ_l) Vᵀ`` of shape
+    ``(d_out, d_in)``; associated for the fewest multiply-adds (:func:`learngene_product`)."""
+    dtype = dtype or x.dtype
+    factors = {"U": bases["U"], "V": bases["V"], "sigma": sigma}
+    return learngene_product(x.astype(dtype), factors, dtype) + bias.astype(dtype)
+
+
+class FineBases(nn.Module):
+    """The shared factors of all six roles; ``__call__()`` returns ``{role: {"U", "V"}}``.
+
+    Init: ``U``, ``V`` random with orthonormal columns (:func:`init_bases`).
+    """
+
+    shapes: tuple[tuple[str, int, int], ...]   # (role, d_in, d_out)
+    rank: int
+
+    @nn.compact
+    def __call__(self) -> dict[str, dict[str, jax.Array]]:
+        return {role: self.param(role, init_bases, d_in, d_out, self.rank)
+                for role, d_in, d_out in self.shapes}
+
+
+class FineLinear(nn.Module):
+    """FINE layer ``out = x · V diag(σ_l) Uᵀ + b`` with ``U``, ``V`` lent by :class:`FineBases`.
+
+    Initialisation: ``U``, ``V`` have orthonormal columns, every ``σ_l = sqrt(2·d_in·d_out /
+    ((d_in + d_out)·r))`` and ``b = 0``, so ``‖W_l‖_F² = r·σ² = 2·d_in·d_out/(d_in + d_out)``,
+    the expected squared norm of a xavier-uniform dense matrix: the output variance
+    matches the dense DiT layer's, ``2·d_in/(d_in + d_out)·Var(x)``.  All layers start
+    with the same ``W``; they part as their ``σ_l`` (and everything around them) train.
+    """
+
+    features: int
+    bases: Mapping[str, jax.Array] | None
+    role: str = "linear"
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        del y
+        if self.bases is None:
+            raise ValueError(f"FineLinear {self.role!r} needs the shared factors U, V: build it through "
+                             f"the FINE factory inside a DiT, which passes shared= from its fine_bases")
+        u, v = self.bases["U"], self.bases["V"]
+        d_in, d_out = x.shape[-1], self.features
+        if v.shape[0] != d_in or u.shape[0] != d_out:
+            raise ValueError(f"FINE {self.role!r}: shared U {u.shape} and V {v.shape} do not fit a "
+                             f"{d_in}→{d_out} matrix")
+        sigma = self.param("sigma", nn.initializers.constant(init_sigma(d_in, d_out, u.shape[1])),
+                           (u.shape[1],))
+        bias = self.param("bias", nn.initializers.zeros, (d_out,))
+        return fine_linear(x, self.bases, sigma, bias, self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class FineFactory:
+    """The FINE linear factory: one :class:`FineLinear` per matrix, its ``U``, ``V`` from ``shared``."""
+
+    rank: int
+    shapes: tuple[tuple[str, int, int], ...]   # (role, d_in, d_out)
+
+    @property
+    def shared_params(self):
+        from kindjax.layers import SharedParams
+
+        return SharedParams(name=BASES, module=lambda name: FineBases(self.shapes, self.rank, name=name))
+
+    def __call__(self, role: str, features: int, name: str, shared: Any = None) -> nn.Module:
+        if shared is None or role not in shared:
+            raise ValueError(f"the FINE factory needs the shared factors of role {role!r} (shared=): "
+                             f"only the DiT, which builds {BASES!r}, can make FINE layers")
+        return FineLinear(features=features, bases=shared[role], role=role, name=name)
+
+
+def check_rank(shapes: Mapping[str, tuple[int, int]], rank: int) -> None:
+    """ConfigError if ``rank > min(d_in, d_out)`` for some matrix (the factors could not be orthonormal)."""
+    for role, (d_in, d_out) in shapes.items():
+        if rank > min(d_in, d_out):
+            raise ConfigError(
+                f"config.model.linear.rank={rank} does not fit matrix {role!r} (d_in={d_in}, d_out={d_out}): "
+                f"FINE needs rank ≤ min(d_in, d_out) = {min(d_in, d_out)}. Lower the rank or widen the model.")
+
+
+def fine_factory(model_config: ml_collections.ConfigDict) -> FineFactory:
+    """FINE layers for all six matrices; refuses a rank that does not fit every matrix."""
+    rank = fine_rank(model_config.linear)
+    shapes = matrix_shapes(model_config)
+    check_rank(shapes, rank)
+    return FineFactory(rank=rank, shapes=tuple((role, d_in, d_out) for role, (d_in, d_out) in shapes.items()))
