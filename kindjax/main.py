@@ -7,7 +7,6 @@ several processes (TPU pod, SLURM, or ``JAX_COORDINATOR_ADDRESS`` set), it calls
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -19,23 +18,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def started_multiprocess() -> bool:
-    """True when a launcher started several JAX processes for one job."""
-    env = os.environ
-    return bool(env.get("JAX_COORDINATOR_ADDRESS")
-                or int(env.get("SLURM_NTASKS", "1")) > 1
-                or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-
-
 def main(argv: list[str]) -> None:
     del argv
-    import jax
+    from kindjax.distributed import initialize
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
 
-    if started_multiprocess():
-        jax.distributed.initialize()
+    initialize()
     from kindjax.config import ConfigError
     from kindjax.run import run
 

@@ -7,8 +7,8 @@ batch is a pure function of ``(seed, step)``.  Row ``r`` of that global batch is
     image_r = scale · (mean_v + std_v ⊙ ε),   (v, ε) drawn from default_rng((seed, 1, step, r))
 
 where ``(mean_v, std_v)`` are the stored posterior moments of view ``v`` of the example
-(v = 0 the image; v ∈ {0, 1} uniformly when the mirrored view was encoded and
-``config.vae.flips``), and ε ~ N(0, I).  A process computes only its rows
+(v = 0 the image; v ∈ {0, 1} uniformly with ``config.data.random_flip``, which needs the
+mirrored view, encoded with ``config.vae.flips``), and ε ~ N(0, I).  A process computes only its rows
 ``[p·B/P, (p+1)·B/P)`` and reads only the shard rows they need (memory-mapped ``.npy``).
 """
 from __future__ import annotations
@@ -50,10 +50,13 @@ class LatentDataset:
     (:func:`kindjax.data.class_groups.select_classes`)."""
 
     def __init__(self, root: str, index: dict, grouping: str = "", task: str = "", classes: Sequence[int] = (),
-                 scale: float = 0.18215, flips: bool = True) -> None:
-        self.root, self.index, self.scale = root, index, float(scale)
+                 scale: float = 0.18215, random_flip: bool = True, prefetch_depth: int = 2) -> None:
+        self.root, self.index, self.scale, self.prefetch_depth = root, index, float(scale), prefetch_depth
         self.latent_shape = tuple(index["latent_shape"])
-        self.views = int(index["views"]) if flips else 1
+        if random_flip and int(index["views"]) < 2:
+            raise ConfigError(f"the latents in {root} hold no mirrored views (encoded with vae.flips=False); "
+                              f"set data.random_flip=False, or re-encode with vae.flips=True")
+        self.views = int(index["views"]) if random_flip else 1
         shards = [s for s in index["shards"] if s["count"] > 0]
         self._names = [s["name"] for s in shards]
         self._starts = np.cumsum([0] + [s["count"] for s in shards])
@@ -114,10 +117,11 @@ class LatentDataset:
         return self.local_batch(step, batch_size, seed)
 
     def prefetch(self, start_step: int, batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, depth: int = 2) -> "Prefetcher":
-        """Local batches of steps ``start_step, start_step + 1, …`` prepared ``depth`` steps ahead."""
+                 process_count: int = 1, depth: int | None = None) -> "Prefetcher":
+        """Local batches of steps ``start_step, start_step + 1, …`` prepared ``depth`` steps ahead
+        (default ``prefetch_depth``, i.e. ``config.vae.prefetch``)."""
         return Prefetcher(lambda s: self.local_batch(s, batch_size, seed, process_index, process_count),
-                          start_step, depth)
+                          start_step, self.prefetch_depth if depth is None else depth)
 
 
 class Prefetcher:
@@ -205,7 +209,8 @@ def open_latents(config: ml_collections.ConfigDict) -> LatentDataset:
         raise ConfigError("data.name='latents' needs data.root, the --out directory of python -m kindjax.encode")
     d = config.data
     dataset = LatentDataset(root, read_index(root), grouping=d.grouping, task=d.task, classes=tuple(d.classes),
-                            scale=config.vae.scale, flips=config.vae.flips)
+                            scale=config.vae.scale, random_flip=config.data.random_flip,
+                            prefetch_depth=config.vae.prefetch)
     h, w, c = dataset.latent_shape
     m = config.model
     if (m.image_size, m.image_size, m.in_channels) != (h, w, c):
