@@ -29,6 +29,7 @@ def model_config() -> ml_collections.ConfigDict:
         norm_eps=1e-6,
         mlp_norm_eps=1e-6,        # eps of the LayerNorm before the MLP (diffusers' DiT: its norm_eps)
         dtype="float32",          # compute dtype: "float32" or "bfloat16" (params stay float32)
+        residual_scales=False,    # DiffFit: learned per-channel γ (init 1) on each block's two residual branches
         linear=ml_collections.ConfigDict(dict(kind="dense")),
     ))
 
@@ -40,10 +41,17 @@ def base_config() -> ml_collections.ConfigDict:
         model=model_config(),
         diffusion=dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02),
         data=dict(
-            name="digits",        # "digits" (embedded), later "imagenet", "folder", "latents"
+            name="digits",        # "digits" (embedded), "folder", "latents"; "imagenet" (image source only)
             classes=(),           # subset of dataset classes to train on, relabelled 0..n-1; () = all
-            root="",              # data directory for on-disk data sets
+            root="",              # data directory for on-disk data sets (imagenet: the TFDS data_dir)
             seed=0,
+            # Image sources (kindjax.data.images.open_image_source):
+            split="train",        # imagenet: the TFDS split ("train", "validation", "train[:10%]", …)
+            manual_dir="",        # imagenet: folder with ILSVRC2012_img_{train,val}.tar, to prepare TFDS once
+            image_size=256,       # side of the centre-cropped images (folder in make_dataset: model.image_size)
+            grouping="",          # "" (the data set's classes) or "kind" (ImageNet merged into KIND's classes)
+            task="",              # grouping "kind": "" (all), "pretrain", or "task_1".."task_18"
+            random_flip=True,     # data.name="folder": mirror each batch row with probability 1/2
         ),
         optim=dict(lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, warmup_steps=0),
         train=dict(
@@ -61,14 +69,39 @@ def base_config() -> ml_collections.ConfigDict:
         ),
         # Start from a pre-trained learngene (a workdir, step dir or sliced checkpoint);
         # tailors and the new classes' label rows are drawn fresh (kindjax.transfer).
-        init=dict(learngene=""),
+        init=dict(learngene="",
+                  # Start from a pre-trained DiT (dense or KIND; kindjax.transfer.init_from_pretrained):
+                  # shared leaves copied, linear kernels from its dense kernel or learngene.
+                  pretrained="",
+                  blocks=(),            # copy only these DiT blocks (() = all); see select
+                  select="",            # "heur_lg" / "auto_lg": choose num_blocks blocks (kindjax.layer_selection)
+                  num_blocks=0,
+                  svd_components=0,     # >0: each kernel cut to this many random singular components (ablation #1)
+                  # FINE: a FINE checkpoint whose shared U, V initialise this FINE model of any
+                  # depth/width/rank (kindjax.fine.init_from_fine_learngene).
+                  fine_learngene=""),
         # job="kind_transfer": after pre-training on data.classes, transfer the learngene
         # (frozen) to `classes` with fresh tailors, and recombine `recombine_classes`.
         transfer=dict(classes=(), num_steps=1000, lr=1e-3, recombine_classes=()),
         mesh=dict(data=-1, fsdp=1),   # -1: all remaining devices
         sample=dict(sampler="ddpm", num_steps=250, cfg_scale=1.5, ddim_eta=0.0, grid_per_class=4,
                     clip_denoised=False),   # True for pixel-space data in [-1, 1]
-        eval=dict(num_samples=500, batch_size=250),
+        # python -m kindjax.evaluate: samples as an ADM .npz, then FID/sFID/IS/precision/recall
+        # (kindjax.evaluation.adm) against `reference`, an ADM reference .npz.
+        eval=dict(num_samples=500, batch_size=250,
+                  seed=0,                 # sampling noise; labels are i % num_classes
+                  reference="",           # ADM reference batch: images arr_0 and/or mu, sigma, mu_s, sigma_s
+                  inception_weights="",   # pytorch-fid pt_inception-2015-12-05-6726825d.pth, or its .npz
+                  inception_preprocess="pytorch_fid",  # or "tf1": the TF graph's resize, as ADM's evaluator
+                  inception_batch_size=200,
+                  dinov2_weights=""),     # set: also FDD (Fréchet distance of DINOv2 features)
+        # SD-VAE latents (kindjax.encode writes them, data.name="latents" reads them from data.root).
+        vae=dict(weights="",            # diffusers AutoencoderKL directory (config.json + safetensors)
+                 scale=0.18215,         # training latents are scale·(mean + std·ε)
+                 encode_batch_size=64,  # images per device step of the encode (a multiple of the devices)
+                 shard_size=4096,       # source images per latent shard file
+                 flips=True,            # also keep the mirrored image's moments (for data.random_flip)
+                 prefetch=2),           # local batches prepared ahead by the latent loader's thread
     ))
 
 
@@ -122,6 +155,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
              f"sample.num_steps={config.sample.num_steps} must be in [1, diffusion.num_timesteps="
              f"{config.diffusion.num_timesteps}]")
     _require(config.job in ("train", "kind_transfer"), f"job={config.job!r}: use 'train' or 'kind_transfer'")
+    i = config.init
+    starts = [k for k in ("learngene", "pretrained", "fine_learngene") if i[k]]
+    _require(len(starts) <= 1, f"init.{' and init.'.join(starts)} are different starts: set one of them")
+    if i.select or i.blocks or i.svd_components:
+        _require(bool(i.pretrained), "init.select / init.blocks / init.svd_components need init.pretrained "
+                                     "(the pre-trained DiT to copy from)")
     if config.job == "kind_transfer" or config.train.freeze_learngene or config.init.learngene:
         _require(m.linear.kind == "kind", f"job={config.job!r} / train.freeze_learngene / init.learngene need "
                                           f"a KIND model (model.linear.kind='kind'), got {m.linear.kind!r}")

@@ -181,6 +181,17 @@ def load_learngene(path: str | epath.PathLike, *, step: int | None = None, ema: 
     return Learngene(params, _config(located), source)
 
 
+def load_params(path: str | epath.PathLike, *, step: int | None = None,
+                ema: bool = True) -> tuple[dict, ml_collections.ConfigDict]:
+    """Every parameter of the training checkpoint at ``path`` (host arrays) and its config;
+    ``step`` and ``ema`` as in :func:`load_learngene`.  A sliced checkpoint holds one part only."""
+    located = _locate(path, step)
+    if located.kind == "sliced":
+        raise ValueError(f"{located.directory} is a sliced checkpoint (the {located.meta['part']} only); "
+                         f"give the training workdir it was sliced from: {located.meta['source']['checkpoint']}")
+    return _restore(located.directory / _source(located, ema).item), _config(located)
+
+
 def _check_classes(classes: Sequence[int], available: Sequence[int], where: str) -> tuple[int, ...]:
     classes = tuple(int(c) for c in classes)
     if not classes:

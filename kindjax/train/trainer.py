@@ -7,11 +7,12 @@ step resumes the data and noise streams exactly where the killed run left them.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from kindjax.data import make_dataset
 from kindjax.diffusion import GaussianDiffusion, q_sample, training_losses
 from kindjax.models.dit import DiT, build_model, drop_labels
 from kindjax.sample import generate
-from kindjax.transfer import check_compatible, transfer_learngene
+from kindjax.transfer import initial_params
 from kindjax.train import sharding
 from kindjax.train.logging import RunLogger, image_grid, png_bytes, to_uint8
 from kindjax.train.optimizer import learning_rate, make_optimizer, trainable_predicate
@@ -49,8 +50,11 @@ def init_state(key: jax.Array, model: DiT, optimizer: optax.GradientTransformati
     return state_from_params(init_params(key, model), optimizer)
 
 
-def is_class_gated(params: Any) -> bool:
-    """A model with tailor leaves trains under the class gate (decided by paths alone)."""
+def is_class_gated(params: Any, config: ml_collections.ConfigDict) -> bool:
+    """A model with tailor leaves (decided by paths) trains under the class gate, unless its
+    layers are the ungated ablation (``model.linear.formulation="ungated"``)."""
+    if config.model.linear.get("formulation") == "ungated":
+        return False
     return any(P.is_tailor(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
 
 
@@ -88,7 +92,7 @@ def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusi
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    if is_class_gated(params):
+    if is_class_gated(params, config):
         present = classes_present(y, model.num_classes)
         update_null = not config.train.freeze_learngene
         params = P.gate_class_rows(params, state["params"], present, update_null)
@@ -128,27 +132,39 @@ class Trainer:
                                donate_argnums=0)
 
     def fresh_state(self) -> State:
-        """Step 0: a random init, or (``init.learngene``) a transferred learngene with fresh tailors."""
+        """Step 0: a random init, or the start ``config.init`` names (:func:`kindjax.transfer.initial_params`)."""
         key = jax.random.fold_in(self.base_key, 1 << 20)
-        if not self.config.init.learngene:
+        init = self.config.init
+        if not (init.learngene or init.pretrained or init.fine_learngene):
             return self._init(key)
-        from kindjax.learngene import load_learngene
-
-        learngene = load_learngene(self.config.init.learngene)
-        check_compatible(learngene.config.model, self.config.model)
         fresh = jax.jit(functools.partial(init_params, model=self.model))(key)
-        params = transfer_learngene(fresh, learngene.params, jax.random.fold_in(key, 1), self.config.model)
+        params = initial_params(self.config, fresh, jax.random.fold_in(key, 1))
         build = functools.partial(state_from_params, optimizer=self.optimizer)
         return jax.jit(build, out_shardings=self.state_sharding)(params)
 
-    def global_batch(self, step: int) -> dict[str, jax.Array]:
-        """The step's batch, each process loading only its own rows, placed on the mesh."""
-        b = self.config.train.batch_size
-        batch = self.dataset.batch(step, b, self.config.data.seed)
+    def local_batches(self, start_step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """``(step, this process's rows of the step's batch)`` from ``start_step`` on: the data set's
+        own prefetching, sharded reader where it has one (latents), else rows cut from the batch."""
+        b, seed = self.config.train.batch_size, self.config.data.seed
         n, i = jax.process_count(), jax.process_index()
-        local = {k: v[i * b // n:(i + 1) * b // n] for k, v in batch.items()}
+        if hasattr(self.dataset, "prefetch"):
+            return self.dataset.prefetch(start_step, b, seed, i, n)
+        return ((step, {k: v[i * b // n:(i + 1) * b // n] for k, v in self.dataset.batch(step, b, seed).items()})
+                for step in itertools.count(start_step))
+
+    def place(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows placed on the mesh as one global batch."""
+        b = self.config.train.batch_size
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (b,) + v.shape[1:])
                 for k, v in local.items()}
+
+    def global_batch(self, step: int) -> dict[str, jax.Array]:
+        """The step's batch, each process loading only its own rows, placed on the mesh."""
+        batches = self.local_batches(step)
+        batch = self.place(next(iter(batches))[1])
+        if hasattr(batches, "close"):
+            batches.close()
+        return batch
 
     def sample(self, params: Any, key: jax.Array, labels: np.ndarray) -> np.ndarray:
         """Images for ``labels`` from ``params`` with the config's sampler and guidance."""
@@ -215,9 +231,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     preemption = Preemption()
     history: list[dict[str, jax.Array]] = []
     t_last, step_last = time.time(), step
+    batches = trainer.local_batches(step)
     try:
-        while step < tc.num_steps:
-            state, metrics = trainer.step_fn(state, trainer.global_batch(step))
+        for _, local in batches:
+            if step >= tc.num_steps:
+                break
+            state, metrics = trainer.step_fn(state, trainer.place(local))
             step += 1
             history.append(metrics)
             if step % tc.log_every == 0 or step == tc.num_steps:
@@ -249,6 +268,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 with open(os.path.join(workdir, "metrics.json"), "w") as f:
                     json.dump({"step": step, **results}, f, indent=2)
     finally:
+        if hasattr(batches, "close"):
+            batches.close()
         preemption.restore()
         logger.close()
         mngr.close()

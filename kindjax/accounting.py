@@ -1,0 +1,137 @@
+"""Parameter and FLOP accounting of every transfer method, for any model config.
+
+``python -m kindjax.accounting --config configs/dit_b.py --classes 7`` prints, for each
+method of :mod:`kindjax.methods` adapted to ``--classes`` new classes:
+
+- **trainable**: scalars in leaves the optimizer updates (``train.trainable`` and the
+  frozen learngene rule, :func:`kindjax.train.optimizer.trainable_predicate`);
+- **stored**: scalars in the adapted model's parameter tree (what it takes to sample);
+- **forward GMACs / image**: multiply-accumulates of one forward pass (the unit of
+  DiT's "GFLOPs", e.g. 23 for DiT-B/2 at 256²), and
+- **train GFLOP / image**: floating-point operations of the forward pass plus the
+  gradient with respect to the trainable leaves only, per image.
+
+All numbers come from the parameter tree and XLA's cost analysis of the lowered
+computations at the config's shapes (nothing is hand-typed, nothing is run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import traverse_util
+
+from kindjax import params as P
+from kindjax.methods import METHODS, Sizes, method_config
+from kindjax.models.dit import build_model
+from kindjax.train.optimizer import trainable_predicate
+
+
+@dataclasses.dataclass(frozen=True)
+class Account:
+    method: str
+    trainable: int
+    stored: int
+    forward_macs: float
+    train_flops: float
+
+
+def _flops(fn, *args) -> float:
+    return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
+
+
+def account(config: ml_collections.ConfigDict) -> tuple[int, int, float, float]:
+    """``(trainable, stored, forward MACs, training FLOPs)`` per image for ``config``'s model."""
+    model = build_model(config)
+    x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
+    i = jax.ShapeDtypeStruct((1,), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, i, i)["params"]
+    is_trainable = trainable_predicate(config)
+    flat = traverse_util.flatten_dict(P._as_dict(params))
+    keys = {k: is_trainable(tuple(jax.tree_util.DictKey(n) for n in k)) for k in flat}
+    trainable = {k: v for k, v in flat.items() if keys[k]}
+    frozen = {k: v for k, v in flat.items() if not keys[k]}
+
+    def loss(train_part, frozen_part, x, t, y):
+        p = traverse_util.unflatten_dict({**train_part, **frozen_part})
+        return jnp.mean(jnp.square(model.apply({"params": p}, x, t, y)))
+
+    def forward(p, x, t, y):
+        return model.apply({"params": p}, x, t, y)
+
+    forward_flops = _flops(forward, params, x, i, i)
+    train_flops = _flops(jax.grad(loss), trainable, frozen, x, i, i) if trainable else forward_flops
+    n = P.count(params)
+    return P.count(trainable), n, forward_flops / 2, train_flops
+
+
+def accounts(config: ml_collections.ConfigDict, classes: int, sizes: Sizes,
+             methods: tuple[str, ...] = tuple(METHODS)) -> list[Account]:
+    """One :class:`Account` per method, each adapted to ``classes`` new classes."""
+    base = config.copy_and_resolve_references()
+    base.model.num_classes = classes
+    base.model.linear = ml_collections.ConfigDict(dict(kind="dense"))
+    base.data.classes = ()
+    rows = []
+    for name in methods:
+        c = method_config(base, name, sizes, pretrained="<dense>", learngene="<kind>")
+        rows.append(Account(name, *account(c)))
+    return rows
+
+
+def markdown(rows: list[Account]) -> str:
+    lines = ["| method | trainable (M) | stored (M) | forward GMACs / image | train GFLOP / image |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.method} | {r.trainable / 1e6:.3f} | {r.stored / 1e6:.2f} | {r.forward_macs / 1e9:.2f} "
+              f"| {r.train_flops / 1e9:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def default_sizes(config: ml_collections.ConfigDict, classes: int) -> Sizes:
+    """Sizes from a KIND config (its ``N_G``, ``N_T``) and the KIND paper's matching rule
+    (adapter rank ``= classes·N_T``); OFT 4 blocks; half the blocks for Heur-/Auto-LG."""
+    linear = config.model.linear
+    if linear.kind != "kind":
+        raise ValueError("give --n_learngene and --n_tailor, or a KIND config (model.linear.kind='kind')")
+    depth = build_model(config).depth
+    return Sizes(rank=classes * linear.n_tailor, n_learngene=linear.n_learngene, n_tailor=linear.n_tailor,
+                 oft_blocks=4, num_blocks=max(depth // 2, 1))
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    del argv
+    config = FLAGS.config
+    if FLAGS.n_learngene and FLAGS.n_tailor:
+        depth = build_model(config).depth
+        sizes = Sizes(FLAGS.classes * FLAGS.n_tailor, FLAGS.n_learngene, FLAGS.n_tailor, FLAGS.oft_blocks,
+                      FLAGS.num_blocks or max(depth // 2, 1))
+    else:
+        sizes = default_sizes(config, FLAGS.classes)
+        sizes = dataclasses.replace(sizes, oft_blocks=FLAGS.oft_blocks, num_blocks=FLAGS.num_blocks or sizes.num_blocks)
+    methods = tuple(FLAGS.methods) if FLAGS.methods else tuple(METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        sys.exit(f"kindjax.accounting: unknown methods {unknown}; choose from {sorted(METHODS)}")
+    print(f"{len(methods)} methods adapted to {FLAGS.classes} classes; {sizes}", flush=True)
+    print(markdown(accounts(config, FLAGS.classes, sizes, methods)))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Model config (configs/*.py).", lock_config=False)
+    flags.DEFINE_integer("classes", 7, "Number of new classes the methods adapt to (KIND task #1: 7).")
+    flags.DEFINE_integer("n_learngene", 0, "KIND N_G (default: the config's, if it is a KIND config).")
+    flags.DEFINE_integer("n_tailor", 0, "KIND N_T (default: the config's).")
+    flags.DEFINE_integer("oft_blocks", 4, "OFT block number r.")
+    flags.DEFINE_integer("num_blocks", 0, "Blocks Heur-LG / Auto-LG inherit (default: half the depth).")
+    flags.DEFINE_list("methods", [], "Methods to list (default: all).")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
