@@ -9,7 +9,11 @@ method of :mod:`kindjax.methods` adapted to ``--classes`` new classes:
 - **forward GMACs / image**: multiply-accumulates of one forward pass (the unit of
   DiT's "GFLOPs", e.g. 23 for DiT-B/2 at 256²), and
 - **train GFLOP / image**: floating-point operations of the forward pass plus the
-  gradient with respect to the trainable leaves only, per image.
+  gradient with respect to the trainable leaves only, per image,
+
+both for a batch of ``train.batch_size`` images divided by the batch size, so work done
+once per batch (building a weight: SVDiff, OFT's rotation, KIND's learngene product) is
+shared as in training.
 
 All numbers come from the parameter tree and XLA's cost analysis of the lowered
 computations at the config's shapes (nothing is hand-typed, nothing is run).
@@ -46,8 +50,9 @@ def _flops(fn, *args) -> float:
 def account(config: ml_collections.ConfigDict) -> tuple[int, int, float, float]:
     """``(trainable, stored, forward MACs, training FLOPs)`` per image for ``config``'s model."""
     model = build_model(config)
-    x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
-    i = jax.ShapeDtypeStruct((1,), jnp.int32)
+    b = config.train.batch_size
+    x = jax.ShapeDtypeStruct((b, model.image_size, model.image_size, model.in_channels), jnp.float32)
+    i = jax.ShapeDtypeStruct((b,), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), x, i, i)["params"]
     is_trainable = trainable_predicate(config)
     flat = traverse_util.flatten_dict(P._as_dict(params))
@@ -64,8 +69,7 @@ def account(config: ml_collections.ConfigDict) -> tuple[int, int, float, float]:
 
     forward_flops = _flops(forward, params, x, i, i)
     train_flops = _flops(jax.grad(loss), trainable, frozen, x, i, i) if trainable else forward_flops
-    n = P.count(params)
-    return P.count(trainable), n, forward_flops / 2, train_flops
+    return P.count(trainable), P.count(params), forward_flops / 2 / b, train_flops / b
 
 
 def accounts(config: ml_collections.ConfigDict, classes: int, sizes: Sizes,
@@ -92,13 +96,14 @@ def markdown(rows: list[Account]) -> str:
 
 def default_sizes(config: ml_collections.ConfigDict, classes: int) -> Sizes:
     """Sizes from a KIND config (its ``N_G``, ``N_T``) and the KIND paper's matching rule
-    (adapter rank ``= classes·N_T``); OFT 4 blocks; half the blocks for Heur-/Auto-LG."""
+    (adapter rank ``= classes·N_T``); OFT blocks of 32 channels (peft's default block size) on
+    the hidden width; half the blocks for Heur-/Auto-LG."""
     linear = config.model.linear
     if linear.kind != "kind":
         raise ValueError("give --n_learngene and --n_tailor, or a KIND config (model.linear.kind='kind')")
-    depth = build_model(config).depth
+    model = build_model(config)
     return Sizes(rank=classes * linear.n_tailor, n_learngene=linear.n_learngene, n_tailor=linear.n_tailor,
-                 oft_blocks=4, num_blocks=max(depth // 2, 1))
+                 oft_blocks=model.hidden_size // 32, num_blocks=max(model.depth // 2, 1))
 
 
 def main(argv: list[str]) -> None:
@@ -108,12 +113,13 @@ def main(argv: list[str]) -> None:
     del argv
     config = FLAGS.config
     if FLAGS.n_learngene and FLAGS.n_tailor:
-        depth = build_model(config).depth
-        sizes = Sizes(FLAGS.classes * FLAGS.n_tailor, FLAGS.n_learngene, FLAGS.n_tailor, FLAGS.oft_blocks,
-                      FLAGS.num_blocks or max(depth // 2, 1))
+        model = build_model(config)
+        sizes = Sizes(FLAGS.classes * FLAGS.n_tailor, FLAGS.n_learngene, FLAGS.n_tailor, model.hidden_size // 32,
+                      max(model.depth // 2, 1))
     else:
         sizes = default_sizes(config, FLAGS.classes)
-        sizes = dataclasses.replace(sizes, oft_blocks=FLAGS.oft_blocks, num_blocks=FLAGS.num_blocks or sizes.num_blocks)
+    sizes = dataclasses.replace(sizes, oft_blocks=FLAGS.oft_blocks or sizes.oft_blocks,
+                                num_blocks=FLAGS.num_blocks or sizes.num_blocks)
     methods = tuple(FLAGS.methods) if FLAGS.methods else tuple(METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -130,7 +136,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("classes", 7, "Number of new classes the methods adapt to (KIND task #1: 7).")
     flags.DEFINE_integer("n_learngene", 0, "KIND N_G (default: the config's, if it is a KIND config).")
     flags.DEFINE_integer("n_tailor", 0, "KIND N_T (default: the config's).")
-    flags.DEFINE_integer("oft_blocks", 4, "OFT block number r.")
+    flags.DEFINE_integer("oft_blocks", 0, "OFT block number r (default: hidden size / 32).")
     flags.DEFINE_integer("num_blocks", 0, "Blocks Heur-LG / Auto-LG inherit (default: half the depth).")
     flags.DEFINE_list("methods", [], "Methods to list (default: all).")
     flags.mark_flags_as_required(["config"])

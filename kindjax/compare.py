@@ -59,10 +59,11 @@ def novel_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections
 
 
 def sizes_for(config: ml_collections.ConfigDict) -> Sizes:
-    """The KIND paper's matching rule on this config: adapter rank ``= N_novel·N_T``."""
+    """The KIND paper's matching rule on this config: adapter rank ``= N_novel·N_T``; OFT blocks of
+    32 channels; Heur-/Auto-LG inherit half the blocks."""
     linear, depth = config.model.linear, config.model.depth
     return Sizes(rank=len(config.transfer.classes) * linear.n_tailor, n_learngene=linear.n_learngene,
-                 n_tailor=linear.n_tailor, oft_blocks=4, num_blocks=max(depth // 2, 1))
+                 n_tailor=linear.n_tailor, oft_blocks=config.model.hidden_size // 32, num_blocks=max(depth // 2, 1))
 
 
 def run_configs(config: ml_collections.ConfigDict, workdir: str, seeds: int,

@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
             grouping="",          # "" (the data set's classes) or "kind" (ImageNet merged into KIND's classes)
             task="",              # grouping "kind": "" (all), "pretrain", or "task_1".."task_18"
             random_flip=True,     # data.name="folder": mirror each batch row with probability 1/2
+            latents="",           # latent shards of this source (python -m kindjax.encode): train on them
         ),
         optim=dict(lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, warmup_steps=0),
         train=dict(

@@ -281,3 +281,10 @@ def test_command_encodes_a_folder_with_a_diffusers_vae(tmp_path, single_device_e
     dataset = open_latents(c)
     assert len(dataset) == 4 and dataset.class_names == ("dog",)
     assert dataset.batch(0, 4, 0)["image"].shape == (4, 8, 8, 4)
+    # The same config that encoded the folder trains on its latents once data.latents names them.
+    from kindjax.data import make_dataset
+
+    c.data.update(name="folder", root=str(tmp_path / "images"), latents=out)
+    c.model.num_classes = 1
+    trained_on = make_dataset(c)
+    np.testing.assert_array_equal(trained_on.batch(3, 4, 1)["image"], dataset.batch(3, 4, 1)["image"])

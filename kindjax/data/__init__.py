@@ -22,9 +22,17 @@ def make_dataset(config: ml_collections.ConfigDict):
 
     "digits": embedded; "folder": the images of ``data.root`` in memory at
     ``model.image_size`` (pixel space, 3 channels); "latents": pre-encoded SD-VAE latents
-    (:func:`kindjax.data.latents.open_latents`). ImageNet is trained on its latents.
+    (:func:`kindjax.data.latents.open_latents`). ImageNet is trained on its latents: with
+    ``data.latents`` set (the folder ``python -m kindjax.encode`` wrote from this config's
+    image source), any source trains on its latents.
     """
     name = config.data.name
+    if config.data.latents:
+        from kindjax.data.latents import open_latents
+
+        latents = config.copy_and_resolve_references()
+        latents.data.root = config.data.latents
+        return open_latents(latents)
     if name == "digits":
         return load_digits(tuple(config.data.classes))
     if name == "folder":
@@ -46,7 +54,7 @@ def make_dataset(config: ml_collections.ConfigDict):
         raise ConfigError("config.data.name='imagenet' needs ImageNet-1K encoded to SD-VAE latents: it is an "
                           "image source, and ImageNet is trained in latent space. Encode it first with "
                           "`python -m kindjax.encode --config CONFIG --vae VAE_DIR --out LATENT_DIR` "
-                          "(data.name='imagenet'), then train with data.name='latents' and data.root=LATENT_DIR; "
+                          "with this config, then train with --config.data.latents=LATENT_DIR; "
                           "without ImageNet, train on the embedded digits: --config configs/default.py")
     raise ConfigError(f"config.data.name={name!r} is not a known data source; use one of {DATA_SOURCES}")
 

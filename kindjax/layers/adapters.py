@@ -241,11 +241,19 @@ class _AdaptedDense(nn.Module):
         return kernel, bias
 
 
-class LoRALinear(_AdaptedDense):
-    """LoRA: ``out = x·W + s·(x·A)·B + b``, ``s = α/r``, i.e. ``W' = W + s·A·B``."""
+class _LowRankAdapted(_AdaptedDense):
+    """The frozen dense leaves plus a rank-``r`` update scaled by ``s = α/r`` (LoRA, DoRA, LoHa)."""
 
     rank: int = 8
     alpha: float = 8.0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(_LowRankAdapted):
+    """LoRA: ``out = x·W + s·(x·A)·B + b``, ``s = α/r``, i.e. ``W' = W + s·A·B``."""
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
@@ -255,8 +263,7 @@ class LoRALinear(_AdaptedDense):
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         low_rank = jnp.dot(jnp.dot(x, adapter["lora_A"].astype(dtype)), adapter["lora_B"].astype(dtype))
-        return (jnp.dot(x, kernel.astype(dtype)) + (self.alpha / self.rank) * low_rank
-                + bias.astype(dtype))
+        return jnp.dot(x, kernel.astype(dtype)) + self.scale * low_rank + bias.astype(dtype)
 
 
 class PiSSALinear(LoRALinear):
@@ -265,20 +272,17 @@ class PiSSALinear(LoRALinear):
     A fresh layer (no pre-trained ``W``) starts as LoRA does (``B = 0``)."""
 
 
-class DoRALinear(_AdaptedDense):
+class DoRALinear(_LowRankAdapted):
     """DoRA: ``out = (m / ‖W + s·A·B‖) ⊙ (x·W + s·(x·A)·B) + b``, norm per output feature.
 
     Gradient choice (peft, DoRA §4.3): the norm ``‖W + s·A·B‖`` is a constant for the
     gradient (``stop_gradient``), so ``A``, ``B`` get gradient through the numerator only.
     """
 
-    rank: int = 8
-    alpha: float = 8.0
-
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
         del y
-        scale = self.alpha / self.rank
+        scale = self.scale
         kernel, bias = self.dense_params(x.shape[-1])
         adapter = self.param("adapter", init_dora, kernel, self.rank, scale)
         norm = jax.lax.stop_gradient(dora_magnitude(kernel, adapter["lora_A"], adapter["lora_B"], scale))
@@ -313,11 +317,8 @@ class OFTLinear(_AdaptedDense):
         return jnp.dot(x, kernel.astype(dtype)) + bias.astype(dtype)
 
 
-class LoHaLinear(_AdaptedDense):
+class LoHaLinear(_LowRankAdapted):
     """LoHa: ``out = x·(W + ΔW) + b``, ``ΔW = (α/r)·(w1_b·w1_a) ⊙ (w2_b·w2_a)`` (built once per call)."""
-
-    rank: int = 8
-    alpha: float = 8.0
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
@@ -325,7 +326,7 @@ class LoHaLinear(_AdaptedDense):
         kernel, bias = self.dense_params(x.shape[-1])
         adapter = self.param("adapter", init_loha, x.shape[-1], self.features, self.rank)
         dtype = self.dtype or x.dtype
-        weight = kernel + loha_delta(adapter, self.alpha / self.rank)
+        weight = kernel + loha_delta(adapter, self.scale)
         return jnp.dot(x.astype(dtype), weight.astype(dtype)) + bias.astype(dtype)
 
 
