@@ -47,18 +47,33 @@ def _flops(fn, *args) -> float:
     return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
 
 
-def account(config: ml_collections.ConfigDict) -> tuple[int, int, float, float]:
-    """``(trainable, stored, forward MACs, training FLOPs)`` per image for ``config``'s model."""
+def _shapes(config: ml_collections.ConfigDict, batch: int) -> tuple:
+    """The model, its parameter shapes, and input shapes ``(x, t/y)`` for ``batch`` images."""
     model = build_model(config)
-    b = config.train.batch_size
-    x = jax.ShapeDtypeStruct((b, model.image_size, model.image_size, model.in_channels), jnp.float32)
-    i = jax.ShapeDtypeStruct((b,), jnp.int32)
-    params = jax.eval_shape(model.init, jax.random.key(0), x, i, i)["params"]
+    x = jax.ShapeDtypeStruct((batch, model.image_size, model.image_size, model.in_channels), jnp.float32)
+    i = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return model, jax.eval_shape(model.init, jax.random.key(0), x, i, i)["params"], x, i
+
+
+def _split(config: ml_collections.ConfigDict, params) -> tuple[dict, dict]:
+    """Flat ``(trainable, frozen)`` leaves by the optimizer's rule."""
     is_trainable = trainable_predicate(config)
     flat = traverse_util.flatten_dict(P._as_dict(params))
     keys = {k: is_trainable(tuple(jax.tree_util.DictKey(n) for n in k)) for k in flat}
-    trainable = {k: v for k, v in flat.items() if keys[k]}
-    frozen = {k: v for k, v in flat.items() if not keys[k]}
+    return ({k: v for k, v in flat.items() if keys[k]}, {k: v for k, v in flat.items() if not keys[k]})
+
+
+def parameter_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """``(trainable, stored)`` scalars of ``config``'s model (from shapes; nothing is built)."""
+    _, params, _, _ = _shapes(config, 1)
+    return P.count(_split(config, params)[0]), P.count(params)
+
+
+def account(config: ml_collections.ConfigDict) -> tuple[int, int, float, float]:
+    """``(trainable, stored, forward MACs, training FLOPs)`` per image for ``config``'s model."""
+    b = config.train.batch_size
+    model, params, x, i = _shapes(config, b)
+    trainable, frozen = _split(config, params)
 
     def loss(train_part, frozen_part, x, t, y):
         p = traverse_util.unflatten_dict({**train_part, **frozen_part})

@@ -21,16 +21,13 @@ import json
 import os
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
-from kindjax import params as P
+from kindjax.accounting import parameter_counts
 from kindjax.evaluation.digits_report import evaluate_digits
 from kindjax.methods import METHODS, Sizes, method_config
 from kindjax.run import check, finished, stage
-from kindjax.train.optimizer import trainable_predicate
-from kindjax.train.trainer import Trainer
 
 #: Runs that train a dense DiT from scratch on the novel classes (no transfer).
 SCRATCH = {"scratch_adaln_zero": "zero", "scratch_adaln_gaussian": "gaussian"}
@@ -87,8 +84,9 @@ def run_configs(config: ml_collections.ConfigDict, workdir: str, seeds: int,
 def timed_stage(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     """:func:`kindjax.run.stage` plus its wall time (kept in ``wall.json`` so reruns report it)."""
     path = os.path.join(workdir, "wall.json")
-    if finished(workdir, config.train.num_steps) is not None and os.path.exists(path):
-        return {**finished(workdir, config.train.num_steps), **json.load(open(path))}
+    done = finished(workdir, config.train.num_steps)
+    if done is not None and os.path.exists(path):
+        return {**done, **json.load(open(path))}
     start = time.time()
     metrics = stage(config, workdir, evaluate_digits)
     if metrics is None:
@@ -97,12 +95,6 @@ def timed_stage(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     with open(path, "w") as f:
         json.dump(wall, f)
     return {**metrics, **wall}
-
-
-def trainable_count(config: ml_collections.ConfigDict) -> int:
-    trainer = Trainer(config, "/nonexistent", devices=jax.devices()[:1])
-    params = jax.eval_shape(trainer._init, jax.random.key(0))["params"]
-    return P.count(params, trainable_predicate(config))
 
 
 def summarise(results: dict[str, list[dict]], trainable: dict[str, int]) -> list[dict]:
@@ -175,7 +167,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3,
             if metrics is None:
                 return None
             results.setdefault(name, []).append(metrics)
-    rows = summarise(results, {name: trainable_count(per_seed[0][1]) for name, per_seed in runs.items()})
+    rows = summarise(results, {name: parameter_counts(per_seed[0][1])[0] for name, per_seed in runs.items()})
     table = markdown(rows)
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(table + "\n")

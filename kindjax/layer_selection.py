@@ -56,13 +56,14 @@ def heur_lg_scores(params: Any, config: ml_collections.ConfigDict, key: jax.Arra
     model, diffusion = build_model(config), GaussianDiffusion.from_config(config.diffusion)
     data = make_dataset(config)
     grad = jax.jit(jax.grad(functools.partial(_loss, model=model, diffusion=diffusion)))
-    scores = np.zeros(model.depth)
+    grad_norms = np.zeros(model.depth)
     for i in range(num_batches):
         batch = data.batch(i, batch_size, config.data.seed)
         x0, xt, t, noise = _noisy_batch(jax.random.fold_in(key, i), batch, diffusion)
         g = grad(params, x0=x0, xt=xt, t=t, noise=noise, y=jnp.asarray(batch["label"]))
-        scores += [float(_norm(g[f"block_{l}"]) / _norm(params[f"block_{l}"])) for l in range(model.depth)]
-    return scores / num_batches
+        grad_norms += [float(_norm(g[f"block_{l}"])) for l in range(model.depth)]
+    param_norms = np.asarray([float(_norm(params[f"block_{l}"])) for l in range(model.depth)])
+    return grad_norms / num_batches / param_norms
 
 
 def linear_cka(a: jax.Array, b: jax.Array) -> jax.Array:

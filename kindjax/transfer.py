@@ -21,7 +21,7 @@ every linear layer.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -58,19 +58,30 @@ def transfer_learngene(fresh: Mapping[str, Any], learngene: Mapping[str, Any], k
     """``fresh`` parameters of the new model with ``learngene`` copied in and every KIND
     layer's tailors re-drawn orthonormal to the copied learngene factors (σ as initialised)."""
     _, tailors = P.split_learngene_tailors(fresh)
+
+    def redraw(node: dict, layer_key: jax.Array) -> dict:
+        n_classes, n_tailor = node["tailors"]["sigma"].shape
+        factors = init_tailors(layer_key, node["learngene"], n_classes, n_tailor, 1.0)
+        return {**node, "tailors": {**factors, "sigma": node["tailors"]["sigma"]}}
+
+    return map_layers(P.merge_learngene_tailors(learngene, tailors),
+                      lambda name, node: "learngene" in node and "tailors" in node, redraw, key)
+
+
+def map_layers(tree: Mapping[str, Any], is_layer: Callable[[str, Mapping], bool],
+               fn: Callable[[dict, jax.Array], dict], key: jax.Array) -> dict:
+    """``tree`` with ``fn(node, key_j)`` applied to every sub-tree ``node`` (under key ``name``)
+    for which ``is_layer(name, node)``; ``key_j = fold_in(key, j)`` for the j-th such layer."""
     counter = iter(range(1 << 30))
 
-    def redraw(node: Any) -> Any:
+    def visit(node: Any, name: str) -> Any:
         if not isinstance(node, Mapping):
             return node
-        if "learngene" in node and "tailors" in node:  # a KIND layer
-            n_classes, n_tailor = node["tailors"]["sigma"].shape
-            factors = init_tailors(jax.random.fold_in(key, next(counter)), node["learngene"],
-                                   n_classes, n_tailor, 1.0)
-            return {**node, "tailors": {**factors, "sigma": node["tailors"]["sigma"]}}
-        return {k: redraw(v) for k, v in node.items()}
+        if is_layer(name, node):
+            return fn(dict(node), jax.random.fold_in(key, next(counter)))
+        return {k: visit(v, k) for k, v in node.items()}
 
-    return redraw(P.merge_learngene_tailors(learngene, tailors))
+    return visit(tree, "")
 
 
 def transfer_config(config: ml_collections.ConfigDict, learngene: str) -> ml_collections.ConfigDict:
@@ -129,9 +140,9 @@ def init_from_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any]
     """
     init = config.init
     blocks = set(init.blocks) if init.blocks else None
-    source = traverse_util.flatten_dict(P._as_dict(pretrained))
-    layers = {k[:j + 1] for k in source for j, name in enumerate(k) if name in ROLES}
     nested = P._as_dict(pretrained)
+    source = traverse_util.flatten_dict(nested)
+    layers = {k[:j + 1] for k in source for j, name in enumerate(k) if name in ROLES}
     out = {}
     for i, (path, leaf) in enumerate(traverse_util.flatten_dict(P._as_dict(fresh)).items()):
         block = _block(path)
@@ -161,16 +172,9 @@ def init_from_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any]
     adapt = FROM_DENSE.get(config.model.linear.kind)
     if adapt is None:
         return params
-    counter = iter(range(1 << 30))
-
-    def visit(node: Any, name: str) -> Any:
-        if not isinstance(node, Mapping):
-            return node
-        if name in ROLES and "kernel" in node:
-            return adapt(dict(node), jax.random.fold_in(key, (1 << 20) + next(counter)), config.model.linear)
-        return {k: visit(v, k) for k, v in node.items()}
-
-    return visit(params, "")
+    return map_layers(params, lambda name, node: name in ROLES and "kernel" in node,
+                      lambda node, layer_key: adapt(node, layer_key, config.model.linear),
+                      jax.random.fold_in(key, 1 << 20))
 
 
 def pretrained_init(config: ml_collections.ConfigDict, fresh: Mapping[str, Any], key: jax.Array) -> dict:

@@ -142,15 +142,21 @@ class Trainer:
         build = functools.partial(state_from_params, optimizer=self.optimizer)
         return jax.jit(build, out_shardings=self.state_sharding)(params)
 
-    def local_batches(self, start_step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """``(step, this process's rows of the step's batch)`` from ``start_step`` on: the data set's
-        own prefetching, sharded reader where it has one (latents), else rows cut from the batch."""
+    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of the step's batch (read alone where the data set can: latents)."""
         b, seed = self.config.train.batch_size, self.config.data.seed
         n, i = jax.process_count(), jax.process_index()
+        if hasattr(self.dataset, "local_batch"):
+            return self.dataset.local_batch(step, b, seed, i, n)
+        return {k: v[i * b // n:(i + 1) * b // n] for k, v in self.dataset.batch(step, b, seed).items()}
+
+    def local_batches(self, start_step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """``(step, local batch)`` from ``start_step`` on, through the data set's own prefetching
+        thread where it has one."""
         if hasattr(self.dataset, "prefetch"):
-            return self.dataset.prefetch(start_step, b, seed, i, n)
-        return ((step, {k: v[i * b // n:(i + 1) * b // n] for k, v in self.dataset.batch(step, b, seed).items()})
-                for step in itertools.count(start_step))
+            b, seed = self.config.train.batch_size, self.config.data.seed
+            return self.dataset.prefetch(start_step, b, seed, jax.process_index(), jax.process_count())
+        return ((step, self.local_batch(step)) for step in itertools.count(start_step))
 
     def place(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows placed on the mesh as one global batch."""
@@ -160,11 +166,7 @@ class Trainer:
 
     def global_batch(self, step: int) -> dict[str, jax.Array]:
         """The step's batch, each process loading only its own rows, placed on the mesh."""
-        batches = self.local_batches(step)
-        batch = self.place(next(iter(batches))[1])
-        if hasattr(batches, "close"):
-            batches.close()
-        return batch
+        return self.place(self.local_batch(step))
 
     def sample(self, params: Any, key: jax.Array, labels: np.ndarray) -> np.ndarray:
         """Images for ``labels`` from ``params`` with the config's sampler and guidance."""
