@@ -2,6 +2,9 @@
 
     python -m kindjax.evaluate --config CONFIG --workdir DIR [--step S] [--config.eval.num_samples=50000]
 
+Started by a launcher on several hosts (as ``launch/`` starts training), every process runs the same
+command: sampling and feature extraction are split over all devices, process 0 writes the files.
+
 1. Restores the EMA weights of the latest checkpoint in ``DIR`` (or step ``S``).
 2. Samples ``eval.num_samples`` images with ``config.sample`` (sampler, steps, CFG scale), class
    labels ``i mod num_classes`` (balanced: 50 per class for 50K ImageNet samples), noise from
@@ -37,6 +40,7 @@ from ml_collections import config_flags
 from kindjax import checkpoints
 from kindjax.config import ConfigError, validate
 from kindjax.diffusion import GaussianDiffusion
+from kindjax.distributed import initialize
 from kindjax.evaluation import adm
 from kindjax.evaluation.inception import PREPROCESSING, inception_features, load_inception
 from kindjax.models.dit import build_model
@@ -111,9 +115,10 @@ def _latent_decoder(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[
     from kindjax.models.vae import AutoencoderKL, load_vae
 
     vae = load_vae(config.vae.weights)
+    rows = sharding.batch_sharding(mesh)
     decode = jax.jit(lambda p, z: vae.model.apply({"params": p}, z / config.vae.scale, method=AutoencoderKL.decode),
-                     in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                     out_shardings=sharding.batch_sharding(mesh))
+                     in_shardings=(sharding.replicated(mesh), rows), out_shardings=rows)
+    vae_params = jax.device_put(vae.params, sharding.replicated(mesh))
     devices, batch = mesh.devices.size, config.eval.batch_size
 
     def run(latents: np.ndarray) -> np.ndarray:
@@ -122,7 +127,7 @@ def _latent_decoder(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[
         for start in range(0, len(latents), size):
             chunk = latents[start:start + size]
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
-            out.append(np.asarray(decode(vae.params, padded))[:len(chunk)])
+            out.append(sharding.to_host(decode(vae_params, sharding.put_global(padded, rows)))[:len(chunk)])
         return np.concatenate(out)
 
     return run
@@ -252,6 +257,7 @@ def main(argv: list[str]) -> None:
     del argv
     flags_ = flags.FLAGS
     logging.set_verbosity(logging.WARNING)
+    initialize()
     if not jax.config.jax_compilation_cache_dir:
         # Each sampling chunk re-traces the same sampler; the persistent cache avoids recompiling it.
         jax.config.update("jax_compilation_cache_dir", os.path.join(flags_.workdir, "jax_cache"))

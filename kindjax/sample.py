@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -42,12 +41,12 @@ def generate(model: DiT, params: Any, diffusion: GaussianDiffusion, key: jax.Arr
                            learn_sigma=model.learn_sigma, eta=sample_config.ddim_eta,
                            clip_denoised=sample_config.clip_denoised)
 
-    fn = jax.jit(one_batch, in_shardings=(None, None, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh))
+    rows = sharding.batch_sharding(mesh)
+    fn = jax.jit(one_batch, in_shardings=(None, sharding.replicated(mesh), rows), out_shardings=rows)
     out = []
     for i, start in enumerate(range(0, len(labels), batch_size)):
         chunk = labels[start:start + batch_size]
         padded = np.concatenate([chunk, np.full(batch_size - len(chunk), model.num_classes, np.int32)])
-        images = fn(params, jax.random.fold_in(key, i), jnp.asarray(padded))
-        out.append(np.asarray(images)[:len(chunk)])
+        images = fn(params, jax.random.fold_in(key, i), sharding.put_global(padded, rows))
+        out.append(sharding.to_host(images)[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0,) + shape[1:], np.float32)

@@ -38,7 +38,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from kindjax.train import sharding
 
 INCEPTION_SIZE = 299
 NUM_LOGITS = 1008
@@ -319,8 +321,6 @@ def _features_fn(module: FIDInceptionV3, rule: str, mesh: Mesh | None) -> Callab
 
     if mesh is None:
         return jax.jit(run)
-    from kindjax.train import sharding
-
     return jax.jit(run, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                    out_shardings=sharding.batch_sharding(mesh))
 
@@ -338,15 +338,19 @@ def inception_features(module: FIDInceptionV3, variables: dict[str, Any], images
     batch_size = -(-min(batch_size, max(len(images), 1)) // devices) * devices
     fn = _features_fn(module, preprocessing, mesh)
     if mesh is not None:  # placed once, not at every batch
-        variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+        rows = sharding.batch_sharding(mesh)
+        variables = jax.device_put(variables, sharding.replicated(mesh))
     keys = ("pool_3", "spatial", "logits_unbiased")
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], np.uint8)])
-        result = fn(variables, padded)
+        if mesh is None:
+            result = {k: np.asarray(v) for k, v in fn(variables, padded).items()}
+        else:
+            result = {k: sharding.to_host(v) for k, v in fn(variables, sharding.put_global(padded, rows)).items()}
         for k in keys:
-            out[k].append(np.asarray(result[k])[:len(chunk)])
+            out[k].append(result[k][:len(chunk)])
         if progress is not None:
             progress(start + len(chunk), len(images))
     dims = {"pool_3": POOL_DIM, "spatial": SPATIAL_DIM, "logits_unbiased": NUM_LOGITS}

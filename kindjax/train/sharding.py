@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
@@ -68,3 +69,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def put_global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from ``host``, which every process holds whole; each process places only
+    the slices of its own devices (so it also works when the mesh spans several processes)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole value of a global array on every process: read directly when this process holds
+    all of it, all-gathered across processes when the mesh spans several (a TPU pod, SLURM)."""
+    if array.is_fully_addressable or array.is_fully_replicated:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
