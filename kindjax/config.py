@@ -165,6 +165,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config.job == "kind_transfer" or config.train.freeze_learngene or config.init.learngene:
         _require(m.linear.kind == "kind", f"job={config.job!r} / train.freeze_learngene / init.learngene need "
                                           f"a KIND model (model.linear.kind='kind'), got {m.linear.kind!r}")
+    if config.train.freeze_learngene:
+        _require(bool(i.learngene), "train.freeze_learngene would freeze a randomly initialised learngene: set "
+                                    "init.learngene to a KIND pre-training workdir (or a sliced learngene)")
     if config.job == "kind_transfer":
         _require(len(config.transfer.classes) > 0, "job='kind_transfer' needs transfer.classes (the novel classes)")
         overlap = set(config.transfer.classes) & set(config.data.classes)

@@ -9,6 +9,7 @@ from ml_collections import config_flags  # noqa: F401  (config files are plain m
 
 from conftest import ROOT
 from kindjax.config import ConfigError
+from kindjax.data import class_groups as cg
 from kindjax.models.dit import DIT_ARCHS, build_model
 from kindjax.run import check
 
@@ -34,17 +35,54 @@ def test_imagenet_configs_have_the_paper_settings_and_name_the_missing_data(name
         check(config)
 
 
-@pytest.mark.parametrize("name, hidden, n_learngene, n_tailor", [("kind_dit_b", 768, 318, 3),
-                                                                 ("kind_dit_l", 1024, 424, 4)])
-def test_kind_imagenet_configs_fill_the_rank_exactly(name, hidden, n_learngene, n_tailor):
+@pytest.mark.parametrize("name, hidden, paper_n_learngene, n_tailor", [("kind_dit_b", 768, 318, 3),
+                                                                       ("kind_dit_l", 1024, 424, 4)])
+def test_kind_imagenet_configs_pretrain_on_the_kind_split_and_fill_the_rank(name, hidden, paper_n_learngene,
+                                                                             n_tailor):
     config = load(name)
-    linear = config.model.linear
-    assert (linear.n_learngene, linear.n_tailor, linear.n_classes) == (n_learngene, n_tailor, 150)
-    assert DIT_ARCHS[config.model.arch][0] == hidden == 150 * n_tailor + n_learngene
+    linear, n_cls = config.model.linear, len(cg.kind_pretrain_classes())
+    assert (config.data.grouping, config.data.task) == ("kind", "pretrain")
+    assert linear.n_classes == config.model.num_classes == n_cls
+    assert linear.n_tailor == n_tailor and n_cls * n_tailor + linear.n_learngene == hidden
+    assert hidden - 150 * n_tailor == paper_n_learngene   # the paper's N_G with its 150 classes
     build_model(config)  # the KIND factory checks the rank of all six matrices here
+    with pytest.raises(ConfigError, match="ImageNet-1K"):
+        check(config)
     config.model.linear.n_learngene += 1
-    with pytest.raises(ValueError, match=f"r = N_cls·N_T \\+ N_G = 150·{n_tailor} \\+ {n_learngene + 1}"):
+    with pytest.raises(ValueError, match=f"r = N_cls·N_T \\+ N_G = {n_cls}·{n_tailor} \\+ {linear.n_learngene}"):
         build_model(config)
+
+
+@pytest.mark.parametrize("name", ["kind_dit_b", "kind_dit_l"])
+def test_kind_imagenet_task_specs_select_the_task_and_the_method(name):
+    import importlib
+
+    get_config = importlib.import_module(f"configs.{name}").get_config
+    pretrain = get_config()
+    for k, classes in enumerate(cg.kind_tasks().values(), start=1):
+        config = get_config(f"task_{k}")
+        assert (config.data.task, config.model.num_classes) == (f"task_{k}", len(classes))
+        assert config.model.linear.n_learngene == pretrain.model.linear.n_learngene
+        assert config.model.linear.n_classes == len(classes) and config.train.freeze_learngene
+        assert (config.optim.lr, config.train.num_steps) == (1e-3, 50_000)
+        build_model(config)
+    with pytest.raises(ConfigError, match="init.learngene to a KIND pre-training workdir"):
+        check(get_config("task_2"))
+    config = get_config("task_2")
+    config.init.learngene = "/pretrain"
+    with pytest.raises(ConfigError, match="ImageNet-1K"):   # past the config checks, to the data
+        check(config)
+
+    lora = get_config("task_5,lora")
+    rank = len(cg.kind_tasks()["task_5"]) * pretrain.model.linear.n_tailor
+    assert (lora.model.linear.kind, lora.model.linear.rank, lora.train.batch_size) == ("lora", rank, 512)
+    oft = get_config("task_1,oft")
+    assert (oft.model.linear.kind, oft.model.linear.r, oft.optim.lr) == ("oft", 21, 1e-4)
+    assert get_config("task_4,svdiff").optim.lr == (3e-3 if name == "kind_dit_l" else 5e-3)
+    with pytest.raises(ValueError, match="task_1..task_18"):
+        get_config("task_19")
+    with pytest.raises(ValueError, match="unknown method 'lorra'"):
+        get_config("task_1,lorra")
 
 
 def test_every_digits_config_passes_the_checks():
