@@ -39,7 +39,7 @@ def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
     """
     from kindjax.data.class_groups import kind_pretrain_classes, kind_tasks
     from kindjax.layers.kind import kind_config
-    from kindjax.methods import METHODS, Sizes, method_config
+    from kindjax.methods import METHODS, matched_sizes, method_config
     from kindjax.models.dit import DIT_ARCHS
 
     hidden, depth, _ = DIT_ARCHS[arch]
@@ -64,8 +64,8 @@ def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
     config.train.num_steps = KIND_TRANSFER_STEPS
     if method == "lora":
         config.train.batch_size = 512
-    sizes = Sizes(rank=classes * n_tailor, n_learngene=n_learngene, n_tailor=n_tailor,
-                  oft_blocks=KIND_OFT_BLOCKS[int(task.removeprefix("task_")) - 1], num_blocks=depth // 2)
+    sizes = matched_sizes(classes, n_learngene, n_tailor, hidden, depth,
+                          oft_blocks=KIND_OFT_BLOCKS[int(task.removeprefix("task_")) - 1])
     config = method_config(config, method, sizes)
     if method == "svdiff" and arch == "L":
         config.optim.lr = 3e-3

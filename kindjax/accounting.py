@@ -29,7 +29,7 @@ import ml_collections
 from flax import traverse_util
 
 from kindjax import params as P
-from kindjax.methods import METHODS, Sizes, method_config
+from kindjax.methods import METHODS, Sizes, matched_sizes, method_config
 from kindjax.models.dit import build_model
 from kindjax.train.optimizer import trainable_predicate
 
@@ -109,16 +109,16 @@ def markdown(rows: list[Account]) -> str:
     return "\n".join(lines)
 
 
-def default_sizes(config: ml_collections.ConfigDict, classes: int) -> Sizes:
-    """Sizes from a KIND config (its ``N_G``, ``N_T``) and the KIND paper's matching rule
-    (adapter rank ``= classes·N_T``); OFT blocks of 32 channels (peft's default block size) on
-    the hidden width; half the blocks for Heur-/Auto-LG."""
+def default_sizes(config: ml_collections.ConfigDict, classes: int, n_learngene: int = 0,
+                  n_tailor: int = 0) -> Sizes:
+    """:func:`kindjax.methods.matched_sizes` on this config's width and depth, with the given
+    ``N_G``, ``N_T`` or those of its KIND layers."""
     linear = config.model.linear
-    if linear.kind != "kind":
+    if not (n_learngene and n_tailor) and linear.kind != "kind":
         raise ValueError("give --n_learngene and --n_tailor, or a KIND config (model.linear.kind='kind')")
     model = build_model(config)
-    return Sizes(rank=classes * linear.n_tailor, n_learngene=linear.n_learngene, n_tailor=linear.n_tailor,
-                 oft_blocks=model.hidden_size // 32, num_blocks=max(model.depth // 2, 1))
+    return matched_sizes(classes, n_learngene or linear.n_learngene, n_tailor or linear.n_tailor,
+                         model.hidden_size, model.depth)
 
 
 def main(argv: list[str]) -> None:
@@ -127,12 +127,7 @@ def main(argv: list[str]) -> None:
     FLAGS = flags.FLAGS
     del argv
     config = FLAGS.config
-    if FLAGS.n_learngene and FLAGS.n_tailor:
-        model = build_model(config)
-        sizes = Sizes(FLAGS.classes * FLAGS.n_tailor, FLAGS.n_learngene, FLAGS.n_tailor, model.hidden_size // 32,
-                      max(model.depth // 2, 1))
-    else:
-        sizes = default_sizes(config, FLAGS.classes)
+    sizes = default_sizes(config, FLAGS.classes, FLAGS.n_learngene, FLAGS.n_tailor)
     sizes = dataclasses.replace(sizes, oft_blocks=FLAGS.oft_blocks or sizes.oft_blocks,
                                 num_blocks=FLAGS.num_blocks or sizes.num_blocks)
     methods = tuple(FLAGS.methods) if FLAGS.methods else tuple(METHODS)

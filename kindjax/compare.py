@@ -26,7 +26,7 @@ import numpy as np
 
 from kindjax.accounting import parameter_counts
 from kindjax.evaluation.digits_report import evaluate_digits
-from kindjax.methods import METHODS, Sizes, method_config
+from kindjax.methods import METHODS, Sizes, matched_sizes, method_config
 from kindjax.run import check, finished, stage
 
 #: Runs that train a dense DiT from scratch on the novel classes (no transfer).
@@ -56,11 +56,9 @@ def novel_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections
 
 
 def sizes_for(config: ml_collections.ConfigDict) -> Sizes:
-    """The KIND paper's matching rule on this config: adapter rank ``= N_novel·N_T``; OFT blocks of
-    32 channels; Heur-/Auto-LG inherit half the blocks."""
-    linear, depth = config.model.linear, config.model.depth
-    return Sizes(rank=len(config.transfer.classes) * linear.n_tailor, n_learngene=linear.n_learngene,
-                 n_tailor=linear.n_tailor, oft_blocks=config.model.hidden_size // 32, num_blocks=max(depth // 2, 1))
+    """:func:`kindjax.methods.matched_sizes` for the novel classes on this KIND config."""
+    linear, m = config.model.linear, config.model
+    return matched_sizes(len(config.transfer.classes), linear.n_learngene, linear.n_tailor, m.hidden_size, m.depth)
 
 
 def run_configs(config: ml_collections.ConfigDict, workdir: str, seeds: int,

@@ -36,6 +36,15 @@ class Sizes:
     num_blocks: int
 
 
+def matched_sizes(classes: int, n_learngene: int, n_tailor: int, hidden: int, depth: int,
+                  oft_blocks: int = 0) -> Sizes:
+    """The KIND paper's matching rule for ``classes`` new classes: adapter rank ``classes·N_T``
+    (its Table 7); OFT ``oft_blocks`` blocks (default: blocks of 32 channels, peft's default block
+    size, on the ``hidden`` width); Heur-/Auto-LG inherit half of the ``depth`` blocks."""
+    return Sizes(rank=classes * n_tailor, n_learngene=n_learngene, n_tailor=n_tailor,
+                 oft_blocks=oft_blocks or hidden // 32, num_blocks=max(depth // 2, 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """``source``: "dense" or "kind" (which pre-trained model it starts from)."""

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (config files are plain modules)
 
 from conftest import ROOT
 from kindjax.config import ConfigError

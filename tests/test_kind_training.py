@@ -1,11 +1,9 @@
 """Training KIND: the class gate, sharding, transfer with a frozen learngene, resume."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import tiny_config
-from kindjax import checkpoints
 from kindjax import params as P
 from kindjax.layers.kind import kind_config
 from kindjax.transfer import transfer_config
