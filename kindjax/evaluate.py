@@ -215,15 +215,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
 
         module, variables = load_inception(e.inception_weights)
 
-        def features(pixels: np.ndarray, what: str) -> dict[str, np.ndarray]:
-            every = max(1, len(pixels) // (PROGRESS_UPDATES * e.inception_batch_size)) * e.inception_batch_size
+        def progress(network: str, what: str, total: int) -> Callable[[int, int], None]:
+            """Reports about PROGRESS_UPDATES times over ``total`` images."""
+            every = max(1, total // (PROGRESS_UPDATES * e.inception_batch_size)) * e.inception_batch_size
 
-            def progress(done: int, total: int) -> None:
+            def report(done: int, total: int) -> None:
                 if done % every < e.inception_batch_size or done == total:
-                    logger.text(f"Inception features of the {what}: {done}/{total}")
+                    logger.text(f"{network} features of the {what}: {done}/{total}")
 
+            return report
+
+        def features(pixels: np.ndarray, what: str) -> dict[str, np.ndarray]:
             return inception_features(module, variables, pixels, e.inception_batch_size, e.inception_preprocess,
-                                      mesh, progress)
+                                      mesh, progress("Inception", what, len(pixels)))
 
         sample_features = features(images, "samples")
         reference = adm.read_reference(e.reference)
@@ -237,8 +241,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
             from kindjax.evaluation.dinov2 import dinov2_features, fdd, load_dinov2
 
             dino, dino_params = load_dinov2(e.dinov2_weights)
-            metrics["fdd"] = fdd(dinov2_features(dino, dino_params, images, e.inception_batch_size),
-                                 dinov2_features(dino, dino_params, reference.images, e.inception_batch_size))
+            metrics["fdd"] = fdd(*(dinov2_features(dino, dino_params, pixels, e.inception_batch_size, mesh,
+                                                   progress("DINOv2", what, len(pixels)))
+                                   for pixels, what in ((images, "samples"), (reference.images, "reference"))))
         report = {"step": step, "metrics": metrics, "num_samples": len(images), "samples": samples_path,
                   "reference": os.path.abspath(e.reference), "reference_keys": sorted(reference_keys),
                   "inception_weights": os.path.abspath(e.inception_weights),

@@ -17,6 +17,7 @@ from kindjax.evaluation.dinov2 import (
     IMAGENET_MEAN, IMAGENET_STD, TORCH_HUB_INTERPOLATE_OFFSET, dinov2_features, fdd, fdd_preprocess,
     load_dinov2, pil_bicubic_resize, torch_bicubic_matrix,
 )
+from kindjax.train.sharding import make_mesh
 
 TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, patch_size=14, image_size=56,
             layer_norm_eps=1e-6)
@@ -101,6 +102,11 @@ def test_features_and_fdd(checkpoint):
     _, want = _torch_forward(model, pixels)
     assert features.shape == (5, 48) and features.dtype == np.float32
     np.testing.assert_allclose(features, want, atol=1e-4, rtol=0)
+    done = []
+    on_mesh = dinov2_features(module, params, images, batch_size=3, mesh=make_mesh(),   # 8 devices, 1 batch
+                              progress=lambda n, total: done.append((n, total)))
+    np.testing.assert_allclose(on_mesh, features, atol=1e-5, rtol=0)
+    assert done == [(5, 5)]
 
     hub_module, hub_params = load_dinov2(path)       # torch-hub resampling of E_pos: close, not equal
     hub = dinov2_features(hub_module, hub_params, images)

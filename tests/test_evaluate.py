@@ -64,6 +64,7 @@ def test_evaluate_writes_npz_json_and_tensorboard(setup, capsys):
     metrics = evaluate(config, workdir)
     out = capsys.readouterr().out
     assert "sampled 10/10 (100%)" in out and "Inception features of the reference: 12/12" in out
+    assert "DINOv2 features of the samples: 10/10" in out
 
     with np.load(os.path.join(workdir, "samples_2_10x8x8x3.npz")) as f:
         assert sorted(f.files) == ["arr_0", "arr_1"]

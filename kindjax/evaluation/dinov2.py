@@ -36,10 +36,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from safetensors.numpy import load_file
 
 from kindjax.config import ConfigError
 from kindjax.evaluation.frechet import feature_statistics, frechet_distance
+from kindjax.train import sharding
 
 #: dgm-eval's input side and ImageNet normalisation (``TF.Normalize(mean, std)``).
 FDD_IMAGE_SIZE = 224
@@ -384,25 +386,37 @@ def _cls_features(module: Dinov2, params: dict, images: jax.Array) -> jax.Array:
     return module.apply({"params": params}, fdd_preprocess(images))[:, 0]
 
 
-def dinov2_features(module: Dinov2, params: dict, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def dinov2_features(module: Dinov2, params: dict, images: np.ndarray, batch_size: int = 64,
+                    mesh: Mesh | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """FDD features ``LN(z_L)[:, CLS]`` of uint8 RGB images ``(N, H, W, 3)`` → float32 ``(N, D)``.
 
     Images go through :func:`fdd_preprocess` (dgm-eval: PIL bicubic to 224², ImageNet
-    normalisation) inside one jit-compiled step per batch; the last batch is padded so
-    only one shape is compiled.
+    normalisation) inside one jit-compiled step per batch, split over ``mesh``'s batch axes when
+    given; the last batch is padded so only one shape is compiled. ``progress(done, total)`` is
+    called after each batch.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
         raise ValueError(f"expected uint8 RGB images (N >= 1, H, W, 3), got {images.dtype} {images.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batch_size = min(batch_size, len(images))
+    devices = 1 if mesh is None else mesh.devices.size
+    batch_size = -(-min(batch_size, len(images)) // devices) * devices
+    if mesh is not None:
+        rows = sharding.batch_sharding(mesh)
+        params = jax.device_put(params, sharding.replicated(mesh))
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
-        outputs.append((_cls_features(module, params, jnp.asarray(padded)), len(batch)))
-    return np.concatenate([np.asarray(out)[:n] for out, n in outputs]).astype(np.float32)
+        if mesh is None:
+            out = np.asarray(_cls_features(module, params, jnp.asarray(padded)))
+        else:
+            out = sharding.to_host(_cls_features(module, params, sharding.put_global(padded, rows)))
+        outputs.append(out[:len(batch)])
+        if progress is not None:
+            progress(start + len(batch), len(images))
+    return np.concatenate(outputs).astype(np.float32)
 
 
 def fdd(features_a: np.ndarray, features_b: np.ndarray) -> float:
