@@ -66,6 +66,7 @@ def eval_files(tmp_path_factory):
             f"--config.eval.inception_weights={npz}", "--config.eval.inception_batch_size=8"]
 
 
+@pytest.mark.slow  # five JAX jobs, ~3-4 min on 2 cores: run with -m slow
 def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, eval_files):
     config = ["--config", os.path.join(ROOT, "configs/dit_digits.py"), *tiny_overrides()]
     pod, single = str(tmp_path / "pod"), str(tmp_path / "single")
