@@ -119,16 +119,9 @@ def _latent_decoder(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[
     decode = jax.jit(lambda p, z: vae.model.apply({"params": p}, z / config.vae.scale, method=AutoencoderKL.decode),
                      in_shardings=(sharding.replicated(mesh), rows), out_shardings=rows)
     vae_params = jax.device_put(vae.params, sharding.replicated(mesh))
-    devices, batch = mesh.devices.size, config.eval.batch_size
 
     def run(latents: np.ndarray) -> np.ndarray:
-        size = -(-min(batch, len(latents)) // devices) * devices
-        out = []
-        for start in range(0, len(latents), size):
-            chunk = latents[start:start + size]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
-            out.append(sharding.to_host(decode(vae_params, sharding.put_global(padded, rows)))[:len(chunk)])
-        return np.concatenate(out)
+        return sharding.map_batches(lambda z, _: decode(vae_params, z), latents, config.eval.batch_size, mesh)
 
     return run
 

@@ -30,6 +30,8 @@ def generate(model: DiT, params: Any, diffusion: GaussianDiffusion, key: jax.Arr
     devices = mesh.devices.size
     batch_size = -(-min(batch_size, max(len(labels), 1)) // devices) * devices
     shape = (batch_size, model.image_size, model.image_size, model.in_channels)
+    if len(labels) == 0:
+        return np.zeros((0,) + shape[1:], np.float32)
 
     def denoise(p, x, t, y):
         return model.apply({"params": p}, x, t, y)
@@ -43,10 +45,4 @@ def generate(model: DiT, params: Any, diffusion: GaussianDiffusion, key: jax.Arr
 
     rows = sharding.batch_sharding(mesh)
     fn = jax.jit(one_batch, in_shardings=(None, sharding.replicated(mesh), rows), out_shardings=rows)
-    out = []
-    for i, start in enumerate(range(0, len(labels), batch_size)):
-        chunk = labels[start:start + batch_size]
-        padded = np.concatenate([chunk, np.full(batch_size - len(chunk), model.num_classes, np.int32)])
-        images = fn(params, jax.random.fold_in(key, i), sharding.put_global(padded, rows))
-        out.append(sharding.to_host(images)[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0,) + shape[1:], np.float32)
+    return sharding.map_batches(lambda y, i: fn(params, jax.random.fold_in(key, i), y), labels, batch_size, mesh)

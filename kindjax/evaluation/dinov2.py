@@ -400,23 +400,11 @@ def dinov2_features(module: Dinov2, params: dict, images: np.ndarray, batch_size
         raise ValueError(f"expected uint8 RGB images (N >= 1, H, W, 3), got {images.dtype} {images.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    devices = 1 if mesh is None else mesh.devices.size
-    batch_size = -(-min(batch_size, len(images)) // devices) * devices
-    if mesh is not None:
-        rows = sharding.batch_sharding(mesh)
+    if mesh is not None:  # placed once, not at every batch
         params = jax.device_put(params, sharding.replicated(mesh))
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
-        if mesh is None:
-            out = np.asarray(_cls_features(module, params, jnp.asarray(padded)))
-        else:
-            out = sharding.to_host(_cls_features(module, params, sharding.put_global(padded, rows)))
-        outputs.append(out[:len(batch)])
-        if progress is not None:
-            progress(start + len(batch), len(images))
-    return np.concatenate(outputs).astype(np.float32)
+    features = sharding.map_batches(lambda batch, _: _cls_features(module, params, batch), images, batch_size,
+                                    mesh, progress)
+    return features.astype(np.float32)
 
 
 def fdd(features_a: np.ndarray, features_b: np.ndarray) -> float:

@@ -334,27 +334,13 @@ def inception_features(module: FIDInceptionV3, variables: dict[str, Any], images
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 RGB images (N, H, W, 3), got {images.dtype} {images.shape}")
-    devices = 1 if mesh is None else mesh.devices.size
-    batch_size = -(-min(batch_size, max(len(images), 1)) // devices) * devices
+    if len(images) == 0:
+        dims = {"pool_3": POOL_DIM, "spatial": SPATIAL_DIM, "logits_unbiased": NUM_LOGITS}
+        return {k: np.zeros((0, d), np.float32) for k, d in dims.items()}
     fn = _features_fn(module, preprocessing, mesh)
     if mesh is not None:  # placed once, not at every batch
-        rows = sharding.batch_sharding(mesh)
         variables = jax.device_put(variables, sharding.replicated(mesh))
-    keys = ("pool_3", "spatial", "logits_unbiased")
-    out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], np.uint8)])
-        if mesh is None:
-            result = {k: np.asarray(v) for k, v in fn(variables, padded).items()}
-        else:
-            result = {k: sharding.to_host(v) for k, v in fn(variables, sharding.put_global(padded, rows)).items()}
-        for k in keys:
-            out[k].append(result[k][:len(chunk)])
-        if progress is not None:
-            progress(start + len(chunk), len(images))
-    dims = {"pool_3": POOL_DIM, "spatial": SPATIAL_DIM, "logits_unbiased": NUM_LOGITS}
-    return {k: np.concatenate(v) if v else np.zeros((0, dims[k]), np.float32) for k, v in out.items()}
+    return sharding.map_batches(lambda batch, _: fn(variables, batch), images, batch_size, mesh, progress)
 
 
 if __name__ == "__main__":

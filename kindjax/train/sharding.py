@@ -10,9 +10,10 @@ its parameter.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -84,3 +85,27 @@ def to_host(array: jax.Array) -> np.ndarray:
     if array.is_fully_addressable or array.is_fully_replicated:
         return np.asarray(array)
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def map_batches(fn: Callable[[jax.Array, int], Any], inputs: np.ndarray, batch_size: int,
+                mesh: Mesh | None = None, progress: Callable[[int, int], None] | None = None) -> Any:
+    """``fn(batch, i)`` over ``inputs`` (N >= 1 rows) in batches of ``batch_size`` rounded up to a
+    multiple of ``mesh``'s devices, each placed split over the batch axes (on one device without a
+    mesh). The last batch is padded by repeating its last row and the padding is dropped; the results
+    (a pytree of arrays) are read back with :func:`to_host` and concatenated. ``progress(done, total)``
+    is called after each batch."""
+    inputs = np.asarray(inputs)
+    if len(inputs) == 0:
+        raise ValueError("map_batches needs at least one input row")
+    devices = 1 if mesh is None else mesh.devices.size
+    size = -(-min(batch_size, len(inputs)) // devices) * devices
+    rows = None if mesh is None else batch_sharding(mesh)
+    outputs = []
+    for i, start in enumerate(range(0, len(inputs), size)):
+        chunk = inputs[start:start + size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+        result = fn(jnp.asarray(padded) if mesh is None else put_global(padded, rows), i)
+        outputs.append(jax.tree.map(lambda a: to_host(a)[:len(chunk)], result))
+        if progress is not None:
+            progress(start + len(chunk), len(inputs))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
