@@ -40,7 +40,7 @@ def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
     from kindjax.data.class_groups import kind_pretrain_classes, kind_tasks
     from kindjax.layers.kind import kind_config
     from kindjax.methods import METHODS, matched_sizes, method_config
-    from kindjax.models.dit import DIT_ARCHS
+    from kindjax.archs import DIT_ARCHS
 
     hidden, depth, _ = DIT_ARCHS[arch]
     n_pretrain = len(kind_pretrain_classes())

@@ -30,7 +30,7 @@ from flax import traverse_util
 
 from kindjax import params as P
 from kindjax.methods import METHODS, Sizes, matched_sizes, method_config
-from kindjax.models.dit import build_model
+from kindjax.models.dit import abstract_params, build_model
 from kindjax.train.optimizer import trainable_predicate
 
 
@@ -52,7 +52,7 @@ def _shapes(config: ml_collections.ConfigDict, batch: int) -> tuple:
     model = build_model(config)
     x = jax.ShapeDtypeStruct((batch, model.image_size, model.image_size, model.in_channels), jnp.float32)
     i = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return model, jax.eval_shape(model.init, jax.random.key(0), x, i, i)["params"], x, i
+    return model, abstract_params(model), x, i
 
 
 def _split(config: ml_collections.ConfigDict, params) -> tuple[dict, dict]:

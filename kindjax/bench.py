@@ -40,7 +40,8 @@ from kindjax import params as P
 from kindjax.config import base_config
 from kindjax.diffusion import GaussianDiffusion
 from kindjax.layers.kind import kind_config
-from kindjax.models.dit import DIT_ARCHS, DiT, build_model
+from kindjax.archs import DIT_ARCHS
+from kindjax.models.dit import DiT, build_model
 from kindjax.train.optimizer import make_optimizer
 from kindjax.train.trainer import init_state, train_step
 

@@ -46,7 +46,7 @@ from kindjax.config import ConfigError
 from kindjax.data.images import ImageSource, open_image_source
 from kindjax.distributed import initialize
 from kindjax.models.vae import AutoencoderKL, PretrainedVAE, load_vae
-from kindjax.train.sharding import batch_sharding, make_mesh, replicated
+from kindjax.sharding import batch_sharding, make_mesh, replicated
 
 PLAN_NAME = "encode.json"
 INDEX_NAME = "index.json"

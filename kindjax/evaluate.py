@@ -22,7 +22,6 @@ command: sampling and feature extraction are split over all devices, process 0 w
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -43,11 +42,10 @@ from kindjax.diffusion import GaussianDiffusion
 from kindjax.distributed import initialize
 from kindjax.evaluation import adm
 from kindjax.evaluation.inception import PREPROCESSING, inception_features, load_inception
-from kindjax.models.dit import build_model
+from kindjax.models.dit import abstract_params, build_model
 from kindjax.sample import generate
-from kindjax.train import sharding
-from kindjax.train.logging import RunLogger, to_uint8
-from kindjax.train.trainer import init_params
+from kindjax import sharding
+from kindjax.logs import RunLogger, to_uint8
 
 PROGRESS_UPDATES = 20  # sampling is split into about this many chunks, each reported
 LATENT_FACTOR = 8      # image side / latent side of the SD-VAE (names the sample file before decoding)
@@ -101,7 +99,7 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, mesh: Me
             raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(mngr.all_steps())}")
         checkpoints.check_same_model(checkpoints.read_meta(mngr, step)["config"], config, workdir)
         model = build_model(config)
-        abstract = jax.eval_shape(functools.partial(init_params, model=model), jax.random.key(0))
+        abstract = abstract_params(model)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract, sharding.state_shardings(mesh, abstract))
         restored = mngr.restore(step, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore(target)))

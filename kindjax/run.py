@@ -11,14 +11,13 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from kindjax.config import ConfigError, validate
 from kindjax.data import make_dataset
 from kindjax.evaluation.digits_report import evaluate_digits, evaluate_kind_digits
-from kindjax.models.dit import build_model
-from kindjax.train.sharding import mesh_shape
+from kindjax.models.dit import abstract_params, build_model
+from kindjax.sharding import mesh_shape
 from kindjax.train.trainer import train
 from kindjax.transfer import transfer_config
 
@@ -33,11 +32,8 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e)) from None
     validate(config, num_devices)
     make_dataset(config)
-    model = build_model(config)
-    x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
-    i = jax.ShapeDtypeStruct((1,), jnp.int32)
     try:
-        jax.eval_shape(model.init, jax.random.key(0), x, i, i)
+        abstract_params(build_model(config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 
 from kindjax.diffusion import GaussianDiffusion, sample as run_sampler
 from kindjax.models.dit import DiT
-from kindjax.train import sharding
+from kindjax import sharding
 
 
 def generate(model: DiT, params: Any, diffusion: GaussianDiffusion, key: jax.Array, labels: np.ndarray,

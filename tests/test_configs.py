@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT
 from kindjax.config import ConfigError
 from kindjax.data import class_groups as cg
-from kindjax.models.dit import DIT_ARCHS, build_model
+from kindjax.archs import DIT_ARCHS
+from kindjax.models.dit import build_model
 from kindjax.run import check
 
 

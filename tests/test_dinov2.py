@@ -17,7 +17,7 @@ from kindjax.evaluation.dinov2 import (
     IMAGENET_MEAN, IMAGENET_STD, TORCH_HUB_INTERPOLATE_OFFSET, dinov2_features, fdd, fdd_preprocess,
     load_dinov2, pil_bicubic_resize, torch_bicubic_matrix,
 )
-from kindjax.train.sharding import make_mesh
+from kindjax.sharding import make_mesh
 
 TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, patch_size=14, image_size=56,
             layer_norm_eps=1e-6)

@@ -139,7 +139,7 @@ def test_latent_samples_are_decoded_by_the_vae(tmp_path):
     from diffusers import AutoencoderKL
 
     from kindjax.evaluate import _latent_decoder
-    from kindjax.train.sharding import make_mesh
+    from kindjax.sharding import make_mesh
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,

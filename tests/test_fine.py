@@ -15,7 +15,8 @@ from kindjax.layers.dense import DenseLinear
 from kindjax.layers.fine import FineLinear, fine_config, init_bases
 from kindjax.layers.kind import init_sigma
 from kindjax.models.dit import build_model
-from kindjax.train.trainer import Trainer, init_params, train
+from kindjax.models.dit import init_params
+from kindjax.train.trainer import Trainer, train
 
 
 def fine_model_config(hidden=32, depth=3, rank=8, heads=2):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kindjax.train import sharding
+from kindjax import sharding
 
 
 def rowwise(x):

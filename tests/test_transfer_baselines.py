@@ -14,7 +14,8 @@ from kindjax.layers.kind import kind_config, ungated_kind_linear
 from kindjax.learngene import load_params
 from kindjax.methods import METHODS, Sizes, method_config
 from kindjax.train.optimizer import trainable_predicate
-from kindjax.train.trainer import Trainer, init_params, train
+from kindjax.models.dit import init_params
+from kindjax.train.trainer import Trainer, train
 from kindjax.transfer import dense_kernel, init_from_pretrained, random_svd_backbone
 
 PRE, NOVEL = (0, 1, 2, 3, 4, 5, 6), (7, 8, 9)

@@ -41,7 +41,7 @@ from safetensors.numpy import load_file
 
 from kindjax.config import ConfigError
 from kindjax.evaluation.frechet import feature_statistics, frechet_distance
-from kindjax.train import sharding
+from kindjax import sharding
 
 #: dgm-eval's input side and ImageNet normalisation (``TF.Normalize(mean, std)``).
 FDD_IMAGE_SIZE = 224

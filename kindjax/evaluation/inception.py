@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kindjax.train import sharding
+from kindjax import sharding
 
 INCEPTION_SIZE = 299
 NUM_LOGITS = 1008

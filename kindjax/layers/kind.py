@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from kindjax.archs import resolve_dims
+
 if TYPE_CHECKING:
     from kindjax.layers import LinearFactory
 
@@ -92,10 +94,8 @@ def check_rank(d_in: int, d_out: int, linear_config: Mapping, role: str) -> int:
 
 def matrix_shapes(model_config: ml_collections.ConfigDict) -> dict[str, tuple[int, int]]:
     """``role → (d_in, d_out)`` of the six main matrices of a DiT block for ``model_config``."""
-    from kindjax.models.dit import DIT_ARCHS  # local: kindjax.models imports kindjax.layers
-
-    hidden = DIT_ARCHS[model_config.arch][0] if model_config.get("arch") else model_config.hidden_size
-    mlp = int(hidden * model_config.mlp_ratio)
+    dims = resolve_dims(model_config)
+    hidden, mlp = dims.hidden_size, dims.mlp_hidden
     square = (hidden, hidden)
     return {"q": square, "k": square, "v": square, "attn_out": square,
             "mlp_in": (hidden, mlp), "mlp_out": (mlp, hidden)}

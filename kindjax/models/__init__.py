@@ -1,4 +1,5 @@
 """Model definitions: the DiT backbone (one definition for every method)."""
-from kindjax.models.dit import DiT, DIT_ARCHS, build_model
+from kindjax.archs import DIT_ARCHS
+from kindjax.models.dit import DiT, abstract_params, build_model, init_params
 
-__all__ = ["DiT", "DIT_ARCHS", "build_model"]
+__all__ = ["DiT", "DIT_ARCHS", "abstract_params", "build_model", "init_params"]

@@ -19,15 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kindjax.archs import resolve_dims
 from kindjax.layers import LinearFactory, make_linear_factory, shared_params
-
-#: DiT sizes: name → (hidden size, depth, heads).
-DIT_ARCHS: dict[str, tuple[int, int, int]] = {
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "XL": (1152, 28, 16),
-}
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
@@ -254,7 +247,8 @@ def drop_labels(key: jax.Array, y: jax.Array, prob: float, null_class: int) -> j
 def build_model(config: ml_collections.ConfigDict) -> DiT:
     """The Linen DiT for ``config`` (a full config with a ``model`` field, or the model config)."""
     m = config.model if "model" in config else config
-    hidden, depth, heads = DIT_ARCHS[m.arch] if m.get("arch") else (m.hidden_size, m.depth, m.num_heads)
+    dims = resolve_dims(m)
+    hidden, depth, heads = dims.hidden_size, dims.depth, dims.num_heads
     if m.image_size % m.patch_size:
         raise ValueError(f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
     if hidden % heads:
@@ -267,3 +261,21 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
         timestep_freq_shift=m.timestep_freq_shift, norm_eps=m.norm_eps, mlp_norm_eps=m.mlp_norm_eps,
         residual_scales=m.get("residual_scales", False),
         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)
+
+
+def _dummy_inputs(model: DiT) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
+    i = jax.ShapeDtypeStruct((1,), jnp.int32)
+    return x, i, i
+
+
+def init_params(key: jax.Array, model: DiT) -> Any:
+    """Fresh parameters of ``model`` (traced on a one-image dummy batch)."""
+    x, t, y = (jnp.zeros(s.shape, s.dtype) for s in _dummy_inputs(model))
+    return model.init(key, x, t, y)["params"]
+
+
+def abstract_params(model: DiT) -> Any:
+    """The parameter tree of ``model`` as ``jax.ShapeDtypeStruct`` leaves; nothing is computed
+    (a shape-only trace, which also surfaces a linear variant's own size errors)."""
+    return jax.eval_shape(lambda key: init_params(key, model), jax.random.key(0))

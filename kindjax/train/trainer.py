@@ -24,19 +24,14 @@ from kindjax import checkpoints
 from kindjax import params as P
 from kindjax.data import make_dataset
 from kindjax.diffusion import GaussianDiffusion, q_sample, training_losses
-from kindjax.models.dit import DiT, build_model, drop_labels
+from kindjax.models.dit import DiT, build_model, drop_labels, init_params
 from kindjax.sample import generate
 from kindjax.transfer import initial_params
-from kindjax.train import sharding
-from kindjax.train.logging import RunLogger, image_grid, png_bytes, to_uint8
+from kindjax import sharding
+from kindjax.logs import RunLogger, image_grid, png_bytes, to_uint8
 from kindjax.train.optimizer import learning_rate, make_optimizer, trainable_predicate
 
 State = dict[str, Any]
-
-
-def init_params(key: jax.Array, model: DiT) -> Any:
-    x = jnp.zeros((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
-    return model.init(key, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
 
 
 def state_from_params(params: Any, optimizer: optax.GradientTransformation) -> State:
