@@ -50,7 +50,7 @@ def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
     if not task:
         config.data.update(grouping="kind", task="pretrain")
         config.model.num_classes = n_pretrain
-        config.model.linear = kind_config(n_learngene=n_learngene, n_tailor=n_tailor, n_classes=n_pretrain)
+        config.model.linear = kind_config(n_learngene=n_learngene, n_tailor=n_tailor)
         return config
     if task not in kind_tasks():
         raise ValueError(f"config spec {spec!r}: the task is one of task_1..task_18 (KIND Table 9), "

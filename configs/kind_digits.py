@@ -17,6 +17,6 @@ def get_config():
     config.data.classes = (0, 1, 2, 3, 4, 5, 6)
     config.model.num_classes = 7
     config.train.num_steps = 2400
-    config.model.linear = kind_config(n_learngene=72, n_tailor=8, n_classes=7)
+    config.model.linear = kind_config(n_learngene=72, n_tailor=8)
     config.transfer.update(classes=(7, 8, 9), num_steps=1000, lr=1e-3, recombine_classes=(0, 3, 6))
     return config

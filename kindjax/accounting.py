@@ -4,7 +4,7 @@
 method of :mod:`kindjax.methods` adapted to ``--classes`` new classes:
 
 - **trainable**: scalars in leaves the optimizer updates (``train.trainable`` and the
-  frozen learngene rule, :func:`kindjax.train.optimizer.trainable_predicate`);
+  frozen learngene rule, :func:`kindjax.params.update_rule`);
 - **stored**: scalars in the adapted model's parameter tree (what it takes to sample);
 - **forward GMACs / image**: multiply-accumulates of one forward pass (the unit of
   DiT's "GFLOPs", e.g. 23 for DiT-B/2 at 256²), and
@@ -28,10 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import traverse_util
 
-from kindjax import params as P
-from kindjax.methods import METHODS, Sizes, matched_sizes, method_config
+from kindjax import params as param_rules
+from kindjax.methods import METHODS, Sizes, config_sizes, method_config
 from kindjax.models.dit import abstract_params, build_model
-from kindjax.train.optimizer import trainable_predicate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +56,8 @@ def _shapes(config: ml_collections.ConfigDict, batch: int) -> tuple:
 
 def _split(config: ml_collections.ConfigDict, params) -> tuple[dict, dict]:
     """Flat ``(trainable, frozen)`` leaves by the optimizer's rule."""
-    is_trainable = trainable_predicate(config)
-    flat = traverse_util.flatten_dict(P._as_dict(params))
+    is_trainable = param_rules.update_rule(config).trainable
+    flat = traverse_util.flatten_dict(param_rules.as_dict(params))
     keys = {k: is_trainable(tuple(jax.tree_util.DictKey(n) for n in k)) for k in flat}
     return ({k: v for k, v in flat.items() if keys[k]}, {k: v for k, v in flat.items() if not keys[k]})
 
@@ -66,7 +65,7 @@ def _split(config: ml_collections.ConfigDict, params) -> tuple[dict, dict]:
 def parameter_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
     """``(trainable, stored)`` scalars of ``config``'s model (from shapes; nothing is built)."""
     _, params, _, _ = _shapes(config, 1)
-    return P.count(_split(config, params)[0]), P.count(params)
+    return param_rules.count(_split(config, params)[0]), param_rules.count(params)
 
 
 def account(config: ml_collections.ConfigDict) -> tuple[int, int, float, float]:
@@ -84,7 +83,7 @@ def account(config: ml_collections.ConfigDict) -> tuple[int, int, float, float]:
 
     forward_flops = _flops(forward, params, x, i, i)
     train_flops = _flops(jax.grad(loss), trainable, frozen, x, i, i) if trainable else forward_flops
-    return P.count(trainable), P.count(params), forward_flops / 2 / b, train_flops / b
+    return param_rules.count(trainable), param_rules.count(params), forward_flops / 2 / b, train_flops / b
 
 
 def accounts(config: ml_collections.ConfigDict, classes: int, sizes: Sizes,
@@ -109,25 +108,13 @@ def markdown(rows: list[Account]) -> str:
     return "\n".join(lines)
 
 
-def default_sizes(config: ml_collections.ConfigDict, classes: int, n_learngene: int = 0,
-                  n_tailor: int = 0) -> Sizes:
-    """:func:`kindjax.methods.matched_sizes` on this config's width and depth, with the given
-    ``N_G``, ``N_T`` or those of its KIND layers."""
-    linear = config.model.linear
-    if not (n_learngene and n_tailor) and linear.kind != "kind":
-        raise ValueError("give --n_learngene and --n_tailor, or a KIND config (model.linear.kind='kind')")
-    model = build_model(config)
-    return matched_sizes(classes, n_learngene or linear.n_learngene, n_tailor or linear.n_tailor,
-                         model.hidden_size, model.depth)
-
-
 def main(argv: list[str]) -> None:
     from absl import flags
 
     FLAGS = flags.FLAGS
     del argv
     config = FLAGS.config
-    sizes = default_sizes(config, FLAGS.classes, FLAGS.n_learngene, FLAGS.n_tailor)
+    sizes = config_sizes(config, FLAGS.classes, FLAGS.n_learngene, FLAGS.n_tailor)
     sizes = dataclasses.replace(sizes, oft_blocks=FLAGS.oft_blocks or sizes.oft_blocks,
                                 num_blocks=FLAGS.num_blocks or sizes.num_blocks)
     methods = tuple(FLAGS.methods) if FLAGS.methods else tuple(METHODS)

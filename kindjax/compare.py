@@ -26,8 +26,9 @@ import numpy as np
 
 from kindjax.accounting import parameter_counts
 from kindjax.evaluation.digits_report import evaluate_digits
-from kindjax.methods import METHODS, Sizes, matched_sizes, method_config
+from kindjax.methods import METHODS, config_sizes, method_config
 from kindjax.run import check, finished, stage
+from kindjax.transfer.kind import novel_task
 
 #: Runs that train a dense DiT from scratch on the novel classes (no transfer).
 SCRATCH = {"scratch_adaln_zero": "zero", "scratch_adaln_gaussian": "gaussian"}
@@ -44,21 +45,13 @@ def pretrain_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collecti
 
 
 def novel_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
-    """The downstream task: the novel classes, ``transfer.num_steps`` steps, seed ``seed``."""
-    c = pretrain_configs(config)["dense"]
-    c.data.classes = tuple(config.transfer.classes)
-    c.model.num_classes = len(config.transfer.classes)
-    c.train.update(num_steps=config.transfer.num_steps, seed=seed)
-    c.data.seed = seed
+    """The downstream task (:func:`kindjax.transfer.kind.novel_task`) on a dense DiT, seed ``seed``,
+    checkpointed and sampled at its end."""
+    c = novel_task(config, seed)
+    c.model.linear = ml_collections.ConfigDict(dict(kind="dense"))
     c.train.checkpoint_every = min(c.train.checkpoint_every, c.train.num_steps)
     c.train.sample_every = c.train.num_steps
     return c
-
-
-def sizes_for(config: ml_collections.ConfigDict) -> Sizes:
-    """:func:`kindjax.methods.matched_sizes` for the novel classes on this KIND config."""
-    linear, m = config.model.linear, config.model
-    return matched_sizes(len(config.transfer.classes), linear.n_learngene, linear.n_tailor, m.hidden_size, m.depth)
 
 
 def run_configs(config: ml_collections.ConfigDict, workdir: str, seeds: int,
@@ -73,20 +66,20 @@ def run_configs(config: ml_collections.ConfigDict, workdir: str, seeds: int,
                 c = base
                 c.model.adaln_init = SCRATCH[name]
             else:
-                c = method_config(base, name, sizes_for(config), pretrained=sources["dense"],
+                c = method_config(base, name, config_sizes(config, len(config.transfer.classes)), pretrained=sources["dense"],
                                   learngene=sources["kind"])
             runs.setdefault(name, []).append((os.path.join(workdir, "adapt", name, f"seed_{seed}"), c))
     return runs
 
 
-def timed_stage(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+def timed_stage(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> dict | None:
     """:func:`kindjax.run.stage` plus its wall time (kept in ``wall.json`` so reruns report it)."""
     path = os.path.join(workdir, "wall.json")
     done = finished(workdir, config.train.num_steps)
     if done is not None and os.path.exists(path):
         return {**done, **json.load(open(path))}
     start = time.time()
-    metrics = stage(config, workdir, evaluate_digits)
+    metrics = stage(config, workdir, evaluate_digits, dataset)
     if metrics is None:
         return None
     wall = {"wall_seconds": time.time() - start}
@@ -147,21 +140,20 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3,
         raise ValueError("kindjax.compare needs a KIND config with transfer.classes (e.g. configs/kind_digits.py)")
     pre = pretrain_configs(config)
     runs = run_configs(config, workdir, seeds, methods)
-    for c in list(pre.values()) + [c for per_seed in runs.values() for _, c in per_seed]:
-        check(c)
+    data = {id(c): check(c) for c in list(pre.values()) + [c for per_seed in runs.values() for _, c in per_seed]}
     total = len(pre) + sum(len(v) for v in runs.values())
     done = 0
     for name, c in pre.items():
         done += 1
         print(f"[{done}/{total}] pre-training {name}", flush=True)
-        if timed_stage(c, os.path.join(workdir, "pretrain", name)) is None:
+        if timed_stage(c, os.path.join(workdir, "pretrain", name), data[id(c)]) is None:
             return None
     results: dict[str, list[dict]] = {}
     for name, per_seed in runs.items():
         for run_dir, c in per_seed:
             done += 1
             print(f"[{done}/{total}] {name} ({os.path.basename(run_dir)}): {c.train.num_steps} steps", flush=True)
-            metrics = timed_stage(c, run_dir)
+            metrics = timed_stage(c, run_dir, data[id(c)])
             if metrics is None:
                 return None
             results.setdefault(name, []).append(metrics)

@@ -17,11 +17,12 @@ import dataclasses
 
 import ml_collections
 
+from kindjax.archs import resolve_dims
 from kindjax.config import ConfigError
-from kindjax.layers.kind import kind_config
-
-LABELS = "^y_embedder/"
-ADAPTERS = "/adapter/"
+from kindjax.params import ADAPTER_PATHS as ADAPTERS
+from kindjax.params import BIAS_PATHS as BIASES
+from kindjax.params import LABEL_PATHS as LABELS
+from kindjax.transfer.kind import as_kind_transfer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,17 @@ def matched_sizes(classes: int, n_learngene: int, n_tailor: int, hidden: int, de
                  oft_blocks=oft_blocks or hidden // 32, num_blocks=max(depth // 2, 1))
 
 
+def config_sizes(config: ml_collections.ConfigDict, classes: int, n_learngene: int = 0,
+                 n_tailor: int = 0) -> Sizes:
+    """:func:`matched_sizes` for ``classes`` new classes on this config's width and depth, with
+    the given ``N_G``, ``N_T`` or those of its KIND layers."""
+    linear, dims = config.model.linear, resolve_dims(config.model)
+    if not (n_learngene and n_tailor) and linear.kind != "kind":
+        raise ValueError("give --n_learngene and --n_tailor, or a KIND config (model.linear.kind='kind')")
+    return matched_sizes(classes, n_learngene or linear.n_learngene, n_tailor or linear.n_tailor,
+                         dims.hidden_size, dims.depth)
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """``source``: "dense" or "kind" (which pre-trained model it starts from)."""
@@ -64,8 +76,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("oft", "dense", 1e-4, (ADAPTERS, LABELS), "OFT: block-diagonal orthogonal R·W (Cayley)"),
     Method("loha", "dense", 1e-3, (ADAPTERS, LABELS), "LoHa: W + (W1a·W1b) ⊙ (W2a·W2b)"),
     Method("svdiff", "dense", 5e-3, (ADAPTERS, LABELS), "SVDiff: U·diag(ReLU(σ + δ))·Vᵀ, δ trained"),
-    Method("bitfit", "dense", 1e-3, ("/bias$", LABELS), "BitFit: biases"),
-    Method("difffit", "dense", 1e-3, ("/bias$", "/gamma_", LABELS),
+    Method("bitfit", "dense", 1e-3, (BIASES, LABELS), "BitFit: biases"),
+    Method("difffit", "dense", 1e-3, (BIASES, "/gamma_", LABELS),
            "DiffFit: biases, label embedding, residual scales γ (init 1)"),
     Method("heur_lg", "dense", 1e-4, (".*",), "Heur-LG: inherit the blocks of least gradient change"),
     Method("auto_lg", "dense", 1e-4, (".*",), "Auto-LG: inherit the blocks whose features the task keeps"),
@@ -95,13 +107,9 @@ def method_config(config: ml_collections.ConfigDict, method: str, sizes: Sizes, 
     c = config.copy_and_resolve_references()
     c.optim.lr = m.lr
     c.train.trainable = m.trainable
-    k = c.model.num_classes
     if m.source == "kind" and method != "ablation_2":
-        c.init.learngene = learngene
-        c.train.freeze_learngene = True
-        c.model.linear = kind_config(sizes.n_learngene, sizes.n_tailor, k,
-                                     "ungated" if method == "ablation_3" else "gated")
-        return c
+        return as_kind_transfer(c, learngene, sizes.n_learngene, sizes.n_tailor,
+                                "ungated" if method == "ablation_3" else "gated")
     c.init.pretrained = learngene if method == "ablation_2" else pretrained
     if method in ("lora", "dora", "pissa", "oft", "loha", "svdiff"):
         c.model.linear = adapter_linear(method, sizes)

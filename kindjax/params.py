@@ -1,4 +1,4 @@
-"""What a parameter is, decided by its path alone.
+"""What a parameter is, and what a training step may do to it, decided by its path alone.
 
 Every mask in kindjax (optimizer partitions, the class gate, checkpoint slicing,
 parameter counts) derives from these rules, never from hand-kept lists:
@@ -6,22 +6,34 @@ parameter counts) derives from these rules, never from hand-kept lists:
 - a path with a ``tailors`` component is a **tailor** leaf; its leading axis is the class;
 - the label-embedding table ``y_embedder/embedding`` is **mixed**: row c < num_classes
   belongs to tailor c, the last row (the null class) to the learngene;
-- every other leaf is **learngene** (class-agnostic).
+- every other leaf is **learngene** (class-agnostic);
+- an ``adapter`` component marks the leaves a PEFT variant adds beside its base weight.
 
+:func:`update_rule` turns a config into the one :class:`UpdateRule` the trainer applies.
 The same rules apply to optimizer-state leaves, whose paths end in the parameter path.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from kindjax.layers import is_class_gated
 
 PyTree = Any
 
 TAILORS = "tailors"
 LABEL_TABLE = ("y_embedder", "embedding")
+
+#: ``train.trainable`` patterns (regexes on ``block_0/attn/q/kernel``-style paths) for the
+#: leaf families the methods select: adapter leaves, the label table, biases.
+ADAPTER_PATHS = "/adapter/"
+LABEL_PATHS = "^y_embedder/"
+BIAS_PATHS = "/bias$"
 
 
 def path_names(path: tuple) -> tuple[str, ...]:
@@ -68,13 +80,19 @@ def is_learngene(path: tuple) -> bool:
     return not has_class_rows(path)
 
 
+def classes_present(labels: jax.Array, num_classes: int) -> jax.Array:
+    """Bool ``(num_classes,)``: which real classes ``labels`` contain (the null class is not one)."""
+    return jnp.zeros((num_classes + 1,), bool).at[labels].set(True)[:num_classes]
+
+
 def gate_class_rows(new: PyTree, old: PyTree, present: jax.Array, update_null_row: bool = True) -> PyTree:
     """The class gate on a whole tree: keep ``old`` rows of classes absent from the step.
 
     ``present`` is a bool vector over the ``num_classes`` real classes.  For class-row
     leaves ``out[c] = new[c] if present[c] else old[c]``; the null row of the label
-    table (learngene) takes ``new`` when ``update_null_row``, and every other leaf ``new``.  Applied to parameters and optimizer
-    state alike, so the AdamW moments of an absent class's tailor do not advance.
+    table (learngene) takes ``new`` when ``update_null_row``, and every other leaf ``new``.
+    Applied to parameters and optimizer state alike, so the AdamW moments of an absent
+    class's tailor do not advance.
     """
     num_classes = present.shape[0]
 
@@ -85,6 +103,42 @@ def gate_class_rows(new: PyTree, old: PyTree, present: jax.Array, update_null_ro
         return jnp.where(rows.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
 
     return map_with_path(gate, new, old)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRule:
+    """What a training step may do to each leaf, by path.
+
+    ``trainable(path)``: the leaf receives optimizer updates (all others stay bit-identical
+    and carry no optimizer state).  ``class_gated``: leaves with class rows change only in
+    the rows of the classes present in the step's labels, parameters and optimizer state
+    alike.  ``null_row``: whether the label table's null row may change.
+    """
+
+    trainable: Callable[[tuple], bool]
+    class_gated: bool
+    null_row: bool
+
+    def labels(self, tree: PyTree) -> PyTree:
+        """``"trainable"`` or ``"frozen"`` per leaf (the optimizer's partition)."""
+        return map_with_path(lambda path, _: "trainable" if self.trainable(path) else "frozen", tree)
+
+    def restrict(self, new: PyTree, old: PyTree, labels: jax.Array, num_classes: int) -> PyTree:
+        """``new`` with the class rows the step may not change taken from ``old``."""
+        if not self.class_gated and self.null_row:
+            return new
+        present = classes_present(labels, num_classes) if self.class_gated else jnp.ones((num_classes,), bool)
+        return gate_class_rows(new, old, present, self.null_row)
+
+
+def update_rule(config: ml_collections.ConfigDict) -> UpdateRule:
+    """The config's :class:`UpdateRule`: ``train.trainable`` regexes, minus every learngene
+    leaf (and the null label row) under ``train.freeze_learngene``; class rows gated when
+    the linear variant is class-gated (:func:`kindjax.layers.is_class_gated`)."""
+    matches = match_any(config.train.trainable)
+    frozen = bool(config.train.freeze_learngene)
+    trainable = (lambda path: matches(path) and not is_learngene(path)) if frozen else matches
+    return UpdateRule(trainable, class_gated=is_class_gated(config.model), null_row=not frozen)
 
 
 def count(tree: PyTree, predicate: Callable[[tuple], bool] = lambda path: True) -> int:
@@ -102,7 +156,7 @@ def split_learngene_tailors(params: PyTree, classes: Iterable[int] | None = None
     """
     from flax import traverse_util
 
-    flat = traverse_util.flatten_dict(_as_dict(params))
+    flat = traverse_util.flatten_dict(as_dict(params))
     learngene, tailors = {}, {}
     for key, leaf in flat.items():
         path = tuple(jax.tree_util.DictKey(k) for k in key)
@@ -123,14 +177,31 @@ def merge_learngene_tailors(learngene: PyTree, tailors: PyTree) -> dict:
     the tailors' (label table = tailor rows followed by the learngene's null row)."""
     from flax import traverse_util
 
-    flat = traverse_util.flatten_dict(_as_dict(learngene))
-    for key, leaf in traverse_util.flatten_dict(_as_dict(tailors)).items():
+    flat = traverse_util.flatten_dict(as_dict(learngene))
+    for key, leaf in traverse_util.flatten_dict(as_dict(tailors)).items():
         path = tuple(jax.tree_util.DictKey(k) for k in key)
         flat[key] = jnp.concatenate([leaf, flat[key]], axis=0) if is_label_table(path) else leaf
     return traverse_util.unflatten_dict(flat)
 
 
-def _as_dict(tree: PyTree) -> dict:
+def as_dict(tree: PyTree) -> dict:
+    """A parameter tree as nested plain dicts (unfrozen)."""
     from flax.core import unfreeze
 
     return unfreeze(tree) if not isinstance(tree, dict) else tree
+
+
+def map_layers(tree: Mapping[str, Any], is_layer: Callable[[str, Mapping], bool],
+               fn: Callable[[dict, jax.Array], dict], key: jax.Array) -> dict:
+    """``tree`` with ``fn(node, key_j)`` applied to every sub-tree ``node`` (under key ``name``)
+    for which ``is_layer(name, node)``; ``key_j = fold_in(key, j)`` for the j-th such layer."""
+    counter = iter(range(1 << 30))
+
+    def visit(node: Any, name: str) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        if is_layer(name, node):
+            return fn(dict(node), jax.random.fold_in(key, next(counter)))
+        return {k: visit(v, k) for k, v in node.items()}
+
+    return visit(tree, "")

@@ -22,20 +22,22 @@ from kindjax.train.trainer import train
 from kindjax.transfer import transfer_config
 
 
-def check(config: ml_collections.ConfigDict) -> None:
+def check(config: ml_collections.ConfigDict):
     """Every check that needs no compilation: the schema, the mesh, the data source, and a
-    shape-only trace of the model (which surfaces a linear variant's own errors, e.g. a rank that does not fit)."""
+    shape-only trace of the model (which surfaces a linear variant's own errors, e.g. a rank that
+    does not fit).  Returns the data source, so the run does not open it twice."""
     num_devices = jax.device_count()
     try:
         mesh_shape(num_devices, config.mesh.data, config.mesh.fsdp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     validate(config, num_devices)
-    make_dataset(config)
+    dataset = make_dataset(config)
     try:
         abstract_params(build_model(config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    return dataset
 
 
 def finished(workdir: str, num_steps: int) -> dict | None:
@@ -48,12 +50,13 @@ def finished(workdir: str, num_steps: int) -> dict | None:
     return None
 
 
-def stage(config: ml_collections.ConfigDict, workdir: str, evaluate) -> dict | None:
+def stage(config: ml_collections.ConfigDict, workdir: str, evaluate, dataset=None) -> dict | None:
     """Runs one training stage unless it already finished; its metrics, or None if it was
-    preempted (SIGTERM: the checkpoint is saved and rerunning the command resumes)."""
+    preempted (SIGTERM: the checkpoint is saved and rerunning the command resumes).
+    ``dataset``: the stage's data source when :func:`check` already opened it."""
     metrics = finished(workdir, config.train.num_steps)
     if metrics is None:
-        train(config, workdir, evaluate=evaluate)
+        train(config, workdir, evaluate=evaluate, dataset=dataset)
         metrics = finished(workdir, config.train.num_steps)
     return metrics
 
@@ -63,9 +66,9 @@ def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict |
     pre_config = config.copy_and_resolve_references()
     pre_config.job = "train"
     tr_config = transfer_config(config, pre_dir)
-    check(tr_config)
-    pre = stage(pre_config, pre_dir, evaluate_kind_digits)
-    novel = stage(tr_config, tr_dir, evaluate_digits) if pre is not None else None
+    pre_data, tr_data = check(pre_config), check(tr_config)
+    pre = stage(pre_config, pre_dir, evaluate_kind_digits, pre_data)
+    novel = stage(tr_config, tr_dir, evaluate_digits, tr_data) if pre is not None else None
     if novel is None:
         print("Stopped before the end; rerun the same command to resume.", flush=True)
         return None
@@ -79,8 +82,9 @@ def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict |
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    check(config)
     if config.job == "kind_transfer":
+        validate(config, jax.device_count())
         run_kind_transfer(config, workdir)
     else:
-        train(config, workdir, evaluate=evaluate_digits if config.data.name == "digits" else None)
+        dataset = check(config)
+        train(config, workdir, evaluate=evaluate_digits if config.data.name == "digits" else None, dataset=dataset)

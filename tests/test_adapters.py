@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from kindjax import params as P
+from kindjax import params as param_rules
 from kindjax.config import ConfigError
 from kindjax.layers import VARIANTS
 from kindjax.layers.adapters import (FROM_DENSE, DoRALinear, LoHaLinear, LoRALinear, OFTLinear,
@@ -308,7 +308,7 @@ def test_dit_step_changes_only_adapter_leaves(kind):
     new = step(params)
     n_adapter = 0
     for (path, old), fresh in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(new)):
-        name = P.path_string(path)
+        name = param_rules.path_string(path)
         if "/adapter/" in name:
             n_adapter += 1
             assert not np.array_equal(np.asarray(old), np.asarray(fresh)), f"{name} did not train"

@@ -54,7 +54,7 @@ def digits_kind_config():
     c = tiny_config()
     c.model.update(hidden_size=32, num_heads=2, num_classes=7, adaln_init="gaussian")
     c.data.classes = (0, 1, 2, 3, 4, 5, 6)
-    c.model.linear = kind_config(n_learngene=16, n_tailor=2, n_classes=7)
+    c.model.linear = kind_config(n_learngene=16, n_tailor=2)
     c.train.update(num_steps=2, checkpoint_every=2, log_every=2)
     c.transfer.update(classes=(7, 8, 9), num_steps=2)
     return c

@@ -130,13 +130,14 @@ def test_init_matches_dense_output_scale(d_in, d_out, n_cls, n_t, n_g):
 
 
 def test_rank_that_does_not_fit_is_refused_with_the_numbers():
-    assert check_rank(64, 256, kind_config(n_learngene=34, n_tailor=3, n_classes=10), "mlp_in") == 64
+    ten = lambda n_learngene, n_tailor: dict(num_classes=10, linear=kind_config(n_learngene, n_tailor))
+    assert check_rank(64, 256, ten(34, 3), "mlp_in") == 64
     with pytest.raises(ValueError) as err:
-        check_rank(64, 256, kind_config(n_learngene=20, n_tailor=5, n_classes=10), "mlp_in")
+        check_rank(64, 256, ten(20, 5), "mlp_in")
     for text in ("'mlp_in'", "d_in=64", "d_out=256", "10·5 + 20 = 70", "min(d_in, d_out) = 64"):
         assert text in str(err.value)
     # In a DiT whose MLP is narrower than its width, only the MLP matrices fail.
-    config = small_dit_config(hidden=32, n_learngene=13, n_tailor=1, n_classes=4)
+    config = small_dit_config(hidden=32, n_learngene=13, n_tailor=1)
     config.mlp_ratio = 0.5
     with pytest.raises(ValueError, match="'mlp_in'.*d_in=32, d_out=16.*= 17 > min"):
         kindjax.build_model(config)
@@ -146,31 +147,31 @@ def test_rank_that_does_not_fit_is_refused_with_the_numbers():
 
 
 def test_bad_linear_config_is_refused():
-    config = small_dit_config(hidden=32, n_learngene=8, n_tailor=2, n_classes=5)
-    with pytest.raises(ValueError, match="n_classes=5 must equal config.model.num_classes=4"):
+    config = small_dit_config(hidden=32, n_learngene=8, n_tailor=2)
+    config.linear.n_classes = 4  # one source per fact: the tailor count is model.num_classes
+    with pytest.raises(ValueError, match="linear.n_classes is not a key.*model.num_classes"):
         kindjax.build_model(config)
-    config = small_dit_config(hidden=32, n_learngene=0, n_tailor=2, n_classes=4)
+    config = small_dit_config(hidden=32, n_learngene=0, n_tailor=2)
     with pytest.raises(ValueError, match="n_learngene must be a positive int"):
         kindjax.build_model(config)
-    config = small_dit_config(hidden=32, n_learngene=8, n_tailor=2, n_classes=4)
+    config = small_dit_config(hidden=32, n_learngene=8, n_tailor=2)
     config.linear.n_tailors = 2
     with pytest.raises(ValueError, match=r"unknown keys \['n_tailors'\]"):
         kindjax.build_model(config)
 
 
-def small_dit_config(hidden: int, n_learngene: int, n_tailor: int,
-                     n_classes: int) -> ml_collections.ConfigDict:
+def small_dit_config(hidden: int, n_learngene: int, n_tailor: int) -> ml_collections.ConfigDict:
     config = model_config()
     config.update(dict(hidden_size=hidden, depth=2, num_heads=2, image_size=8, in_channels=1,
                        patch_size=2, num_classes=4, adaln_init="gaussian"))
     config.linear = ml_collections.ConfigDict(dict(
-        kind="kind", n_learngene=n_learngene, n_tailor=n_tailor, n_classes=n_classes))
+        kind="kind", n_learngene=n_learngene, n_tailor=n_tailor))
     return config
 
 
 def test_dit_builds_with_kind_layers_and_has_the_expected_paths():
     d, n_g, n_t, n_cls = 32, 8, 2, 4
-    model = kindjax.build_model(small_dit_config(d, n_g, n_t, n_cls))
+    model = kindjax.build_model(small_dit_config(d, n_g, n_t))
     x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
     t = jnp.array([1, 500, 999])
     y = jnp.array([0, 3, n_cls])
@@ -216,8 +217,8 @@ def test_naive_formulation_matches_gated_values_and_gradients():
 def test_dit_naive_formulation_matches_gated_and_bad_formulation_is_refused():
     x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
     t, y = jnp.array([1, 500, 999]), jnp.array([0, 3, 4])
-    gated = kindjax.build_model(small_dit_config(32, 8, 2, 4))
-    config = small_dit_config(32, 8, 2, 4)
+    gated = kindjax.build_model(small_dit_config(32, 8, 2))
+    config = small_dit_config(32, 8, 2)
     config.linear.formulation = "naive"
     naive = kindjax.build_model(config)
     params = jax.jit(gated.init)(jax.random.key(1), x, t, y)   # zero final layer: perturb all

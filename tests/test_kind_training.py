@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from kindjax import params as P
+from kindjax import params as param_rules
 from kindjax.layers.kind import kind_config
 from kindjax.transfer import transfer_config
 from kindjax.train.trainer import Trainer, train
@@ -15,7 +15,7 @@ def kind_tiny(num_classes=7, classes=(0, 1, 2, 3, 4, 5, 6)):
     c.data.classes = classes
     c.model.num_classes = num_classes
     c.model.class_dropout = 0.0
-    c.model.linear = kind_config(n_learngene=16, n_tailor=4, n_classes=num_classes)
+    c.model.linear = kind_config(n_learngene=16, n_tailor=4)
     return c
 
 
@@ -26,7 +26,7 @@ def batch_of(trainer, labels, seed=0):
 
 
 def leaves(tree, predicate):
-    return {P.path_string(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree) if predicate(p)}
+    return {param_rules.path_string(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree) if predicate(p)}
 
 
 def test_class_gate_leaves_absent_tailors_and_their_moments_bit_identical(tmp_path):
@@ -41,17 +41,17 @@ def test_class_gate_leaves_absent_tailors_and_their_moments_bit_identical(tmp_pa
         state, _ = trainer.step_fn(state, batch_of(trainer, [0, 1] * 8))
     absent, present = slice(2, 7), slice(0, 2)
     for tree in ("params", "opt_state"):
-        old = leaves(before[tree], P.has_class_rows)
-        new = leaves(state[tree], P.has_class_rows)
+        old = leaves(before[tree], param_rules.has_class_rows)
+        new = leaves(state[tree], param_rules.has_class_rows)
         assert old, tree
         for name in old:
             if new[name].ndim == 0:  # Adam's step count
                 continue
             np.testing.assert_array_equal(new[name][absent], old[name][absent], err_msg=name)
-    moved = leaves(state["params"], P.is_tailor)
-    old = leaves(before["params"], P.is_tailor)
+    moved = leaves(state["params"], param_rules.is_tailor)
+    old = leaves(before["params"], param_rules.is_tailor)
     assert any(not np.array_equal(moved[n][present], old[n][present]) for n in moved)
-    lg_new, lg_old = leaves(state["params"], P.is_learngene), leaves(before["params"], P.is_learngene)
+    lg_new, lg_old = leaves(state["params"], param_rules.is_learngene), leaves(before["params"], param_rules.is_learngene)
     assert any(not np.array_equal(lg_new[n], lg_old[n]) for n in lg_new)
 
 
@@ -76,8 +76,8 @@ def test_transfer_freezes_learngene_and_trains_fresh_tailors(tmp_path):
     tconfig = transfer_config(config, str(tmp_path / "pre"))
     trainer = Trainer(tconfig, str(tmp_path / "tr"))
     start = jax.tree.map(np.asarray, trainer.fresh_state())  # host copy: the step donates its input
-    learngene_pre, _ = P.split_learngene_tailors(pre["ema_params"])
-    learngene_start, tailors_start = P.split_learngene_tailors(start["params"])
+    learngene_pre, _ = param_rules.split_learngene_tailors(pre["ema_params"])
+    learngene_start, tailors_start = param_rules.split_learngene_tailors(start["params"])
     # The transferred learngene is the pre-trained EMA learngene, exactly.
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  learngene_start, learngene_pre)
@@ -91,7 +91,7 @@ def test_transfer_freezes_learngene_and_trains_fresh_tailors(tmp_path):
     state = jax.device_put(start, trainer.state_sharding)
     for step in range(6):
         state, _ = trainer.step_fn(state, trainer.global_batch(step))
-    learngene_end, tailors_end = P.split_learngene_tailors(state["params"])
+    learngene_end, tailors_end = param_rules.split_learngene_tailors(state["params"])
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  learngene_end, learngene_start)
     changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)), tailors_end, tailors_start)

@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     """A KIND digits run: step 1 trained (8 devices); step 2 = step 1 with perturbed weights."""
     workdir = str(tmp_path_factory.mktemp("kind_run"))
     config = tiny_config()
-    config.model.update(depth=1, linear=kind_config(16, 2, 10))
+    config.model.update(depth=1, linear=kind_config(16, 2))
     config.train.num_steps = 1
     state = train(config, workdir, evaluate=None)
     state = dict(state, step=jnp.asarray(2), params=perturbed(state["params"], 1),
@@ -163,7 +163,7 @@ def test_assembled_model_equals_full_model(run, tmp_path, capsys):
     assert f"learngene {n_g:>12,}" in printed and f"tailors   {n_t:>12,}" in printed
     assert f"of the full 10-class model ({P.count(run.ema):,})" in printed
     assert assembled.classes == CLASSES and assembled.model.num_classes == 3
-    assert assembled.config.model.linear.n_classes == 3
+    assert assembled.config.model.num_classes == 3
 
     k = len(CLASSES)
     rng = np.random.default_rng(0)

@@ -7,16 +7,15 @@ import pytest
 from flax import traverse_util
 
 from conftest import tiny_config
-from kindjax import params as P
+from kindjax import params as param_rules
 from kindjax.config import ConfigError, validate
-from kindjax.layer_selection import linear_cka
+from kindjax.transfer.layer_selection import linear_cka
 from kindjax.layers.kind import kind_config, ungated_kind_linear
 from kindjax.learngene import load_params
 from kindjax.methods import METHODS, Sizes, method_config
-from kindjax.train.optimizer import trainable_predicate
 from kindjax.models.dit import init_params
 from kindjax.train.trainer import Trainer, train
-from kindjax.transfer import dense_kernel, init_from_pretrained, random_svd_backbone
+from kindjax.transfer.pretrained import dense_kernel, init_from_pretrained, random_svd_backbone
 
 PRE, NOVEL = (0, 1, 2, 3, 4, 5, 6), (7, 8, 9)
 SIZES = Sizes(rank=6, n_learngene=16, n_tailor=2, oft_blocks=4, num_blocks=1)
@@ -44,12 +43,12 @@ def sources(tmp_path_factory):
     """A tiny dense DiT and a tiny KIND DiT, each trained 3 steps on digits 0–6."""
     root = tmp_path_factory.mktemp("sources")
     train(pretrain_config(), str(root / "dense"))
-    train(pretrain_config(kind_config(SIZES.n_learngene, SIZES.n_tailor, len(PRE))), str(root / "kind"))
+    train(pretrain_config(kind_config(SIZES.n_learngene, SIZES.n_tailor)), str(root / "kind"))
     return {"dense": str(root / "dense"), "kind": str(root / "kind")}
 
 
 def flat(tree):
-    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(P._as_dict(tree)).items()}
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(param_rules.as_dict(tree)).items()}
 
 
 def fresh_params(config, seed=1):
@@ -167,8 +166,8 @@ def test_each_method_trains_only_its_trainable_leaves(sources, method, tmp_path)
         state, metrics = trainer.step_fn(state, trainer.global_batch(step))
         assert np.isfinite(float(metrics["loss"]))
     after = flat(state["params"])
-    trainable = trainable_predicate(config)
-    paths = {"/".join(P.path_names(p)): p for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])}
+    trainable = param_rules.update_rule(config).trainable
+    paths = {"/".join(param_rules.path_names(p)): p for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])}
     frozen = [n for n in after if not trainable(paths[n])]
     moved = [n for n in after if trainable(paths[n]) and not np.array_equal(after[n], before[n])]
     for name in frozen:
@@ -197,7 +196,7 @@ def test_difffit_residual_scales_start_at_one_and_scale_the_branches():
     np.testing.assert_array_equal(scaled.apply({"params": params}, x, t, y), plain.apply({"params": without}, x, t, y))
     # ... γ = 0 on every branch leaves only the identity path: the output of a zero-depth DiT.
     zeroed = jax.tree_util.tree_map_with_path(
-        lambda p, v: jnp.zeros_like(v) if "gamma_" in P.path_string(p) else v, params)
+        lambda p, v: jnp.zeros_like(v) if "gamma_" in param_rules.path_string(p) else v, params)
     out_zero = scaled.apply({"params": zeroed}, x, t, y)
     config.model.depth = 0
     np.testing.assert_allclose(out_zero, build_model(config).apply({"params": without}, x, t, y), atol=1e-6)

@@ -11,6 +11,7 @@ from kindjax.diffusion.gaussian import (
     space_timesteps,
     training_losses,
 )
+from kindjax.diffusion.objective import Denoiser, denoising_loss, noisy_inputs
 from kindjax.diffusion.samplers import (
     DenoiseFn,
     classifier_free_guidance,
@@ -21,12 +22,15 @@ from kindjax.diffusion.samplers import (
 
 __all__ = [
     "DenoiseFn",
+    "Denoiser",
     "GaussianDiffusion",
     "approx_standard_normal_cdf",
     "classifier_free_guidance",
     "ddim_step",
     "ddpm_step",
+    "denoising_loss",
     "discretized_gaussian_log_likelihood",
+    "noisy_inputs",
     "normal_kl",
     "p_mean_variance",
     "q_posterior",

@@ -27,6 +27,7 @@ from kindjax.layers.adapters import (dora_factory, loha_factory, lora_factory, o
                                      pissa_factory, svdiff_factory)
 from kindjax.layers.dense import DenseLinear
 from kindjax.layers.fine import fine_factory
+from kindjax.layers.kind import is_class_gated as kind_is_class_gated
 from kindjax.layers.kind import kind_factory
 
 #: Roles of the six main matrices of a DiT block, in the papers' vocabulary.
@@ -82,6 +83,17 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], LinearFactory]] = {
 #: ``kind → from_dense(layer_params, key, linear_config) -> layer_params``; kinds not listed
 #: start from the copied dense leaves and their own fresh init as they are.
 FROM_DENSE: dict[str, Callable] = {**ADAPTERS_FROM_DENSE}
+
+
+#: Variants whose class-row leaves a sample of class ``c`` reaches only in row ``c``:
+#: ``kind → predicate(linear_config)``; unlisted variants are not class-gated.
+CLASS_GATED: dict[str, Callable[[ml_collections.ConfigDict], bool]] = {"kind": kind_is_class_gated}
+
+
+def is_class_gated(model_config: ml_collections.ConfigDict) -> bool:
+    """True when ``model_config.linear`` routes each sample to its own class's rows only."""
+    gated = CLASS_GATED.get(model_config.linear.kind)
+    return bool(gated and gated(model_config.linear))
 
 
 def make_linear_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:

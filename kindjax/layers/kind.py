@@ -30,8 +30,8 @@ from kindjax.archs import resolve_dims
 if TYPE_CHECKING:
     from kindjax.layers import LinearFactory
 
-#: Keys of ``config.model.linear`` for ``kind="kind"``.
-CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "n_classes", "formulation")
+#: Keys of ``config.model.linear`` for ``kind="kind"``; ``N_cls`` is ``model.num_classes``.
+CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "formulation")
 
 #: ``config.model.linear.formulation``: how the class gate is computed.  ``gated`` is the
 #: efficient form; ``naive`` materialises one full-rank weight per sample (same values,
@@ -40,12 +40,10 @@ CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "n_classes", "formulation")
 FORMULATIONS = ("gated", "naive", "ungated")
 
 
-def kind_config(n_learngene: int, n_tailor: int, n_classes: int,
-                formulation: str = "gated") -> ml_collections.ConfigDict:
-    """``config.model.linear`` for KIND with ``N_G``, ``N_T`` and ``N_cls`` (= model.num_classes)."""
-    return ml_collections.ConfigDict(dict(
-        kind="kind", n_learngene=n_learngene, n_tailor=n_tailor, n_classes=n_classes,
-        formulation=formulation))
+def kind_config(n_learngene: int, n_tailor: int, formulation: str = "gated") -> ml_collections.ConfigDict:
+    """``config.model.linear`` for KIND with ``N_G`` and ``N_T`` (``N_cls`` = ``model.num_classes``)."""
+    return ml_collections.ConfigDict(dict(kind="kind", n_learngene=n_learngene, n_tailor=n_tailor,
+                                          formulation=formulation))
 
 
 def kind_formulation(linear_config: Mapping) -> str:
@@ -57,14 +55,23 @@ def kind_formulation(linear_config: Mapping) -> str:
     return formulation
 
 
-def kind_sizes(linear_config: Mapping) -> tuple[int, int, int]:
-    """``(N_cls, N_T, N_G)`` read from ``config.model.linear``, each a positive int."""
+def is_class_gated(linear_config: Mapping) -> bool:
+    """A sample of class ``c`` reaches only the learngene and tailor ``c`` (not ablation #3)."""
+    return kind_formulation(linear_config) != "ungated"
+
+
+def kind_sizes(model_config: Mapping) -> tuple[int, int, int]:
+    """``(N_cls, N_T, N_G)``: ``model.num_classes`` and ``model.linear``'s sizes, each a positive int."""
+    linear_config = model_config["linear"]
+    if "n_classes" in linear_config:
+        raise ValueError("config.model.linear.n_classes is not a key: KIND has one tailor per class of "
+                         "model.num_classes; remove n_classes and set model.num_classes")
     unknown = sorted(set(linear_config.keys()) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"config.model.linear has unknown keys {unknown} for kind='kind'; "
                          f"allowed keys: {list(CONFIG_KEYS)}")
-    sizes = []
-    for key in ("n_classes", "n_tailor", "n_learngene"):
+    sizes = [model_config["num_classes"]]
+    for key in ("n_tailor", "n_learngene"):
         value = linear_config.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"config.model.linear.{key} must be a positive int for kind='kind', "
@@ -86,9 +93,9 @@ def _check_fits(d_in: int, d_out: int, n_classes: int, n_tailor: int, n_learngen
     return rank
 
 
-def check_rank(d_in: int, d_out: int, linear_config: Mapping, role: str) -> int:
+def check_rank(d_in: int, d_out: int, model_config: Mapping, role: str) -> int:
     """Validates that ``r = N_cls·N_T + N_G ≤ min(d_in, d_out)`` for one matrix; returns ``r``."""
-    n_classes, n_tailor, n_learngene = kind_sizes(linear_config)
+    n_classes, n_tailor, n_learngene = kind_sizes(model_config)
     return _check_fits(d_in, d_out, n_classes, n_tailor, n_learngene, role)
 
 
@@ -267,17 +274,12 @@ class KINDLinear(nn.Module):
 
 
 def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
-    """KIND layers for all six matrices; refuses ranks that do not fit or a wrong ``n_classes``."""
-    linear = model_config.linear
-    n_classes, n_tailor, n_learngene = kind_sizes(linear)
-    formulation = kind_formulation(linear)
-    if n_classes != model_config.num_classes:
-        raise ValueError(
-            f"config.model.linear.n_classes={n_classes} must equal config.model.num_classes="
-            f"{model_config.num_classes} (one tailor per class; the null class uses the "
-            f"learngene alone).")
+    """KIND layers for all six matrices, one tailor per class of ``model.num_classes``;
+    refuses ranks that do not fit."""
+    n_classes, n_tailor, n_learngene = kind_sizes(model_config)
+    formulation = kind_formulation(model_config.linear)
     for role, (d_in, d_out) in matrix_shapes(model_config).items():
-        check_rank(d_in, d_out, linear, role)
+        check_rank(d_in, d_out, model_config, role)
 
     def make(role: str, features: int, name: str, shared: None = None) -> nn.Module:
         return KINDLinear(features=features, n_classes=n_classes, n_tailor=n_tailor,

@@ -21,15 +21,15 @@ import numpy as np
 import optax
 
 from kindjax import checkpoints
-from kindjax import params as P
+from kindjax import params as param_rules
 from kindjax.data import make_dataset
-from kindjax.diffusion import GaussianDiffusion, q_sample, training_losses
+from kindjax.diffusion import GaussianDiffusion, denoising_loss, noisy_inputs
 from kindjax.models.dit import DiT, build_model, drop_labels, init_params
 from kindjax.sample import generate
-from kindjax.transfer import initial_params
+from kindjax.transfer import initial_params, starts_from_checkpoint
 from kindjax import sharding
 from kindjax.logs import RunLogger, image_grid, png_bytes, to_uint8
-from kindjax.train.optimizer import learning_rate, make_optimizer, trainable_predicate
+from kindjax.train.optimizer import learning_rate, make_optimizer
 
 State = dict[str, Any]
 
@@ -45,19 +45,6 @@ def init_state(key: jax.Array, model: DiT, optimizer: optax.GradientTransformati
     return state_from_params(init_params(key, model), optimizer)
 
 
-def is_class_gated(params: Any, config: ml_collections.ConfigDict) -> bool:
-    """A model with tailor leaves (decided by paths) trains under the class gate, unless its
-    layers are the ungated ablation (``model.linear.formulation="ungated"``)."""
-    if config.model.linear.get("formulation") == "ungated":
-        return False
-    return any(P.is_tailor(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
-
-
-def classes_present(y: jax.Array, num_classes: int) -> jax.Array:
-    """Bool ``(num_classes,)``: which real classes the step's (post-dropout) labels contain."""
-    return jnp.zeros((num_classes + 1,), bool).at[y].set(True)[:num_classes]
-
-
 def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
     """EMA decay at ``step``: ``ema_decay``, or ``min(ema_decay, (1+t)/(10+t))`` with ``ema_warmup``."""
     decay = jnp.asarray(config.train.ema_decay, jnp.float32)
@@ -70,31 +57,22 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
 def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusion: GaussianDiffusion,
                optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict,
                base_key: jax.Array) -> tuple[State, dict[str, jax.Array]]:
-    """One AdamW step on the hybrid diffusion loss; EMA update; class gate when the model has tailors."""
+    """One AdamW step on the hybrid diffusion loss, restricted by the config's update rule
+    (:func:`kindjax.params.update_rule`: frozen leaves, per-class rows); EMA update."""
     key = jax.random.fold_in(base_key, state["step"])
     k_t, k_noise, k_drop = jax.random.split(key, 3)
     x0 = batch["image"]
     y = drop_labels(k_drop, batch["label"], config.model.class_dropout, model.num_classes)
-    t = jax.random.randint(k_t, (x0.shape[0],), 0, diffusion.num_timesteps)
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    xt = q_sample(diffusion, x0, t, noise)
-
-    def loss_fn(params):
-        out = model.apply({"params": params}, xt, t, y)
-        losses = training_losses(diffusion, out, x0, xt, t, noise, learn_sigma=model.learn_sigma)
-        return losses["loss"].mean(), losses
-
+    xt, t, noise = noisy_inputs(k_t, k_noise, x0, diffusion)
+    loss_fn = functools.partial(denoising_loss, model, diffusion=diffusion, x0=x0, xt=xt, t=t, noise=noise, y=y)
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    if is_class_gated(params, config):
-        present = classes_present(y, model.num_classes)
-        update_null = not config.train.freeze_learngene
-        params = P.gate_class_rows(params, state["params"], present, update_null)
-        opt_state = P.gate_class_rows(opt_state, state["opt_state"], present, update_null)
+    rule = param_rules.update_rule(config)
+    params = rule.restrict(optax.apply_updates(state["params"], updates), state["params"], y, model.num_classes)
+    opt_state = rule.restrict(opt_state, state["opt_state"], y, model.num_classes)
     ema = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay(config, state["step"]))
-    trainable = trainable_predicate(config)
-    grad_norm = optax.tree.norm([g for path, g in jax.tree_util.tree_leaves_with_path(grads) if trainable(path)])
+    grad_norm = optax.tree.norm([g for path, g in jax.tree_util.tree_leaves_with_path(grads)
+                                 if rule.trainable(path)])
     metrics = {"loss": loss, "mse": losses["mse"].mean(), "vb": losses["vb"].mean(), "grad_norm": grad_norm,
                "lr": learning_rate(config)(state["step"])}
     return {"step": state["step"] + 1, "params": params, "ema_params": ema, "opt_state": opt_state}, metrics
@@ -104,14 +82,14 @@ class Trainer:
     """Builds the model, mesh, optimizer, state (fresh or restored) and the jitted step."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-                 devices: Any = None):
+                 devices: Any = None, dataset: Any = None):
         self.config = config
         self.workdir = workdir
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
         self.model = build_model(config)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
         self.optimizer = make_optimizer(config)
-        self.dataset = make_dataset(config)
+        self.dataset = make_dataset(config) if dataset is None else dataset
         self.base_key = jax.random.key(config.train.seed)
         init = functools.partial(init_state, model=self.model, optimizer=self.optimizer)
         abstract = jax.eval_shape(init, self.base_key)
@@ -129,8 +107,7 @@ class Trainer:
     def fresh_state(self) -> State:
         """Step 0: a random init, or the start ``config.init`` names (:func:`kindjax.transfer.initial_params`)."""
         key = jax.random.fold_in(self.base_key, 1 << 20)
-        init = self.config.init
-        if not (init.learngene or init.pretrained or init.fine_learngene):
+        if not starts_from_checkpoint(self.config):
             return self._init(key)
         fresh = jax.jit(functools.partial(init_params, model=self.model))(key)
         params = initial_params(self.config, fresh, jax.random.fold_in(key, 1))
@@ -204,15 +181,16 @@ def sample_grid(trainer: Trainer, state: State, step: int, logger: RunLogger) ->
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          evaluate: Callable[[Trainer, State], dict[str, float]] | None = None) -> State:
+          evaluate: Callable[[Trainer, State], dict[str, float]] | None = None, dataset: Any = None) -> State:
     """Trains to ``config.train.num_steps`` (resuming from ``workdir`` if it holds a checkpoint).
 
     Saves every ``checkpoint_every`` steps, on SIGTERM, and at the end; logs every
     ``log_every`` steps; writes a sample grid every ``sample_every`` steps and at the
     end; then runs ``evaluate`` (if given) and writes its figures to ``metrics.json``.
+    ``dataset``: the data source if the caller already opened it (else it is opened here).
     """
     tc = config.train
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(config, workdir, dataset=dataset)
     mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     logger = RunLogger(workdir, tc.num_steps)
     if mngr.latest_step() is not None:
@@ -221,8 +199,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         logger.text(f"Resumed from {workdir} at step {int(state['step'])}.")
     else:
         state = trainer.fresh_state()
-        logger.text(f"Fresh run in {workdir}: {P.count(state['params'])/1e6:.3f}M parameters "
-                    f"({P.count(state['params'], trainable_predicate(config))/1e6:.3f}M trainable), "
+        logger.text(f"Fresh run in {workdir}: {param_rules.count(state['params'])/1e6:.3f}M parameters "
+                    f"({param_rules.count(state['params'], param_rules.update_rule(config).trainable)/1e6:.3f}M trainable), "
                     f"mesh {dict(trainer.mesh.shape)}.")
     step = int(state["step"])
     preemption = Preemption()

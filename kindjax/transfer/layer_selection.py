@@ -27,23 +27,19 @@ import numpy as np
 
 from kindjax.config import ConfigError
 from kindjax.data import make_dataset
-from kindjax.diffusion import GaussianDiffusion, q_sample, training_losses
+from kindjax.diffusion import GaussianDiffusion, denoising_loss, noisy_inputs
 from kindjax.models.dit import DiT, DiTBlock, build_model
 
 SELECTIONS = ("heur_lg", "auto_lg")
 
 
 def _noisy_batch(key: jax.Array, batch: dict, diffusion: GaussianDiffusion) -> tuple:
-    k_t, k_noise = jax.random.split(key)
     x0 = jnp.asarray(batch["image"])
-    t = jax.random.randint(k_t, (x0.shape[0],), 0, diffusion.num_timesteps)
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    return x0, q_sample(diffusion, x0, t, noise), t, noise
+    return (x0,) + noisy_inputs(*jax.random.split(key), x0, diffusion)
 
 
 def _loss(params: Any, model: DiT, diffusion: GaussianDiffusion, x0, xt, t, noise, y) -> jax.Array:
-    out = model.apply({"params": params}, xt, t, y)
-    return training_losses(diffusion, out, x0, xt, t, noise, learn_sigma=model.learn_sigma)["loss"].mean()
+    return denoising_loss(model, params, diffusion, x0, xt, t, noise, y)[0]
 
 
 def _norm(tree: Any) -> jax.Array:

@@ -1,0 +1,39 @@
+"""Starting a model from a pre-trained one; ``config.init`` names the start:
+
+- ``init.learngene`` (:mod:`kindjax.transfer.kind`): a KIND learngene, fresh tailors for new classes;
+- ``init.pretrained`` (:mod:`kindjax.transfer.pretrained`): a dense or KIND DiT into any linear
+  variant (the baselines), optionally only some blocks (:mod:`kindjax.transfer.layer_selection`:
+  Heur-LG, Auto-LG);
+- ``init.fine_learngene``: FINE's shared ``U``, ``V`` into a FINE DiT of another size.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+
+from kindjax.transfer.kind import learngene_init, transfer_config
+from kindjax.transfer.pretrained import pretrained_init
+
+STARTS = ("learngene", "pretrained", "fine_learngene")
+
+
+def starts_from_checkpoint(config: ml_collections.ConfigDict) -> bool:
+    """True when ``config.init`` names a pre-trained start (else step 0 is a random init)."""
+    return any(config.init[k] for k in STARTS)
+
+
+def initial_params(config: ml_collections.ConfigDict, fresh: Mapping[str, Any], key: jax.Array) -> dict:
+    """The step-0 parameters for the start ``config.init`` names, given the model's ``fresh`` ones."""
+    from kindjax.fine import init_from_config
+
+    init = config.init
+    if init.pretrained:
+        return pretrained_init(config, fresh, key)
+    if init.fine_learngene:
+        return init_from_config(config, fresh, key)
+    return learngene_init(config, fresh, key)
+
+
+__all__ = ["STARTS", "initial_params", "starts_from_checkpoint", "transfer_config"]
