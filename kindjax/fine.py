@@ -13,7 +13,7 @@ initialises a new FINE DiT of another depth, width and/or rank:
   a trained factor is not orthonormal either).
   *columns* (the rank ``r``): cropped to the first ``r'``; when ``r' > r``, extended with
   random columns orthonormal to the copied ones (Gram–Schmidt of Gaussian columns,
-  :func:`kindjax.layers.kind._extend_orthonormal`).
+  :func:`kindjax.layers.kind.extend_orthonormal`).
 - **Σ per layer**: the learngene says nothing about depth, so every layer of the new
   model gets the same ``Σ``: the mean over the source's layers of that role's ``Σ``
   (``sigma=`` of :func:`init_from_fine_learngene`; :func:`load_fine_learngene` reads
@@ -42,7 +42,7 @@ from kindjax import params as P
 from kindjax.config import ConfigError
 from kindjax.layers import ROLES
 from kindjax.layers.fine import BASES
-from kindjax.layers.kind import _extend_orthonormal
+from kindjax.layers.kind import extend_orthonormal
 
 SIGMA = "sigma"
 
@@ -92,7 +92,7 @@ def resize_factor(key: jax.Array, factor: jax.Array, rows: int, cols: int) -> ja
         extra = jax.random.normal(key_rows, (rows - f.shape[0], f.shape[1]), jnp.float32) / np.sqrt(rows)
         f = jnp.concatenate([f, extra], axis=0)
     if cols > f.shape[1]:
-        f = jnp.concatenate([f, _extend_orthonormal(key_cols, f, cols - f.shape[1])], axis=1)
+        f = jnp.concatenate([f, extend_orthonormal(key_cols, f, cols - f.shape[1])], axis=1)
     return f
 
 

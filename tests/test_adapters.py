@@ -230,7 +230,7 @@ def test_svdiff_matches_float64_oracle():
 @pytest.mark.parametrize("kind", KINDS)
 def test_fresh_layer_equals_dense(kind):
     """At init (after from_dense for the data-dependent kinds) the output is the dense x·W + b."""
-    model_config = ml_collections.ConfigDict(dict(arch="", hidden_size=16, mlp_ratio=1.5,
+    model_config = ml_collections.ConfigDict(dict(arch="", hidden_size=16, depth=1, num_heads=2, mlp_ratio=1.5,
                                                   linear=adapter_config(kind, oft_block_size=4)))
     layer = VARIANTS[kind](model_config)("q", D_OUT, "q")
     x = jax.random.normal(jax.random.key(7), (2, 3, D_IN))

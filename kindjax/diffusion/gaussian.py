@@ -113,7 +113,7 @@ def respace(diffusion: GaussianDiffusion, num_steps: int) -> GaussianDiffusion:
     return GaussianDiffusion.from_betas(betas, diffusion.timestep_map[kept])
 
 
-def _extract(table: np.ndarray, t: jax.Array, ndim: int) -> jax.Array:
+def extract(table: np.ndarray, t: jax.Array, ndim: int) -> jax.Array:
     """``table[t]`` as float32, shaped ``t.shape + (1,)·(ndim − t.ndim)`` to broadcast over an image."""
     values = jnp.asarray(table, dtype=jnp.float32)[t]
     return values.reshape(values.shape + (1,) * (ndim - values.ndim))
@@ -125,17 +125,17 @@ def _mean_flat(x: jax.Array) -> jax.Array:
 
 def q_sample(d: GaussianDiffusion, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
     """``x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε``; ``t`` int ``(B,)``."""
-    return (_extract(d.sqrt_alphas_cumprod, t, x0.ndim) * x0
-            + _extract(d.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+    return (extract(d.sqrt_alphas_cumprod, t, x0.ndim) * x0
+            + extract(d.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
 
 
 def q_posterior(d: GaussianDiffusion, x0: jax.Array, xt: jax.Array,
                 t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``q(x_{t−1} | x_t, x_0) = N(c1_t x_0 + c2_t x_t, β̃_t)``: returns (mean, β̃_t, clipped log β̃_t)."""
     n = xt.ndim
-    mean = _extract(d.posterior_mean_coef1, t, n) * x0 + _extract(d.posterior_mean_coef2, t, n) * xt
-    variance = jnp.broadcast_to(_extract(d.posterior_variance, t, n), xt.shape)
-    log_variance = jnp.broadcast_to(_extract(d.posterior_log_variance_clipped, t, n), xt.shape)
+    mean = extract(d.posterior_mean_coef1, t, n) * x0 + extract(d.posterior_mean_coef2, t, n) * xt
+    variance = jnp.broadcast_to(extract(d.posterior_variance, t, n), xt.shape)
+    log_variance = jnp.broadcast_to(extract(d.posterior_log_variance_clipped, t, n), xt.shape)
     return mean, variance, log_variance
 
 
@@ -155,16 +155,16 @@ def p_mean_variance(d: GaussianDiffusion, model_output: jax.Array, xt: jax.Array
             raise ValueError(f"learn_sigma needs {2 * channels} output channels, got {model_output.shape[-1]}")
         eps, v = model_output[..., :channels], model_output[..., channels:]
         frac = (v + 1.0) / 2.0
-        log_variance = (frac * _extract(d.log_betas, t, n)
-                        + (1.0 - frac) * _extract(d.posterior_log_variance_clipped, t, n))
+        log_variance = (frac * extract(d.log_betas, t, n)
+                        + (1.0 - frac) * extract(d.posterior_log_variance_clipped, t, n))
         variance = jnp.exp(log_variance)
     else:
         if model_output.shape[-1] != channels:
             raise ValueError(f"expected {channels} output channels, got {model_output.shape[-1]}")
         eps = model_output
-        variance = jnp.broadcast_to(_extract(d.posterior_variance, t, n), xt.shape)
-        log_variance = jnp.broadcast_to(_extract(d.posterior_log_variance_clipped, t, n), xt.shape)
-    pred_x0 = _extract(d.sqrt_recip_alphas_cumprod, t, n) * xt - _extract(d.sqrt_recipm1_alphas_cumprod, t, n) * eps
+        variance = jnp.broadcast_to(extract(d.posterior_variance, t, n), xt.shape)
+        log_variance = jnp.broadcast_to(extract(d.posterior_log_variance_clipped, t, n), xt.shape)
+    pred_x0 = extract(d.sqrt_recip_alphas_cumprod, t, n) * xt - extract(d.sqrt_recipm1_alphas_cumprod, t, n) * eps
     if clip_denoised:
         pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
     mean, _, _ = q_posterior(d, pred_x0, xt, t)

@@ -12,7 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from kindjax.diffusion.gaussian import GaussianDiffusion, _extract, p_mean_variance, respace
+from kindjax.diffusion.gaussian import GaussianDiffusion, extract, p_mean_variance, respace
 
 DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -52,12 +52,12 @@ def ddim_step(d: GaussianDiffusion, model_output: jax.Array, x: jax.Array, t: ja
     out = p_mean_variance(d, model_output, x, t, learn_sigma, clip_denoised)
     n = x.ndim
     if clip_denoised:
-        eps = ((_extract(d.sqrt_recip_alphas_cumprod, t, n) * x - out["pred_x0"])
-               / _extract(d.sqrt_recipm1_alphas_cumprod, t, n))
+        eps = ((extract(d.sqrt_recip_alphas_cumprod, t, n) * x - out["pred_x0"])
+               / extract(d.sqrt_recipm1_alphas_cumprod, t, n))
     else:
         eps = out["eps"]
-    abar = _extract(d.alphas_cumprod, t, n)
-    abar_prev = _extract(d.alphas_cumprod_prev, t, n)
+    abar = extract(d.alphas_cumprod, t, n)
+    abar_prev = extract(d.alphas_cumprod_prev, t, n)
     sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
     mean = out["pred_x0"] * jnp.sqrt(abar_prev) + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma ** 2, 0.0)) * eps
     noise = jax.random.normal(key, x.shape, x.dtype)

@@ -16,8 +16,7 @@ shared=...)``; factories without shared parameters get ``shared=None`` and ignor
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import flax.linen as nn
 import ml_collections
@@ -25,6 +24,7 @@ import ml_collections
 from kindjax.layers.adapters import FROM_DENSE as ADAPTERS_FROM_DENSE
 from kindjax.layers.adapters import (dora_factory, loha_factory, lora_factory, oft_factory,
                                      pissa_factory, svdiff_factory)
+from kindjax.layers.base import LinearFactory, SharedParams, shared_params
 from kindjax.layers.dense import DenseLinear
 from kindjax.layers.fine import fine_factory
 from kindjax.layers.kind import is_class_gated as kind_is_class_gated
@@ -32,27 +32,6 @@ from kindjax.layers.kind import kind_factory
 
 #: Roles of the six main matrices of a DiT block, in the papers' vocabulary.
 ROLES = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
-
-
-class LinearFactory(Protocol):
-    def __call__(self, role: str, features: int, name: str, shared: Any = None) -> nn.Module:
-        """Returns the layer for matrix ``role`` with ``features`` outputs; ``shared`` is the
-        output of the factory's :class:`SharedParams` module (``None`` when it has none)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SharedParams:
-    """Parameters a variant holds once per model: ``module(name=name)`` is built by the DiT at
-    the top level (its leaves live under ``name/``), called with no arguments, and its
-    output is passed as ``shared=`` to every layer the factory makes."""
-
-    name: str
-    module: Callable[..., nn.Module]
-
-
-def shared_params(factory: LinearFactory) -> SharedParams | None:
-    """The factory's :class:`SharedParams`, or ``None`` for a variant without shared parameters."""
-    return getattr(factory, "shared_params", None)
 
 
 def dense_factory(config: ml_collections.ConfigDict) -> LinearFactory:
@@ -104,3 +83,7 @@ def make_linear_factory(model_config: ml_collections.ConfigDict) -> LinearFactor
             f"config.model.linear.kind={kind!r} is not a known linear-layer variant; "
             f"choose one of {sorted(VARIANTS)}.")
     return VARIANTS[kind](model_config)
+
+
+__all__ = ["CLASS_GATED", "FROM_DENSE", "ROLES", "VARIANTS", "LinearFactory", "SharedParams", "dense_factory",
+           "is_class_gated", "make_linear_factory", "shared_params"]

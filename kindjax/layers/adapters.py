@@ -30,7 +30,7 @@ have been copied (PiSSA: principal components; DoRA: magnitude; SVDiff: SVD).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -39,10 +39,9 @@ import ml_collections
 import numpy as np
 
 from kindjax.config import ConfigError
+from kindjax.layers.base import LinearFactory
 from kindjax.layers.kind import matrix_shapes
 
-if TYPE_CHECKING:
-    from kindjax.layers import LinearFactory
 
 _LOW_RANK = {"rank": 8, "alpha": 8.0}
 

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from kindjax.config import ConfigError
-from kindjax.layers.kind import _extend_orthonormal, init_sigma, learngene_product, matrix_shapes
+from kindjax.layers.base import SharedParams
+from kindjax.layers.kind import extend_orthonormal, init_sigma, learngene_product, matrix_shapes
 
 #: Keys of ``config.model.linear`` for ``kind="fine"``.
 CONFIG_KEYS = ("kind", "rank")
@@ -60,8 +61,8 @@ def fine_rank(linear_config: Mapping) -> int:
 def init_bases(key: jax.Array, d_in: int, d_out: int, rank: int) -> dict[str, jax.Array]:
     """``U (d_out, r)`` and ``V (d_in, r)``: the first ``r`` columns of Haar-random orthogonal matrices."""
     key_u, key_v = jax.random.split(key)
-    return {"U": _extend_orthonormal(key_u, jnp.zeros((d_out, 0)), rank),
-            "V": _extend_orthonormal(key_v, jnp.zeros((d_in, 0)), rank)}
+    return {"U": extend_orthonormal(key_u, jnp.zeros((d_out, 0)), rank),
+            "V": extend_orthonormal(key_v, jnp.zeros((d_in, 0)), rank)}
 
 
 def fine_linear(x: jax.Array, bases: Mapping[str, jax.Array], sigma: jax.Array, bias: jax.Array,
@@ -129,8 +130,6 @@ class FineFactory:
 
     @property
     def shared_params(self):
-        from kindjax.layers import SharedParams
-
         return SharedParams(name=BASES, module=lambda name: FineBases(self.shapes, self.rank, name=name))
 
     def __call__(self, role: str, features: int, name: str, shared: Any = None) -> nn.Module:

@@ -18,7 +18,7 @@ means a tailor leaf whose leading axis is the class; everything else is learngen
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from kindjax.archs import resolve_dims
+from kindjax.layers.base import LinearFactory
 
-if TYPE_CHECKING:
-    from kindjax.layers import LinearFactory
 
 #: Keys of ``config.model.linear`` for ``kind="kind"``; ``N_cls`` is ``model.num_classes``.
 CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "formulation")
@@ -118,7 +117,7 @@ def init_sigma(d_in: int, d_out: int, n_used: int) -> float:
     return (2.0 * d_in * d_out / ((d_in + d_out) * n_used)) ** 0.5
 
 
-def _extend_orthonormal(key: jax.Array, basis: jax.Array, k: int) -> jax.Array:
+def extend_orthonormal(key: jax.Array, basis: jax.Array, k: int) -> jax.Array:
     """``k`` new orthonormal columns ⟂ ``basis``: the last ``k`` columns of ``Q``, ``[basis | Z] = QR``.
 
     ``Z ~ N(0, 1)^{n×k}`` and the signs are fixed so that ``diag(R) ≥ 0``.  With
@@ -135,9 +134,9 @@ def init_learngene(key: jax.Array, d_in: int, d_out: int, n_learngene: int,
                    sigma: float) -> dict[str, jax.Array]:
     """Learngene factors: ``U_G``, ``V_G`` random with orthonormal columns, ``σ_G = sigma``."""
     key_u, key_v = jax.random.split(key)
-    return {"U": _extend_orthonormal(key_u, jnp.zeros((d_out, 0)), n_learngene),
+    return {"U": extend_orthonormal(key_u, jnp.zeros((d_out, 0)), n_learngene),
             "sigma": jnp.full((n_learngene,), sigma, jnp.float32),
-            "V": _extend_orthonormal(key_v, jnp.zeros((d_in, 0)), n_learngene)}
+            "V": extend_orthonormal(key_v, jnp.zeros((d_in, 0)), n_learngene)}
 
 
 def init_tailors(key: jax.Array, learngene: Mapping[str, jax.Array], n_classes: int,
@@ -153,9 +152,9 @@ def init_tailors(key: jax.Array, learngene: Mapping[str, jax.Array], n_classes: 
         return columns.reshape(columns.shape[0], n_classes, n_tailor).transpose(1, 0, 2)
 
     total = n_classes * n_tailor
-    return {"U": per_class(_extend_orthonormal(key_u, learngene["U"], total)),
+    return {"U": per_class(extend_orthonormal(key_u, learngene["U"], total)),
             "sigma": jnp.full((n_classes, n_tailor), sigma, jnp.float32),
-            "V": per_class(_extend_orthonormal(key_v, learngene["V"], total))}
+            "V": per_class(extend_orthonormal(key_v, learngene["V"], total))}
 
 
 def learngene_product(x: jax.Array, learngene: Mapping[str, jax.Array], dtype: jnp.dtype) -> jax.Array:

@@ -1,0 +1,28 @@
+"""The linear-factory protocol every variant implements (see :mod:`kindjax.layers`)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol
+
+import flax.linen as nn
+
+
+class LinearFactory(Protocol):
+    def __call__(self, role: str, features: int, name: str, shared: Any = None) -> nn.Module:
+        """Returns the layer for matrix ``role`` with ``features`` outputs; ``shared`` is the
+        output of the factory's :class:`SharedParams` module (``None`` when it has none)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedParams:
+    """Parameters a variant holds once per model: ``module(name=name)`` is built by the DiT at
+    the top level (its leaves live under ``name/``), called with no arguments, and its
+    output is passed as ``shared=`` to every layer the factory makes."""
+
+    name: str
+    module: Callable[..., nn.Module]
+
+
+def shared_params(factory: LinearFactory) -> SharedParams | None:
+    """The factory's :class:`SharedParams`, or ``None`` for a variant without shared parameters."""
+    return getattr(factory, "shared_params", None)
