@@ -23,7 +23,8 @@ from etils import epath
 
 from kindjax import checkpoints
 from kindjax import params as P
-from kindjax.learngene import META, PARTS, load_learngene, load_tailors
+from kindjax.checkpoints import META, PARTS
+from kindjax.learngene import load_learngene, load_tailors
 
 
 def _is_replaceable(out: epath.Path) -> bool:
