@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from kindjax.checkpoints.layout import META
+from kindjax.checkpoints.layout import CHECKPOINTS, META, read_meta
 from kindjax.config import ConfigError
 
 STATE_ITEMS = ("params", "ema_params", "opt_state")
@@ -66,3 +67,23 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None 
     state["step"] = jax.device_put(step, abstract_state["step"].sharding)
     return state
 
+
+def restore_state_item(workdir: str, item: str, target: Any, config: ml_collections.ConfigDict,
+                       step: int | None = None) -> tuple[Any, int]:
+    """Item ``item`` (one of :data:`STATE_ITEMS`) of checkpoint ``step`` (default: the latest) of
+    ``workdir``, restored onto ``target`` (a tree of ``jax.ShapeDtypeStruct`` with ``sharding``),
+    and its step.  Refuses a workdir without that step and a checkpoint of another model than
+    ``config``'s."""
+    mngr = manager(os.path.join(workdir, CHECKPOINTS), read_only=True)
+    try:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{workdir} holds no checkpoint: train first (python -m kindjax.main) or "
+                              f"give the workdir of a training run")
+        if step not in mngr.all_steps():
+            raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(mngr.all_steps())}")
+        check_same_model(read_meta(mngr, step)["config"], config, workdir)
+        restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
+        return restored[item], step
+    finally:
+        mngr.close()
