@@ -31,7 +31,6 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from jax.sharding import Mesh
 from ml_collections import config_flags
@@ -89,23 +88,10 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, mesh: Me
                        step: int | None = None) -> tuple[Any, int]:
     """The EMA parameters of checkpoint ``step`` (default: the latest) in ``workdir``, sharded
     over ``mesh`` as in training; refuses a checkpoint of another model config."""
-    mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), read_only=True)
-    try:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise ConfigError(f"{workdir} holds no checkpoint: train first (python -m kindjax.main) or "
-                              f"give the workdir of a training run")
-        if step not in mngr.all_steps():
-            raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(mngr.all_steps())}")
-        checkpoints.check_same_model(checkpoints.read_meta(mngr, step)["config"], config, workdir)
-        model = build_model(config)
-        abstract = abstract_params(model)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, sharding.state_shardings(mesh, abstract))
-        restored = mngr.restore(step, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore(target)))
-        return restored["ema_params"], step
-    finally:
-        mngr.close()
+    abstract = abstract_params(build_model(config))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, sharding.state_shardings(mesh, abstract))
+    return checkpoints.restore_state_item(workdir, "ema_params", target, config, step)
 
 
 def _latent_decoder(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[np.ndarray], np.ndarray]:

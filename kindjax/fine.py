@@ -37,7 +37,7 @@ from etils import epath
 from flax import traverse_util
 from flax.core import unfreeze
 
-from kindjax import learngene as LG
+from kindjax import checkpoints
 from kindjax import params as P
 from kindjax.config import ConfigError
 from kindjax.layers import ROLES
@@ -135,7 +135,7 @@ class FineLearngene:
     bases: dict
     sigma: dict[str, np.ndarray]
     config: ml_collections.ConfigDict
-    source: LG.Source
+    source: checkpoints.Source
 
 
 def load_fine_learngene(path: str | epath.PathLike, *, step: int | None = None, ema: bool = True) -> FineLearngene:
@@ -144,18 +144,15 @@ def load_fine_learngene(path: str | epath.PathLike, *, step: int | None = None, 
     ``path``: a training workdir, a step directory or a sliced learngene; ``step`` and ``ema``
     as in :func:`kindjax.load_learngene`.  An Orbax partial restore: no other leaf is read.
     """
-    located = LG._locate(path, step)
-    source = LG._source(located, ema)
-    config = LG._config(located)
+    located = checkpoints.locate(path, step)
+    source = checkpoints.source(located, ema)
+    config = checkpoints.config_of(located)
     if config.model.linear.kind != "fine":
         raise ConfigError(f"{located.directory} holds a model.linear.kind={config.model.linear.kind!r} model, "
                           f"not FINE: init.fine_learngene needs a checkpoint of a FINE model (kind='fine')")
-    keep = lambda p: is_fine_learngene(p) or is_layer_sigma(p)
-    if located.kind == "sliced":
-        LG._check_sliced_part(located, "learngene")
-        params = LG._restore(located.directory / "learngene", keep)
-    else:
-        params = LG._restore(located.directory / source.item, keep)
+    checkpoints.check_part(located, "learngene")
+    item = "learngene" if located.kind == "sliced" else source.item
+    params = checkpoints.restore_item(located, item, lambda p: is_fine_learngene(p) or is_layer_sigma(p))
     return FineLearngene(extract_fine_learngene(params), mean_sigma(params), config, source)
 
 

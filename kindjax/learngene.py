@@ -14,38 +14,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
-from flax import traverse_util
 
 from kindjax import checkpoints
 from kindjax import params as P
+from kindjax.checkpoints import Source
 from kindjax.models.dit import DiT, build_model
-
-META = "meta"
-PARTS = ("learngene", "tailors")
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """Where a part was read from.
-
-    ``path``: the directory that was read; ``kind``: ``workdir``, ``step`` or ``sliced``;
-    ``checkpoint``: the training step directory the weights come from; ``step``: its
-    step; ``item``: ``ema_params`` or ``params``.
-    """
-
-    path: str
-    kind: str
-    checkpoint: str
-    step: int
-    item: str
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,110 +66,33 @@ class Assembled:
         return np.asarray([index[int(c)] for c in original], np.int32)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Located:
-    directory: epath.Path
-    kind: str
-    meta: dict
-
-
-def _read_json(directory: epath.Path, name: str = META) -> dict:
-    restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
-        directory, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
-    return restored[name]
-
-
-def _locate(path: str | epath.PathLike, step: int | None) -> _Located:
-    """Resolves a workdir, step directory or sliced checkpoint to the directory to read."""
-    directory = epath.Path(path).absolute()
-    has_meta = (directory / META).is_dir()
-    if has_meta and any((directory / part).is_dir() for part in PARTS):
-        located = _Located(directory, "sliced", _read_json(directory))
-    elif has_meta and (directory / "params").is_dir():
-        located = _Located(directory, "step", _read_json(directory))
-    elif (directory / "checkpoints").is_dir():
-        root = directory / "checkpoints"
-        steps = sorted(ocp.utils.checkpoint_steps(root))
-        if not steps:
-            raise FileNotFoundError(f"{root} holds no finished checkpoint")
-        if step is not None and step not in steps:
-            raise ValueError(f"{directory} has no checkpoint at step {step}; it has steps {steps}")
-        found = ocp.step.find_step_path(root, ocp.step.standard_name_format(),
-                                        step=steps[-1] if step is None else step)
-        return _Located(found, "workdir", _read_json(found))
-    else:
-        raise FileNotFoundError(
-            f"{directory} holds no kindjax checkpoint: expected a training workdir (with "
-            f"checkpoints/<step>/), a step directory (with meta/ and params/), or a directory "
-            f"written by python -m kindjax.slice")
-    if step is not None and step != located.meta["step"]:
-        raise ValueError(f"{directory} holds step {located.meta['step']} only, not step {step}")
-    return located
-
-
-def _source(located: _Located, ema: bool) -> Source:
-    meta = located.meta
-    if located.kind == "sliced":
-        return Source(str(located.directory), "sliced", meta["source"]["checkpoint"], meta["step"],
-                      meta["source"]["item"])
-    item = "ema_params" if ema else "params"
-    return Source(str(located.directory), located.kind, str(located.directory), meta["step"], item)
-
-
-def _check_sliced_part(located: _Located, part: str) -> None:
-    if located.meta["part"] != part:
-        raise ValueError(f"{located.directory} holds the {located.meta['part']} only, not the {part}; "
-                         f"read the {part} from {located.meta['source']['checkpoint']}, where it was sliced from")
-
-
-def _path(key: tuple[str, ...]) -> tuple:
-    return tuple(jax.tree_util.DictKey(k) for k in key)
-
-
-def _restore(item_dir: epath.Path, keep: Callable[[tuple], bool] = lambda path: True) -> dict:
-    """Reads only the arrays of a PyTree item whose path satisfies ``keep``, as numpy arrays.
-
-    Orbax partial restore: the ``item`` lists the wanted leaves, every other leaf is
-    skipped without being read.
-    """
-    saved = traverse_util.flatten_dict(ocp.PyTreeCheckpointHandler().metadata(item_dir).tree)
-    keys = [k for k in saved if keep(_path(k))]
-    item = traverse_util.unflatten_dict({k: 0 for k in keys})
-    restore_args = traverse_util.unflatten_dict({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in keys})
-    return ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-
-
-def _config(located: _Located) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(located.meta["config"])
-
-
 def load_learngene(path: str | epath.PathLike, *, step: int | None = None, ema: bool = True) -> Learngene:
     """The learngene of the checkpoint at ``path``; reads no tailor leaf.
 
     ``step`` picks a step of a workdir (default: the latest); ``ema`` reads the EMA
     weights (default) or the raw ones.  Both are fixed for a sliced checkpoint.
     """
-    located = _locate(path, step)
-    source = _source(located, ema)
+    located = checkpoints.locate(path, step)
+    source = checkpoints.source(located, ema)
+    checkpoints.check_part(located, "learngene")
     if located.kind == "sliced":
-        _check_sliced_part(located, "learngene")
-        params = _restore(located.directory / "learngene")
+        params = checkpoints.restore_item(located, "learngene")
     else:
         params, _ = P.split_learngene_tailors(
-            _restore(located.directory / source.item, lambda p: not P.is_tailor(p)))
-    return Learngene(params, _config(located), source)
+            checkpoints.restore_item(located, source.item, lambda p: not P.is_tailor(p)))
+    return Learngene(params, checkpoints.config_of(located), source)
 
 
 def load_params(path: str | epath.PathLike, *, step: int | None = None,
                 ema: bool = True) -> tuple[dict, ml_collections.ConfigDict]:
     """Every parameter of the training checkpoint at ``path`` (host arrays) and its config;
     ``step`` and ``ema`` as in :func:`load_learngene`.  A sliced checkpoint holds one part only."""
-    located = _locate(path, step)
+    located = checkpoints.locate(path, step)
     if located.kind == "sliced":
         raise ValueError(f"{located.directory} is a sliced checkpoint (the {located.meta['part']} only); "
                          f"give the training workdir it was sliced from: {located.meta['source']['checkpoint']}")
-    return _restore(located.directory / _source(located, ema).item), _config(located)
+    item = checkpoints.source(located, ema).item
+    return checkpoints.restore_item(located, item), checkpoints.config_of(located)
 
 
 def _check_classes(classes: Sequence[int], available: Sequence[int], where: str) -> tuple[int, ...]:
@@ -212,20 +115,20 @@ def load_tailors(path: str | epath.PathLike, classes: Sequence[int], *, step: in
     ``classes`` are kept), never a learngene leaf.  ``step`` and ``ema`` as in
     :func:`load_learngene`.
     """
-    located = _locate(path, step)
-    config, source = _config(located), _source(located, ema)
+    located = checkpoints.locate(path, step)
+    config, source = checkpoints.config_of(located), checkpoints.source(located, ema)
+    checkpoints.check_part(located, "tailors")
     if located.kind == "sliced":
-        _check_sliced_part(located, "tailors")
         available = tuple(located.meta["classes"])
         classes = _check_classes(classes, available,
                                  f"the sliced tailors at {located.directory} hold classes {available}")
-        bundle = _restore(located.directory / "tailors")
+        bundle = checkpoints.restore_item(located, "tailors")
     else:
         n = config.model.num_classes
         classes = _check_classes(classes, range(n), f"the model of {located.directory} has classes "
                                                     f"0..{n - 1} (model.num_classes={n})")
         available = tuple(range(n))
-        _, bundle = P.split_learngene_tailors(_restore(located.directory / source.item, P.has_class_rows))
+        _, bundle = P.split_learngene_tailors(checkpoints.restore_item(located, source.item, P.has_class_rows))
         if not any(P.is_tailor(p) for p, _ in jax.tree_util.tree_leaves_with_path(bundle)):
             raise ValueError(f"the model of {located.directory} has no tailors (model.linear.kind="
                              f"{config.model.linear.kind!r}); load_learngene reads all its parameters")

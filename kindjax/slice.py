@@ -4,104 +4,44 @@
     python -m kindjax.slice --workdir DIR --out OUT --part tailors --classes 0,3,7
 
 ``--workdir`` may also be one step directory or another sliced checkpoint;
-``--step`` picks a step of a workdir (default: the latest), ``--no-ema`` the raw
-weights instead of the EMA.  ``OUT`` holds two Orbax items: ``learngene`` or
-``tailors`` (the part's PyTree) and ``meta`` (JSON: the part, the classes, the
-step, the source and the full config), and is read by
-:func:`kindjax.load_learngene` / :func:`kindjax.load_tailors`.
+``--step`` picks a step of a workdir (default: the latest), ``--noema`` the raw
+weights instead of the EMA.  The layout of ``OUT`` is described in
+:mod:`kindjax.checkpoints.slicing`; it is read by :func:`kindjax.load_learngene` /
+:func:`kindjax.load_tailors`.
 """
 from __future__ import annotations
 
-import argparse
-import os
-from typing import Any, Sequence
+from absl import flags
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
-
-from kindjax import checkpoints
-from kindjax import params as P
-from kindjax.learngene import META, PARTS, load_learngene, load_tailors
+from kindjax import cli
+from kindjax.checkpoints import PARTS
+from kindjax.checkpoints.slicing import describe, slice_checkpoint
 
 
-def _is_replaceable(out: epath.Path) -> bool:
-    """``--force`` replaces an empty directory or an earlier sliced checkpoint, nothing else."""
-    return out.is_dir() and (not any(out.iterdir()) or (
-        (out / META).is_dir() and any((out / part).is_dir() for part in PARTS)))
-
-
-def slice_checkpoint(path: str | os.PathLike, out: str | os.PathLike, part: str,
-                     classes: Sequence[int] | None = None, *, step: int | None = None,
-                     ema: bool = True, force: bool = False) -> dict[str, Any]:
-    """Writes ``part`` of the checkpoint at ``path`` to ``out``; returns the metadata written.
-
-    ``classes`` (original ids) is required for ``part='tailors'`` and refused for the
-    learngene.  Refuses an existing ``out`` unless ``force``.
-    """
-    if part not in PARTS:
-        raise ValueError(f"part={part!r}: use one of {PARTS}")
-    if (part == "tailors") != (classes is not None):
-        raise ValueError("the tailors part needs classes (e.g. --classes 0,3,7); the learngene part takes none")
-    out = epath.Path(out).absolute()
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    if out.exists() and not _is_replaceable(out):
-        raise FileExistsError(f"{out} is neither a sliced checkpoint nor an empty directory; "
-                              f"--force does not replace it")
-    bundle = load_learngene(path, step=step, ema=ema) if part == "learngene" else \
-        load_tailors(path, classes, step=step, ema=ema)
-    source, leaves = bundle.source, jax.tree.leaves(bundle.params)
-    meta = {"part": part,
-            "classes": list(bundle.classes) if part == "tailors" else None,
-            "step": source.step,
-            "source": {"path": source.path, "checkpoint": source.checkpoint, "item": source.item},
-            "size": {"arrays": len(leaves), "parameters": P.count(bundle.params),
-                     "bytes": sum(int(np.asarray(x).nbytes) for x in leaves)},
-            "config": checkpoints.config_json(bundle.config)}
-    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(out, args=ocp.args.Composite(**{
-        part: ocp.args.PyTreeSave(bundle.params), META: ocp.args.JsonSave(meta)}), force=force)
-    return meta
-
-
-def describe(out: str | os.PathLike, meta: dict[str, Any]) -> str:
-    """What :func:`slice_checkpoint` wrote: arrays, parameters, bytes in memory and on disk."""
-    size = meta["size"]
-    disk = sum((root / name).stat().length for root, _, files in epath.Path(out).walk() for name in files)
-    what = "the learngene" if meta["part"] == "learngene" else f"the tailors of classes {meta['classes']}"
-    return (f"Wrote {what} of {meta['source']['checkpoint']} (step {meta['step']}, "
-            f"{meta['source']['item']}) to {out}:\n"
-            f"  {size['arrays']} arrays, {size['parameters']:,} parameters, "
-            f"{size['bytes'] / 2**20:.3f} MiB in memory, "
-            f"{disk / 2**20:.3f} MiB on disk")
-
-
-def _parse_classes(text: str) -> list[int]:
+def _classes(ids: list[str] | None) -> list[int] | None:
+    """``--classes`` as ints (None when not given)."""
+    if ids is None:
+        return None
     try:
-        return [int(c) for c in text.split(",") if c.strip()]
+        return [int(c) for c in ids if c.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--classes={text!r}: give class ids as 0,3,7") from None
+        raise ValueError(f"--classes={','.join(ids)}: give class ids as 0,3,7") from None
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kindjax.slice", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True,
-                        help="training workdir, one of its step directories, or a sliced checkpoint")
-    parser.add_argument("--out", required=True, help="directory to write (must not exist, unless --force)")
-    parser.add_argument("--part", required=True, choices=PARTS)
-    parser.add_argument("--classes", type=_parse_classes, help="original class ids, e.g. 0,3,7 (tailors)")
-    parser.add_argument("--step", type=int, help="step of the workdir (default: the latest)")
-    parser.add_argument("--no-ema", dest="ema", action="store_false", help="raw weights instead of the EMA")
-    parser.add_argument("--force", action="store_true", help="replace an existing sliced checkpoint at --out")
-    args = parser.parse_args(argv)
-    try:
-        meta = slice_checkpoint(args.workdir, args.out, args.part, args.classes, step=args.step,
-                                ema=args.ema, force=args.force)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"kindjax.slice: {e}") from None
-    print(describe(args.out, meta))
+def main(argv: list[str]) -> None:
+    del argv
+    f = flags.FLAGS
+    meta = slice_checkpoint(f.workdir, f.out, f.part, _classes(f.classes), step=f.step, ema=f.ema, force=f.force)
+    print(describe(f.out, meta))
 
 
 if __name__ == "__main__":
-    main()
+    flags.DEFINE_string("workdir", None, "Training workdir, one of its step directories, or a sliced checkpoint.")
+    flags.DEFINE_string("out", None, "Directory to write (must not exist, unless --force).")
+    flags.DEFINE_enum("part", None, PARTS, "The part to write.")
+    flags.DEFINE_list("classes", None, "Original class ids, e.g. 0,3,7 (tailors).")
+    flags.DEFINE_integer("step", None, "Step of the workdir (default: the latest).")
+    flags.DEFINE_boolean("ema", True, "Read the EMA weights; --noema reads the raw weights.")
+    flags.DEFINE_boolean("force", False, "Replace an existing sliced checkpoint at --out.")
+    flags.mark_flags_as_required(["workdir", "out", "part"])
+    cli.run(main, "slice")

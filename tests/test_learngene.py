@@ -16,8 +16,8 @@ from flax import traverse_util
 from conftest import ROOT, tiny_config
 from kindjax import assemble, build_model, checkpoints, load_learngene, load_tailors
 from kindjax import params as P
+from kindjax.checkpoints.slicing import slice_checkpoint
 from kindjax.layers.kind import kind_config
-from kindjax.slice import slice_checkpoint
 from kindjax.train.trainer import train
 
 CLASSES = (7, 0, 3)

@@ -1,4 +1,4 @@
-"""Checkpoints: Orbax ``CheckpointManager`` with one item per part of the train state.
+"""The training layout: Orbax ``CheckpointManager`` with one item per part of the train state.
 
 Layout of ``WORKDIR/checkpoints/<step>/``:
   ``params``, ``ema_params``, ``opt_state`` — PyTree items (OCDBT), each restorable
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from kindjax.checkpoints.layout import CHECKPOINTS, META, read_meta
 from kindjax.config import ConfigError
 
 STATE_ITEMS = ("params", "ema_params", "opt_state")
@@ -28,10 +30,12 @@ def config_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def manager(directory: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    """The manager of the step directories under ``directory`` (``WORKDIR/checkpoints``),
+    keeping the last ``keep`` steps."""
     return ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only),
-        item_names=STATE_ITEMS + ("meta",))
+        item_names=STATE_ITEMS + (META,))
 
 
 def save(mngr: ocp.CheckpointManager, state: dict, config: ml_collections.ConfigDict) -> None:
@@ -39,12 +43,7 @@ def save(mngr: ocp.CheckpointManager, state: dict, config: ml_collections.Config
     step = int(state["step"])
     items = {name: ocp.args.StandardSave(state[name]) for name in STATE_ITEMS}
     mngr.save(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonSave({"step": step, "config": config_json(config)}), **items), force=True)
-
-
-def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:
-    step = mngr.latest_step() if step is None else step
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        **{META: ocp.args.JsonSave({"step": step, "config": config_json(config)})}, **items), force=True)
 
 
 def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, directory: str) -> None:
@@ -67,3 +66,24 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None 
     state = {name: restored[name] for name in STATE_ITEMS}
     state["step"] = jax.device_put(step, abstract_state["step"].sharding)
     return state
+
+
+def restore_state_item(workdir: str, item: str, target: Any, config: ml_collections.ConfigDict,
+                       step: int | None = None) -> tuple[Any, int]:
+    """Item ``item`` (one of :data:`STATE_ITEMS`) of checkpoint ``step`` (default: the latest) of
+    ``workdir``, restored onto ``target`` (a tree of ``jax.ShapeDtypeStruct`` with ``sharding``),
+    and its step.  Refuses a workdir without that step and a checkpoint of another model than
+    ``config``'s."""
+    mngr = manager(os.path.join(workdir, CHECKPOINTS), read_only=True)
+    try:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{workdir} holds no checkpoint: train first (python -m kindjax.main) or "
+                              f"give the workdir of a training run")
+        if step not in mngr.all_steps():
+            raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(mngr.all_steps())}")
+        check_same_model(read_meta(mngr, step)["config"], config, workdir)
+        restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
+        return restored[item], step
+    finally:
+        mngr.close()
