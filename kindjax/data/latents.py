@@ -1,6 +1,6 @@
 """SD-VAE latents written by ``python -m kindjax.encode``: a sharded, prefetching data set.
 
-Batching follows :class:`kindjax.data.pipeline.ArrayDataset`: step ``s`` takes
+Batching follows :func:`kindjax.data.pipeline.stream_indices`, as ArrayDataset's does: step ``s`` takes
 ``stream[s·B : (s+1)·B]`` of the stream of per-epoch permutations of the examples, so a
 batch is a pure function of ``(seed, step)``.  Row ``r`` of that global batch is
 
@@ -25,23 +25,11 @@ import numpy as np
 
 from kindjax.config import ConfigError
 from kindjax.data.class_groups import select_classes
+from kindjax.data.pipeline import stream_indices
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
 NOISE_STREAM = 1   # tags the per-row noise seeds apart from the permutation seeds (seed, epoch)
-
-
-def stream_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """``stream[step·B : (step+1)·B]`` with ``stream = perm(seed, 0) ++ perm(seed, 1) ++ …`` and
-    ``perm(seed, e) = default_rng((seed, e)).permutation(n)`` (the ArrayDataset rule)."""
-    if step < 0 or batch_size <= 0:
-        raise ValueError(f"need step >= 0 and batch_size > 0, got {step}, {batch_size}")
-    if n == 0:
-        raise ValueError("cannot draw batches from an empty data set")
-    start, stop = step * batch_size, (step + 1) * batch_size
-    first, last = start // n, (stop - 1) // n
-    stream = np.concatenate([np.random.default_rng((seed, e)).permutation(n) for e in range(first, last + 1)])
-    return stream[start - first * n:][:batch_size]
 
 
 class LatentDataset:

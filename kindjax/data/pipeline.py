@@ -22,6 +22,22 @@ import numpy as np
 FLIP_STREAM = 1
 
 
+def stream_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """``stream[step·B : (step+1)·B]`` of the stream of ``n`` examples (see module docstring):
+    ``stream = perm(seed, 0) ++ perm(seed, 1) ++ …``, ``perm(seed, e) = default_rng((seed, e)).permutation(n)``."""
+    if step < 0 or batch_size <= 0:
+        raise ValueError(f"need step >= 0 and batch_size > 0, got {step}, {batch_size}")
+    if n == 0:
+        raise ValueError("cannot draw batches from an empty data set")
+    start = step * batch_size
+    stop = start + batch_size
+    first_epoch, last_epoch = start // n, (stop - 1) // n
+    stream = np.concatenate([np.random.default_rng((seed, epoch)).permutation(n)
+                             for epoch in range(first_epoch, last_epoch + 1)])
+    offset = start - first_epoch * n
+    return stream[offset:offset + batch_size]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArrayDataset:
     """Images (float32 NHWC in [-1, 1]) with int32 labels in ``0..num_classes-1``;
@@ -47,19 +63,8 @@ class ArrayDataset:
         return int(self.images.shape[0])
 
     def indices(self, step: int, batch_size: int, seed: int) -> np.ndarray:
-        """Example indices of ``stream[step·B : (step+1)·B]`` (see module docstring)."""
-        if step < 0 or batch_size <= 0:
-            raise ValueError(f"need step >= 0 and batch_size > 0, got {step}, {batch_size}")
-        n = len(self)
-        if n == 0:
-            raise ValueError("cannot draw batches from an empty data set")
-        start = step * batch_size
-        stop = start + batch_size
-        first_epoch, last_epoch = start // n, (stop - 1) // n
-        stream = np.concatenate([np.random.default_rng((seed, epoch)).permutation(n)
-                                 for epoch in range(first_epoch, last_epoch + 1)])
-        offset = start - first_epoch * n
-        return stream[offset:offset + batch_size]
+        """Example indices of the global batch of ``step`` (:func:`stream_indices`)."""
+        return stream_indices(len(self), step, batch_size, seed)
 
     def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
         """The batch of ``step``: ``dict(image=(B,H,W,C) float32, label=(B,) int32)``."""
