@@ -1,6 +1,6 @@
 """Data sources, and the one place that maps ``config.data.name`` to a source.
 
-Training sources (:func:`make_dataset`) give a data set whose step's batch is a
+Training sources (:func:`make_dataset`) implement :class:`TrainingSource`: a step's batch is a
 pure function of ``(seed, step)`` (resumable), and each process reads only its own rows.
 Image sources (:func:`open_image_source`: ImageNet through TFDS, folders of class sub-folders)
 implement :class:`ImageSource`: random access to preprocessed images, e.g. for latent encoding.
@@ -14,13 +14,13 @@ from kindjax.data import folder, imagenet, latents
 from kindjax.data.decode import center_crop_arr
 from kindjax.data.digits import load_digits
 from kindjax.data.images import ImageSource
-from kindjax.data.pipeline import ArrayDataset, subset
+from kindjax.data.pipeline import ArrayDataset, Batches, TrainingSource, subset
 
 DATA_SOURCES = ("digits", "folder", "latents", "imagenet")
 IMAGE_SOURCES = ("imagenet", "folder")
 
 
-def make_dataset(config: ml_collections.ConfigDict):
+def make_dataset(config: ml_collections.ConfigDict) -> TrainingSource:
     """The training data set named by ``config.data.name`` (class selection applied).
 
     "digits": embedded; "folder": the images of ``data.root`` in memory at
@@ -67,5 +67,5 @@ def open_image_source(config: ml_collections.ConfigDict) -> ImageSource:
     raise ConfigError(f"config.data.name={name!r} is not an image source; use one of {IMAGE_SOURCES}")
 
 
-__all__ = ["DATA_SOURCES", "IMAGE_SOURCES", "ArrayDataset", "ImageSource", "center_crop_arr",
-           "load_digits", "make_dataset", "open_image_source", "subset"]
+__all__ = ["DATA_SOURCES", "IMAGE_SOURCES", "ArrayDataset", "Batches", "ImageSource", "TrainingSource",
+           "center_crop_arr", "load_digits", "make_dataset", "open_image_source", "subset"]

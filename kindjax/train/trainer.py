@@ -7,12 +7,11 @@ step resumes the data and noise streams exactly where the killed run left them.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ import optax
 
 from kindjax import checkpoints
 from kindjax import params as P
-from kindjax.data import make_dataset
+from kindjax.data import Batches, TrainingSource, make_dataset
 from kindjax.diffusion import GaussianDiffusion, q_sample, training_losses
 from kindjax.models.dit import DiT, build_model, drop_labels, init_params
 from kindjax.sample import generate
@@ -111,7 +110,7 @@ class Trainer:
         self.model = build_model(config)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
         self.optimizer = make_optimizer(config)
-        self.dataset = make_dataset(config)
+        self.dataset: TrainingSource = make_dataset(config)
         self.base_key = jax.random.key(config.train.seed)
         init = functools.partial(init_state, model=self.model, optimizer=self.optimizer)
         abstract = jax.eval_shape(init, self.base_key)
@@ -138,20 +137,15 @@ class Trainer:
         return jax.jit(build, out_shardings=self.state_sharding)(params)
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of the step's batch (read alone where the data set can: latents)."""
-        b, seed = self.config.train.batch_size, self.config.data.seed
-        n, i = jax.process_count(), jax.process_index()
-        if hasattr(self.dataset, "local_batch"):
-            return self.dataset.local_batch(step, b, seed, i, n)
-        return {k: v[i * b // n:(i + 1) * b // n] for k, v in self.dataset.batch(step, b, seed).items()}
+        """This process's rows of the step's batch (:meth:`TrainingSource.local_batch`)."""
+        return self.dataset.local_batch(step, self.config.train.batch_size, self.config.data.seed,
+                                        jax.process_index(), jax.process_count())
 
-    def local_batches(self, start_step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """``(step, local batch)`` from ``start_step`` on, through the data set's own prefetching
-        thread where it has one."""
-        if hasattr(self.dataset, "prefetch"):
-            b, seed = self.config.train.batch_size, self.config.data.seed
-            return self.dataset.prefetch(start_step, b, seed, jax.process_index(), jax.process_count())
-        return ((step, self.local_batch(step)) for step in itertools.count(start_step))
+    def local_batches(self, start_step: int) -> Batches:
+        """``(step, local batch)`` from ``start_step`` on (:meth:`TrainingSource.batches`: the latents
+        prefetch them in a thread); close it when done."""
+        return self.dataset.batches(start_step, self.config.train.batch_size, self.config.data.seed,
+                                    jax.process_index(), jax.process_count())
 
     def place(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows placed on the mesh as one global batch."""
@@ -265,8 +259,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 with open(os.path.join(workdir, "metrics.json"), "w") as f:
                     json.dump({"step": step, **results}, f, indent=2)
     finally:
-        if hasattr(batches, "close"):
-            batches.close()
+        batches.close()
         preemption.restore()
         logger.close()
         mngr.close()
