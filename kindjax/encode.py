@@ -2,7 +2,7 @@
 
     python -m kindjax.encode --config CONFIG --vae VAE_DIR --out LATENT_DIR [--config.KEY=VALUE ...]
 
-The images come from ``kindjax.data.images.open_image_source(config)`` with every class of
+The images come from ``kindjax.data.open_image_source(config)`` with every class of
 the source kept (``data.grouping``, ``data.task`` and ``data.classes`` select classes when
 training on the latents, so one encode serves every selection); ``--vae`` (or
 ``config.vae.weights``) is a diffusers ``AutoencoderKL`` directory.  Each image x ∈ [-1, 1]
@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from kindjax.config import ConfigError
-from kindjax.data.images import ImageSource, open_image_source
+from kindjax.data import ImageSource, open_image_source
 from kindjax.distributed import initialize
 from kindjax.models.vae import AutoencoderKL, PretrainedVAE, load_vae
 from kindjax.sharding import batch_sharding, make_mesh, replicated

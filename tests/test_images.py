@@ -15,7 +15,7 @@ from PIL import Image
 from kindjax.config import ConfigError, base_config
 from kindjax.data import ArrayDataset, make_dataset, open_image_source, subset
 from kindjax.data.class_groups import imagenet_synsets, select_classes
-from kindjax.data.images import ImageSource, center_crop_arr
+from kindjax.data import ImageSource, center_crop_arr
 from kindjax.data.imagenet import ImageNetSource
 
 
@@ -352,7 +352,7 @@ def test_imagenet_tfds_prepare_then_read(tmp_path):
     one = open_image_source(_imagenet_config(tmp_path / "tfds", grouping="kind", task="task_15", classes=(dog,)))
     assert one.class_names == ("n02084071",) and len(one) == 2 and one.label(1) == 0
     # Reading does not import TensorFlow.
-    code = (f"import sys, kindjax.config as c, kindjax.data.images as m; cfg = c.base_config(); "
+    code = (f"import sys, kindjax.config as c, kindjax.data as m; cfg = c.base_config(); "
             f"cfg.data.update(name='imagenet', root={str(tmp_path / 'tfds')!r}, image_size=16); "
             f"s = m.open_image_source(cfg); "
             f"assert len(s) == 6 and s.image(0).shape == (16, 16, 3); "

@@ -172,17 +172,17 @@ def test_resume_processes_and_prefetch_give_the_same_batches(encoded):
             assert halves[0][k].shape[0] == BATCH // 2
             np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), run[s][k])
     assert first.prefetch_depth == 2
-    with first.prefetch(2, BATCH, 1) as batches:
+    with first.batches(2, BATCH, 1) as batches:
         for s in range(2, 7):
             step, batch = next(batches)
             assert step == s
             for k in ("image", "label"):
                 np.testing.assert_array_equal(batch[k], run[s][k])
-    with first.prefetch(5, BATCH, 1, process_index=1, process_count=2, depth=3) as batches:
+    with first.batches(5, BATCH, 1, process_index=1, process_count=2, depth=3) as batches:
         step, batch = next(batches)
         assert step == 5
         np.testing.assert_array_equal(batch["image"], run[5]["image"][BATCH // 2:])
-    with first.prefetch(0, BATCH, 1, process_index=0, process_count=3) as batches:
+    with first.batches(0, BATCH, 1, process_index=0, process_count=3) as batches:
         with pytest.raises(ValueError, match="split evenly over 3 processes"):
             next(batches)
 

@@ -1,23 +1,26 @@
-"""Data sources.  Every training source gives an :class:`ArrayDataset`-like object whose
-``batch(step, batch_size, seed)`` is a pure function of its arguments (resumable).
+"""Data sources, and the one place that maps ``config.data.name`` to a source.
 
-Image sources (:func:`open_image_source`: ImageNet through TFDS, folders of class
-sub-folders) give random access to preprocessed images, e.g. for latent encoding.
+Training sources (:func:`make_dataset`) implement :class:`TrainingSource`: a step's batch is a
+pure function of ``(seed, step)`` (resumable), and each process reads only its own rows.
+Image sources (:func:`open_image_source`: ImageNet through TFDS, folders of class sub-folders)
+implement :class:`ImageSource`: random access to preprocessed images, e.g. for latent encoding.
 """
 from __future__ import annotations
 
 import ml_collections
 
 from kindjax.config import ConfigError
-
+from kindjax.data import folder, imagenet, latents
+from kindjax.data.decode import center_crop_arr
 from kindjax.data.digits import load_digits
-from kindjax.data.images import ImageSource, center_crop_arr, open_image_source
-from kindjax.data.pipeline import ArrayDataset, subset
+from kindjax.data.images import ImageSource
+from kindjax.data.pipeline import ArrayDataset, Batches, TrainingSource, subset
 
 DATA_SOURCES = ("digits", "folder", "latents", "imagenet")
+IMAGE_SOURCES = ("imagenet", "folder")
 
 
-def make_dataset(config: ml_collections.ConfigDict):
+def make_dataset(config: ml_collections.ConfigDict) -> TrainingSource:
     """The training data set named by ``config.data.name`` (class selection applied).
 
     "digits": embedded; "folder": the images of ``data.root`` in memory at
@@ -28,28 +31,22 @@ def make_dataset(config: ml_collections.ConfigDict):
     """
     name = config.data.name
     if config.data.latents:
-        from kindjax.data.latents import open_latents
-
-        latents = config.copy_and_resolve_references()
-        latents.data.root = config.data.latents
-        return open_latents(latents)
+        encoded = config.copy_and_resolve_references()
+        encoded.data.root = config.data.latents
+        return latents.open_latents(encoded)
     if name == "digits":
         return load_digits(tuple(config.data.classes))
     if name == "folder":
-        from kindjax.data.folder import load_folder_dataset
-
         if config.model.in_channels != 3:
             raise ConfigError(f"config.data.name='folder' gives RGB images but model.in_channels="
                               f"{config.model.in_channels}; set model.in_channels=3")
-        dataset = load_folder_dataset(config)
+        dataset = folder.load_folder_dataset(config)
         if dataset.num_classes != config.model.num_classes:
             raise ConfigError(f"the folder selection has {dataset.num_classes} classes but model.num_classes="
                               f"{config.model.num_classes}; set model.num_classes={dataset.num_classes}")
         return dataset
     if name == "latents":
-        from kindjax.data.latents import open_latents
-
-        return open_latents(config)
+        return latents.open_latents(config)
     if name == "imagenet":
         raise ConfigError("config.data.name='imagenet' needs ImageNet-1K encoded to SD-VAE latents: it is an "
                           "image source, and ImageNet is trained in latent space. Encode it first with "
@@ -59,5 +56,16 @@ def make_dataset(config: ml_collections.ConfigDict):
     raise ConfigError(f"config.data.name={name!r} is not a known data source; use one of {DATA_SOURCES}")
 
 
-__all__ = ["ArrayDataset", "ImageSource", "center_crop_arr", "load_digits", "make_dataset",
-           "open_image_source", "subset"]
+def open_image_source(config: ml_collections.ConfigDict) -> ImageSource:
+    """The image source named by ``config.data.name`` ("imagenet" or "folder") at
+    ``config.data.image_size``, with the class selection of ``config.data``."""
+    name = config.data.name
+    if name == "imagenet":
+        return imagenet.open_imagenet(config)
+    if name == "folder":
+        return folder.open_folder(config)
+    raise ConfigError(f"config.data.name={name!r} is not an image source; use one of {IMAGE_SOURCES}")
+
+
+__all__ = ["DATA_SOURCES", "IMAGE_SOURCES", "ArrayDataset", "Batches", "ImageSource", "TrainingSource",
+           "center_crop_arr", "load_digits", "make_dataset", "open_image_source", "subset"]

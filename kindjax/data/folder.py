@@ -16,7 +16,7 @@ import numpy as np
 
 from kindjax.config import ConfigError
 from kindjax.data.class_groups import ClassSelection, select_classes
-from kindjax.data.images import SkipLog, check_index, decode_image
+from kindjax.data.decode import SkipLog, check_index, decode_image
 from kindjax.data.pipeline import ArrayDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")

@@ -28,7 +28,7 @@ import numpy as np
 
 from kindjax.config import ConfigError
 from kindjax.data.class_groups import ClassSelection, imagenet_synsets, select_classes
-from kindjax.data.images import SkipLog, check_index, decode_image
+from kindjax.data.decode import SkipLog, check_index, decode_image
 
 TFDS_NAME = "imagenet2012"
 _LABEL_CHUNK = 1024

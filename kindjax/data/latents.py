@@ -1,6 +1,6 @@
 """SD-VAE latents written by ``python -m kindjax.encode``: a sharded, prefetching data set.
 
-Batching follows :class:`kindjax.data.pipeline.ArrayDataset`: step ``s`` takes
+Batching follows :func:`kindjax.data.pipeline.stream_indices`, as ArrayDataset's does: step ``s`` takes
 ``stream[s·B : (s+1)·B]`` of the stream of per-epoch permutations of the examples, so a
 batch is a pure function of ``(seed, step)``.  Row ``r`` of that global batch is
 
@@ -17,37 +17,24 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import ml_collections
 import numpy as np
 
 from kindjax.config import ConfigError
 from kindjax.data.class_groups import select_classes
+from kindjax.data.pipeline import Batch, Batches, local_rows, stream_indices
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
 NOISE_STREAM = 1   # tags the per-row noise seeds apart from the permutation seeds (seed, epoch)
 
 
-def stream_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """``stream[step·B : (step+1)·B]`` with ``stream = perm(seed, 0) ++ perm(seed, 1) ++ …`` and
-    ``perm(seed, e) = default_rng((seed, e)).permutation(n)`` (the ArrayDataset rule)."""
-    if step < 0 or batch_size <= 0:
-        raise ValueError(f"need step >= 0 and batch_size > 0, got {step}, {batch_size}")
-    if n == 0:
-        raise ValueError("cannot draw batches from an empty data set")
-    start, stop = step * batch_size, (step + 1) * batch_size
-    first, last = start // n, (stop - 1) // n
-    stream = np.concatenate([np.random.default_rng((seed, e)).permutation(n) for e in range(first, last + 1)])
-    return stream[start - first * n:][:batch_size]
-
-
 class LatentDataset:
-    """Posterior moments ``(n, views, 2, h, w, c)`` in shards; the stored (base) classes are selected
-    and relabelled by ``grouping``, ``task``, ``classes`` as an image source's are
-    (:func:`kindjax.data.class_groups.select_classes`)."""
+    """A :class:`kindjax.data.pipeline.TrainingSource` of posterior moments ``(n, views, 2, h, w, c)``
+    in shards; the stored (base) classes are selected and relabelled by ``grouping``, ``task``,
+    ``classes`` as an image source's are (:func:`kindjax.data.class_groups.select_classes`)."""
 
     def __init__(self, root: str, index: dict, grouping: str = "", task: str = "", classes: Sequence[int] = (),
                  scale: float = 0.18215, random_flip: bool = True, prefetch_depth: int = 2) -> None:
@@ -91,12 +78,9 @@ class LatentDataset:
         return stream_indices(len(self), step, batch_size, seed)
 
     def local_batch(self, step: int, batch_size: int, seed: int, process_index: int = 0,
-                    process_count: int = 1) -> dict[str, np.ndarray]:
+                    process_count: int = 1) -> Batch:
         """Rows ``[p·B/P, (p+1)·B/P)`` of the global batch: ``image`` (B/P, h, w, c) float32, ``label`` int32."""
-        if batch_size % process_count or not 0 <= process_index < process_count:
-            raise ValueError(f"batch_size={batch_size} must split evenly over {process_count} processes and "
-                             f"process_index={process_index} be in [0, {process_count})")
-        lo, hi = process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count
+        lo, hi = local_rows(batch_size, process_index, process_count)
         idx = self.indices(step, batch_size, seed)[lo:hi]
         pos = self.positions[idx]
         shard = np.searchsorted(self._starts, pos, side="right") - 1
@@ -112,23 +96,24 @@ class LatentDataset:
         image = self.scale * (moments[:, 0] + moments[:, 1] * eps)
         return {"image": image.astype(np.float32), "label": self.labels[idx]}
 
-    def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    def batch(self, step: int, batch_size: int, seed: int) -> Batch:
         """The whole global batch of ``step`` (single-process use)."""
         return self.local_batch(step, batch_size, seed)
 
-    def prefetch(self, start_step: int, batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, depth: int | None = None) -> "Prefetcher":
+    def batches(self, start_step: int, batch_size: int, seed: int, process_index: int = 0,
+                process_count: int = 1, depth: int | None = None) -> Prefetcher:
         """Local batches of steps ``start_step, start_step + 1, …`` prepared ``depth`` steps ahead
         (default ``prefetch_depth``, i.e. ``config.vae.prefetch``)."""
         return Prefetcher(lambda s: self.local_batch(s, batch_size, seed, process_index, process_count),
                           start_step, self.prefetch_depth if depth is None else depth)
 
 
-class Prefetcher:
-    """Iterator of ``(step, batch)`` from ``start_step`` on, filled by a background thread through a
-    queue of ``depth`` entries.  A new prefetcher restarts at any step; :meth:`close` stops the thread."""
+class Prefetcher(Batches):
+    """:class:`Batches` of ``make_batch(step)`` from ``start_step`` on, filled by a background thread
+    through a queue of ``depth`` entries.  A new prefetcher restarts at any step; :meth:`close` stops
+    the thread."""
 
-    def __init__(self, make_batch: Any, start_step: int, depth: int) -> None:
+    def __init__(self, make_batch: Callable[[int], Batch], start_step: int, depth: int) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be ≥ 1, got {depth}")
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -136,7 +121,7 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._fill, args=(make_batch, start_step), daemon=True)
         self._thread.start()
 
-    def _fill(self, make_batch: Any, step: int) -> None:
+    def _fill(self, make_batch: Callable[[int], Batch], step: int) -> None:
         while not self._stop.is_set():
             try:
                 item = (step, make_batch(step), None)
@@ -152,10 +137,7 @@ class Prefetcher:
                 return
             step += 1
 
-    def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        return self
-
-    def __next__(self) -> tuple[int, dict[str, np.ndarray]]:
+    def __next__(self) -> tuple[int, Batch]:
         if self._stop.is_set():
             raise StopIteration
         step, batch, error = self._queue.get()
@@ -167,12 +149,6 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-
-    def __enter__(self) -> "Prefetcher":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def read_index(root: str) -> dict:

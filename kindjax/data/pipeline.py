@@ -1,31 +1,116 @@
-"""In-memory image data sets with a deterministic, resumable batching rule.
+"""The training-source interface, its data order, and in-memory image data sets.
 
-The batch of a training step is a pure function of ``(seed, step)``: the stream of
-examples is the concatenation of per-epoch permutations
+Every training data set is a :class:`TrainingSource`.  The batch of a training step is a
+pure function of ``(seed, step)``: the stream of examples is the concatenation of
+per-epoch permutations
 
     stream = perm(seed, 0) ++ perm(seed, 1) ++ …
     perm(seed, e) = np.random.default_rng((seed, e)).permutation(N)
 
-and step ``s`` takes ``stream[s·B : (s+1)·B]``. With ``random_flip``, row ``b`` of the
-step's batch is mirrored left–right when ``u_b < 1/2``, ``u = default_rng((seed, s, FLIP_STREAM)).random(B)``.
-A run's data position is therefore just its step: resuming at step ``s`` yields the same
-batches as an uninterrupted run.
+and step ``s`` takes ``stream[s·B : (s+1)·B]`` (:func:`stream_indices`).  Process ``p`` of
+``P`` gets rows ``[p·B/P, (p+1)·B/P)`` of that global batch (:func:`local_rows`).  With
+``random_flip``, row ``b`` of an :class:`ArrayDataset` step's batch is mirrored left–right when
+``u_b < 1/2``, ``u = default_rng((seed, s, FLIP_STREAM)).random(B)``.  A run's data position is
+therefore just its step: resuming at step ``s`` yields the same batches as an uninterrupted run.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 #: Third seed word of the flip draws, so they never share a stream with the permutations.
 FLIP_STREAM = 1
 
+Batch = dict[str, np.ndarray]
+
+
+def stream_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """``stream[step·B : (step+1)·B]`` of the stream of ``n`` examples (see module docstring):
+    ``stream = perm(seed, 0) ++ perm(seed, 1) ++ …``, ``perm(seed, e) = default_rng((seed, e)).permutation(n)``."""
+    if step < 0 or batch_size <= 0:
+        raise ValueError(f"need step >= 0 and batch_size > 0, got {step}, {batch_size}")
+    if n == 0:
+        raise ValueError("cannot draw batches from an empty data set")
+    start = step * batch_size
+    stop = start + batch_size
+    first_epoch, last_epoch = start // n, (stop - 1) // n
+    stream = np.concatenate([np.random.default_rng((seed, epoch)).permutation(n)
+                             for epoch in range(first_epoch, last_epoch + 1)])
+    offset = start - first_epoch * n
+    return stream[offset:offset + batch_size]
+
+
+def local_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """``(lo, hi)``: process ``p`` of ``P`` holds rows ``[p·B/P, (p+1)·B/P)`` of a global batch of ``B``
+    rows; ``B`` must split evenly over the processes."""
+    if batch_size % process_count or not 0 <= process_index < process_count:
+        raise ValueError(f"batch_size={batch_size} must split evenly over {process_count} processes and "
+                         f"process_index={process_index} be in [0, {process_count})")
+    return process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count
+
+
+class Batches(Iterator[tuple[int, Batch]]):
+    """``(step, local batch)`` for steps ``start_step, start_step + 1, …``; :meth:`close` (or leaving
+    the ``with`` block) ends the iteration and frees what it holds."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Ends the iteration; later ``next`` calls raise StopIteration."""
+
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class StepBatches(Batches):
+    """:class:`Batches` made on demand, in the caller's thread, by ``make_batch(step)``."""
+
+    def __init__(self, make_batch: Callable[[int], Batch], start_step: int) -> None:
+        self._make_batch, self._step, self._closed = make_batch, start_step, False
+
+    def __next__(self) -> tuple[int, Batch]:
+        if self._closed:
+            raise StopIteration
+        step = self._step
+        batch = self._make_batch(step)
+        self._step += 1
+        return step, batch
+
+    def close(self) -> None:
+        self._closed = True
+
+
+@runtime_checkable
+class TrainingSource(Protocol):
+    """A training data set: the global batch of a step is a pure function of ``(step, batch_size, seed)``
+    in the data order of :func:`stream_indices`, and each process reads only its rows (:func:`local_rows`)."""
+
+    num_classes: int
+
+    def local_batch(self, step: int, batch_size: int, seed: int, process_index: int = 0,
+                    process_count: int = 1) -> Batch:
+        """Rows ``[p·B/P, (p+1)·B/P)`` of the step's global batch: ``image`` (B/P, H, W, C) float32,
+        ``label`` (B/P,) int32."""
+
+    def batch(self, step: int, batch_size: int, seed: int) -> Batch:
+        """The whole global batch of ``step`` (``local_batch`` with one process)."""
+
+    def batches(self, start_step: int, batch_size: int, seed: int, process_index: int = 0,
+                process_count: int = 1) -> Batches:
+        """``local_batch`` of steps ``start_step, start_step + 1, …``, each as ``(step, batch)``."""
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArrayDataset:
-    """Images (float32 NHWC in [-1, 1]) with int32 labels in ``0..num_classes-1``;
-    ``random_flip`` mirrors each batch row with probability 1/2 (see module docstring)."""
+    """A :class:`TrainingSource` held in memory: images (float32 NHWC in [-1, 1]) with int32 labels
+    in ``0..num_classes-1``; ``random_flip`` mirrors each batch row with probability 1/2 (see module
+    docstring)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -47,28 +132,29 @@ class ArrayDataset:
         return int(self.images.shape[0])
 
     def indices(self, step: int, batch_size: int, seed: int) -> np.ndarray:
-        """Example indices of ``stream[step·B : (step+1)·B]`` (see module docstring)."""
-        if step < 0 or batch_size <= 0:
-            raise ValueError(f"need step >= 0 and batch_size > 0, got {step}, {batch_size}")
-        n = len(self)
-        if n == 0:
-            raise ValueError("cannot draw batches from an empty data set")
-        start = step * batch_size
-        stop = start + batch_size
-        first_epoch, last_epoch = start // n, (stop - 1) // n
-        stream = np.concatenate([np.random.default_rng((seed, epoch)).permutation(n)
-                                 for epoch in range(first_epoch, last_epoch + 1)])
-        offset = start - first_epoch * n
-        return stream[offset:offset + batch_size]
+        """Example indices of the global batch of ``step`` (:func:`stream_indices`)."""
+        return stream_indices(len(self), step, batch_size, seed)
 
-    def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-        """The batch of ``step``: ``dict(image=(B,H,W,C) float32, label=(B,) int32)``."""
-        idx = self.indices(step, batch_size, seed)
+    def local_batch(self, step: int, batch_size: int, seed: int, process_index: int = 0,
+                    process_count: int = 1) -> Batch:
+        """Rows ``[p·B/P, (p+1)·B/P)`` of the step's batch: ``image`` (B/P,H,W,C) float32, ``label`` int32."""
+        lo, hi = local_rows(batch_size, process_index, process_count)
+        idx = self.indices(step, batch_size, seed)[lo:hi]
         images = self.images[idx]
         if self.random_flip:
-            flip = np.random.default_rng((seed, step, FLIP_STREAM)).random(batch_size) < 0.5
+            flip = (np.random.default_rng((seed, step, FLIP_STREAM)).random(batch_size) < 0.5)[lo:hi]
             images[flip] = images[flip, :, ::-1]
         return {"image": images, "label": self.labels[idx]}
+
+    def batch(self, step: int, batch_size: int, seed: int) -> Batch:
+        """The batch of ``step``: ``dict(image=(B,H,W,C) float32, label=(B,) int32)``."""
+        return self.local_batch(step, batch_size, seed)
+
+    def batches(self, start_step: int, batch_size: int, seed: int, process_index: int = 0,
+                process_count: int = 1) -> Batches:
+        """Local batches of steps ``start_step, start_step + 1, …``, each made when it is asked for."""
+        return StepBatches(lambda step: self.local_batch(step, batch_size, seed, process_index, process_count),
+                           start_step)
 
 
 def subset(dataset: ArrayDataset, classes: Sequence[int]) -> ArrayDataset:

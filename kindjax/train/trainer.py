@@ -7,12 +7,11 @@ step resumes the data and noise streams exactly where the killed run left them.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ import optax
 
 from kindjax import checkpoints
 from kindjax import params as param_rules
-from kindjax.data import make_dataset
+from kindjax.data import Batches, TrainingSource, make_dataset
 from kindjax.diffusion import GaussianDiffusion, denoising_loss, noisy_inputs
 from kindjax.models.dit import DiT, build_model, drop_labels, init_params
 from kindjax.sample import generate
@@ -82,14 +81,14 @@ class Trainer:
     """Builds the model, mesh, optimizer, state (fresh or restored) and the jitted step."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-                 devices: Any = None, dataset: Any = None):
+                 devices: Any = None, dataset: TrainingSource | None = None):
         self.config = config
         self.workdir = workdir
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
         self.model = build_model(config)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
         self.optimizer = make_optimizer(config)
-        self.dataset = make_dataset(config) if dataset is None else dataset
+        self.dataset: TrainingSource = make_dataset(config) if dataset is None else dataset
         self.base_key = jax.random.key(config.train.seed)
         init = functools.partial(init_state, model=self.model, optimizer=self.optimizer)
         abstract = jax.eval_shape(init, self.base_key)
@@ -115,20 +114,15 @@ class Trainer:
         return jax.jit(build, out_shardings=self.state_sharding)(params)
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of the step's batch (read alone where the data set can: latents)."""
-        b, seed = self.config.train.batch_size, self.config.data.seed
-        n, i = jax.process_count(), jax.process_index()
-        if hasattr(self.dataset, "local_batch"):
-            return self.dataset.local_batch(step, b, seed, i, n)
-        return {k: v[i * b // n:(i + 1) * b // n] for k, v in self.dataset.batch(step, b, seed).items()}
+        """This process's rows of the step's batch (:meth:`TrainingSource.local_batch`)."""
+        return self.dataset.local_batch(step, self.config.train.batch_size, self.config.data.seed,
+                                        jax.process_index(), jax.process_count())
 
-    def local_batches(self, start_step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """``(step, local batch)`` from ``start_step`` on, through the data set's own prefetching
-        thread where it has one."""
-        if hasattr(self.dataset, "prefetch"):
-            b, seed = self.config.train.batch_size, self.config.data.seed
-            return self.dataset.prefetch(start_step, b, seed, jax.process_index(), jax.process_count())
-        return ((step, self.local_batch(step)) for step in itertools.count(start_step))
+    def local_batches(self, start_step: int) -> Batches:
+        """``(step, local batch)`` from ``start_step`` on (:meth:`TrainingSource.batches`: the latents
+        prefetch them in a thread); close it when done."""
+        return self.dataset.batches(start_step, self.config.train.batch_size, self.config.data.seed,
+                                    jax.process_index(), jax.process_count())
 
     def place(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows placed on the mesh as one global batch."""
@@ -181,7 +175,8 @@ def sample_grid(trainer: Trainer, state: State, step: int, logger: RunLogger) ->
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          evaluate: Callable[[Trainer, State], dict[str, float]] | None = None, dataset: Any = None) -> State:
+          evaluate: Callable[[Trainer, State], dict[str, float]] | None = None,
+          dataset: TrainingSource | None = None) -> State:
     """Trains to ``config.train.num_steps`` (resuming from ``workdir`` if it holds a checkpoint).
 
     Saves every ``checkpoint_every`` steps, on SIGTERM, and at the end; logs every
@@ -243,8 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 with open(os.path.join(workdir, "metrics.json"), "w") as f:
                     json.dump({"step": step, **results}, f, indent=2)
     finally:
-        if hasattr(batches, "close"):
-            batches.close()
+        batches.close()
         preemption.restore()
         logger.close()
         mngr.close()
