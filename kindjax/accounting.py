@@ -21,13 +21,14 @@ computations at the config's shapes (nothing is hand-typed, nothing is run).
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import flags
 from flax import traverse_util
 
+from kindjax import cli
 from kindjax import params as param_rules
 from kindjax.methods import METHODS, Sizes, config_sizes, method_config
 from kindjax.models.dit import abstract_params, build_model
@@ -109,24 +110,22 @@ def markdown(rows: list[Account]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
-    FLAGS = flags.FLAGS
+    """Prints the accounting table of ``--methods`` (default: all) for ``--config``."""
     del argv
+    FLAGS = flags.FLAGS
+    methods = tuple(FLAGS.methods) or tuple(METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     config = FLAGS.config
     sizes = config_sizes(config, FLAGS.classes, FLAGS.n_learngene, FLAGS.n_tailor)
     sizes = dataclasses.replace(sizes, oft_blocks=FLAGS.oft_blocks or sizes.oft_blocks,
                                 num_blocks=FLAGS.num_blocks or sizes.num_blocks)
-    methods = tuple(FLAGS.methods) if FLAGS.methods else tuple(METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        sys.exit(f"kindjax.accounting: unknown methods {unknown}; choose from {sorted(METHODS)}")
     print(f"{len(methods)} methods adapted to {FLAGS.classes} classes; {sizes}", flush=True)
     print(markdown(accounts(config, FLAGS.classes, sizes, methods)))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Model config (configs/*.py).", lock_config=False)
@@ -137,4 +136,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_blocks", 0, "Blocks Heur-LG / Auto-LG inherit (default: half the depth).")
     flags.DEFINE_list("methods", [], "Methods to list (default: all).")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, "accounting")

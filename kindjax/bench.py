@@ -23,24 +23,26 @@ The last line printed is one JSON object with the figures.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import json
 import os
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 
+from kindjax import cli
 from kindjax import params as P
 from kindjax.config import base_config
 from kindjax.diffusion import GaussianDiffusion
 from kindjax.layers.kind import kind_config
-from kindjax.archs import DIT_ARCHS
+from kindjax.archs import DIT_ARCHS, resolve_dims
 from kindjax.models.dit import DiT, build_model
 from kindjax.train.optimizer import make_optimizer
 from kindjax.train.trainer import init_state, train_step
@@ -52,57 +54,82 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 Runner = Callable[[], None]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kindjax.bench", description=__doc__.split("\n")[0])
-    add = parser.add_argument
-    add("--arch", default="S", help="DiT size S/B/L/XL, or '' for --hidden_size/--depth/--num_heads")
-    add("--hidden_size", type=int, default=384)
-    add("--depth", type=int, default=12)
-    add("--num_heads", type=int, default=6)
-    add("--patch", type=int, default=2)
-    add("--image_size", type=int, default=32, help="input side (the latent side for latent DiTs)")
-    add("--channels", type=int, default=4)
-    add("--batch", type=int, default=8)
-    add("--num_classes", type=int, default=1000, help="classes of the dense and torch models")
-    add("--dtype", default="float32", choices=("float32", "bfloat16"))
-    add("--repeats", type=int, default=7)
-    add("--warmup", type=int, default=1, help="untimed steps per variant (the first compiles)")
-    add("--pause", type=float, default=0.2, help="idle seconds before each timed step")
-    add("--skip_torch", action="store_true")
-    add("--skip_kind", action="store_true")
-    add("--skip_naive", action="store_true")
-    add("--kind_classes", type=int, default=150, help="N_cls")
-    add("--kind_tailor", type=int, default=1, help="N_T")
-    add("--kind_learngene", type=int, default=-1, help="N_G; -1: fill the rank, hidden - N_cls·N_T")
-    return parser.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What to benchmark: one field per flag of :func:`define_flags`, same name and default."""
+
+    arch: str = "S"
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    patch: int = 2
+    image_size: int = 32
+    channels: int = 4
+    batch: int = 8
+    num_classes: int = 1000
+    dtype: str = "float32"
+    repeats: int = 7
+    warmup: int = 1
+    pause: float = 0.2
+    skip_torch: bool = False
+    skip_kind: bool = False
+    skip_naive: bool = False
+    kind_classes: int = 150
+    kind_tailor: int = 1
+    kind_learngene: int = -1
 
 
-def dims(args: argparse.Namespace) -> tuple[int, int, int]:
-    """``(hidden size, depth, heads)`` of the benchmarked DiT."""
-    return DIT_ARCHS[args.arch] if args.arch else (args.hidden_size, args.depth, args.num_heads)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines one absl flag per :class:`Options` field in ``flag_values`` (called only when
+    the module runs as a program, or by a test on its own ``FlagValues``)."""
+    d, fv = Options(), dict(flag_values=flag_values)
+    flags.DEFINE_enum("arch", d.arch, ["", *DIT_ARCHS], "DiT size, or '' for --hidden_size/--depth/--num_heads.", **fv)
+    flags.DEFINE_integer("hidden_size", d.hidden_size, "Hidden size (with --arch '').", **fv)
+    flags.DEFINE_integer("depth", d.depth, "Blocks (with --arch '').", **fv)
+    flags.DEFINE_integer("num_heads", d.num_heads, "Attention heads (with --arch '').", **fv)
+    flags.DEFINE_integer("patch", d.patch, "Patch size.", **fv)
+    flags.DEFINE_integer("image_size", d.image_size, "Input side (the latent side for latent DiTs).", **fv)
+    flags.DEFINE_integer("channels", d.channels, "Input channels.", **fv)
+    flags.DEFINE_integer("batch", d.batch, "Images per train step.", **fv)
+    flags.DEFINE_integer("num_classes", d.num_classes, "Classes of the dense and torch models.", **fv)
+    flags.DEFINE_enum("dtype", d.dtype, ["float32", "bfloat16"], "Compute dtype.", **fv)
+    flags.DEFINE_integer("repeats", d.repeats, "Timed rounds.", **fv)
+    flags.DEFINE_integer("warmup", d.warmup, "Untimed steps per variant (the first compiles).", **fv)
+    flags.DEFINE_float("pause", d.pause, "Idle seconds before each timed step.", **fv)
+    flags.DEFINE_bool("skip_torch", d.skip_torch, "Skip the diffusers (PyTorch) step.", **fv)
+    flags.DEFINE_bool("skip_kind", d.skip_kind, "Skip the KIND steps.", **fv)
+    flags.DEFINE_bool("skip_naive", d.skip_naive, "Skip the naive KIND step.", **fv)
+    flags.DEFINE_integer("kind_classes", d.kind_classes, "KIND N_cls.", **fv)
+    flags.DEFINE_integer("kind_tailor", d.kind_tailor, "KIND N_T.", **fv)
+    flags.DEFINE_integer("kind_learngene", d.kind_learngene, "KIND N_G; -1: fill the rank, hidden - N_cls·N_T.", **fv)
 
 
-def bench_config(args: argparse.Namespace, linear: ml_collections.ConfigDict | None = None,
+def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Options:
+    """The :class:`Options` that the parsed flags of :func:`define_flags` give."""
+    return Options(**{f.name: flag_values[f.name].value for f in dataclasses.fields(Options)})
+
+
+def bench_config(options: Options, linear: ml_collections.ConfigDict | None = None,
                  num_classes: int | None = None) -> ml_collections.ConfigDict:
     """The full config of one benchmarked model (dense unless ``linear`` is given)."""
     config = base_config()
-    hidden, depth, heads = dims(args)
-    config.model.update(dict(arch="", hidden_size=hidden, depth=depth, num_heads=heads,
-                             image_size=args.image_size, in_channels=args.channels,
-                             patch_size=args.patch, num_classes=num_classes or args.num_classes,
-                             dtype=args.dtype))
+    config.model.update(dict(arch=options.arch, hidden_size=options.hidden_size, depth=options.depth,
+                             num_heads=options.num_heads, image_size=options.image_size,
+                             in_channels=options.channels, patch_size=options.patch,
+                             num_classes=num_classes or options.num_classes, dtype=options.dtype))
     if linear is not None:
         config.model.linear = linear
-    config.train.batch_size = args.batch
+    config.train.batch_size = options.batch
     return config
 
 
-def kind_linear_config(args: argparse.Namespace, formulation: str) -> ml_collections.ConfigDict:
+def kind_linear_config(options: Options, formulation: str) -> ml_collections.ConfigDict:
     """``config.model.linear`` of the KIND model; ``N_G = hidden - N_cls·N_T`` unless given."""
-    n_learngene = args.kind_learngene
+    n_learngene = options.kind_learngene
     if n_learngene < 0:
-        n_learngene = dims(args)[0] - args.kind_classes * args.kind_tailor
-    return kind_config(n_learngene, args.kind_tailor, args.kind_classes, formulation)
+        hidden = resolve_dims(bench_config(options).model).hidden_size
+        n_learngene = hidden - options.kind_classes * options.kind_tailor
+    return kind_config(n_learngene, options.kind_tailor, formulation)
 
 
 def fresh_state(config: ml_collections.ConfigDict) -> Any:
@@ -169,9 +196,10 @@ def torch_runner(config: ml_collections.ConfigDict, device: str, seed: int = 0) 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(seed)
     m, o = config.model, config.optim
+    dims = resolve_dims(m)
     model = diffusers.DiTTransformer2DModel(
-        num_attention_heads=m.num_heads, attention_head_dim=m.hidden_size // m.num_heads,
-        in_channels=m.in_channels, out_channels=2 * m.in_channels, num_layers=m.depth,
+        num_attention_heads=dims.num_heads, attention_head_dim=dims.hidden_size // dims.num_heads,
+        in_channels=m.in_channels, out_channels=2 * m.in_channels, num_layers=dims.depth,
         sample_size=m.image_size, patch_size=m.patch_size, num_embeds_ada_norm=m.num_classes,
         norm_type="ada_norm_zero").to(device).train()
     params = list(model.parameters())
@@ -241,42 +269,43 @@ def torch_device() -> str:
     return "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
 
 
-def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Builds the variants, measures them side by side and returns the figures."""
+def run(options: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Builds the variants, measures them side by side and returns the figures; the last line
+    logged is the figures as one JSON object."""
     device = jax.devices()[0]
-    hidden, depth, heads = dims(args)
-    log(f"kindjax bench: DiT {args.arch or f'{hidden}x{depth}x{heads}'}/{args.patch} on "
-        f"{args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, {args.dtype}, "
+    dense_config = bench_config(options)
+    dims = resolve_dims(dense_config.model)
+    log(f"kindjax bench: DiT {options.arch or f'{dims.hidden_size}x{dims.depth}x{dims.num_heads}'}/{options.patch} on "
+        f"{options.image_size}x{options.image_size}x{options.channels}, batch {options.batch}, {options.dtype}, "
         f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores")
     runners: dict[str, Runner] = {}
-    dense_config = bench_config(args)
     log("building the dense kindjax step")
     state = fresh_state(dense_config)
     shapes = shapes_of(state["params"])
     runners["dense"], model = jax_runner(dense_config, state)
-    result: dict[str, Any] = {"device": f"{device.platform}:{device.device_kind}", "arch": args.arch or "custom",
-                              "hidden": hidden, "depth": depth, "patch": args.patch,
-                              "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype,
+    result: dict[str, Any] = {"device": f"{device.platform}:{device.device_kind}", "arch": options.arch or "custom",
+                              "hidden": dims.hidden_size, "depth": dims.depth, "patch": options.patch,
+                              "image_size": options.image_size, "batch": options.batch, "dtype": options.dtype,
                               "cpu_cores": os.cpu_count(), "dense_params": P.count(shapes)}
-    if not args.skip_kind:
-        log("building the KIND kindjax steps (gated" + ("" if args.skip_naive else ", naive") + ")")
-        config = bench_config(args, kind_linear_config(args, "gated"), args.kind_classes)
+    if not options.skip_kind:
+        log("building the KIND kindjax steps (gated" + ("" if options.skip_naive else ", naive") + ")")
+        config = bench_config(options, kind_linear_config(options, "gated"), options.kind_classes)
         state = fresh_state(config)
         result["kind"] = config.model.linear.to_dict()
         result["kind_params"] = P.count(state["params"])
         runners["kind"], _ = jax_runner(config, state)   # ``state`` is donated at its first step
-        if not args.skip_naive:   # the same parameters, the other formulation
-            naive = bench_config(args, kind_linear_config(args, "naive"), args.kind_classes)
+        if not options.skip_naive:   # the same parameters, the other formulation
+            naive = bench_config(options, kind_linear_config(options, "naive"), options.kind_classes)
             runners["naive"], _ = jax_runner(naive, jax.tree.map(jnp.copy, state))
-    if not args.skip_torch:
+    if not options.skip_torch:
         where = torch_device()
         log(f"building diffusers DiTTransformer2DModel step (torch, {where})")
         runners["torch"], result["torch_params"] = torch_runner(dense_config, where)
         result["torch_device"] = where
-    log(f"measuring {list(runners)}: {args.warmup} warm-up, {args.repeats} interleaved rounds")
-    times = measure(runners, args.repeats, args.warmup, args.pause, log)
+    log(f"measuring {list(runners)}: {options.warmup} warm-up, {options.repeats} interleaved rounds")
+    times = measure(runners, options.repeats, options.warmup, options.pause, log)
     median = {name: statistics.median(ts) for name, ts in times.items()}
-    flops = forward_flops(model, shapes, args.batch)   # traced only: no compile
+    flops = forward_flops(model, shapes, options.batch)   # traced only: no compile
     peak = peak_flops(device)
     result.update({
         "kindjax_step_s": median["dense"],
@@ -286,23 +315,23 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         "naive_step_s": median.get("naive"),
         "kind_over_dense": median["kind"] / median["dense"] if "kind" in median else None,
         "naive_over_dense": median["naive"] / median["dense"] if "naive" in median else None,
-        "images_per_s": args.batch / median["dense"],
+        "images_per_s": options.batch / median["dense"],
         "forward_gflops": flops / 1e9,
         "achieved_tflops": 3 * flops / median["dense"] / 1e12,
         "mfu": 3 * flops / median["dense"] / peak if peak else None,
-        "repeats": args.repeats,
+        "repeats": options.repeats,
         "times_s": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
     })
-    return result
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    log = functools.partial(print, flush=True)
-    result = run(args, log)
     log(json.dumps(result))
     return result
 
 
+def main(argv: list[str]) -> None:
+    """Runs the benchmark the flags describe."""
+    del argv
+    run(options_from_flags(), functools.partial(print, flush=True))
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    cli.run(main, "bench")

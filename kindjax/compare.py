@@ -23,7 +23,9 @@ import time
 
 import ml_collections
 import numpy as np
+from absl import flags
 
+from kindjax import cli
 from kindjax.accounting import parameter_counts
 from kindjax.evaluation.digits_report import evaluate_digits
 from kindjax.methods import METHODS, config_sizes, method_config
@@ -170,29 +172,23 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3,
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
+    """Runs the comparison of ``--methods`` (default: all) into ``--workdir``."""
     del argv
     FLAGS = flags.FLAGS
     methods = tuple(FLAGS.methods) or tuple(METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        raise SystemExit(f"kindjax.compare: unknown methods {unknown}; choose from {sorted(METHODS)}")
-    try:
-        compare(FLAGS.config, FLAGS.workdir, FLAGS.seeds, methods)
-    except ValueError as e:
-        raise SystemExit(f"kindjax.compare: {e}") from None
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    compare(FLAGS.config, FLAGS.workdir, FLAGS.seeds, methods)
 
 
 if __name__ == "__main__":
-    from absl import app, flags, logging
     from ml_collections import config_flags
 
-    logging.set_verbosity(logging.WARNING)
     config_flags.DEFINE_config_file("config", None, "A KIND config with transfer.classes (configs/kind_digits.py).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Output folder (one sub-folder per run, table.md/png/json).")
     flags.DEFINE_integer("seeds", 3, "Seeds per adaptation method.")
     flags.DEFINE_list("methods", [], "Methods to run (default: all of kindjax.methods).")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main, "compare")

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
 from kindjax.config import base_config
-from kindjax.models.dit import build_model
+from kindjax.models.dit import abstract_params, build_model
 
 #: The embedders DiT shares; diffusers repeats them in block ``i`` under this prefix.
 EMBEDDER_PREFIX = "transformer_blocks.{i}.norm1.emb."
@@ -158,10 +156,7 @@ def dit_params_from_diffusers(state_dict: Mapping[str, Any],
         raise ValueError(f"diffusers DiT weights load into the dense DiT (model.linear.kind='dense'), "
                          f"got {model_config.linear.kind!r}; convert first, then decompose")
     model = build_model(config)
-    size = model.image_size
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, model.in_channels)),
-                              jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
-    shapes = {path[1:]: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
+    shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract_params(model)).items()}
     leaves = _leaf_map(model.depth)
     if set(shapes) != set(leaves):
         raise NotImplementedError(f"the converter does not fill these kindjax parameters: "

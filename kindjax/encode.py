@@ -31,7 +31,6 @@ import collections
 import concurrent.futures
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -39,9 +38,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from kindjax import cli
 from kindjax.config import ConfigError
 from kindjax.data import ImageSource, open_image_source
 from kindjax.distributed import initialize
@@ -264,19 +265,13 @@ def encode(config: Any, vae_path: str, out_dir: str, log: Callable[[str], None] 
 
 
 def main(argv: list[str]) -> None:
+    """Encodes the images of ``--config`` with ``--vae`` into ``--out``."""
     del argv
-    from absl import flags
-
     initialize()
-    f = flags.FLAGS
-    try:
-        encode(f.config, f.vae, f.out)
-    except ConfigError as e:
-        sys.exit(f"kindjax.encode: {e}")
+    encode(flags.FLAGS.config, flags.FLAGS.vae, flags.FLAGS.out)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py): data source and vae section.",
@@ -284,4 +279,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("vae", "", "diffusers AutoencoderKL directory (overrides config.vae.weights).")
     flags.DEFINE_string("out", None, "Directory for the latent shards and index.json.")
     flags.mark_flags_as_required(["config", "out"])
-    app.run(main)
+    cli.run(main, "encode")

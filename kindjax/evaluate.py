@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from jax.sharding import Mesh
-from ml_collections import config_flags
 
-from kindjax import checkpoints
+from kindjax import checkpoints, cli
 from kindjax.config import ConfigError, validate
 from kindjax.diffusion import GaussianDiffusion
 from kindjax.distributed import initialize
@@ -236,24 +234,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
 
 
 def main(argv: list[str]) -> None:
+    """Evaluates the checkpoint ``--step`` (default: the latest) of ``--workdir``."""
     del argv
-    flags_ = flags.FLAGS
-    logging.set_verbosity(logging.WARNING)
     initialize()
     if not jax.config.jax_compilation_cache_dir:
         # Each sampling chunk re-traces the same sampler; the persistent cache avoids recompiling it.
-        jax.config.update("jax_compilation_cache_dir", os.path.join(flags_.workdir, "jax_cache"))
-    try:
-        evaluate(flags_.config, flags_.workdir, flags_.step)
-    except ConfigError as err:
-        sys.exit(f"kindjax.evaluate: {err}")
+        jax.config.update("jax_compilation_cache_dir", os.path.join(flags.FLAGS.workdir, "jax_cache"))
+    evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step)
 
 
 if __name__ == "__main__":
-    # Flags are defined only when run as a program, so importing this module beside
-    # kindjax.main (which defines the same flag names) is safe.
+    from ml_collections import config_flags
+
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/; results are written there.")
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main, "evaluate")

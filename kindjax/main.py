@@ -7,32 +7,26 @@ several processes (TPU pod, SLURM, or ``JAX_COORDINATOR_ADDRESS`` set), it calls
 """
 from __future__ import annotations
 
-import sys
+from absl import flags
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and metrics.")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
+from kindjax import cli
 
 
 def main(argv: list[str]) -> None:
+    """Runs the job of ``--config`` in ``--workdir``."""
     del argv
     from kindjax.distributed import initialize
 
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-
     initialize()
-    from kindjax.config import ConfigError
     from kindjax.run import run
 
-    try:
-        run(FLAGS.config, FLAGS.workdir)
-    except ConfigError as e:
-        sys.exit(f"kindjax: {e}")
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and metrics.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    cli.run(main, "main")

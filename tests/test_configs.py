@@ -97,5 +97,5 @@ def test_cli_reports_missing_imagenet_without_a_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "kindjax.main", "--config", "configs/dit_xl.py",
                           "--workdir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith("kindjax: config.data.name='imagenet' needs ImageNet-1K")
+    assert out.stderr.strip().splitlines()[-1].startswith("kindjax.main: config.data.name='imagenet' needs ImageNet-1K")
     assert "Traceback" not in out.stderr

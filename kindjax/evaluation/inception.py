@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -40,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kindjax import sharding
+from kindjax import cli, sharding
 
 INCEPTION_SIZE = 299
 NUM_LOGITS = 1008
@@ -343,8 +342,16 @@ def inception_features(module: FIDInceptionV3, variables: dict[str, Any], images
     return sharding.map_batches(lambda batch, _: fn(variables, batch), images, batch_size, mesh, progress)
 
 
+def main(argv: list[str]) -> None:
+    """``python -m kindjax.evaluation.inception SRC.pth OUT.npz``: :func:`convert_torch_weights`."""
+    if len(argv) != 3:
+        raise ValueError("usage: python -m kindjax.evaluation.inception pt_inception-2015-12-05-6726825d.pth OUT.npz")
+    src, out = argv[1:]
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"{src} is not a file: give pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    convert_torch_weights(src, out)
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m kindjax.evaluation.inception pt_inception-2015-12-05-6726825d.pth OUT.npz")
-    convert_torch_weights(sys.argv[1], sys.argv[2])
-    print(f"wrote {sys.argv[2]}")
+    cli.run(main, "evaluation.inception")
