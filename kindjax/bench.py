@@ -38,8 +38,8 @@ import numpy as np
 from absl import flags
 
 from kindjax import cli
-from kindjax import params as P
-from kindjax.config import base_config
+from kindjax import params as param_rules
+from kindjax.config import base_config, validate
 from kindjax.diffusion import GaussianDiffusion
 from kindjax.layers.kind import kind_config
 from kindjax.archs import DIT_ARCHS, resolve_dims
@@ -120,6 +120,7 @@ def bench_config(options: Options, linear: ml_collections.ConfigDict | None = No
     if linear is not None:
         config.model.linear = linear
     config.train.batch_size = options.batch
+    validate(config, num_devices=1)
     return config
 
 
@@ -286,13 +287,13 @@ def run(options: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
     result: dict[str, Any] = {"device": f"{device.platform}:{device.device_kind}", "arch": options.arch or "custom",
                               "hidden": dims.hidden_size, "depth": dims.depth, "patch": options.patch,
                               "image_size": options.image_size, "batch": options.batch, "dtype": options.dtype,
-                              "cpu_cores": os.cpu_count(), "dense_params": P.count(shapes)}
+                              "cpu_cores": os.cpu_count(), "dense_params": param_rules.count(shapes)}
     if not options.skip_kind:
         log("building the KIND kindjax steps (gated" + ("" if options.skip_naive else ", naive") + ")")
         config = bench_config(options, kind_linear_config(options, "gated"), options.kind_classes)
         state = fresh_state(config)
         result["kind"] = config.model.linear.to_dict()
-        result["kind_params"] = P.count(state["params"])
+        result["kind_params"] = param_rules.count(state["params"])
         runners["kind"], _ = jax_runner(config, state)   # ``state`` is donated at its first step
         if not options.skip_naive:   # the same parameters, the other formulation
             naive = bench_config(options, kind_linear_config(options, "naive"), options.kind_classes)

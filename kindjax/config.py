@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from kindjax.archs import resolve_dims
+
 
 def model_config() -> ml_collections.ConfigDict:
     """DiT hyper-parameters; ``arch`` (S/B/L/XL) overrides hidden_size/depth/num_heads."""
@@ -45,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
             classes=(),           # subset of dataset classes to train on, relabelled 0..n-1; () = all
             root="",              # data directory for on-disk data sets (imagenet: the TFDS data_dir)
             seed=0,
-            # Image sources (kindjax.data.images.open_image_source):
+            # Image sources (kindjax.data.open_image_source):
             split="train",        # imagenet: the TFDS split ("train", "validation", "train[:10%]", …)
             manual_dir="",        # imagenet: folder with ILSVRC2012_img_{train,val}.tar, to prepare TFDS once
             image_size=256,       # side of the centre-cropped images (folder in make_dataset: model.image_size)
@@ -79,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
                   num_blocks=0,
                   svd_components=0,     # >0: each kernel cut to this many random singular components (ablation #1)
                   # FINE: a FINE checkpoint whose shared U, V initialise this FINE model of any
-                  # depth/width/rank (kindjax.fine.init_from_fine_learngene).
+                  # depth/width/rank (kindjax.transfer.fine.init_from_fine_learngene).
                   fine_learngene=""),
         # job="kind_transfer": after pre-training on data.classes, transfer the learngene
         # (frozen) to `classes` with fresh tailors, and recombine `recombine_classes`.
@@ -135,6 +137,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                           f"kindjax/config.py (a typo?)")
     m, t, o = config.model, config.train, config.optim
     _require(m.arch in ("", "S", "B", "L", "XL"), f"model.arch={m.arch!r}: use '', 'S', 'B', 'L' or 'XL'")
+    dims = resolve_dims(m)
+    _require(dims.hidden_size % dims.num_heads == 0,
+             f"the hidden size {dims.hidden_size} is not divisible by the {dims.num_heads} heads "
+             f"(model.hidden_size / model.num_heads)")
     _require(m.image_size % m.patch_size == 0,
              f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
     _require(m.adaln_init in ("zero", "gaussian"), f"model.adaln_init={m.adaln_init!r}: use 'zero' or 'gaussian'")

@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 
 from kindjax import checkpoints
-from kindjax import params as P
+from kindjax import params as param_rules
 from kindjax.checkpoints import Source
 from kindjax.models.dit import DiT, build_model
 
@@ -78,8 +78,8 @@ def load_learngene(path: str | epath.PathLike, *, step: int | None = None, ema: 
     if located.kind == "sliced":
         params = checkpoints.restore_item(located, "learngene")
     else:
-        params, _ = P.split_learngene_tailors(
-            checkpoints.restore_item(located, source.item, lambda p: not P.is_tailor(p)))
+        params, _ = param_rules.split_learngene_tailors(
+            checkpoints.restore_item(located, source.item, lambda p: not param_rules.is_tailor(p)))
     return Learngene(params, checkpoints.config_of(located), source)
 
 
@@ -128,8 +128,8 @@ def load_tailors(path: str | epath.PathLike, classes: Sequence[int], *, step: in
         classes = _check_classes(classes, range(n), f"the model of {located.directory} has classes "
                                                     f"0..{n - 1} (model.num_classes={n})")
         available = tuple(range(n))
-        _, bundle = P.split_learngene_tailors(checkpoints.restore_item(located, source.item, P.has_class_rows))
-        if not any(P.is_tailor(p) for p, _ in jax.tree_util.tree_leaves_with_path(bundle)):
+        _, bundle = param_rules.split_learngene_tailors(checkpoints.restore_item(located, source.item, param_rules.has_class_rows))
+        if not any(param_rules.is_tailor(p) for p, _ in jax.tree_util.tree_leaves_with_path(bundle)):
             raise ValueError(f"the model of {located.directory} has no tailors (model.linear.kind="
                              f"{config.model.linear.kind!r}); load_learngene reads all its parameters")
     rows = np.asarray([available.index(c) for c in classes])
@@ -141,7 +141,6 @@ def _model_json(config: ml_collections.ConfigDict) -> dict:
     """The model config as JSON data, without the class counts (set by :func:`assemble`)."""
     model = checkpoints.config_json(config)["model"]
     model.pop("num_classes")
-    model["linear"].pop("n_classes", None)
     return model
 
 
@@ -157,8 +156,6 @@ def _check_same_model(learngene: Learngene, tailors: Tailors) -> None:
 def _class_config(config: ml_collections.ConfigDict, k: int) -> ml_collections.ConfigDict:
     config = copy.deepcopy(config)
     config.model.num_classes = k
-    if "n_classes" in config.model.linear:
-        config.model.linear.n_classes = k
     return config
 
 
@@ -172,7 +169,7 @@ def assemble(learngene: Learngene, tailors: Tailors, *, verbose: bool = True) ->
     _check_same_model(learngene, tailors)
     k = len(tailors.classes)
     config = _class_config(tailors.config, k)
-    params = jax.tree.map(jnp.asarray, P.merge_learngene_tailors(learngene.params, tailors.params))
+    params = jax.tree.map(jnp.asarray, param_rules.merge_learngene_tailors(learngene.params, tailors.params))
     if verbose:
         print(_summary(learngene, tailors))
     return Assembled(build_model(config), params, tailors.classes, config)
@@ -180,7 +177,7 @@ def assemble(learngene: Learngene, tailors: Tailors, *, verbose: bool = True) ->
 
 def _summary(learngene: Learngene, tailors: Tailors) -> str:
     k, n_full = len(tailors.classes), tailors.config.model.num_classes
-    n_g, n_t = P.count(learngene.params), P.count(tailors.params)
+    n_g, n_t = param_rules.count(learngene.params), param_rules.count(tailors.params)
     full = n_g + n_t // k * n_full
     return (f"Assembled a DiT for classes {list(tailors.classes)} (labels 0..{k - 1}, null class {k}):\n"
             f"  learngene {n_g:>12,}\n"

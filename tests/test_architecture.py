@@ -104,7 +104,8 @@ def reachable(start: str) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("module", ["kindjax.sample", "kindjax.evaluate", "kindjax.evaluation.adm",
+@pytest.mark.parametrize("module", ["kindjax.sample", "kindjax.evaluate", "kindjax.evaluation.pipeline",
+                                    "kindjax.evaluation.adm",
                                     "kindjax.evaluation.inception", "kindjax.evaluation.dinov2"])
 def test_sampling_and_evaluation_never_import_the_trainer(module):
     assert not {m for m in reachable(module) if m.startswith("kindjax.train")}

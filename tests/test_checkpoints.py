@@ -10,7 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from conftest import tiny_config
 from kindjax import checkpoints
-from kindjax import params as P
+from kindjax import params as param_rules
 from kindjax.checkpoints.slicing import slice_checkpoint
 from kindjax.config import ConfigError
 
@@ -75,7 +75,7 @@ def test_restore_leaves_reads_only_the_kept_leaves(saved, monkeypatch):
         return await deserialize(self, infos, args)
 
     monkeypatch.setattr(ocp.type_handlers.NumpyHandler, "deserialize", spy)
-    read = checkpoints.restore_leaves(os.path.join(saved.step_dir, "ema_params"), P.has_class_rows)
+    read = checkpoints.restore_leaves(os.path.join(saved.step_dir, "ema_params"), param_rules.has_class_rows)
     assert sorted(names) == ["block.tailors.u", "y_embedder.embedding"]
     assert set(read) == {"block", "y_embedder"} and set(read["block"]) == {"tailors"}
     assert isinstance(read["block"]["tailors"]["u"], np.ndarray)

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT, tiny_config
 from kindjax.config import ConfigError
 from kindjax.data.digits import load_digits
-from kindjax.evaluate import evaluate
+from kindjax.evaluation.pipeline import evaluate
 from kindjax.evaluation import adm, inception
 from kindjax.train.trainer import train
 from test_inception import random_fid_inception
@@ -138,7 +138,7 @@ def test_latent_samples_are_decoded_by_the_vae(tmp_path):
     """Latent models: samples (``vae.scale · z`` as trained) → diffusers' ``decode(latents / scale)``."""
     from diffusers import AutoencoderKL
 
-    from kindjax.evaluate import _latent_decoder
+    from kindjax.evaluation.pipeline import latent_decoder
     from kindjax.sharding import make_mesh
 
     torch.manual_seed(0)
@@ -152,7 +152,7 @@ def test_latent_samples_are_decoded_by_the_vae(tmp_path):
     latents = np.random.default_rng(0).normal(size=(5, 4, 4, 4)).astype(np.float32)
     with torch.no_grad():
         ref = vae.decode(torch.from_numpy(latents / config.vae.scale).permute(0, 3, 1, 2)).sample
-    ours = _latent_decoder(config, make_mesh())(latents)
+    ours = latent_decoder(config, make_mesh())(latents)
     ref = ref.permute(0, 2, 3, 1).numpy()
     assert ours.shape == (5, 8, 8, 3)
     assert np.max(np.abs(ours - ref)) <= 1e-4 * np.max(np.abs(ref))

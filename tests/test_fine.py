@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from kindjax import params as P
+from kindjax import params as param_rules
 from kindjax.config import ConfigError
-from kindjax.fine import (extract_fine_learngene, init_from_config, init_from_fine_learngene, is_fine_learngene,
+from kindjax.transfer.fine import (extract_fine_learngene, init_from_config, init_from_fine_learngene, is_fine_learngene,
                           is_layer_sigma, load_fine_learngene, mean_sigma)
 from kindjax.layers import ROLES
 from kindjax.layers.dense import DenseLinear
@@ -30,7 +30,7 @@ def fresh_params(model, seed):
 
 
 def leaves(tree):
-    return {P.path_string(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return {param_rules.path_string(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def dit_inputs(key, batch=4):
@@ -54,16 +54,16 @@ def test_shared_factor_is_one_array_per_role_and_every_block_feeds_its_gradient(
             assert sorted(k for k in flat if k.startswith(prefix + "/")) == [prefix + "/bias", prefix + "/sigma"]
     # Non-zero adaLN gates and output projection, random σ, so gradient reaches the blocks.
     rng = np.random.default_rng(0)
-    params = P.map_with_path(lambda p, v: v + 0.3 * rng.standard_normal(v.shape).astype(np.float32)
-                             if "adaln_modulation" in P.path_string(p) or "final_layer" in P.path_string(p)
+    params = param_rules.map_with_path(lambda p, v: v + 0.3 * rng.standard_normal(v.shape).astype(np.float32)
+                             if "adaln_modulation" in param_rules.path_string(p) or "final_layer" in param_rules.path_string(p)
                              or is_layer_sigma(p) else v, params)
 
     grad = jax.jit(jax.grad(lambda q: jnp.mean(model.apply({"params": q}, x, t, y) ** 2)))
 
     def grad_bases(live_blocks):
         """∂L/∂(U, V) with σ of every block outside ``live_blocks`` set to 0."""
-        p = P.map_with_path(lambda path, v: v * 0 if is_layer_sigma(path) and not any(
-            f"block_{i}" in P.path_names(path) for i in live_blocks) else v, params)
+        p = param_rules.map_with_path(lambda path, v: v * 0 if is_layer_sigma(path) and not any(
+            f"block_{i}" in param_rules.path_names(path) for i in live_blocks) else v, params)
         return leaves(grad(p)["fine_bases"])
 
     assert all(np.abs(g).max() == 0 for g in grad_bases([]).values())  # no block: nothing reaches U, V

@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from conftest import ROOT, tiny_config
 from kindjax import assemble, build_model, checkpoints, load_learngene, load_tailors
-from kindjax import params as P
+from kindjax import params as param_rules
 from kindjax.checkpoints.slicing import slice_checkpoint
 from kindjax.layers.kind import kind_config
 from kindjax.train.trainer import train
@@ -60,16 +60,16 @@ def test_load_from_workdir_and_step_dir(run):
     learngene = load_learngene(run.workdir)
     assert (learngene.source.kind, learngene.source.step, learngene.source.item) == ("workdir", 2, "ema_params")
     assert checkpoints.config_json(learngene.config) == checkpoints.config_json(run.config)
-    assert_trees_equal(learngene.params, P.split_learngene_tailors(run.ema)[0])
+    assert_trees_equal(learngene.params, param_rules.split_learngene_tailors(run.ema)[0])
     assert learngene.params["y_embedder"]["embedding"].shape == (1, 64)
-    assert not any(P.is_tailor(p) for p, _ in jax.tree_util.tree_leaves_with_path(learngene.params))
+    assert not any(param_rules.is_tailor(p) for p, _ in jax.tree_util.tree_leaves_with_path(learngene.params))
 
     tailors = load_tailors(run.workdir, CLASSES)
     assert tailors.classes == CLASSES
-    assert_trees_equal(tailors.params, P.split_learngene_tailors(run.ema, CLASSES)[1])
+    assert_trees_equal(tailors.params, param_rules.split_learngene_tailors(run.ema, CLASSES)[1])
     raw = load_tailors(run.workdir, CLASSES, ema=False)
     assert raw.source.item == "params"
-    assert_trees_equal(raw.params, P.split_learngene_tailors(run.params, CLASSES)[1])
+    assert_trees_equal(raw.params, param_rules.split_learngene_tailors(run.params, CLASSES)[1])
 
     step_dir = os.path.join(run.workdir, "checkpoints", "1")
     for path, step in ((run.workdir, 1), (step_dir, None), (step_dir, 1)):
@@ -142,10 +142,10 @@ def test_slice_cli_and_function(run, tmp_path, single_device_env):
     shutil.rmtree(workdir)
     learngene = load_learngene(lg_out)
     assert learngene.source.kind == "sliced" and learngene.source.step == 2
-    assert_trees_equal(learngene.params, P.split_learngene_tailors(run.ema)[0])
-    assert_trees_equal(load_tailors(t_out, CLASSES).params, P.split_learngene_tailors(run.ema, CLASSES)[1])
-    assert_trees_equal(load_tailors(t_out, [3, 7]).params, P.split_learngene_tailors(run.ema, [3, 7])[1])
-    assert_trees_equal(load_tailors(tmp_path / "raw", [9]).params, P.split_learngene_tailors(run.params, [9])[1])
+    assert_trees_equal(learngene.params, param_rules.split_learngene_tailors(run.ema)[0])
+    assert_trees_equal(load_tailors(t_out, CLASSES).params, param_rules.split_learngene_tailors(run.ema, CLASSES)[1])
+    assert_trees_equal(load_tailors(t_out, [3, 7]).params, param_rules.split_learngene_tailors(run.ema, [3, 7])[1])
+    assert_trees_equal(load_tailors(tmp_path / "raw", [9]).params, param_rules.split_learngene_tailors(run.params, [9])[1])
     with pytest.raises(ValueError, match=r"classes \[1\] are out of range: .* hold classes \(7, 0, 3\)"):
         load_tailors(t_out, [1])
     with pytest.raises(ValueError, match="holds the tailors only, not the learngene"):
@@ -159,9 +159,9 @@ def test_assembled_model_equals_full_model(run, tmp_path, capsys):
     learngene = load_learngene(tmp_path / "lg")
     assembled = assemble(learngene, load_tailors(run.workdir, CLASSES))
     printed = capsys.readouterr().out
-    n_g, n_t = P.count(learngene.params), P.count(P.split_learngene_tailors(run.ema, CLASSES)[1])
+    n_g, n_t = param_rules.count(learngene.params), param_rules.count(param_rules.split_learngene_tailors(run.ema, CLASSES)[1])
     assert f"learngene {n_g:>12,}" in printed and f"tailors   {n_t:>12,}" in printed
-    assert f"of the full 10-class model ({P.count(run.ema):,})" in printed
+    assert f"of the full 10-class model ({param_rules.count(run.ema):,})" in printed
     assert assembled.classes == CLASSES and assembled.model.num_classes == 3
     assert assembled.config.model.num_classes == 3
 
@@ -217,4 +217,4 @@ def test_errors(run, tmp_path):
     mngr.close()
     with pytest.raises(ValueError, match="has no tailors \\(model.linear.kind='dense'\\)"):
         load_tailors(tmp_path / "dense", [0])
-    assert_trees_equal(load_learngene(tmp_path / "dense").params, P.split_learngene_tailors(params)[0])
+    assert_trees_equal(load_learngene(tmp_path / "dense").params, param_rules.split_learngene_tailors(params)[0])

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from kindjax import params as P
+from kindjax import params as param_rules
 from kindjax.checkpoints.layout import META, PARTS
 from kindjax.checkpoints.training import config_json
 from kindjax.learngene import load_learngene, load_tailors
@@ -52,7 +52,7 @@ def slice_checkpoint(path: str | os.PathLike, out: str | os.PathLike, part: str,
             "classes": list(bundle.classes) if part == "tailors" else None,
             "step": source.step,
             "source": {"path": source.path, "checkpoint": source.checkpoint, "item": source.item},
-            "size": {"arrays": len(leaves), "parameters": P.count(bundle.params),
+            "size": {"arrays": len(leaves), "parameters": param_rules.count(bundle.params),
                      "bytes": sum(int(np.asarray(x).nbytes) for x in leaves)},
             "config": config_json(bundle.config)}
     ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(out, args=ocp.args.Composite(**{

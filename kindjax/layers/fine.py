@@ -4,7 +4,7 @@ Every main matrix of block ``l`` is ``W_l = U · diag(σ_l) · Vᵀ`` (FINE eq. 
 ``U`` of shape ``(d_out, r)`` and ``V`` of shape ``(d_in, r)`` shared by all blocks
 (one pair per matrix kind: q, k, v, attn_out, mlp_in, mlp_out) and ``σ_l`` of
 shape ``(r,)`` and a bias owned by the layer.  The shared ``U, V`` are FINE's
-learngene, used to initialise DiTs of other depths and widths (:mod:`kindjax.fine`).
+learngene, used to initialise DiTs of other depths and widths (:mod:`kindjax.transfer.fine`).
 
 ``r`` is ``config.model.linear.rank``: the number of shared singular components,
 the "sigma share" of the FINE supplementary's Table 7 (DiT-B 100, DiT-L 148).

@@ -249,10 +249,6 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
     m = config.model if "model" in config else config
     dims = resolve_dims(m)
     hidden, depth, heads = dims.hidden_size, dims.depth, dims.num_heads
-    if m.image_size % m.patch_size:
-        raise ValueError(f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
-    if hidden % heads:
-        raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads")
     return DiT(
         image_size=m.image_size, in_channels=m.in_channels, patch_size=m.patch_size,
         hidden_size=hidden, depth=depth, num_heads=heads, num_classes=m.num_classes,

@@ -186,7 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     """
     tc = config.train
     trainer = Trainer(config, workdir, dataset=dataset)
-    mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    mngr = checkpoints.manager(os.path.join(workdir, checkpoints.CHECKPOINTS), keep=tc.keep_checkpoints)
     logger = RunLogger(workdir, tc.num_steps)
     if mngr.latest_step() is not None:
         checkpoints.check_same_model(checkpoints.read_meta(mngr)["config"], config, workdir)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
+from kindjax.transfer.fine import init_from_config
 from kindjax.transfer.kind import learngene_init, transfer_config
 from kindjax.transfer.pretrained import pretrained_init
 
@@ -26,8 +27,6 @@ def starts_from_checkpoint(config: ml_collections.ConfigDict) -> bool:
 
 def initial_params(config: ml_collections.ConfigDict, fresh: Mapping[str, Any], key: jax.Array) -> dict:
     """The step-0 parameters for the start ``config.init`` names, given the model's ``fresh`` ones."""
-    from kindjax.fine import init_from_config
-
     init = config.init
     if init.pretrained:
         return pretrained_init(config, fresh, key)

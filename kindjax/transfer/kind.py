@@ -38,7 +38,7 @@ def check_compatible(source: ml_collections.ConfigDict, target: ml_collections.C
         raise ConfigError("the learngene does not fit this model: " + "; ".join(diffs))
 
 
-def transfer_learngene(fresh: Mapping[str, Any], learngene: Mapping[str, Any], key: jax.Array,
+def init_from_learngene(fresh: Mapping[str, Any], learngene: Mapping[str, Any], key: jax.Array,
                        model_config: ml_collections.ConfigDict) -> dict:
     """``fresh`` parameters of the new model with ``learngene`` copied in and every KIND
     layer's tailors re-drawn orthonormal to the copied learngene factors (σ as initialised)."""
@@ -92,7 +92,7 @@ def transfer_config(config: ml_collections.ConfigDict, learngene: str,
 
 def learngene_init(config: ml_collections.ConfigDict, fresh: Mapping[str, Any], key: jax.Array) -> dict:
     """The step-0 parameters of a run with ``init.learngene``: the learngene read (no tailor leaf
-    is read), checked against this model, and :func:`transfer_learngene` applied."""
+    is read), checked against this model, and :func:`init_from_learngene` applied."""
     learngene = load_learngene(config.init.learngene)
     check_compatible(learngene.config.model, config.model)
-    return transfer_learngene(fresh, learngene.params, key, config.model)
+    return init_from_learngene(fresh, learngene.params, key, config.model)

@@ -38,7 +38,7 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from kindjax import checkpoints
-from kindjax import params as P
+from kindjax import params as param_rules
 from kindjax.config import ConfigError
 from kindjax.layers import ROLES
 from kindjax.layers.fine import BASES
@@ -49,12 +49,12 @@ SIGMA = "sigma"
 
 def is_fine_learngene(path: tuple) -> bool:
     """A shared factor ``fine_bases/<role>/{U,V}`` (also its optimizer-state leaves)."""
-    return BASES in P.path_names(path)
+    return BASES in param_rules.path_names(path)
 
 
 def is_layer_sigma(path: tuple) -> bool:
     """A FINE layer's own singular values ``block_<l>/.../<role>/sigma``."""
-    names = P.path_names(path)
+    names = param_rules.path_names(path)
     return len(names) >= 2 and names[-1] == SIGMA and names[-2] in ROLES and BASES not in names
 
 
@@ -66,7 +66,7 @@ def _flat(params: Mapping[str, Any]) -> dict[tuple, Any]:
 
 def extract_fine_learngene(params: Mapping[str, Any]) -> dict:
     """The learngene of a FINE model: ``{"fine_bases": {role: {"U", "V"}}}`` and nothing else."""
-    kept = {P.path_names(path): v for path, v in _flat(params).items() if is_fine_learngene(path)}
+    kept = {param_rules.path_names(path): v for path, v in _flat(params).items() if is_fine_learngene(path)}
     if not kept:
         raise ValueError(f"these parameters hold no {BASES!r}: not a FINE model (model.linear.kind='fine')")
     return traverse_util.unflatten_dict(kept)
@@ -77,7 +77,7 @@ def mean_sigma(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     per_role: dict[str, list[np.ndarray]] = {}
     for path, leaf in _flat(params).items():
         if is_layer_sigma(path):
-            per_role.setdefault(P.path_names(path)[-2], []).append(np.asarray(leaf, np.float32))
+            per_role.setdefault(param_rules.path_names(path)[-2], []).append(np.asarray(leaf, np.float32))
     return {role: np.mean(np.stack(s), axis=0) for role, s in per_role.items()}
 
 
@@ -120,10 +120,10 @@ def init_from_fine_learngene(fresh_params: Mapping[str, Any], learngene: Mapping
     def layer_sigma(path: tuple, leaf: jax.Array) -> jax.Array:
         if sigma is None or not is_layer_sigma(path):
             return leaf
-        s = jnp.asarray(sigma[P.path_names(path)[-2]], jnp.float32)[:leaf.shape[0]]
+        s = jnp.asarray(sigma[param_rules.path_names(path)[-2]], jnp.float32)[:leaf.shape[0]]
         return jnp.concatenate([s, leaf[s.shape[0]:]]).astype(leaf.dtype)
 
-    params = P.map_with_path(layer_sigma, unfreeze(fresh_params))
+    params = param_rules.map_with_path(layer_sigma, unfreeze(fresh_params))
     return {**params, BASES: bases}
 
 

@@ -1,0 +1,230 @@
+"""ADM-style evaluation of a trained model (the work of ``python -m kindjax.evaluate``):
+
+
+Started by a launcher on several hosts (as ``launch/`` starts training), every process runs the same
+command: sampling and feature extraction are split over all devices, process 0 writes the files.
+
+1. Restores the EMA weights of the latest checkpoint in ``DIR`` (or step ``S``).
+2. Samples ``eval.num_samples`` images with ``config.sample`` (sampler, steps, CFG scale), class
+   labels ``i mod num_classes`` (balanced: 50 per class for 50K ImageNet samples), noise from
+   ``eval.seed``; latent models (``data.name="latents"``, or 4 channels) are decoded with the SD-VAE of
+   ``vae.weights`` (``x = D(z / vae.scale)``). Samples are rounded to uint8 (``round(127.5·(x+1))``),
+   grey images repeated to RGB, and written as ADM's sample batch
+   ``DIR/samples_<step>_<N>x<H>x<W>x3.npz`` (``arr_0`` images, ``arr_1`` labels); a rerun with the
+   same sampling settings reuses that file.
+3. Computes FID, sFID, Inception Score, precision and recall (:mod:`kindjax.evaluation.adm`) with the
+   FID Inception (``eval.inception_weights``) against ``eval.reference``, an ADM reference batch:
+   its ``mu, sigma, mu_s, sigma_s`` when present, otherwise statistics of its images ``arr_0``;
+   precision/recall need the images. With ``eval.dinov2_weights`` also FDD (DINOv2 features).
+4. Writes ``DIR/eval_<step>.json`` (metrics, step, files, config) and ``eval/<metric>`` scalars to
+   ``DIR/tensorboard``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from kindjax import checkpoints
+from kindjax.config import ConfigError, validate
+from kindjax.diffusion import GaussianDiffusion
+from kindjax.evaluation import adm
+from kindjax.evaluation.inception import PREPROCESSING, inception_features, load_inception
+from kindjax.models.dit import abstract_params, build_model
+from kindjax.sample import generate
+from kindjax import sharding
+from kindjax.logs import RunLogger, to_uint8
+
+PROGRESS_UPDATES = 20  # sampling is split into about this many chunks, each reported
+LATENT_FACTOR = 8      # image side / latent side of the SD-VAE (names the sample file before decoding)
+
+
+def is_latent_model(config: ml_collections.ConfigDict) -> bool:
+    """Samples are SD-VAE latents: ``data.name="latents"``, or channels that are not grey/RGB
+    (the ImageNet configs: 4 latent channels)."""
+    return config.data.name == "latents" or config.model.in_channels not in (1, 3)
+
+
+def check_eval_config(config: ml_collections.ConfigDict) -> set[str]:
+    """Everything that can be checked before sampling; returns the reference batch's keys."""
+    e = config.eval
+    if not e.reference:
+        raise ConfigError("eval.reference is not set: give an ADM reference batch .npz (images arr_0 and/or "
+                          "mu, sigma, mu_s, sigma_s), e.g. VIRTUAL_imagenet256_labeled.npz")
+    if not e.inception_weights or not os.path.isfile(e.inception_weights):
+        raise ConfigError(f"eval.inception_weights={e.inception_weights!r} is not a file: give pytorch-fid's "
+                          f"pt_inception-2015-12-05-6726825d.pth (or the .npz of kindjax.evaluation.inception)")
+    if e.inception_preprocess not in PREPROCESSING:
+        raise ConfigError(f"eval.inception_preprocess={e.inception_preprocess!r}: use one of {PREPROCESSING}")
+    if e.num_samples < 4:
+        raise ConfigError(f"eval.num_samples={e.num_samples}: need at least 4 (precision/recall use the "
+                          f"3 nearest neighbours)")
+    if is_latent_model(config) and not config.vae.weights:
+        raise ConfigError(f"the samples of this latent model (data.name={config.data.name!r}, model.in_channels="
+                          f"{config.model.in_channels}) are decoded to images by the SD-VAE: set vae.weights")
+    try:
+        keys = adm.reference_keys(e.reference)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"eval.reference: {err}") from None
+    if e.dinov2_weights and "arr_0" not in keys:
+        raise ConfigError(f"eval.dinov2_weights is set but {e.reference} holds no images (arr_0) to compute "
+                          f"the reference DINOv2 features of FDD from; unset eval.dinov2_weights or give "
+                          f"a reference batch with images")
+    return keys
+
+
+def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+                       step: int | None = None) -> tuple[Any, int]:
+    """The EMA parameters of checkpoint ``step`` (default: the latest) in ``workdir``, sharded
+    over ``mesh`` as in training; refuses a checkpoint of another model config."""
+    abstract = abstract_params(build_model(config))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, sharding.state_shardings(mesh, abstract))
+    return checkpoints.restore_state_item(workdir, "ema_params", target, config, step)
+
+
+def latent_decoder(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[np.ndarray], np.ndarray]:
+    """Latents (as trained: ``vae.scale · z``) → images in [-1, 1]: ``D(latents / vae.scale)``."""
+    from kindjax.models.vae import AutoencoderKL, load_vae
+
+    vae = load_vae(config.vae.weights)
+    rows = sharding.batch_sharding(mesh)
+    decode = jax.jit(lambda p, z: vae.model.apply({"params": p}, z / config.vae.scale, method=AutoencoderKL.decode),
+                     in_shardings=(sharding.replicated(mesh), rows), out_shardings=rows)
+    vae_params = jax.device_put(vae.params, sharding.replicated(mesh))
+
+    def run(latents: np.ndarray) -> np.ndarray:
+        return sharding.map_batches(lambda z, _: decode(vae_params, z), latents, config.eval.batch_size, mesh)
+
+    return run
+
+
+def to_rgb_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] NHWC floats (1 or 3 channels) → uint8 RGB (one channel repeated three times)."""
+    pixels = to_uint8(images)
+    if pixels.shape[-1] == 1:
+        return np.repeat(pixels, 3, axis=-1)
+    return pixels
+
+
+def sample_batch(config: ml_collections.ConfigDict, params: Any, mesh: Mesh,
+                 log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
+    """``eval.num_samples`` uint8 RGB samples with labels ``i mod num_classes``, in chunks
+    (chunk ``c`` uses the key ``fold_in(key(eval.seed), c)``), progress reported per chunk."""
+    model = build_model(config)
+    diffusion = GaussianDiffusion.from_config(config.diffusion)
+    decode = latent_decoder(config, mesh) if is_latent_model(config) else None
+    n, batch = config.eval.num_samples, config.eval.batch_size
+    labels = (np.arange(n) % model.num_classes).astype(np.int32)
+    chunk = batch * max(1, -(-n // (PROGRESS_UPDATES * batch)))
+    key = jax.random.key(config.eval.seed)
+    images, start_time = [], time.time()
+    for c, start in enumerate(range(0, n, chunk)):
+        out = generate(model, params, diffusion, jax.random.fold_in(key, c), labels[start:start + chunk],
+                       config.sample, batch, mesh)
+        images.append(to_rgb_uint8(decode(out) if decode is not None else out))
+        done, elapsed = min(start + chunk, n), time.time() - start_time
+        log(f"sampled {done}/{n} ({100 * done / n:.0f}%), {done / elapsed:.2f} images/s, "
+            f"{(n - done) * elapsed / done / 60:.1f} min left")
+    return np.concatenate(images), labels
+
+
+def _sampling_settings(config: ml_collections.ConfigDict, step: int) -> dict:
+    c = checkpoints.config_json(config)
+    return {"step": step, "num_samples": config.eval.num_samples, "seed": config.eval.seed,
+            "sample": c["sample"], "diffusion": c["diffusion"], "model": c["model"],
+            "vae": c["vae"] if is_latent_model(config) else None}
+
+
+def samples_for_step(config: ml_collections.ConfigDict, workdir: str, step: int, params: Any, mesh: Mesh,
+                     log: Callable[[str], None]) -> tuple[str, np.ndarray]:
+    """The ADM sample batch of ``step`` (path, images): reused when a file written with the same
+    sampling settings exists (its ``.json`` beside it), sampled and written otherwise."""
+    m = config.model
+    side = m.image_size * (LATENT_FACTOR if is_latent_model(config) else 1)
+    path = os.path.join(workdir, f"samples_{step}_{config.eval.num_samples}x{side}x{side}x3.npz")
+    settings_path = path[:-len(".npz")] + ".json"
+    settings = _sampling_settings(config, step)
+    if os.path.isfile(path) and os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            if json.load(f) == settings:
+                log(f"Reusing the samples in {path}")
+                with np.load(path) as batch:
+                    return path, batch["arr_0"]
+    images, labels = sample_batch(config, params, mesh, log)
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "wb") as f:
+            adm.write_sample_batch(f, images, labels)
+        os.replace(path + ".tmp", path)
+        with open(settings_path, "w") as f:
+            json.dump(settings, f, indent=2)
+    log(f"Wrote {len(images)} samples to {path}")
+    return path, images
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
+    """Samples from the EMA weights of ``workdir``'s checkpoint and scores them (module doc);
+    returns the metrics, also written to ``workdir/eval_<step>.json`` and TensorBoard."""
+    validate(config, jax.device_count())
+    reference_keys = check_eval_config(config)
+    e = config.eval
+    try:
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    params, step = restore_ema_params(config, workdir, mesh, step)
+    logger = RunLogger(workdir, config.train.num_steps)
+    try:
+        logger.text(f"Evaluating {workdir} at step {step}: {e.num_samples} samples, {config.sample.sampler} "
+                    f"{config.sample.num_steps} steps, CFG scale {config.sample.cfg_scale}.")
+        samples_path, images = samples_for_step(config, workdir, step, params, mesh, logger.text)
+
+        module, variables = load_inception(e.inception_weights)
+
+        def progress(network: str, what: str, total: int) -> Callable[[int, int], None]:
+            """Reports about PROGRESS_UPDATES times over ``total`` images."""
+            every = max(1, total // (PROGRESS_UPDATES * e.inception_batch_size)) * e.inception_batch_size
+
+            def report(done: int, total: int) -> None:
+                if done % every < e.inception_batch_size or done == total:
+                    logger.text(f"{network} features of the {what}: {done}/{total}")
+
+            return report
+
+        def features(pixels: np.ndarray, what: str) -> dict[str, np.ndarray]:
+            return inception_features(module, variables, pixels, e.inception_batch_size, e.inception_preprocess,
+                                      mesh, progress("Inception", what, len(pixels)))
+
+        sample_features = features(images, "samples")
+        reference = adm.read_reference(e.reference)
+        reference_features = features(reference.images, "reference") if reference.images is not None else None
+        stats = reference.stats if reference.stats is not None else adm.statistics(reference_features)
+        metrics = adm.adm_metrics(sample_features, stats,
+                                  None if reference_features is None else reference_features["pool_3"])
+        if reference_features is None:
+            logger.text(f"{e.reference} holds statistics but no images: precision and recall are skipped.")
+        if e.dinov2_weights:
+            from kindjax.evaluation.dinov2 import dinov2_features, fdd, load_dinov2
+
+            dino, dino_params = load_dinov2(e.dinov2_weights)
+            metrics["fdd"] = fdd(*(dinov2_features(dino, dino_params, pixels, e.inception_batch_size, mesh,
+                                                   progress("DINOv2", what, len(pixels)))
+                                   for pixels, what in ((images, "samples"), (reference.images, "reference"))))
+        report = {"step": step, "metrics": metrics, "num_samples": len(images), "samples": samples_path,
+                  "reference": os.path.abspath(e.reference), "reference_keys": sorted(reference_keys),
+                  "inception_weights": os.path.abspath(e.inception_weights),
+                  "inception_preprocess": e.inception_preprocess, "labels": "i mod num_classes",
+                  "config": checkpoints.config_json(config)}
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+                json.dump(report, f, indent=2)
+        logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    finally:
+        logger.close()
+    return metrics
