@@ -50,3 +50,18 @@ def single_device_env():
     env["XLA_FLAGS"] = ""
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def read_names(monkeypatch):
+    """Names of the arrays Orbax deserializes (as numpy) from now on."""
+    import orbax.checkpoint as ocp
+
+    names = []
+    deserialize = ocp.type_handlers.NumpyHandler.deserialize
+
+    async def spy(self, infos, args=None):
+        names.extend(info.name for info in infos)
+        return await deserialize(self, infos, args)
+
+    monkeypatch.setattr(ocp.type_handlers.NumpyHandler, "deserialize", spy)
+    return names

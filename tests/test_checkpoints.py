@@ -4,11 +4,10 @@ import types
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from conftest import tiny_config
+from conftest import read_names, tiny_config
 from kindjax import checkpoints
 from kindjax import params as param_rules
 from kindjax.checkpoints.slicing import slice_checkpoint
@@ -67,14 +66,7 @@ def test_locate_each_kind_of_path(saved):
 
 
 def test_restore_leaves_reads_only_the_kept_leaves(saved, monkeypatch):
-    names = []
-    deserialize = ocp.type_handlers.NumpyHandler.deserialize
-
-    async def spy(self, infos, args=None):
-        names.extend(info.name for info in infos)
-        return await deserialize(self, infos, args)
-
-    monkeypatch.setattr(ocp.type_handlers.NumpyHandler, "deserialize", spy)
+    names = read_names(monkeypatch)
     read = checkpoints.restore_leaves(os.path.join(saved.step_dir, "ema_params"), param_rules.has_class_rows)
     assert sorted(names) == ["block.tailors.u", "y_embedder.embedding"]
     assert set(read) == {"block", "y_embedder"} and set(read["block"]) == {"tailors"}

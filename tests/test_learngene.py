@@ -9,11 +9,10 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, read_names, tiny_config
 from kindjax import assemble, build_model, checkpoints, load_learngene, load_tailors
 from kindjax import params as param_rules
 from kindjax.checkpoints.slicing import slice_checkpoint
@@ -78,19 +77,6 @@ def test_load_from_workdir_and_step_dir(run):
         assert_trees_equal(old.params, load_learngene(step_dir).params)
     assert not np.array_equal(load_learngene(step_dir).params["x_embedder"]["kernel"],
                               learngene.params["x_embedder"]["kernel"])
-
-
-def read_names(monkeypatch):
-    """Names of the arrays Orbax deserializes (as numpy) from now on."""
-    names = []
-    deserialize = ocp.type_handlers.NumpyHandler.deserialize
-
-    async def spy(self, infos, args=None):
-        names.extend(info.name for info in infos)
-        return await deserialize(self, infos, args)
-
-    monkeypatch.setattr(ocp.type_handlers.NumpyHandler, "deserialize", spy)
-    return names
 
 
 def test_each_part_reads_only_its_arrays(run, monkeypatch):
