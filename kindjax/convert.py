@@ -1,21 +1,38 @@
-"""Load diffusers-format DiT checkpoints (e.g. ``facebook/DiT-XL-2-256``) into kindjax.
+"""Public DiT checkpoints into kindjax: the original ``DiT-XL-2-256x256.pt``-style state dict and
+diffusers' ``DiTTransformer2DModel`` (e.g. ``facebook/DiT-XL-2-256``).
+
+    python -m kindjax.convert --src DiT-XL-2-256x256.pt --config configs/dit_xl.py --workdir runs/dit_xl
+    python -m kindjax.convert --src DIFFUSERS_DIT_DIR --config configs/dit_xl.py --workdir runs/dit_xl
+
+writes a kindjax training checkpoint (step 0: the weights as ``params`` and ``ema_params``,
+fresh optimizer state, the config as metadata) that ``python -m kindjax.evaluate``,
+``init.pretrained`` and sampling read directly.  The config file gives every section but the
+model's sizes, which come from the checkpoint.
 
 diffusers' ``DiTTransformer2DModel`` is NCHW with PyTorch layouts (``Linear.weight``
 is ``(out, in)``, the patch embedding a ``Conv2d``); kindjax is NHWC with Flax
 ``kernel`` ``(in, out)``.  diffusers keeps a copy of the timestep and label embedders
 in every block (``transformer_blocks.{i}.norm1.emb``), DiT has one: a checkpoint
-converts only if all copies are identical.
+converts only if all copies are identical.  The original DiT code fuses q, k, v into
+one ``attn.qkv`` matrix and embeds timesteps with ``ω_k = 10000^(-k/half)``
+(``model.timestep_freq_shift=0``; diffusers: ``10000^(-k/(half-1))``, shift 1).
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable, Mapping
 
 import ml_collections
 import numpy as np
+from absl import flags
+from etils import epath
 from flax import traverse_util
 
-from kindjax.config import base_config
-from kindjax.models.dit import abstract_params, build_model
+from kindjax import checkpoints, cli
+from kindjax.archs import DIT_ARCHS
+from kindjax.config import ConfigError, base_config
+from kindjax.models.dit import abstract_params, build_model, sincos_pos_embed_2d
 
 #: The embedders DiT shares; diffusers repeats them in block ``i`` under this prefix.
 EMBEDDER_PREFIX = "transformer_blocks.{i}.norm1.emb."
@@ -188,3 +205,176 @@ def dit_params_from_diffusers(state_dict: Mapping[str, Any],
 
     params = {path: np.ascontiguousarray(layout(arrays[key])) for path, (key, layout) in leaves.items()}
     return {"params": traverse_util.unflatten_dict(params)}
+
+
+def _original_renames(depth: int, hidden: int) -> dict[str, list[tuple[str, slice]]]:
+    """Original DiT key → the diffusers keys it becomes, each with the rows it keeps (q, k, v are
+    the three ``hidden``-row thirds of ``attn.qkv``; embedders are copied into every block)."""
+    everything = slice(None)
+    emb = [EMBEDDER_PREFIX.format(i=i) for i in range(depth)]
+    renames = {
+        "x_embedder.proj.weight": [("pos_embed.proj.weight", everything)],
+        "x_embedder.proj.bias": [("pos_embed.proj.bias", everything)],
+        "y_embedder.embedding_table.weight": [(e + "class_embedder.embedding_table.weight", everything) for e in emb],
+        "final_layer.adaLN_modulation.1.weight": [("proj_out_1.weight", everything)],
+        "final_layer.adaLN_modulation.1.bias": [("proj_out_1.bias", everything)],
+        "final_layer.linear.weight": [("proj_out_2.weight", everything)],
+        "final_layer.linear.bias": [("proj_out_2.bias", everything)],
+    }
+    for layer, ours in (("0", "linear_1"), ("2", "linear_2")):
+        for kind in ("weight", "bias"):
+            renames[f"t_embedder.mlp.{layer}.{kind}"] = [(f"{e}timestep_embedder.{ours}.{kind}", everything)
+                                                         for e in emb]
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
+        for kind in ("weight", "bias"):
+            renames[f"{src}attn.qkv.{kind}"] = [(f"{dst}attn1.to_{n}.{kind}", slice(j * hidden, (j + 1) * hidden))
+                                               for j, n in enumerate("qkv")]
+            for theirs, ours in (("attn.proj", "attn1.to_out.0"), ("mlp.fc1", "ff.net.0.proj"),
+                                 ("mlp.fc2", "ff.net.2"), ("adaLN_modulation.1", "norm1.linear")):
+                renames[f"{src}{theirs}.{kind}"] = [(f"{dst}{ours}.{kind}", everything)]
+    return renames
+
+
+def _block_count(state_dict: Mapping[str, Any]) -> int:
+    return len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+
+
+def dit_config_from_original(state_dict: Mapping[str, Any], num_heads: int = 0) -> ml_collections.ConfigDict:
+    """A kindjax config (``base_config()`` with ``model`` filled in) for an original DiT state dict.
+
+    Sizes are read from the arrays; the head count, which no array shows, from ``num_heads`` or
+    the DiT size of that width and depth (S/B/L/XL).  Original settings: timestep frequencies
+    ``10000^(-k/half)`` (shift 0), every LayerNorm eps 1e-6.
+    """
+    missing = [k for k in ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
+                           "final_layer.linear.weight") if k not in state_dict]
+    if missing:
+        raise ValueError(f"not an original DiT state dict (DiT-XL-2-256x256.pt style): no {missing}")
+    conv = _to_numpy(state_dict["x_embedder.proj.weight"])
+    hidden, in_channels, patch = conv.shape[0], conv.shape[1], conv.shape[2]
+    depth = _block_count(state_dict)
+    if not num_heads:
+        sizes = {(h, d): heads for h, d, heads in DIT_ARCHS.values()}
+        if (hidden, depth) not in sizes:
+            raise ValueError(f"hidden size {hidden} and depth {depth} are not a DiT size (S/B/L/XL): "
+                             f"give the head count (--num_heads)")
+        num_heads = sizes[(hidden, depth)]
+    tokens = _to_numpy(state_dict["pos_embed"]).shape[-2]
+    out = _to_numpy(state_dict["final_layer.linear.weight"]).shape[0] // patch ** 2
+    config = base_config()
+    config.model.update(dict(
+        arch="", hidden_size=hidden, depth=depth, num_heads=num_heads,
+        image_size=int(round(tokens ** 0.5)) * patch, in_channels=in_channels, patch_size=patch,
+        num_classes=_to_numpy(state_dict["y_embedder.embedding_table.weight"]).shape[0] - 1,
+        mlp_ratio=_to_numpy(state_dict["blocks.0.mlp.fc1.weight"]).shape[0] / hidden,
+        learn_sigma=out == 2 * in_channels, timestep_freq_shift=0.0, norm_eps=1e-6, mlp_norm_eps=1e-6))
+    return config
+
+
+def dit_params_from_original(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """kindjax DiT params from an original DiT state dict: renamed to diffusers' layout (q, k, v
+    split out of ``attn.qkv``), then :func:`dit_params_from_diffusers`, which checks every key and
+    shape.  The fixed ``pos_embed`` must be the 2-D sin-cos table kindjax computes."""
+    model = build_model(config)
+    grid = model.image_size // model.patch_size
+    pos = _to_numpy(state_dict["pos_embed"]).reshape(-1, model.hidden_size)
+    expected = sincos_pos_embed_2d(model.hidden_size, grid)
+    if pos.shape != expected.shape or not np.allclose(pos, expected, atol=1e-5):
+        raise ValueError(f"the checkpoint's pos_embed {pos.shape} is not DiT's fixed 2-D sin-cos table for a "
+                         f"{grid}×{grid} grid of width {model.hidden_size}: another image size or a learned embedding")
+    renames = _original_renames(_block_count(state_dict), model.hidden_size)
+    unknown = sorted(set(state_dict) - set(renames) - {"pos_embed"})
+    if unknown:
+        raise ValueError(f"unexpected keys in the original DiT state dict: [{_listing(set(unknown))}]")
+    diffusers_dict = {new: _to_numpy(state_dict[old])[rows] for old, targets in renames.items()
+                      if old in state_dict for new, rows in targets}
+    return dit_params_from_diffusers(diffusers_dict, config)
+
+
+def read_checkpoint(src: str, num_heads: int = 0) -> tuple[ml_collections.ConfigDict, dict[str, Any], str]:
+    """``(model config, params, format)`` of ``src``: an original DiT ``.pt`` (read with
+    ``torch.load(weights_only=True)``), or a diffusers DiT directory (``config.json`` + safetensors;
+    a pipeline directory's ``transformer/`` is found)."""
+    path = epath.Path(src)
+    if path.is_dir():
+        if (path / "transformer" / "config.json").exists():
+            path = path / "transformer"
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{src} has no config.json: give a diffusers DiT directory (or its pipeline "
+                                    f"directory with transformer/) or an original DiT .pt file")
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            raise FileNotFoundError(f"{path} has no .safetensors weights")
+        from safetensors.numpy import load_file
+
+        state_dict = {k: v for w in weights for k, v in load_file(os.fspath(w)).items()}
+        config = dit_config_from_diffusers(json.loads((path / "config.json").read_text()))
+        return config, dit_params_from_diffusers(state_dict, config), "diffusers"
+    if not path.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"reading {src} needs PyTorch: pip install torch") from None
+    state_dict = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    state_dict = state_dict.get("ema", state_dict.get("model", state_dict))  # training checkpoints keep both
+    config = dit_config_from_original(state_dict, num_heads)
+    return config, dit_params_from_original(state_dict, config), "original"
+
+
+#: Model keys a converted checkpoint takes from the weights; every other key comes from the config file.
+CONVERTED_KEYS = ("arch", "hidden_size", "depth", "num_heads", "image_size", "in_channels", "patch_size",
+                  "num_classes", "mlp_ratio", "learn_sigma", "timestep_freq_shift", "norm_eps", "mlp_norm_eps")
+
+
+def convert(src: str, config: ml_collections.ConfigDict, workdir: str, num_heads: int = 0) -> ml_collections.ConfigDict:
+    """Writes ``src`` as step 0 of a kindjax training checkpoint in ``workdir``; returns its config:
+    ``config`` with the model sizes of ``src`` (:data:`CONVERTED_KEYS`)."""
+    import jax
+
+    from kindjax.train.optimizer import make_optimizer
+    from kindjax.train.trainer import state_from_params
+
+    if config.model.linear.kind != "dense":
+        raise ConfigError(f"public DiT weights convert into the dense DiT: model.linear.kind="
+                          f"{config.model.linear.kind!r}; convert, then start another variant from it with "
+                          f"--config.init.pretrained=WORKDIR")
+    directory = os.path.join(workdir, checkpoints.CHECKPOINTS)
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise FileExistsError(f"{directory} already holds checkpoints: give an empty --workdir")
+    found, params, _ = read_checkpoint(src, num_heads)
+    config = config.copy_and_resolve_references()
+    config.model.update({k: found.model[k] for k in CONVERTED_KEYS})
+    state = state_from_params(jax.tree.map(np.asarray, params["params"]), make_optimizer(config))
+    mngr = checkpoints.manager(directory)
+    checkpoints.save(mngr, state, config)
+    mngr.wait_until_finished()
+    mngr.close()
+    return config
+
+
+def main(argv: list[str]) -> None:
+    """Converts ``--src`` into a kindjax checkpoint in ``--workdir`` and prints how to use it."""
+    del argv
+    f = flags.FLAGS
+    config = convert(f.src, f.config, f.workdir, f.num_heads)
+    overrides = " ".join(f"--config.model.{k}={config.model[k]}" for k in CONVERTED_KEYS
+                         if config.model[k] != f.config.model[k])
+    model = checkpoints.config_json(config)["model"]
+    print(f"kindjax.convert: {f.src} → {f.workdir} (step 0, a {model['depth']}-block DiT). Sample and "
+          f"evaluate it with\n  python -m kindjax.evaluate --config {f['config'].config_filename} {overrides} "
+          f"--workdir {f.workdir} --config.eval.reference=... --config.eval.inception_weights=... "
+          f"--config.vae.weights=...")
+
+
+if __name__ == "__main__":
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("src", None, "An original DiT .pt state dict, or a diffusers DiT directory.")
+    config_flags.DEFINE_config_file("config", None, "Config file for every section but the model's sizes "
+                                    "(e.g. configs/dit_xl.py).", lock_config=False)
+    flags.DEFINE_string("workdir", None, "Empty directory for the kindjax checkpoint.")
+    flags.DEFINE_integer("num_heads", 0, "Attention heads (original format; default: from the DiT size).")
+    flags.mark_flags_as_required(["src", "config", "workdir"])
+    cli.run(main, "convert")

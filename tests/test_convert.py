@@ -100,3 +100,99 @@ def test_untied_embedders_rejected():
     state["transformer_blocks.2.norm1.emb.class_embedder.embedding_table.weight"] += 1e-3
     with pytest.raises(ValueError, match=r"transformer_blocks\.2\.norm1\.emb\.class_embedder"):
         dit_params_from_diffusers(state, dit_config_from_diffusers(CONFIGS["w24-d3-p4"]))
+
+
+def original_state_dict(model: "diffusers.DiTTransformer2DModel") -> dict:
+    """The weights of a diffusers DiT in the original DiT code's key layout (fused ``attn.qkv``, one
+    timestep/label embedder, the fixed ``pos_embed``): the inverse of diffusers' conversion script."""
+    sd, out = model.state_dict(), {}
+    emb = "transformer_blocks.0.norm1.emb."
+    out["pos_embed"] = model.pos_embed.pos_embed.detach().clone()
+    for kind in ("weight", "bias"):
+        out[f"x_embedder.proj.{kind}"] = sd[f"pos_embed.proj.{kind}"]
+        out[f"t_embedder.mlp.0.{kind}"] = sd[f"{emb}timestep_embedder.linear_1.{kind}"]
+        out[f"t_embedder.mlp.2.{kind}"] = sd[f"{emb}timestep_embedder.linear_2.{kind}"]
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = sd[f"proj_out_1.{kind}"]
+        out[f"final_layer.linear.{kind}"] = sd[f"proj_out_2.{kind}"]
+        for i in range(len(model.transformer_blocks)):
+            b = f"transformer_blocks.{i}."
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([sd[f"{b}attn1.to_{n}.{kind}"] for n in "qkv"])
+            out[f"blocks.{i}.attn.proj.{kind}"] = sd[f"{b}attn1.to_out.0.{kind}"]
+            out[f"blocks.{i}.mlp.fc1.{kind}"] = sd[f"{b}ff.net.0.proj.{kind}"]
+            out[f"blocks.{i}.mlp.fc2.{kind}"] = sd[f"{b}ff.net.2.{kind}"]
+            out[f"blocks.{i}.adaLN_modulation.1.{kind}"] = sd[f"{b}norm1.linear.{kind}"]
+    out["y_embedder.embedding_table.weight"] = sd[f"{emb}class_embedder.embedding_table.weight"]
+    return out
+
+
+#: A DiT in the original code's settings: every LayerNorm eps 1e-6 (diffusers' FF norm takes norm_eps).
+ORIGINAL = {**CONFIGS["w32-d2-p2"], "norm_eps": 1e-6}
+
+
+def original_reference(seed: int = 3) -> "diffusers.DiTTransformer2DModel":
+    """diffusers' DiT with the original timestep embedding (frequencies ``10000^(-k/half)``, shift 0)."""
+    model = random_dit(seed, **ORIGINAL)
+    for block in model.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return model
+
+
+def test_original_checkpoint_matches_diffusers_with_the_original_timestep_embedding():
+    from kindjax.convert import dit_config_from_original, dit_params_from_original
+
+    reference = original_reference()
+    state = original_state_dict(reference)
+    config = dit_config_from_original(state, num_heads=2)
+    assert config.model.timestep_freq_shift == 0.0 and config.model.depth == 2
+    params = dit_params_from_original(state, config)
+    m = config.model
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, m.in_channels, m.image_size, m.image_size, generator=gen)
+    t = torch.tensor([0.0, 17.0, 500.0, 999.0])
+    y = torch.tensor([0, 3, 9, m.num_classes])
+    with torch.no_grad():
+        expected = reference(x, timestep=t, class_labels=y).sample.numpy()
+    out = kindjax.build_model(config).apply(params, x.permute(0, 2, 3, 1).numpy(), t.numpy(), y.numpy())
+    out = np.asarray(out).transpose(0, 3, 1, 2)
+    assert np.abs(out - expected).max() / np.abs(expected).max() <= 1e-5
+    with pytest.raises(ValueError, match="not a DiT size"):
+        dit_config_from_original(state)
+    state["pos_embed"] = state["pos_embed"] + 0.1
+    with pytest.raises(ValueError, match="pos_embed"):
+        dit_params_from_original(state, config)
+
+
+def test_convert_command_writes_a_checkpoint_that_loads_as_pretrained(tmp_path):
+    """``python -m kindjax.convert`` on a ``.pt`` file: the checkpoint reads back (EMA and raw weights)
+    with the original settings in its config, and its model reproduces the reference."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from kindjax.learngene import load_params
+
+    reference = original_reference()
+    torch.save(original_state_dict(reference), tmp_path / "dit.pt")
+    workdir = tmp_path / "converted"
+    command = [sys.executable, "-m", "kindjax.convert", "--src", str(tmp_path / "dit.pt"),
+               "--config", "configs/dit_digits.py", "--workdir", str(workdir)]
+    failed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0
+    assert "not a DiT size" in failed.stderr and "--num_heads" in failed.stderr
+    done = subprocess.run(command + ["--num_heads", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--config.model.timestep_freq_shift=0.0" in done.stdout and "kindjax.evaluate" in done.stdout
+    params, config = load_params(workdir)
+    raw, _ = load_params(workdir, ema=False)
+    assert config.model.timestep_freq_shift == 0.0 and config.model.in_channels == 4
+    assert config.sample.num_steps == 100          # every other section from configs/dit_digits.py
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+    t, y = np.array([5.0, 700.0]), np.array([1, 10])
+    out = kindjax.build_model(config).apply({"params": params}, x, t, y)
+    np.testing.assert_array_equal(out, kindjax.build_model(config).apply({"params": raw}, x, t, y))
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x).permute(0, 3, 1, 2), timestep=torch.from_numpy(t),
+                             class_labels=torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(np.asarray(out) - expected).max() / np.abs(expected).max() <= 1e-5
+    again = subprocess.run(command + ["--num_heads", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 1 and "already holds checkpoints" in again.stderr
