@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -65,3 +66,28 @@ def read_names(monkeypatch):
 
     monkeypatch.setattr(ocp.type_handlers.NumpyHandler, "deserialize", spy)
     return names
+
+
+def write_png(path, pixels):
+    from PIL import Image
+
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """root/{beta,alpha,gamma}/ with PNGs of odd sizes (one upper-case .PNG), a text file, and one
+    corrupt JPEG in gamma."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "images"
+    originals = {}
+    for name, count in (("beta", 2), ("alpha", 3), ("gamma", 2)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (int(rng.integers(9, 40)), int(rng.integers(9, 40)), 3), dtype=np.uint8)
+            filename = f"img{i}.PNG" if i == 1 else f"img{i}.png"
+            write_png(root / name / filename, pixels)
+            originals[(name, filename)] = pixels
+    (root / "alpha" / "notes.txt").write_text("not an image")
+    (root / "gamma" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root, originals

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_png
 from kindjax.config import ConfigError, base_config
 from kindjax.data import ArrayDataset, make_dataset, open_image_source, subset
 from kindjax.data.class_groups import imagenet_synsets, select_classes
@@ -118,29 +119,6 @@ def test_random_flip_is_deterministic_per_step_and_mirrors_rows():
 
 # --- folders of class sub-folders -------------------------------------------------------------
 
-def _write(path, pixels):
-    Image.fromarray(pixels).save(path)
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    """root/{beta,alpha,gamma}/ with PNGs of odd sizes (one upper-case .PNG), a text file, and one
-    corrupt JPEG in gamma."""
-    rng = np.random.default_rng(7)
-    root = tmp_path / "images"
-    originals = {}
-    for name, count in (("beta", 2), ("alpha", 3), ("gamma", 2)):
-        (root / name).mkdir(parents=True)
-        for i in range(count):
-            pixels = rng.integers(0, 256, (int(rng.integers(9, 40)), int(rng.integers(9, 40)), 3), dtype=np.uint8)
-            filename = f"img{i}.PNG" if i == 1 else f"img{i}.png"
-            _write(root / name / filename, pixels)
-            originals[(name, filename)] = pixels
-    (root / "alpha" / "notes.txt").write_text("not an image")
-    (root / "gamma" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    return root, originals
-
-
 def _folder_config(root, **data):
     c = base_config()
     c.data.update(name="folder", root=str(root), image_size=12, **data)
@@ -218,7 +196,7 @@ def test_folder_kind_grouping_on_synset_folders(tmp_path):
     synsets = ("n02085620", "n02085782", "n01440764")   # two dog breeds (merged), a tench (fish, merged)
     for s in synsets:
         (tmp_path / s).mkdir()
-        _write(tmp_path / s / "a.png", rng.integers(0, 256, (10, 11, 3), dtype=np.uint8))
+        write_png(tmp_path / s / "a.png", rng.integers(0, 256, (10, 11, 3), dtype=np.uint8))
     dog = 6   # n02084071 is the 7th class of task 15 in Table 9
     source = open_image_source(_folder_config(tmp_path, grouping="kind", task="task_15", classes=(dog,)))
     assert source.class_names == ("n02084071",) and len(source) == 2   # the fish superclass is not in task 15

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 from kindjax.evaluation import adm
 from kindjax.evaluation.reference import reference_images, write_reference_batch
-from test_images import _adm_reference, _folder_config, image_folder  # noqa: F401  (fixture)
+from test_images import _adm_reference, _folder_config
 
 
 def test_reference_batch_of_a_class_subset_is_the_adm_crop_of_its_images(image_folder, tmp_path):
