@@ -188,6 +188,25 @@ def shard_done(out_dir: str, k: int, plan: dict) -> bool:
                          plan.get("dtype", "float32")) is None
 
 
+def write_shard(out_dir: str, k: int, moments: np.ndarray, labels: np.ndarray, skipped: list[int],
+                image_shape: tuple[int, ...] | None, dtype: str, log: Callable[[str], None] = print) -> None:
+    """Writes shard ``k``: float32 ``moments`` stored at ``dtype``, ``labels``, then its JSON (count, skipped,
+    shapes, dtype, ``finite``), which marks it finished; an old JSON is removed first."""
+    prefix = os.path.join(out_dir, shard_name(k))
+    if os.path.exists(prefix + ".json"):   # damaged: unmark it before its files change
+        os.remove(prefix + ".json")
+    stored = stored_moments(moments, dtype)
+    finite = bool(np.isfinite(stored.view(MOMENT_DTYPES[dtype])).all())
+    if not finite:
+        log(f"kindjax.encode: WARNING shard {k} has NaN or Inf moments at {dtype} (the VAE's output, or values "
+            f"beyond {dtype}'s range); training refuses it (or skips it with data.bad_shards=skip)")
+    _save(prefix + ".moments.npy", lambda f: np.save(f, stored))
+    _save(prefix + ".labels.npy", lambda f: np.save(f, labels))
+    _save_json(prefix + ".json", dict(count=int(labels.shape[0]), skipped=skipped,
+                                      image_shape=list(image_shape) if image_shape else None,
+                                      latent_shape=list(moments.shape[3:]) or None, dtype=dtype, finite=finite))
+
+
 def encode_shards(source: ImageSource, vae: PretrainedVAE, out_dir: str, *, shard_size: int, batch_size: int,
                   flips: bool, source_info: dict, dtype: str = "float16", command: str = "",
                   mesh: Mesh | None = None, process_index: int = 0, process_count: int = 1,
@@ -217,20 +236,7 @@ def encode_shards(source: ImageSource, vae: PretrainedVAE, out_dir: str, *, shar
         for n, k in enumerate(mine):
             lo, hi = k * shard_size, min(len(source), (k + 1) * shard_size)
             moments, labels, skipped, image_shape = encode_shard(source, encode, lo, hi, batch_size, pool)
-            prefix = os.path.join(out_dir, shard_name(k))
-            if os.path.exists(prefix + ".json"):   # damaged: unmark it before its files change
-                os.remove(prefix + ".json")
-            stored = stored_moments(moments, dtype)
-            finite = bool(np.isfinite(stored.view(MOMENT_DTYPES[dtype])).all())
-            if not finite:
-                log(f"kindjax.encode: WARNING shard {k} has NaN or Inf moments at {dtype} (the VAE's output, "
-                    f"or values beyond {dtype}'s range); training refuses it (or skips it with data.bad_shards=skip)")
-            _save(prefix + ".moments.npy", lambda f: np.save(f, stored))
-            _save(prefix + ".labels.npy", lambda f: np.save(f, labels))
-            _save_json(prefix + ".json", dict(count=int(labels.shape[0]), skipped=skipped,
-                                              image_shape=list(image_shape) if image_shape else None,
-                                              latent_shape=list(moments.shape[3:]) or None, dtype=dtype,
-                                              finite=finite))
+            write_shard(out_dir, k, moments, labels, skipped, image_shape, dtype, log)
             done += hi - lo
             rate = done / max(time.time() - start, 1e-9)
             log(f"kindjax.encode: shard {k + 1}/{plan['num_shards']} ({n + 1}/{len(mine)} here): "
