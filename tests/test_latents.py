@@ -523,3 +523,42 @@ def test_command_encodes_a_folder_with_a_diffusers_vae(tmp_path, single_device_e
     c.model.num_classes = 1
     trained_on = make_dataset(c)
     np.testing.assert_array_equal(trained_on.batch(3, 4, 1)["image"], dataset.batch(3, 4, 1)["image"])
+
+
+@pytest.mark.slow
+def test_compact_latents_train_like_float32(tmp_path):
+    """The training loss on float16 moments equals float32's (the figures of docs/benchmarks.md)."""
+    from conftest import tiny_config
+    from kindjax.data.digits import load_digits
+    from kindjax.train.trainer import train
+    from test_trainer import tb_scalars
+
+    digits = load_digits(())
+
+    class Digits:
+        num_classes, class_names = 10, tuple(str(i) for i in range(10))
+
+        def __len__(self):
+            return len(digits.images)
+
+        def label(self, i):
+            return int(digits.labels[i])
+
+        def image(self, i):
+            return np.repeat(np.round((digits.images[i] + 1) * 127.5).astype(np.uint8), 3, -1)
+
+    losses = {}
+    for dtype in ("float32", "float16"):
+        root = str(tmp_path / dtype)
+        encode_shards(Digits(), tiny_vae(), root, shard_size=512, batch_size=64, flips=True,
+                      source_info={"name": "digits"}, dtype=dtype, log=lambda s: None)
+        write_index(root)
+        c = tiny_config()
+        c.data.update(name="latents", root=root, classes=())
+        c.model.update(image_size=4, in_channels=4, num_classes=10)
+        c.train.update(num_steps=60, log_every=10, checkpoint_every=10_000, sample_every=100_000)
+        c.vae.scale = 1.0
+        train(c, str(tmp_path / f"run_{dtype}"))
+        values = tb_scalars(str(tmp_path / f"run_{dtype}"))
+        losses[dtype] = np.array([values[k] for k in sorted(values)])
+    np.testing.assert_allclose(losses["float16"], losses["float32"], rtol=1e-4)
