@@ -1,6 +1,7 @@
 """Train-step benchmark: kindjax's DiT against diffusers' PyTorch DiT, and KIND against dense.
 
     python -m kindjax.bench [--arch S --patch 2 --image_size 32 --channels 4 --batch 8]
+    python -m kindjax.bench --suite loader [--loader_images 50000 ...]   (kindjax.bench_loader)
 
 Every step is one full optimizer step, timed to completion (``block_until_ready``;
 ``torch.cuda.synchronize`` for torch on a GPU).  All steps are compiled (or, for
@@ -37,7 +38,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from kindjax import cli
+from kindjax import bench_loader, cli
 from kindjax import params as param_rules
 from kindjax.config import base_config, validate
 from kindjax.diffusion import GaussianDiffusion
@@ -330,9 +331,15 @@ def run(options: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     """Runs the benchmark the flags describe."""
     del argv
-    run(options_from_flags(), functools.partial(print, flush=True))
+    if flags.FLAGS.suite == "loader":
+        bench_loader.run(bench_loader.options_from_flags(), functools.partial(print, flush=True))
+    else:
+        run(options_from_flags(), functools.partial(print, flush=True))
 
 
 if __name__ == "__main__":
+    flags.DEFINE_enum("suite", "step", ["step", "loader"], "step: the train step (this module); loader: the "
+                      "latent loader (kindjax.bench_loader).")
     define_flags()
+    bench_loader.define_flags()
     cli.run(main, "bench")

@@ -55,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
             task="",              # grouping "kind": "" (all), "pretrain", or "task_1".."task_18"
             random_flip=True,     # data.name="folder": mirror each batch row with probability 1/2
             latents="",           # latent shards of this source (python -m kindjax.encode): train on them
+            # Latents (kindjax.data.latents): the data order's streams (0: the largest divisor of the batch
+            # size ≤ 64; each process reads only its streams' shards), threads preparing batches, steps
+            # placed on the devices ahead, bad shards ("error" or "skip": drop and count them), start-up
+            # check ("sizes": headers, sizes, encode-time NaN flags; "full": also scan this process's shards).
+            streams=0, workers=1, device_prefetch=2, bad_shards="error", verify_latents="sizes",
         ),
         optim=dict(lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, warmup_steps=0),
         train=dict(
@@ -104,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
                  encode_batch_size=64,  # images per device step of the encode (a multiple of the devices)
                  shard_size=4096,       # source images per latent shard file
                  flips=True,            # also keep the mirrored image's moments (for data.random_flip)
+                 dtype="float16",       # stored moments: float16 (half of float32's disk), bfloat16, float32
                  prefetch=2),           # local batches prepared ahead by the latent loader's thread
     ))
 

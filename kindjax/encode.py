@@ -1,6 +1,6 @@
 """Encode an image source to SD-VAE posterior moments, once, for latent-space training.
 
-    python -m kindjax.encode --config CONFIG --vae VAE_DIR --out LATENT_DIR [--config.KEY=VALUE ...]
+    python -m kindjax.encode --config CONFIG --vae VAE_DIR --out LATENT_DIR [--dtype float16] [--config.KEY=VALUE ...]
 
 The images come from ``kindjax.data.open_image_source(config)`` with every class of
 the source kept (``data.grouping``, ``data.task`` and ``data.classes`` select classes when
@@ -8,18 +8,21 @@ training on the latents, so one encode serves every selection); ``--vae`` (or
 ``config.vae.weights``) is a diffusers ``AutoencoderKL`` directory.  Each image x ∈ [-1, 1]
 is encoded to q(z|x) = N(mean, std²) and the moments are kept, so training draws a fresh
 z = mean + std·ε every step; with ``config.vae.flips`` the mirrored image's moments are kept
-too and training picks one view per example.  Rerunning the same command resumes: finished
-shards are kept, the others are encoded.
+too and training picks one view per example.  ``--dtype`` (``config.vae.dtype``, default float16:
+half of float32's disk; bfloat16; float32) is the precision the moments are stored at.  Rerunning the
+same command resumes and repairs: a shard is kept only when its JSON exists and its ``.npy`` files
+match it (header and size); a missing, truncated or wrong-shape shard is encoded again.
 
 Output directory:
 
-- ``encode.json``: the plan (source size, shard size, views, VAE, source); a rerun must match it;
-- ``shard_NNNNN.moments.npy``: float32 ``(n, views, 2, h, w, c)``; axis 2 is (mean, std),
-  view 0 the image and view 1 its horizontal mirror;
+- ``encode.json``: the plan (source size, shard size, views, dtype, VAE, source); a rerun must match
+  it; it also keeps the command of the latest run, which the loader's errors name as the repair;
+- ``shard_NNNNN.moments.npy``: ``(n, views, 2, h, w, c)`` in the plan's dtype (bfloat16 as its uint16
+  bits); axis 2 is (mean, std), view 0 the image and view 1 its horizontal mirror;
 - ``shard_NNNNN.labels.npy``: int32 ``(n,)``;
-- ``shard_NNNNN.json``: ``count``, ``skipped`` (source indices of unreadable images), shapes;
-  written last, it marks the shard finished;
-- ``index.json``: written once every shard is finished (read by :mod:`kindjax.data.latents`).
+- ``shard_NNNNN.json``: ``count``, ``skipped`` (source indices of unreadable images), shapes, ``dtype``,
+  ``finite`` (no NaN/Inf among the stored moments); written last, it marks the shard finished;
+- ``index.json``: written once every shard is finished and verifies (read by :mod:`kindjax.data.latents`).
 
 Shard k holds the readable images among source indices ``[k·S, (k+1)·S)``, S = ``vae.shard_size``.
 The encode is jitted with the batch split over a mesh of the local devices; several
@@ -31,6 +34,8 @@ import collections
 import concurrent.futures
 import json
 import os
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -45,14 +50,10 @@ from jax.sharding import Mesh
 from kindjax import cli
 from kindjax.config import ConfigError
 from kindjax.data import ImageSource, open_image_source
+from kindjax.data.latents import INDEX_FORMAT, INDEX_NAME, MOMENT_DTYPES, PLAN_NAME, shard_problem
 from kindjax.distributed import initialize
 from kindjax.models.vae import AutoencoderKL, PretrainedVAE, load_vae
 from kindjax.sharding import batch_sharding, make_mesh, replicated
-
-PLAN_NAME = "encode.json"
-INDEX_NAME = "index.json"
-INDEX_FORMAT = 1
-
 
 def shard_name(k: int) -> str:
     return f"shard_{k:05d}"
@@ -141,47 +142,92 @@ def encode_shard(source: ImageSource, encode: Callable[[np.ndarray], np.ndarray]
     return np.concatenate(moments), np.asarray(labels, np.int32), skipped, shape
 
 
-def _plan(source: ImageSource, vae: PretrainedVAE, shard_size: int, flips: bool, source_info: dict) -> dict:
+def stored_moments(moments: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 moments as stored at ``dtype`` (bfloat16: its uint16 bits, since ``.npy`` has no bfloat16)."""
+    cast = moments.astype(MOMENT_DTYPES[dtype])
+    return cast.view(np.uint16) if dtype == "bfloat16" else cast
+
+
+def _plan(source: ImageSource, vae: PretrainedVAE, shard_size: int, flips: bool, source_info: dict,
+          dtype: str) -> dict:
     return json.loads(json.dumps(dict(
         format=INDEX_FORMAT, num_images=len(source), shard_size=shard_size,
-        num_shards=-(-len(source) // shard_size), views=2 if flips else 1,
+        num_shards=-(-len(source) // shard_size), views=2 if flips else 1, dtype=dtype,
         num_classes=int(source.num_classes), class_names=list(source.class_names),
         vae=dict(scaling_factor=vae.scaling_factor, config=vae.config), vae_path=vae.path, source=source_info)))
 
 
 def start_plan(out_dir: str, plan: dict) -> None:
     """Writes the plan of a new encode, or checks that the one in ``out_dir`` is the same (the VAE's
-    location may change, its config may not)."""
+    location and the command may change, its config may not; a plan without ``dtype`` is float32) and
+    records this run's command."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, PLAN_NAME)
     if os.path.exists(path):
         with open(path) as f:
-            old = json.load(f)
-        differ = sorted(k for k in set(old) | set(plan) if k != "vae_path" and old.get(k) != plan.get(k))
+            old = {"dtype": "float32"} | json.load(f)
+        differ = sorted(k for k in set(old) | set(plan) if k not in ("vae_path", "command")
+                        and old.get(k) != plan.get(k))
         if differ:
             raise ConfigError(f"{out_dir} holds an encode with other settings ({', '.join(differ)} differ); "
                               f"choose a new --out, or delete {out_dir} to start over")
-    else:
-        _save_json(path, plan)
+        plan = {k: old[k] for k in ("command",) if k in old} | plan
+    _save_json(path, plan)
+
+
+def shard_done(out_dir: str, k: int, plan: dict) -> bool:
+    """Shard ``k`` is finished: its JSON exists and its ``.npy`` files match it (header and size)."""
+    try:
+        with open(os.path.join(out_dir, shard_name(k) + ".json")) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if info.get("count") == 0:
+        return os.path.exists(os.path.join(out_dir, shard_name(k) + ".labels.npy"))
+    return shard_problem(out_dir, shard_name(k), info["count"], plan["views"], info["latent_shape"],
+                         plan.get("dtype", "float32")) is None
+
+
+def write_shard(out_dir: str, k: int, moments: np.ndarray, labels: np.ndarray, skipped: list[int],
+                image_shape: tuple[int, ...] | None, dtype: str, log: Callable[[str], None] = print) -> None:
+    """Writes shard ``k``: float32 ``moments`` stored at ``dtype``, ``labels``, then its JSON (count, skipped,
+    shapes, dtype, ``finite``), which marks it finished; an old JSON is removed first."""
+    prefix = os.path.join(out_dir, shard_name(k))
+    if os.path.exists(prefix + ".json"):   # damaged: unmark it before its files change
+        os.remove(prefix + ".json")
+    stored = stored_moments(moments, dtype)
+    finite = bool(np.isfinite(stored.view(MOMENT_DTYPES[dtype])).all())
+    if not finite:
+        log(f"kindjax.encode: WARNING shard {k} has NaN or Inf moments at {dtype} (the VAE's output, or values "
+            f"beyond {dtype}'s range); training refuses it (or skips it with data.bad_shards=skip)")
+    _save(prefix + ".moments.npy", lambda f: np.save(f, stored))
+    _save(prefix + ".labels.npy", lambda f: np.save(f, labels))
+    _save_json(prefix + ".json", dict(count=int(labels.shape[0]), skipped=skipped,
+                                      image_shape=list(image_shape) if image_shape else None,
+                                      latent_shape=list(moments.shape[3:]) or None, dtype=dtype, finite=finite))
 
 
 def encode_shards(source: ImageSource, vae: PretrainedVAE, out_dir: str, *, shard_size: int, batch_size: int,
-                  flips: bool, source_info: dict, mesh: Mesh | None = None, process_index: int = 0,
-                  process_count: int = 1, log: Callable[[str], None] = print) -> list[int]:
-    """Encodes this process's unfinished shards of ``source`` into ``out_dir``; returns the shards it encoded.
+                  flips: bool, source_info: dict, dtype: str = "float16", command: str = "",
+                  mesh: Mesh | None = None, process_index: int = 0, process_count: int = 1,
+                  log: Callable[[str], None] = print) -> list[int]:
+    """Encodes this process's unfinished or damaged shards of ``source`` into ``out_dir`` (moments stored at
+    ``dtype``); returns the shards it encoded.
 
-    ``batch_size`` images per device call, split over ``mesh`` (default: all local devices).
+    ``batch_size`` images per device call, split over ``mesh`` (default: all local devices); ``command``:
+    this run's shell command, recorded in the plan as the repair the loader's errors name.
     """
+    if dtype not in MOMENT_DTYPES:
+        raise ConfigError(f"--dtype={dtype!r} is not a moment dtype; use one of {sorted(MOMENT_DTYPES)}")
     mesh = make_mesh(devices=jax.local_devices()) if mesh is None else mesh
     if batch_size <= 0 or batch_size % mesh.size:
         raise ConfigError(f"vae.encode_batch_size={batch_size} is not a positive multiple of the {mesh.size} "
                           f"local devices; use a multiple of {mesh.size}")
     if shard_size <= 0:
         raise ConfigError(f"vae.shard_size={shard_size} must be positive")
-    plan = _plan(source, vae, shard_size, flips, source_info)
-    start_plan(out_dir, plan)
-    mine = [k for k in range(process_index, plan["num_shards"], process_count)
-            if not os.path.exists(os.path.join(out_dir, shard_name(k) + ".json"))]
+    plan = _plan(source, vae, shard_size, flips, source_info, dtype)
+    start_plan(out_dir, plan | ({"command": command} if command else {}))
+    mine = [k for k in range(process_index, plan["num_shards"], process_count) if not shard_done(out_dir, k, plan)]
     todo = sum(min(len(source), (k + 1) * shard_size) - k * shard_size for k in mine)
     log(f"kindjax.encode: {len(mine)} shards ({todo} images) to encode into {out_dir} on {mesh.size} devices")
     encode = make_encode_fn(vae, mesh, flips)
@@ -190,12 +236,7 @@ def encode_shards(source: ImageSource, vae: PretrainedVAE, out_dir: str, *, shar
         for n, k in enumerate(mine):
             lo, hi = k * shard_size, min(len(source), (k + 1) * shard_size)
             moments, labels, skipped, image_shape = encode_shard(source, encode, lo, hi, batch_size, pool)
-            prefix = os.path.join(out_dir, shard_name(k))
-            _save(prefix + ".moments.npy", lambda f: np.save(f, moments))
-            _save(prefix + ".labels.npy", lambda f: np.save(f, labels))
-            _save_json(prefix + ".json", dict(count=int(labels.shape[0]), skipped=skipped,
-                                              image_shape=list(image_shape) if image_shape else None,
-                                              latent_shape=list(moments.shape[3:]) or None))
+            write_shard(out_dir, k, moments, labels, skipped, image_shape, dtype, log)
             done += hi - lo
             rate = done / max(time.time() - start, 1e-9)
             log(f"kindjax.encode: shard {k + 1}/{plan['num_shards']} ({n + 1}/{len(mine)} here): "
@@ -205,17 +246,18 @@ def encode_shards(source: ImageSource, vae: PretrainedVAE, out_dir: str, *, shar
 
 
 def write_index(out_dir: str) -> dict:
-    """Writes ``index.json`` from the plan and the finished shards (all must be finished); returns it."""
+    """Writes ``index.json`` from the plan and the finished shards (all must be finished and verify:
+    :func:`shard_done`); returns it."""
     with open(os.path.join(out_dir, PLAN_NAME)) as f:
-        plan = json.load(f)
+        plan = {"dtype": "float32"} | json.load(f)
     shards, skipped, latent_shape, image_shape = [], [], None, None
     for k in range(plan["num_shards"]):
-        path = os.path.join(out_dir, shard_name(k) + ".json")
-        if not os.path.exists(path):
-            raise RuntimeError(f"shard {k} of {out_dir} is not finished; rerun the encode to finish it")
-        with open(path) as f:
+        if not shard_done(out_dir, k, plan):
+            raise ConfigError(f"shard {k} of {out_dir} is not finished or is damaged (its .npy files do not "
+                              f"match {shard_name(k)}.json); rerun the encode to encode it")
+        with open(os.path.join(out_dir, shard_name(k) + ".json")) as f:
             info = json.load(f)
-        shards.append(dict(name=shard_name(k), count=info["count"]))
+        shards.append(dict(name=shard_name(k), count=info["count"], finite=info.get("finite", True)))
         skipped += info["skipped"]
         if info["latent_shape"] is not None:
             if latent_shape not in (None, info["latent_shape"]):
@@ -225,7 +267,7 @@ def write_index(out_dir: str) -> dict:
         raise RuntimeError(f"no image of the source could be read ({len(skipped)} skipped); nothing to index")
     index = dict(
         format=INDEX_FORMAT, num_examples=sum(s["count"] for s in shards), latent_shape=latent_shape,
-        image_shape=image_shape,
+        image_shape=image_shape, dtype=plan["dtype"],
         views=plan["views"], moments_layout="(n, views, [mean, std], h, w, c); view 1 = horizontal mirror",
         num_classes=plan["num_classes"], class_names=plan["class_names"], shards=shards,
         skipped=dict(count=len(skipped), indices=skipped),
@@ -235,8 +277,10 @@ def write_index(out_dir: str) -> dict:
     return index
 
 
-def encode(config: Any, vae_path: str, out_dir: str, log: Callable[[str], None] = print) -> dict | None:
-    """The whole command: encodes this process's shards; process 0 then writes and returns the index."""
+def encode(config: Any, vae_path: str, out_dir: str, dtype: str = "", command: str = "",
+           log: Callable[[str], None] = print) -> dict | None:
+    """The whole command: encodes this process's shards at ``dtype`` (default ``config.vae.dtype``);
+    process 0 then writes and returns the index."""
     path = vae_path or config.vae.weights
     if not path:
         raise ConfigError("no VAE given: pass --vae DIR (a diffusers AutoencoderKL directory, e.g. a local "
@@ -252,7 +296,8 @@ def encode(config: Any, vae_path: str, out_dir: str, log: Callable[[str], None] 
     source = open_image_source(source_config)
     encode_shards(source, vae, out_dir, shard_size=config.vae.shard_size,
                   batch_size=config.vae.encode_batch_size, flips=config.vae.flips,
-                  source_info=source_config.data.to_dict(), process_index=jax.process_index(),
+                  source_info=source_config.data.to_dict(), dtype=dtype or config.vae.dtype, command=command,
+                  process_index=jax.process_index(),
                   process_count=jax.process_count(), log=log)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("kindjax.encode: shards finished")
@@ -268,7 +313,8 @@ def main(argv: list[str]) -> None:
     """Encodes the images of ``--config`` with ``--vae`` into ``--out``."""
     del argv
     initialize()
-    encode(flags.FLAGS.config, flags.FLAGS.vae, flags.FLAGS.out)
+    encode(flags.FLAGS.config, flags.FLAGS.vae, flags.FLAGS.out, flags.FLAGS.dtype,
+           command=f"cd {shlex.quote(os.getcwd())} && python -m kindjax.encode {shlex.join(sys.argv[1:])}")
 
 
 if __name__ == "__main__":
@@ -278,5 +324,7 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("vae", "", "diffusers AutoencoderKL directory (overrides config.vae.weights).")
     flags.DEFINE_string("out", None, "Directory for the latent shards and index.json.")
+    flags.DEFINE_enum("dtype", "", ["", "float16", "bfloat16", "float32"],
+                      "Stored precision of the moments (default config.vae.dtype, float16).")
     flags.mark_flags_as_required(["config", "out"])
     cli.run(main, "encode")

@@ -12,11 +12,24 @@ and step ``s`` takes ``stream[s·B : (s+1)·B]`` (:func:`stream_indices`).  Proc
 ``random_flip``, row ``b`` of an :class:`ArrayDataset` step's batch is mirrored left–right when
 ``u_b < 1/2``, ``u = default_rng((seed, s, FLIP_STREAM)).random(B)``.  A run's data position is
 therefore just its step: resuming at step ``s`` yields the same batches as an uninterrupted run.
+
+A source read from files splits the examples into ``G`` **streams** so that each process reads only
+its own files (:func:`batch_indices`): stream ``g`` owns the contiguous part
+``[g·n/G, (g+1)·n/G)`` of the stored examples, runs the stream above over its part
+(``perm = default_rng((seed, e, G, g)).permutation(n_g)``) and fills rows
+``[g·B/G, (g+1)·B/G)`` of every global batch.  ``G = 1`` is the single stream above.  The order
+depends on ``(seed, step, G)`` only, never on the process count: a run resumed on other processes
+continues the same batches, and every example of stream ``g`` is seen once per epoch of that stream.
+Epoch permutations are computed once and cached (:func:`epoch_permutation`).
 """
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
+import json
+import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,9 +41,33 @@ FLIP_STREAM = 1
 Batch = dict[str, np.ndarray]
 
 
-def stream_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """``stream[step·B : (step+1)·B]`` of the stream of ``n`` examples (see module docstring):
-    ``stream = perm(seed, 0) ++ perm(seed, 1) ++ …``, ``perm(seed, e) = default_rng((seed, e)).permutation(n)``."""
+#: Epoch permutations computed so far, by stream: ``{(n, stream entropy): {epoch: permutation}}``.
+_PERMUTATIONS: dict[tuple, dict[int, np.ndarray]] = {}
+_PERMUTATIONS_LOCK = threading.Lock()
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, stream: tuple[int, ...] = ()) -> np.ndarray:
+    """``default_rng((seed, epoch, *stream)).permutation(n)`` (read-only), computed once: the last two
+    epochs of each stream are cached, so a step costs no permutation after the first of its epoch."""
+    key = (n, seed, stream)
+    with _PERMUTATIONS_LOCK:
+        cached = _PERMUTATIONS.get(key, {}).get(epoch)
+    if cached is not None:
+        return cached
+    perm = np.random.default_rng((seed, epoch, *stream)).permutation(n)
+    perm.flags.writeable = False
+    with _PERMUTATIONS_LOCK:
+        if len(_PERMUTATIONS) > 4096:   # many data sets in one process (tests): start afresh
+            _PERMUTATIONS.clear()
+        epochs = _PERMUTATIONS.setdefault(key, {})
+        epochs[epoch] = perm
+        for old in sorted(epochs)[:-2]:
+            del epochs[old]
+    return perm
+
+
+def _stream(n: int, step: int, batch_size: int, seed: int, stream: tuple[int, ...]) -> np.ndarray:
+    """``stream[step·B : (step+1)·B]`` of ``perm(seed, 0, *stream) ++ perm(seed, 1, *stream) ++ …``."""
     if step < 0 or batch_size <= 0:
         raise ValueError(f"need step >= 0 and batch_size > 0, got {step}, {batch_size}")
     if n == 0:
@@ -38,10 +75,48 @@ def stream_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
     start = step * batch_size
     stop = start + batch_size
     first_epoch, last_epoch = start // n, (stop - 1) // n
-    stream = np.concatenate([np.random.default_rng((seed, epoch)).permutation(n)
-                             for epoch in range(first_epoch, last_epoch + 1)])
+    if first_epoch == last_epoch:
+        return epoch_permutation(n, seed, first_epoch, stream)[start - first_epoch * n:stop - first_epoch * n]
+    stream_ = np.concatenate([epoch_permutation(n, seed, epoch, stream)
+                              for epoch in range(first_epoch, last_epoch + 1)])
     offset = start - first_epoch * n
-    return stream[offset:offset + batch_size]
+    return stream_[offset:offset + batch_size]
+
+
+def stream_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """``stream[step·B : (step+1)·B]`` of the stream of ``n`` examples (see module docstring):
+    ``stream = perm(seed, 0) ++ perm(seed, 1) ++ …``, ``perm(seed, e) = default_rng((seed, e)).permutation(n)``."""
+    return _stream(n, step, batch_size, seed, ())
+
+
+def stream_part(n: int, streams: int, g: int) -> tuple[int, int]:
+    """``[g·n/G, (g+1)·n/G)``: the examples that stream ``g`` of ``G`` owns."""
+    return g * n // streams, (g + 1) * n // streams
+
+
+def batch_indices(n: int, step: int, batch_size: int, seed: int, streams: int = 1, lo: int = 0,
+                  hi: int | None = None) -> np.ndarray:
+    """Example indices of rows ``[lo, hi)`` of the global batch of ``step`` with ``streams`` streams
+    (module docstring); only the streams that fill those rows are computed."""
+    hi = batch_size if hi is None else hi
+    if streams == 1:
+        return stream_indices(n, step, batch_size, seed)[lo:hi]
+    if batch_size % streams or not 0 < streams <= n:
+        raise ValueError(f"{streams} data streams need batch_size={batch_size} to be a multiple of them and at "
+                         f"least one of the {n} examples each")
+    per = batch_size // streams
+    first, last = lo // per, -(-hi // per)
+    parts = []
+    for g in range(first, last):
+        a, b = stream_part(n, streams, g)
+        parts.append(a + _stream(b - a, step, per, seed, (streams, g)))
+    return np.concatenate(parts)[lo - first * per:hi - first * per]
+
+
+def flip_draws(step: int, batch_size: int, seed: int) -> np.ndarray:
+    """``u_b < 1/2`` for the ``B`` rows of the step's batch, ``u = default_rng((seed, step, FLIP_STREAM)).random(B)``:
+    which rows are mirrored (or take the mirrored view)."""
+    return np.random.default_rng((seed, step, FLIP_STREAM)).random(batch_size) < 0.5
 
 
 def local_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -60,6 +135,11 @@ class Batches(Iterator[tuple[int, Batch]]):
     @abc.abstractmethod
     def close(self) -> None:
         """Ends the iteration; later ``next`` calls raise StopIteration."""
+
+    def finish(self, placed: dict[str, Any]) -> dict[str, Any]:
+        """The step's batch from a local batch of this iterator placed on the devices (by default the
+        batch itself; the latents draw ``z = mean + std·ε`` from the placed moments here)."""
+        return placed
 
     def __enter__(self) -> Batches:
         return self
@@ -86,6 +166,51 @@ class StepBatches(Batches):
         self._closed = True
 
 
+class DeviceBatches(Batches):
+    """``(step, batch on the devices)``: each local batch of ``host`` is placed (``place``: an asynchronous
+    copy) and finished (``host.finish``) ``depth`` steps before it is consumed, so the copies of later
+    steps overlap the current step."""
+
+    def __init__(self, host: Batches, place: Callable[[Batch], dict[str, Any]], depth: int) -> None:
+        if depth < 0:
+            raise ValueError(f"device prefetch depth must be >= 0, got {depth}")
+        self._host, self._place, self._depth = host, place, depth
+        self._ahead: collections.deque = collections.deque()
+
+    def __next__(self) -> tuple[int, dict[str, Any]]:
+        while len(self._ahead) <= self._depth:
+            step, local = next(self._host)
+            self._ahead.append((step, self._host.finish(self._place(local))))
+        return self._ahead.popleft()
+
+    def close(self) -> None:
+        self._ahead.clear()
+        self._host.close()
+
+
+LAYOUT_NAME = "data_layout.json"
+
+
+def note_process_count(workdir: str, process_count: int, write: bool) -> str | None:
+    """Records the run's process count in ``WORKDIR/data_layout.json`` (when ``write``: process 0) and,
+    when a resumed run has another count, returns the line that says what changed."""
+    path = os.path.join(workdir, LAYOUT_NAME)
+    before = None
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f).get("process_count")
+    if write:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"process_count": process_count}, f)
+        os.replace(path + ".tmp", path)
+    if before is None or before == process_count:
+        return None
+    return (f"data: resumed on {process_count} processes, the run before used {before}; the batches are a "
+            f"function of (seed, step) alone, so they continue unchanged, and each process now reads its "
+            f"1/{process_count} of every batch (the latents: only the shards of those rows)")
+
+
 @runtime_checkable
 class TrainingSource(Protocol):
     """A training data set: the global batch of a step is a pure function of ``(step, batch_size, seed)``
@@ -103,7 +228,8 @@ class TrainingSource(Protocol):
 
     def batches(self, start_step: int, batch_size: int, seed: int, process_index: int = 0,
                 process_count: int = 1) -> Batches:
-        """``local_batch`` of steps ``start_step, start_step + 1, …``, each as ``(step, batch)``."""
+        """``local_batch`` of steps ``start_step, start_step + 1, …``, each as ``(step, batch)`` (or a
+        compact form of it that :meth:`Batches.finish` completes once placed on the devices)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -142,7 +268,7 @@ class ArrayDataset:
         idx = self.indices(step, batch_size, seed)[lo:hi]
         images = self.images[idx]
         if self.random_flip:
-            flip = (np.random.default_rng((seed, step, FLIP_STREAM)).random(batch_size) < 0.5)[lo:hi]
+            flip = flip_draws(step, batch_size, seed)[lo:hi]
             images[flip] = images[flip, :, ::-1]
         return {"image": images, "label": self.labels[idx]}
 

@@ -22,6 +22,7 @@ import optax
 from kindjax import checkpoints
 from kindjax import params as param_rules
 from kindjax.data import Batches, TrainingSource, make_dataset
+from kindjax.data.pipeline import DeviceBatches, note_process_count
 from kindjax.diffusion import GaussianDiffusion, denoising_loss, noisy_inputs
 from kindjax.models.dit import DiT, build_model, drop_labels, init_params
 from kindjax.sample import generate
@@ -119,10 +120,16 @@ class Trainer:
                                         jax.process_index(), jax.process_count())
 
     def local_batches(self, start_step: int) -> Batches:
-        """``(step, local batch)`` from ``start_step`` on (:meth:`TrainingSource.batches`: the latents
-        prefetch them in a thread); close it when done."""
-        return self.dataset.batches(start_step, self.config.train.batch_size, self.config.data.seed,
+        """``(step, global batch on the mesh)`` from ``start_step`` on: this process's rows
+        (:meth:`TrainingSource.batches`; the latents prepare them in threads) placed and finished
+        ``data.device_prefetch`` steps ahead; prints a line when a resumed run has another process count.
+        Close it when done."""
+        note = note_process_count(self.workdir, jax.process_count(), write=jax.process_index() == 0)
+        if note and jax.process_index() == 0:
+            print(note, flush=True)
+        host = self.dataset.batches(start_step, self.config.train.batch_size, self.config.data.seed,
                                     jax.process_index(), jax.process_count())
+        return DeviceBatches(host, self.place, self.config.data.device_prefetch)
 
     def place(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows placed on the mesh as one global batch."""
@@ -203,10 +210,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     t_last, step_last = time.time(), step
     batches = trainer.local_batches(step)
     try:
-        for _, local in batches:
+        for _, batch in batches:
             if step >= tc.num_steps:
                 break
-            state, metrics = trainer.step_fn(state, trainer.place(local))
+            state, metrics = trainer.step_fn(state, batch)
             step += 1
             history.append(metrics)
             if step % tc.log_every == 0 or step == tc.num_steps:
