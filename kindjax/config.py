@@ -159,7 +159,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(m.attention != "cudnn" or m.dtype == "bfloat16",
              "model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN flash attention takes bf16/fp16)")
     _require(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: use one of {list(REMAT_POLICIES)}")
-    _require(isinstance(m.scan_blocks, bool), f"model.scan_blocks={m.scan_blocks!r}: use True or False")
     _require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout={m.class_dropout} must be in [0, 1)")
     _require(t.batch_size > 0 and t.batch_size % num_devices == 0,
              f"train.batch_size={t.batch_size} is not divisible by the {num_devices} devices of the mesh "
