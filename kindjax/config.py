@@ -105,14 +105,16 @@ def base_config() -> ml_collections.ConfigDict:
                   inception_weights="",   # pytorch-fid pt_inception-2015-12-05-6726825d.pth, or its .npz
                   inception_preprocess="pytorch_fid",  # or "tf1": the TF graph's resize, as ADM's evaluator
                   inception_batch_size=200,
-                  dinov2_weights=""),     # set: also FDD (Fréchet distance of DINOv2 features)
+                  dinov2_weights="",      # set: also FDD (Fréchet distance of DINOv2 features)
+                  feature_dtype="float32"),  # compute dtype of the Inception and DINOv2 forward passes
         # SD-VAE latents (kindjax.encode writes them, data.name="latents" reads them from data.root).
         vae=dict(weights="",            # diffusers AutoencoderKL directory (config.json + safetensors)
                  scale=0.18215,         # training latents are scale·(mean + std·ε)
                  encode_batch_size=64,  # images per device step of the encode (a multiple of the devices)
                  shard_size=4096,       # source images per latent shard file
                  flips=True,            # also keep the mirrored image's moments (for data.random_flip)
-                 prefetch=2),           # local batches prepared ahead by the latent loader's thread
+                 prefetch=2,            # local batches prepared ahead by the latent loader's thread
+                 dtype="float32"),      # compute dtype of the VAE's encode/decode (params stay float32)
     ))
 
 
@@ -159,6 +161,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(m.attention != "cudnn" or m.dtype == "bfloat16",
              "model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN flash attention takes bf16/fp16)")
     _require(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: use one of {list(REMAT_POLICIES)}")
+    for key in ("vae.dtype", "eval.feature_dtype"):
+        section, name = key.split(".")
+        _require(config[section][name] in ("float32", "bfloat16"),
+                 f"{key}={config[section][name]!r}: use 'float32' or 'bfloat16'")
     _require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout={m.class_dropout} must be in [0, 1)")
     _require(t.batch_size > 0 and t.batch_size % num_devices == 0,
              f"train.batch_size={t.batch_size} is not divisible by the {num_devices} devices of the mesh "

@@ -161,3 +161,39 @@ def test_bf16_model_matches_float32(name):
     out16 = jax.jit(model16.apply)({"params": params}, x, t, y)
     assert out16.dtype == jnp.float32
     assert 0 < relative_error(out16, out32) < BF16_RTOL
+
+
+def _feature_models():
+    from kindjax.evaluation.dinov2 import Dinov2
+    from kindjax.evaluation.inception import FIDInceptionV3
+    from kindjax.models.vae import AutoencoderKL
+
+    vae = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
+    return {"vae": (lambda dtype: AutoencoderKL(**vae, dtype=dtype), (2, 16, 16, 3)),
+            "inception": (lambda dtype: FIDInceptionV3(dtype=dtype), (1, 299, 299, 3)),
+            "dinov2": (lambda dtype: Dinov2(hidden_size=64, num_layers=2, num_heads=2, patch_size=4, image_size=32,
+                                            dtype=dtype), (2, 32, 32, 3))}
+
+
+@pytest.mark.parametrize("name", ["vae", "inception", "dinov2"])
+def test_vae_inception_dinov2_compute_in_bf16(name):
+    """Their forward passes with ``dtype=bfloat16``: every conv and matmul bf16, outputs f32; and the
+    default (f32) has no bf16 matmul at all."""
+    build, shape = _feature_models()[name]
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    variables = jax.eval_shape(build(jnp.float32).init, jax.random.key(0), x)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        jaxpr, out = jax.make_jaxpr(build(dtype).apply, return_shape=True)(variables, x)
+        found = not_bf16(jaxpr)
+        assert found == [] if dtype == jnp.bfloat16 else len(found) == len(list(matmuls(jaxpr.jaxpr)))
+        assert {leaf.dtype for leaf in jax.tree.leaves(out)} == {jnp.dtype(jnp.float32)}
+
+
+def test_vae_bf16_matches_float32():
+    build, shape = _feature_models()["vae"]
+    x = jax.random.uniform(jax.random.key(1), shape, minval=-1, maxval=1)
+    variables = perturb(jax.jit(build(jnp.float32).init)(jax.random.key(0), x), jax.random.key(2))
+    out32 = jax.jit(build(jnp.float32).apply)(variables, x)
+    out16 = jax.jit(build(jnp.bfloat16).apply)(variables, x)
+    # Random (untrained) weights through ~20 convolutions and GroupNorms: 2.5% measured, bound 5%.
+    assert 0 < relative_error(out16, out32) < 5e-2
