@@ -10,6 +10,11 @@ import ml_collections
 
 from kindjax.archs import resolve_dims
 
+#: ``model.attention``: how attention is computed (:mod:`kindjax.models.attention`).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
+#: ``model.remat``: what a DiT block keeps for the backward pass (:func:`kindjax.models.dit.remat_policy`).
+REMAT_POLICIES = ("none", "block", "dots_saveable")
+
 
 def model_config() -> ml_collections.ConfigDict:
     """DiT hyper-parameters; ``arch`` (S/B/L/XL) overrides hidden_size/depth/num_heads."""
@@ -31,6 +36,9 @@ def model_config() -> ml_collections.ConfigDict:
         norm_eps=1e-6,
         mlp_norm_eps=1e-6,        # eps of the LayerNorm before the MLP (diffusers' DiT: its norm_eps)
         dtype="float32",          # compute dtype: "float32" or "bfloat16" (params stay float32)
+        attention="xla",          # "xla", "cudnn" (GPU), "pallas" (TPU splash) or "auto"
+        remat="none",             # "none", "block" (recompute each block) or "dots_saveable" (keep matmul outputs)
+        scan_blocks=False,        # one nn-scan over the identical blocks (same parameter layout as the loop)
         residual_scales=False,    # DiffFit: learned per-channel γ (init 1) on each block's two residual branches
         linear=ml_collections.ConfigDict(dict(kind="dense")),
     ))
@@ -102,7 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
                   inception_weights="",   # pytorch-fid pt_inception-2015-12-05-6726825d.pth, or its .npz
                   inception_preprocess="pytorch_fid",  # or "tf1": the TF graph's resize, as ADM's evaluator
                   inception_batch_size=200,
-                  dinov2_weights=""),     # set: also FDD (Fréchet distance of DINOv2 features)
+                  dinov2_weights="",      # set: also FDD (Fréchet distance of DINOv2 features)
+                  feature_dtype="float32"),  # compute dtype of the Inception and DINOv2 forward passes
         # SD-VAE latents (kindjax.encode writes them, data.name="latents" reads them from data.root).
         vae=dict(weights="",            # diffusers AutoencoderKL directory (config.json + safetensors)
                  scale=0.18215,         # training latents are scale·(mean + std·ε)
@@ -110,7 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
                  shard_size=4096,       # source images per latent shard file
                  flips=True,            # also keep the mirrored image's moments (for data.random_flip)
                  dtype="float16",       # stored moments: float16 (half of float32's disk), bfloat16, float32
-                 prefetch=2),           # local batches prepared ahead by the latent loader's thread
+                 prefetch=2,            # local batches prepared ahead by the latent loader's thread
+                 compute_dtype="float32"),  # compute dtype of the VAE's encode/decode (params stay float32)
     ))
 
 
@@ -152,6 +162,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(m.adaln_init in ("zero", "gaussian"), f"model.adaln_init={m.adaln_init!r}: use 'zero' or 'gaussian'")
     _require(len(m.adaln_std) in (1, 3), f"model.adaln_std={tuple(m.adaln_std)}: give 1 std or 3 (α, γ, β)")
     _require(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
+    _require(m.attention in ATTENTION_IMPLEMENTATIONS,
+             f"model.attention={m.attention!r}: use one of {list(ATTENTION_IMPLEMENTATIONS)}")
+    _require(m.attention != "cudnn" or m.dtype == "bfloat16",
+             "model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN flash attention takes bf16/fp16)")
+    _require(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: use one of {list(REMAT_POLICIES)}")
+    for key in ("vae.compute_dtype", "eval.feature_dtype"):
+        section, name = key.split(".")
+        _require(config[section][name] in ("float32", "bfloat16"),
+                 f"{key}={config[section][name]!r}: use 'float32' or 'bfloat16'")
     _require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout={m.class_dropout} must be in [0, 1)")
     _require(t.batch_size > 0 and t.batch_size % num_devices == 0,
              f"train.batch_size={t.batch_size} is not divisible by the {num_devices} devices of the mesh "

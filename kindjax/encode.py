@@ -286,7 +286,7 @@ def encode(config: Any, vae_path: str, out_dir: str, dtype: str = "", command: s
         raise ConfigError("no VAE given: pass --vae DIR (a diffusers AutoencoderKL directory, e.g. a local "
                           "snapshot of stabilityai/sd-vae-ft-ema) or set config.vae.weights")
     try:
-        vae = load_vae(path)
+        vae = load_vae(path, config.vae.compute_dtype)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
     source_config = config.copy_and_resolve_references()

@@ -169,20 +169,22 @@ class Dinov2Attention(nn.Module):
     num_heads: int
     qkv_bias: bool
     precision: str
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         head_dim = self.hidden_size // self.num_heads
         split = lambda h: h.reshape(h.shape[:2] + (self.num_heads, head_dim))
-        dense = functools.partial(nn.Dense, self.hidden_size, use_bias=self.qkv_bias, precision=self.precision)
+        dense = functools.partial(nn.Dense, self.hidden_size, use_bias=self.qkv_bias, precision=self.precision,
+                                  dtype=self.dtype)
         q = split(dense(name="query")(x))
         k = split(dense(name="key")(x))
         v = split(dense(name="value")(x))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision) * head_dim ** -0.5
-        attention = jax.nn.softmax(logits, axis=-1)
+        attention = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)   # softmax in f32
         out = jnp.einsum("bhqk,bkhd->bqhd", attention, v, precision=self.precision)
         out = out.reshape(out.shape[:2] + (self.hidden_size,))
-        return nn.Dense(self.hidden_size, precision=self.precision, name="output")(out)
+        return nn.Dense(self.hidden_size, precision=self.precision, dtype=self.dtype, name="output")(out)
 
 
 class Dinov2Layer(nn.Module):
@@ -196,16 +198,19 @@ class Dinov2Layer(nn.Module):
     hidden_act: str
     layerscale_value: float
     precision: str
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
-        norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, use_fast_variance=False)
-        scale = lambda name: self.param(name, nn.initializers.constant(self.layerscale_value), (self.hidden_size,))
-        h = Dinov2Attention(self.hidden_size, self.num_heads, self.qkv_bias, self.precision,
+        norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, use_fast_variance=False, dtype=self.dtype)
+        scale = lambda name: self.param(name, nn.initializers.constant(self.layerscale_value),
+                                        (self.hidden_size,)).astype(self.dtype)
+        h = Dinov2Attention(self.hidden_size, self.num_heads, self.qkv_bias, self.precision, self.dtype,
                             name="attention")(norm(name="norm1")(z))
         z = z + scale("layer_scale1") * h
-        h = nn.Dense(self.mlp_hidden, precision=self.precision, name="fc1")(norm(name="norm2")(z))
-        h = nn.Dense(self.hidden_size, precision=self.precision, name="fc2")(_ACTIVATIONS[self.hidden_act](h))
+        dense = functools.partial(nn.Dense, precision=self.precision, dtype=self.dtype)
+        h = dense(self.mlp_hidden, name="fc1")(norm(name="norm2")(z))
+        h = dense(self.hidden_size, name="fc2")(_ACTIVATIONS[self.hidden_act](h))
         return z + scale("layer_scale2") * h
 
 
@@ -216,7 +221,8 @@ class Dinov2(nn.Module):
     inputs get ``E_pos`` resampled (:func:`torch_bicubic_matrix`, ``interpolate_offset``
     0 as transformers, 0.1 as the torch-hub models on square inputs; the hub code swaps
     the two grid axes on non-square ones, which is not reproduced).  ``precision`` applies to every matmul
-    ("highest": float32 on GPU/TPU too, as the PyTorch reference).
+    ("highest": float32 on GPU/TPU too, as the PyTorch reference).  ``dtype``: the compute dtype of the
+    patch embedding and the layers (f32 by default; parameters, norm statistics, softmax and the output f32).
     """
 
     hidden_size: int = 768
@@ -232,6 +238,7 @@ class Dinov2(nn.Module):
     layerscale_value: float = 1.0
     interpolate_offset: float = 0.0
     precision: str = "highest"
+    dtype: jnp.dtype = jnp.float32
 
     def position_embedding(self, table: jax.Array, grid: tuple[int, int]) -> jax.Array:
         """``E_pos`` for a ``grid = (g_h, g_w)`` patch grid: CLS row kept, patch rows resampled."""
@@ -251,18 +258,20 @@ class Dinov2(nn.Module):
         side = self.image_size // self.patch_size
         init = nn.initializers.truncated_normal(0.02)
         x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size), strides=self.patch_size,
-                    padding="VALID", precision=self.precision, name="patch_embed")(pixels.astype(jnp.float32))
+                    padding="VALID", precision=self.precision, dtype=self.dtype,
+                    name="patch_embed")(pixels.astype(self.dtype))
         grid = x.shape[1:3]
         x = x.reshape(x.shape[0], grid[0] * grid[1], self.hidden_size)
         cls = self.param("cls_token", init, (1, 1, self.hidden_size))
         table = self.param("position_embeddings", init, (1, 1 + side * side, self.hidden_size))
         z = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.hidden_size)), x], axis=1)
-        z = z + self.position_embedding(table, grid)
+        z = (z + self.position_embedding(table, grid)).astype(self.dtype)
         for i in range(self.num_layers):
             z = Dinov2Layer(self.hidden_size, self.num_heads, int(self.hidden_size * self.mlp_ratio), self.qkv_bias,
                             self.layer_norm_eps, self.hidden_act, self.layerscale_value, self.precision,
-                            name=f"layer_{i}")(z)
-        return nn.LayerNorm(epsilon=self.layer_norm_eps, use_fast_variance=False, name="layernorm")(z)
+                            self.dtype, name=f"layer_{i}")(z)
+        return nn.LayerNorm(epsilon=self.layer_norm_eps, use_fast_variance=False, dtype=jnp.float32,
+                            name="layernorm")(z)
 
 
 def dinov2_from_config(config: Mapping[str, Any], interpolate_offset: float = 0.0) -> Dinov2:

@@ -57,13 +57,14 @@ class BasicConv2d(nn.Module):
     kernel_size: tuple[int, int] = (1, 1)
     strides: int = 1
     padding: tuple[int, int] = (0, 0)
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ph, pw = self.padding
         x = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding=((ph, ph), (pw, pw)),
-                    use_bias=False, precision=_HIGHEST, name="conv")(x)
-        x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
+                    use_bias=False, precision=_HIGHEST, dtype=self.dtype, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=self.dtype, name="bn")(x)
         return nn.relu(x)
 
 
@@ -82,27 +83,31 @@ class InceptionA(nn.Module):
 
     pool_features: int
 
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        b1 = BasicConv2d(64, name="branch1x1")(x)
-        b5 = BasicConv2d(48, name="branch5x5_1")(x)
-        b5 = BasicConv2d(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
-        b3 = BasicConv2d(64, name="branch3x3dbl_1")(x)
-        b3 = BasicConv2d(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
-        b3 = BasicConv2d(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
-        bp = BasicConv2d(self.pool_features, name="branch_pool")(_avg_pool_3x3(x))
+        b1 = BasicConv2d(64, dtype=self.dtype, name="branch1x1")(x)
+        b5 = BasicConv2d(48, dtype=self.dtype, name="branch5x5_1")(x)
+        b5 = BasicConv2d(64, (5, 5), padding=(2, 2), dtype=self.dtype, name="branch5x5_2")(b5)
+        b3 = BasicConv2d(64, dtype=self.dtype, name="branch3x3dbl_1")(x)
+        b3 = BasicConv2d(96, (3, 3), padding=(1, 1), dtype=self.dtype, name="branch3x3dbl_2")(b3)
+        b3 = BasicConv2d(96, (3, 3), padding=(1, 1), dtype=self.dtype, name="branch3x3dbl_3")(b3)
+        bp = BasicConv2d(self.pool_features, dtype=self.dtype, name="branch_pool")(_avg_pool_3x3(x))
         return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
 class InceptionB(nn.Module):
     """Grid reduction 35 → 17: [3×3/2 | 1×1→3×3→3×3/2 | max-pool/2]."""
 
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        b3 = BasicConv2d(384, (3, 3), strides=2, name="branch3x3")(x)
-        bd = BasicConv2d(64, name="branch3x3dbl_1")(x)
-        bd = BasicConv2d(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = BasicConv2d(96, (3, 3), strides=2, name="branch3x3dbl_3")(bd)
+        b3 = BasicConv2d(384, (3, 3), strides=2, dtype=self.dtype, name="branch3x3")(x)
+        bd = BasicConv2d(64, dtype=self.dtype, name="branch3x3dbl_1")(x)
+        bd = BasicConv2d(96, (3, 3), padding=(1, 1), dtype=self.dtype, name="branch3x3dbl_2")(bd)
+        bd = BasicConv2d(96, (3, 3), strides=2, dtype=self.dtype, name="branch3x3dbl_3")(bd)
         return jnp.concatenate([b3, bd, _max_pool_3x3(x, 2)], axis=-1)
 
 
@@ -111,34 +116,38 @@ class InceptionC(nn.Module):
 
     channels_7x7: int
 
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns the block output and its ``branch1x1`` map (TF ``mixed_N/conv``)."""
         c7 = self.channels_7x7
-        b1 = BasicConv2d(192, name="branch1x1")(x)
-        b7 = BasicConv2d(c7, name="branch7x7_1")(x)
-        b7 = BasicConv2d(c7, (1, 7), padding=(0, 3), name="branch7x7_2")(b7)
-        b7 = BasicConv2d(192, (7, 1), padding=(3, 0), name="branch7x7_3")(b7)
-        bd = BasicConv2d(c7, name="branch7x7dbl_1")(x)
-        bd = BasicConv2d(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_2")(bd)
-        bd = BasicConv2d(c7, (1, 7), padding=(0, 3), name="branch7x7dbl_3")(bd)
-        bd = BasicConv2d(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_4")(bd)
-        bd = BasicConv2d(192, (1, 7), padding=(0, 3), name="branch7x7dbl_5")(bd)
-        bp = BasicConv2d(192, name="branch_pool")(_avg_pool_3x3(x))
+        b1 = BasicConv2d(192, dtype=self.dtype, name="branch1x1")(x)
+        b7 = BasicConv2d(c7, dtype=self.dtype, name="branch7x7_1")(x)
+        b7 = BasicConv2d(c7, (1, 7), padding=(0, 3), dtype=self.dtype, name="branch7x7_2")(b7)
+        b7 = BasicConv2d(192, (7, 1), padding=(3, 0), dtype=self.dtype, name="branch7x7_3")(b7)
+        bd = BasicConv2d(c7, dtype=self.dtype, name="branch7x7dbl_1")(x)
+        bd = BasicConv2d(c7, (7, 1), padding=(3, 0), dtype=self.dtype, name="branch7x7dbl_2")(bd)
+        bd = BasicConv2d(c7, (1, 7), padding=(0, 3), dtype=self.dtype, name="branch7x7dbl_3")(bd)
+        bd = BasicConv2d(c7, (7, 1), padding=(3, 0), dtype=self.dtype, name="branch7x7dbl_4")(bd)
+        bd = BasicConv2d(192, (1, 7), padding=(0, 3), dtype=self.dtype, name="branch7x7dbl_5")(bd)
+        bp = BasicConv2d(192, dtype=self.dtype, name="branch_pool")(_avg_pool_3x3(x))
         return jnp.concatenate([b1, b7, bd, bp], axis=-1), b1
 
 
 class InceptionD(nn.Module):
     """Grid reduction 17 → 8: [1×1→3×3/2 | 1×1→1×7→7×1→3×3/2 | max-pool/2]."""
 
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        b3 = BasicConv2d(192, name="branch3x3_1")(x)
-        b3 = BasicConv2d(320, (3, 3), strides=2, name="branch3x3_2")(b3)
-        b7 = BasicConv2d(192, name="branch7x7x3_1")(x)
-        b7 = BasicConv2d(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
-        b7 = BasicConv2d(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
-        b7 = BasicConv2d(192, (3, 3), strides=2, name="branch7x7x3_4")(b7)
+        b3 = BasicConv2d(192, dtype=self.dtype, name="branch3x3_1")(x)
+        b3 = BasicConv2d(320, (3, 3), strides=2, dtype=self.dtype, name="branch3x3_2")(b3)
+        b7 = BasicConv2d(192, dtype=self.dtype, name="branch7x7x3_1")(x)
+        b7 = BasicConv2d(192, (1, 7), padding=(0, 3), dtype=self.dtype, name="branch7x7x3_2")(b7)
+        b7 = BasicConv2d(192, (7, 1), padding=(3, 0), dtype=self.dtype, name="branch7x7x3_3")(b7)
+        b7 = BasicConv2d(192, (3, 3), strides=2, dtype=self.dtype, name="branch7x7x3_4")(b7)
         return jnp.concatenate([b3, b7, _max_pool_3x3(x, 2)], axis=-1)
 
 
@@ -147,49 +156,56 @@ class InceptionE(nn.Module):
 
     pool: str
 
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        b1 = BasicConv2d(320, name="branch1x1")(x)
-        b3 = BasicConv2d(384, name="branch3x3_1")(x)
-        b3 = jnp.concatenate([BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-                              BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)], axis=-1)
-        bd = BasicConv2d(448, name="branch3x3dbl_1")(x)
-        bd = BasicConv2d(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = jnp.concatenate([BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-                              BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)], axis=-1)
+        b1 = BasicConv2d(320, dtype=self.dtype, name="branch1x1")(x)
+        b3 = BasicConv2d(384, dtype=self.dtype, name="branch3x3_1")(x)
+        b3 = jnp.concatenate([BasicConv2d(384, (1, 3), padding=(0, 1), dtype=self.dtype, name="branch3x3_2a")(b3),
+                              BasicConv2d(384, (3, 1), padding=(1, 0), dtype=self.dtype, name="branch3x3_2b")(b3)], axis=-1)
+        bd = BasicConv2d(448, dtype=self.dtype, name="branch3x3dbl_1")(x)
+        bd = BasicConv2d(384, (3, 3), padding=(1, 1), dtype=self.dtype, name="branch3x3dbl_2")(bd)
+        bd = jnp.concatenate([BasicConv2d(384, (1, 3), padding=(0, 1), dtype=self.dtype, name="branch3x3dbl_3a")(bd),
+                              BasicConv2d(384, (3, 1), padding=(1, 0), dtype=self.dtype, name="branch3x3dbl_3b")(bd)], axis=-1)
         pooled = _avg_pool_3x3(x) if self.pool == "avg" else _max_pool_3x3(x, 1)
-        bp = BasicConv2d(192, name="branch_pool")(pooled)
+        bp = BasicConv2d(192, dtype=self.dtype, name="branch_pool")(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
 class FIDInceptionV3(nn.Module):
-    """The FID InceptionV3 on preprocessed ``(N, 299, 299, 3)`` inputs in [-1, 1] (see module doc)."""
+    """The FID InceptionV3 on preprocessed ``(N, 299, 299, 3)`` inputs in [-1, 1] (see module doc);
+    ``dtype`` is the compute dtype (f32 by default, as FID is defined; parameters and outputs f32)."""
+
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        x = BasicConv2d(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
-        x = BasicConv2d(32, (3, 3), name="Conv2d_2a_3x3")(x)
-        x = BasicConv2d(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
+        x = x.astype(self.dtype)
+        x = BasicConv2d(32, (3, 3), strides=2, dtype=self.dtype, name="Conv2d_1a_3x3")(x)
+        x = BasicConv2d(32, (3, 3), dtype=self.dtype, name="Conv2d_2a_3x3")(x)
+        x = BasicConv2d(64, (3, 3), padding=(1, 1), dtype=self.dtype, name="Conv2d_2b_3x3")(x)
         x = _max_pool_3x3(x, 2)
-        x = BasicConv2d(80, name="Conv2d_3b_1x1")(x)
-        x = BasicConv2d(192, (3, 3), name="Conv2d_4a_3x3")(x)
+        x = BasicConv2d(80, dtype=self.dtype, name="Conv2d_3b_1x1")(x)
+        x = BasicConv2d(192, (3, 3), dtype=self.dtype, name="Conv2d_4a_3x3")(x)
         x = _max_pool_3x3(x, 2)
-        x = InceptionA(32, name="Mixed_5b")(x)
-        x = InceptionA(64, name="Mixed_5c")(x)
-        x = InceptionA(64, name="Mixed_5d")(x)
-        x = InceptionB(name="Mixed_6a")(x)
-        x, _ = InceptionC(128, name="Mixed_6b")(x)
-        x, _ = InceptionC(160, name="Mixed_6c")(x)
-        x, mixed_6_conv = InceptionC(160, name="Mixed_6d")(x)
-        x, _ = InceptionC(192, name="Mixed_6e")(x)
-        x = InceptionD(name="Mixed_7a")(x)
-        x = InceptionE("avg", name="Mixed_7b")(x)
-        x = InceptionE("max", name="Mixed_7c")(x)
-        pool_3 = jnp.mean(x, axis=(1, 2))
+        x = InceptionA(32, dtype=self.dtype, name="Mixed_5b")(x)
+        x = InceptionA(64, dtype=self.dtype, name="Mixed_5c")(x)
+        x = InceptionA(64, dtype=self.dtype, name="Mixed_5d")(x)
+        x = InceptionB(dtype=self.dtype, name="Mixed_6a")(x)
+        x, _ = InceptionC(128, dtype=self.dtype, name="Mixed_6b")(x)
+        x, _ = InceptionC(160, dtype=self.dtype, name="Mixed_6c")(x)
+        x, mixed_6_conv = InceptionC(160, dtype=self.dtype, name="Mixed_6d")(x)
+        x, _ = InceptionC(192, dtype=self.dtype, name="Mixed_6e")(x)
+        x = InceptionD(dtype=self.dtype, name="Mixed_7a")(x)
+        x = InceptionE("avg", dtype=self.dtype, name="Mixed_7b")(x)
+        x = InceptionE("max", dtype=self.dtype, name="Mixed_7c")(x)
+        pool_3 = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         kernel = self.param("fc_kernel", nn.initializers.lecun_normal(), (POOL_DIM, NUM_LOGITS))
         bias = self.param("fc_bias", nn.initializers.zeros, (NUM_LOGITS,))
-        logits_unbiased = jnp.dot(pool_3, kernel, precision=_HIGHEST)
-        spatial = mixed_6_conv[..., :SPATIAL_CHANNELS]
+        logits_unbiased = jnp.dot(pool_3.astype(self.dtype), kernel.astype(self.dtype),
+                                  precision=_HIGHEST).astype(jnp.float32)
+        spatial = mixed_6_conv[..., :SPATIAL_CHANNELS].astype(jnp.float32)
         return {"pool_3": pool_3, "spatial": spatial.reshape(spatial.shape[0], -1),
                 "logits_unbiased": logits_unbiased, "logits": logits_unbiased + bias}
 

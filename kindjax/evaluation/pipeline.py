@@ -93,7 +93,7 @@ def latent_decoder(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[n
     """Latents (as trained: ``vae.scale · z``) → images in [-1, 1]: ``D(latents / vae.scale)``."""
     from kindjax.models.vae import AutoencoderKL, load_vae
 
-    vae = load_vae(config.vae.weights)
+    vae = load_vae(config.vae.weights, config.vae.compute_dtype)
     rows = sharding.batch_sharding(mesh)
     decode = jax.jit(lambda p, z: vae.model.apply({"params": p}, z / config.vae.scale, method=AutoencoderKL.decode),
                      in_shardings=(sharding.replicated(mesh), rows), out_shardings=rows)
@@ -186,6 +186,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         samples_path, images = samples_for_step(config, workdir, step, params, mesh, logger.text)
 
         module, variables = load_inception(e.inception_weights)
+        module = module.clone(dtype=jax.numpy.dtype(e.feature_dtype))
 
         def progress(network: str, what: str, total: int) -> Callable[[int, int], None]:
             """Reports about PROGRESS_UPDATES times over ``total`` images."""
@@ -213,6 +214,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
             from kindjax.evaluation.dinov2 import dinov2_features, fdd, load_dinov2
 
             dino, dino_params = load_dinov2(e.dinov2_weights)
+            dino = dino.clone(dtype=jax.numpy.dtype(e.feature_dtype))
             metrics["fdd"] = fdd(*(dinov2_features(dino, dino_params, pixels, e.inception_batch_size, mesh,
                                                    progress("DINOv2", what, len(pixels)))
                                    for pixels, what in ((images, "samples"), (reference.images, "reference"))))

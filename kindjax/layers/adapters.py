@@ -143,8 +143,9 @@ def init_lora(key: jax.Array, d_in: int, d_out: int, rank: int) -> dict[str, jax
 
 
 def dora_magnitude(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float) -> jax.Array:
-    """``‖W + s·A·B‖`` per output feature (the norm over the ``d_in`` inputs of each column)."""
-    return jnp.linalg.norm(kernel + scale * (lora_a @ lora_b), axis=0)
+    """``‖W + s·A·B‖`` per output feature (the norm over the ``d_in`` inputs of each column); the
+    product in the factors' dtype, the norm in f32."""
+    return jnp.linalg.norm((kernel + scale * (lora_a @ lora_b)).astype(jnp.float32), axis=0)
 
 
 def init_dora(key: jax.Array, kernel: jax.Array, rank: int, scale: float) -> dict[str, jax.Array]:
@@ -190,7 +191,8 @@ def cayley(q: jax.Array, use_neumann: bool, num_terms: int) -> jax.Array:
     """
     eye = jnp.broadcast_to(jnp.eye(q.shape[-1], dtype=q.dtype), q.shape)
     if not use_neumann:
-        return jnp.linalg.solve(eye + q, eye - q)
+        exact = jnp.linalg.solve((eye + q).astype(jnp.float32), (eye - q).astype(jnp.float32))
+        return exact.astype(q.dtype)
     if num_terms == 1:
         return eye
     if num_terms == 2:
@@ -210,20 +212,22 @@ def oft_rotate(x: jax.Array, rotation: jax.Array) -> jax.Array:
     return jnp.einsum("...nk,nkc->...nc", blocks, rotation).reshape(x.shape)
 
 
-def loha_delta(adapter: Mapping[str, jax.Array], scale: float) -> jax.Array:
-    """``ΔW = s·(w1_b·w1_a) ⊙ (w2_b·w2_a)``, ``(d_in, d_out)`` (peft's ``(W1a W1b) ⊙ (W2a W2b)``, transposed)."""
-    return scale * ((adapter["hada_w1_b"] @ adapter["hada_w1_a"])
-                    * (adapter["hada_w2_b"] @ adapter["hada_w2_a"]))
+def loha_delta(adapter: Mapping[str, jax.Array], scale: float, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """``ΔW = s·(w1_b·w1_a) ⊙ (w2_b·w2_a)``, ``(d_in, d_out)`` (peft's ``(W1a W1b) ⊙ (W2a W2b)``, transposed),
+    computed in ``dtype``."""
+    w = {k: a.astype(dtype) for k, a in adapter.items()}
+    return scale * ((w["hada_w1_b"] @ w["hada_w1_a"]) * (w["hada_w2_b"] @ w["hada_w2_a"]))
 
 
-def svdiff_weight(kernel: jax.Array, svd: Mapping[str, jax.Array], delta: jax.Array) -> jax.Array:
-    """SVDiff's ``W' = V·diag(ReLU(σ + δ))·Uᵀ``, computed as ``W + V·diag(ReLU(σ + δ) - σ)·Uᵀ``.
+def svdiff_weight(kernel: jax.Array, svd: Mapping[str, jax.Array], delta: jax.Array,
+                  dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """SVDiff's ``W' = V·diag(ReLU(σ + δ))·Uᵀ``, computed as ``W + V·diag(ReLU(σ + δ) - σ)·Uᵀ`` in ``dtype``.
 
     The two agree because ``W = V·diag(σ)·Uᵀ``; the residual form gives ``W`` bit for bit at
     ``δ = 0`` (``ReLU(σ) = σ``), whatever the rounding of the stored SVD.
     """
     shift = jax.nn.relu(svd["sigma"] + delta) - svd["sigma"]
-    return kernel + (svd["V"] * shift) @ svd["U"].T
+    return kernel.astype(dtype) + (svd["V"].astype(dtype) * shift.astype(dtype)) @ svd["U"].T.astype(dtype)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -284,10 +288,12 @@ class DoRALinear(_LowRankAdapted):
         scale = self.scale
         kernel, bias = self.dense_params(x.shape[-1])
         adapter = self.param("adapter", init_dora, kernel, self.rank, scale)
-        norm = jax.lax.stop_gradient(dora_magnitude(kernel, adapter["lora_A"], adapter["lora_B"], scale))
         dtype = self.dtype or x.dtype
+        factors = {k: adapter[k].astype(dtype) for k in ("lora_A", "lora_B")}
+        norm = jax.lax.stop_gradient(dora_magnitude(kernel.astype(dtype), factors["lora_A"], factors["lora_B"],
+                                                    scale).astype(jnp.float32))
         x = x.astype(dtype)
-        low_rank = jnp.dot(jnp.dot(x, adapter["lora_A"].astype(dtype)), adapter["lora_B"].astype(dtype))
+        low_rank = jnp.dot(jnp.dot(x, factors["lora_A"]), factors["lora_B"])
         out = jnp.dot(x, kernel.astype(dtype)) + scale * low_rank
         return out * (adapter["magnitude"] / norm).astype(dtype) + bias.astype(dtype)
 
@@ -309,10 +315,10 @@ class OFTLinear(_AdaptedDense):
         n, b = oft_blocks(x.shape[-1], self.r, self.oft_block_size, self.role)
         kernel, bias = self.dense_params(x.shape[-1])
         adapter = self.param("adapter", lambda key: {"Q": jnp.zeros((n, b * (b - 1) // 2), jnp.float32)})
-        rotation = cayley(skew_symmetric(adapter["Q"], b), self.use_cayley_neumann,
-                          self.num_cayley_neumann_terms)
         dtype = self.dtype or x.dtype
-        x = oft_rotate(x.astype(dtype), rotation.astype(dtype))
+        rotation = cayley(skew_symmetric(adapter["Q"].astype(dtype), b), self.use_cayley_neumann,
+                          self.num_cayley_neumann_terms)
+        x = oft_rotate(x.astype(dtype), rotation)
         return jnp.dot(x, kernel.astype(dtype)) + bias.astype(dtype)
 
 
@@ -325,7 +331,7 @@ class LoHaLinear(_LowRankAdapted):
         kernel, bias = self.dense_params(x.shape[-1])
         adapter = self.param("adapter", init_loha, x.shape[-1], self.features, self.rank)
         dtype = self.dtype or x.dtype
-        weight = kernel + loha_delta(adapter, self.scale)
+        weight = kernel.astype(dtype) + loha_delta(adapter, self.scale, dtype)
         return jnp.dot(x.astype(dtype), weight.astype(dtype)) + bias.astype(dtype)
 
 
@@ -341,7 +347,7 @@ class SVDiffLinear(_AdaptedDense):
         svd = self.param("svd", lambda key: svd_factors(kernel))
         adapter = self.param("adapter", lambda key: {"delta": jnp.zeros_like(svd["sigma"])})
         dtype = self.dtype or x.dtype
-        weight = svdiff_weight(kernel, svd, adapter["delta"])
+        weight = svdiff_weight(kernel, svd, adapter["delta"], dtype)
         return jnp.dot(x.astype(dtype), weight.astype(dtype)) + bias.astype(dtype)
 
 

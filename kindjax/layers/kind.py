@@ -160,7 +160,7 @@ def init_tailors(key: jax.Array, learngene: Mapping[str, jax.Array], n_classes: 
 def learngene_product(x: jax.Array, learngene: Mapping[str, jax.Array], dtype: jnp.dtype) -> jax.Array:
     """``x·V_G diag(σ_G) U_Gᵀ``, associated for the fewest multiply-adds at ``x``'s static shape.
 
-    Either ``W_G = V_G diag(σ_G) U_Gᵀ`` is built once (in the parameter dtype, shared by
+    Either ``W_G = V_G diag(σ_G) U_Gᵀ`` is built once (from factors cast to ``dtype``, shared by
     the batch: ``d_in·N_G·d_out``) and applied (``n·d_in·d_out`` for ``n`` rows of ``x``),
     or ``x`` goes through the two thin factors (``n·N_G·(d_in + d_out)``).  The thin
     route always wins when ``N_G < d_in·d_out/(d_in + d_out)`` (DiT-S, ``N_G = 234``:
@@ -172,7 +172,7 @@ def learngene_product(x: jax.Array, learngene: Mapping[str, jax.Array], dtype: j
     rows = x.size // d_in
     if rows * n_learngene * (d_in + d_out) < d_in * d_out * (rows + n_learngene):
         return jnp.dot(jnp.dot(x, v.astype(dtype)) * sigma.astype(dtype), u.T.astype(dtype))
-    return jnp.dot(x, ((v * sigma) @ u.T).astype(dtype))
+    return jnp.dot(x, (v.astype(dtype) * sigma.astype(dtype)) @ u.T.astype(dtype))
 
 
 def kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
@@ -204,7 +204,7 @@ def naive_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Ar
     Materialises every sample's full-rank masked weight ``W_b = V diag(σ ⊙ m_{y_b}) Uᵀ``
     (``(B, d_in, d_out)``, over all ``r`` components; ``m_c`` keeps the learngene and
     tailor ``c``, the null class keeps the learngene alone) in the parameter dtype,
-    then applies it with one batched product.
+    then applies it with one batched product (everything in ``dtype``).
     """
     dtype = dtype or x.dtype
     n_classes, n_tailor = tailors["sigma"].shape
@@ -218,8 +218,9 @@ def naive_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Ar
     mask = jnp.concatenate([jnp.ones((y.shape[0], learngene["sigma"].shape[0]), bool),
                             owner[None, :] == y[:, None]], axis=1)
     sigma = jnp.concatenate([learngene["sigma"], tailors["sigma"].reshape(-1)])
-    weights = jnp.einsum("ir,br,or->bio", v, jnp.where(mask, sigma, 0.0), u)
-    out = jnp.einsum("b...i,bio->b...o", x.astype(dtype), weights.astype(dtype))
+    weights = jnp.einsum("ir,br,or->bio", v.astype(dtype), jnp.where(mask, sigma, 0.0).astype(dtype),
+                         u.astype(dtype))
+    out = jnp.einsum("b...i,bio->b...o", x.astype(dtype), weights)
     return out + bias.astype(dtype)
 
 

@@ -7,11 +7,23 @@ are built once at the top level (``kindjax.layers.SharedParams``) and lent to ev
 block.  ``model.apply(params, x, t, y)`` returns ``(B, H, W, C_out)``
 with ``C_out = 2·C`` when the variance is learned (ε first, then the variance
 interpolation ``v``).
+
+Mixed precision (``model.dtype="bfloat16"``): parameters stay f32 and are cast where they
+are used, so every matmul takes bf16 operands (bf16 outputs; GPUs and TPUs accumulate bf16
+matmuls in f32), the residual stream and the adaLN shift/scale/gate are bf16, while the
+LayerNorm statistics, the softmax of attention and the output (and so the loss) are f32.
+
+Memory and compile time: ``model.remat`` recomputes each block in the backward pass
+(:func:`remat_policy`); ``model.scan_blocks`` runs the blocks as one ``lax.scan`` over their
+stacked parameters.  The parameter tree is the same either way (``block_<i>/…``): the scan
+stacks the per-block leaves inside the step, so checkpoints, path rules, slicing and
+conversions never see a stacked layout.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,6 +33,7 @@ import numpy as np
 
 from kindjax.archs import resolve_dims
 from kindjax.layers import LinearFactory, make_linear_factory, shared_params
+from kindjax.models.attention import dot_product_attention
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
@@ -57,13 +70,14 @@ class TimestepEmbedder(nn.Module):
     hidden_size: int
     freq_dim: int = 256
     freq_shift: float = 1.0
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
         init = nn.initializers.normal(0.02)
-        h = timestep_embedding(t, self.freq_dim, self.freq_shift)
-        h = nn.Dense(self.hidden_size, kernel_init=init, name="linear_1")(h)
-        return nn.Dense(self.hidden_size, kernel_init=init, name="linear_2")(nn.silu(h))
+        h = timestep_embedding(t, self.freq_dim, self.freq_shift).astype(self.dtype)
+        h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="linear_1")(h)
+        return nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="linear_2")(nn.silu(h))
 
 
 class LabelEmbedder(nn.Module):
@@ -108,12 +122,25 @@ def adaln_kernel_init(adaln_init: str, stds: Sequence[float], hidden: int):
     return init
 
 
+def remat_policy(remat: str) -> Callable | None:
+    """``model.remat`` → the ``jax.checkpoint`` policy of a block: ``block`` keeps only the block's
+    input (``nothing_saveable``: the whole block is recomputed in the backward pass),
+    ``dots_saveable`` keeps every matmul output and recomputes the rest; ``none``: no remat."""
+    policies = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+                "dots_saveable": jax.checkpoint_policies.dots_saveable}
+    if remat not in policies:
+        raise ValueError(f"model.remat={remat!r}: use one of {list(policies)}")
+    return policies[remat]
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q, k, v and output matrices."""
+    """Multi-head self-attention with separate q, k, v and output matrices; ``attention`` is
+    the implementation of ``softmax(q·kᵀ/√h)·v`` (:mod:`kindjax.models.attention`)."""
 
     hidden_size: int
     num_heads: int
     linear: LinearFactory
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array, shared: Any = None) -> jax.Array:
@@ -124,7 +151,7 @@ class Attention(nn.Module):
             return self.linear(role, d, role, shared=shared)(x, y).reshape(b, n, self.num_heads, head_dim)
 
         q, k, v = heads("q"), heads("k"), heads("v")
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = dot_product_attention(q, k, v, self.attention)
         return self.linear("attn_out", d, "attn_out", shared=shared)(out.reshape(b, n, d), y)
 
 
@@ -145,19 +172,22 @@ class DiTBlock(nn.Module):
     norm_eps: float
     mlp_norm_eps: float
     residual_scales: bool = False
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array, y: jax.Array, shared: Any = None) -> jax.Array:
         d = self.hidden_size
         mod = nn.Dense(6 * d, kernel_init=adaln_kernel_init(self.adaln_init, self.adaln_std, d),
-                       bias_init=nn.initializers.zeros, name="adaln_modulation")(nn.silu(c))
+                       bias_init=nn.initializers.zeros, dtype=self.dtype, name="adaln_modulation")(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         if self.residual_scales:
             gate_msa = gate_msa * self.param("gamma_attn", nn.initializers.ones, (d,)).astype(gate_msa.dtype)
             gate_mlp = gate_mlp * self.param("gamma_mlp", nn.initializers.ones, (d,)).astype(gate_mlp.dtype)
-        norm = lambda name, eps: nn.LayerNorm(eps, use_bias=False, use_scale=False, name=name)
+        norm = lambda name, eps: nn.LayerNorm(eps, use_bias=False, use_scale=False, dtype=self.dtype, name=name)
         h = modulate(norm("norm1", self.norm_eps)(x), shift_msa, scale_msa)
-        x = x + gate_msa[:, None] * Attention(d, self.num_heads, self.linear, name="attn")(h, y, shared)
+        attn = Attention(d, self.num_heads, self.linear, self.attention, name="attn")
+        x = x + gate_msa[:, None] * attn(h, y, shared)
         h = modulate(norm("norm2", self.mlp_norm_eps)(x), shift_mlp, scale_mlp)
         h = self.linear("mlp_in", int(d * self.mlp_ratio), "mlp_in", shared=shared)(h, y)
         h = self.linear("mlp_out", d, "mlp_out", shared=shared)(nn.gelu(h, approximate=True), y)
@@ -170,16 +200,17 @@ class FinalLayer(nn.Module):
     patch_size: int
     out_channels: int
     norm_eps: float
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        mod = nn.Dense(2 * d, kernel_init=nn.initializers.zeros, name="adaln_modulation")(nn.silu(c))
+        mod = nn.Dense(2 * d, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                       name="adaln_modulation")(nn.silu(c))
         shift, scale = jnp.split(mod, 2, axis=-1)
-        x = modulate(nn.LayerNorm(self.norm_eps, use_bias=False, use_scale=False, name="norm")(x),
-                     shift, scale)
+        norm = nn.LayerNorm(self.norm_eps, use_bias=False, use_scale=False, dtype=self.dtype, name="norm")
         return nn.Dense(self.patch_size ** 2 * self.out_channels, kernel_init=nn.initializers.zeros,
-                        name="linear")(x)
+                        dtype=self.dtype, name="linear")(modulate(norm(x), shift, scale))
 
 
 class DiT(nn.Module):
@@ -188,7 +219,8 @@ class DiT(nn.Module):
     ``__call__(x, t, y)``: ``x`` noisy images ``(B, H, W, C)``, ``t`` timesteps
     ``(B,)``, ``y`` class ids ``(B,)`` in ``[0, num_classes]`` (the last is the null
     class).  Label dropout for guidance is the trainer's (:func:`drop_labels`), so
-    the module is a pure function of its inputs.
+    the module is a pure function of its inputs.  ``attention``, ``remat`` and ``scan_blocks``
+    change how the blocks run, never the parameters or the values (to rounding).
     """
 
     image_size: int
@@ -208,6 +240,9 @@ class DiT(nn.Module):
     mlp_norm_eps: float = 1e-6
     residual_scales: bool = False
     dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
+    remat: str = "none"
+    scan_blocks: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -222,21 +257,51 @@ class DiT(nn.Module):
                              f"{self.in_channels}), got {x.shape}")
         gh, gw = h // p, w // p
         patches = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
-        tokens = nn.Dense(self.hidden_size, kernel_init=nn.initializers.xavier_uniform(),
+        tokens = nn.Dense(self.hidden_size, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,
                           name="x_embedder")(patches.astype(self.dtype))
         tokens = tokens + sincos_pos_embed_2d(self.hidden_size, gh).astype(self.dtype)[None]
-        cond = (TimestepEmbedder(self.hidden_size, freq_shift=self.timestep_freq_shift, name="t_embedder")(t)
-                + LabelEmbedder(self.num_classes, self.hidden_size, name="y_embedder")(y))
-        cond = cond.astype(self.dtype)
+        t_emb = TimestepEmbedder(self.hidden_size, freq_shift=self.timestep_freq_shift, dtype=self.dtype,
+                                 name="t_embedder")(t)
+        y_emb = LabelEmbedder(self.num_classes, self.hidden_size, name="y_embedder")(y)
+        cond = t_emb + y_emb.astype(self.dtype)
         spec = shared_params(self.linear)
         shared = spec.module(name=spec.name)() if spec is not None else None
-        for i in range(self.depth):
-            tokens = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.linear,
-                              self.adaln_init, tuple(self.adaln_std), self.norm_eps,
-                              self.mlp_norm_eps, self.residual_scales, name=f"block_{i}")(tokens, cond, y, shared)
-        out = FinalLayer(p, self.out_channels, self.norm_eps, name="final_layer")(tokens, cond)
+        block = functools.partial(
+            DiTBlock, self.hidden_size, self.num_heads, self.mlp_ratio, self.linear, self.adaln_init,
+            tuple(self.adaln_std), self.norm_eps, self.mlp_norm_eps, self.residual_scales, self.dtype,
+            self.attention)
+        # The scan reads the blocks' parameters; init (and capturing each block's output) runs the loop.
+        if self.scan_blocks and not self.is_initializing() and not self.is_mutable_collection("intermediates"):
+            per_block = [self.variables["params"][f"block_{i}"] for i in range(self.depth)]
+            tokens = scan_blocks(block(parent=None), per_block, tokens, cond, y, shared, self.remat)
+        else:
+            policy = remat_policy(self.remat)
+            layer = block if policy is None else functools.partial(nn.remat(DiTBlock, policy=policy),
+                                                                    *block.args)
+            for i in range(self.depth):
+                tokens = layer(name=f"block_{i}")(tokens, cond, y, shared)
+        out = FinalLayer(p, self.out_channels, self.norm_eps, self.dtype, name="final_layer")(tokens, cond)
         out = out.reshape(b, gh, gw, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, h, w, self.out_channels).astype(jnp.float32)
+
+
+def stack_blocks(per_block: Sequence[Any]) -> Any:
+    """The blocks' parameter trees stacked leaf by leaf along a new leading axis (the scan's)."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
+
+
+def scan_blocks(block: DiTBlock, per_block: Sequence[Any], tokens: jax.Array, cond: jax.Array, y: jax.Array,
+                shared: Any, remat: str = "none") -> jax.Array:
+    """``x_{l+1} = block(θ_l)(x_l, c, y)`` for ``l = 0…L-1`` as one ``lax.scan`` over the stacked
+    ``θ_l`` (one compiled block instead of ``L``), each step under ``model.remat``'s policy."""
+    def step(x, params):
+        return block.apply({"params": params}, x, cond, y, shared), None
+
+    policy = remat_policy(remat)
+    if policy is not None:
+        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+    out, _ = jax.lax.scan(step, tokens, stack_blocks(per_block))
+    return out
 
 
 def drop_labels(key: jax.Array, y: jax.Array, prob: float, null_class: int) -> jax.Array:
@@ -256,7 +321,8 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
         learn_sigma=m.learn_sigma, adaln_init=m.adaln_init, adaln_std=tuple(m.adaln_std),
         timestep_freq_shift=m.timestep_freq_shift, norm_eps=m.norm_eps, mlp_norm_eps=m.mlp_norm_eps,
         residual_scales=m.get("residual_scales", False),
-        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)
+        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
+        attention=m.get("attention", "xla"), remat=m.get("remat", "none"), scan_blocks=m.get("scan_blocks", False))
 
 
 def _dummy_inputs(model: DiT) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:

@@ -43,12 +43,13 @@ LOGVAR_RANGE = (-30.0, 20.0)
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def _group_norm(groups: int, name: str) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False, name=name)
+def _group_norm(groups: int, name: str, dtype: jnp.dtype) -> nn.GroupNorm:
+    """GroupNorm whose statistics are f32 whatever ``dtype`` (Flax reduces in at least f32)."""
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def _conv3x3(features: int, name: str) -> nn.Conv:
-    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), name=name)
+def _conv3x3(features: int, name: str, dtype: jnp.dtype) -> nn.Conv:
+    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -56,13 +57,14 @@ class ResnetBlock(nn.Module):
 
     features: int
     groups: int
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _conv3x3(self.features, "conv1")(nn.silu(_group_norm(self.groups, "norm1")(x)))
-        h = _conv3x3(self.features, "conv2")(nn.silu(_group_norm(self.groups, "norm2")(h)))
+        h = _conv3x3(self.features, "conv1", self.dtype)(nn.silu(_group_norm(self.groups, "norm1", self.dtype)(x)))
+        h = _conv3x3(self.features, "conv2", self.dtype)(nn.silu(_group_norm(self.groups, "norm2", self.dtype)(h)))
         if x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), name="conv_shortcut")(x)
+            x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
         return x + h
 
 
@@ -70,40 +72,45 @@ class AttentionBlock(nn.Module):
     """``x + W_o·softmax(q kᵀ/√C)·v`` over the H·W positions, one head; q, k, v = W·GN(x) + b."""
 
     groups: int
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hgt, wid, c = x.shape
-        h = _group_norm(self.groups, "group_norm")(x).reshape(b, hgt * wid, 1, c)
-        q, k, v = (nn.Dense(c, name=n)(h) for n in ("to_q", "to_k", "to_v"))
+        h = _group_norm(self.groups, "group_norm", self.dtype)(x).reshape(b, hgt * wid, 1, c)
+        q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h) for n in ("to_q", "to_k", "to_v"))
         out = jax.nn.dot_product_attention(q, k, v)
-        return x + nn.Dense(c, name="to_out_0")(out).reshape(b, hgt, wid, c)
+        return x + nn.Dense(c, dtype=self.dtype, name="to_out_0")(out).reshape(b, hgt, wid, c)
 
 
 class Downsample(nn.Module):
     """Zero-pad one row (bottom) and one column (right), then a 3×3 stride-2 valid conv."""
 
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="VALID", name="conv")(x)
+        return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype, name="conv")(x)
 
 
 class Upsample(nn.Module):
     """Nearest-neighbour ×2, then a 3×3 conv."""
 
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv3x3(x.shape[-1], "conv")(x)
+        return _conv3x3(x.shape[-1], "conv", self.dtype)(x)
 
 
-def _mid_block(x: jax.Array, features: int, groups: int, attention: bool) -> jax.Array:
+def _mid_block(x: jax.Array, features: int, groups: int, attention: bool, dtype: jnp.dtype) -> jax.Array:
     """ResNet → (attention) → ResNet, created as ``mid_block_*`` in the calling compact module."""
-    x = ResnetBlock(features, groups, name="mid_block_resnets_0")(x)
+    x = ResnetBlock(features, groups, dtype, name="mid_block_resnets_0")(x)
     if attention:
-        x = AttentionBlock(groups, name="mid_block_attentions_0")(x)
-    return ResnetBlock(features, groups, name="mid_block_resnets_1")(x)
+        x = AttentionBlock(groups, dtype, name="mid_block_attentions_0")(x)
+    return ResnetBlock(features, groups, dtype, name="mid_block_resnets_1")(x)
 
 
 class Encoder(nn.Module):
@@ -114,19 +121,20 @@ class Encoder(nn.Module):
     groups: int
     out_features: int
     mid_attention: bool
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _conv3x3(self.block_out_channels[0], "conv_in")(x)
+        h = _conv3x3(self.block_out_channels[0], "conv_in", self.dtype)(x)
         last = len(self.block_out_channels) - 1
         for i, ch in enumerate(self.block_out_channels):
             for j in range(self.layers_per_block):
-                h = ResnetBlock(ch, self.groups, name=f"down_blocks_{i}_resnets_{j}")(h)
+                h = ResnetBlock(ch, self.groups, self.dtype, name=f"down_blocks_{i}_resnets_{j}")(h)
             if i < last:
-                h = Downsample(name=f"down_blocks_{i}_downsamplers_0")(h)
-        h = _mid_block(h, self.block_out_channels[-1], self.groups, self.mid_attention)
-        h = nn.silu(_group_norm(self.groups, "conv_norm_out")(h))
-        return _conv3x3(self.out_features, "conv_out")(h)
+                h = Downsample(self.dtype, name=f"down_blocks_{i}_downsamplers_0")(h)
+        h = _mid_block(h, self.block_out_channels[-1], self.groups, self.mid_attention, self.dtype)
+        h = nn.silu(_group_norm(self.groups, "conv_norm_out", self.dtype)(h))
+        return _conv3x3(self.out_features, "conv_out", self.dtype)(h)
 
 
 class Decoder(nn.Module):
@@ -137,26 +145,29 @@ class Decoder(nn.Module):
     groups: int
     out_features: int
     mid_attention: bool
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
-        h = _conv3x3(self.block_out_channels[-1], "conv_in")(z)
-        h = _mid_block(h, self.block_out_channels[-1], self.groups, self.mid_attention)
+        h = _conv3x3(self.block_out_channels[-1], "conv_in", self.dtype)(z)
+        h = _mid_block(h, self.block_out_channels[-1], self.groups, self.mid_attention, self.dtype)
         last = len(self.block_out_channels) - 1
         for i, ch in enumerate(reversed(self.block_out_channels)):
             for j in range(self.layers_per_block + 1):
-                h = ResnetBlock(ch, self.groups, name=f"up_blocks_{i}_resnets_{j}")(h)
+                h = ResnetBlock(ch, self.groups, self.dtype, name=f"up_blocks_{i}_resnets_{j}")(h)
             if i < last:
-                h = Upsample(name=f"up_blocks_{i}_upsamplers_0")(h)
-        h = nn.silu(_group_norm(self.groups, "conv_norm_out")(h))
-        return _conv3x3(self.out_features, "conv_out")(h)
+                h = Upsample(self.dtype, name=f"up_blocks_{i}_upsamplers_0")(h)
+        h = nn.silu(_group_norm(self.groups, "conv_norm_out", self.dtype)(h))
+        return _conv3x3(self.out_features, "conv_out", self.dtype)(h)
 
 
 class AutoencoderKL(nn.Module):
     """KL autoencoder: ``encode(x) = (mean, logvar)`` of q(z|x) = N(mean, exp(logvar)), ``decode(z)``.
 
     Images are NHWC in [-1, 1]; the latent side is the image side / 2^(levels − 1).
-    ``__call__`` decodes the posterior mean (used to initialise parameters).
+    ``__call__`` decodes the posterior mean (used to initialise parameters).  ``dtype``: the
+    compute dtype of the convolutions and matmuls (parameters f32, norm statistics f32,
+    outputs returned in f32).
     """
 
     in_channels: int = 3
@@ -168,16 +179,17 @@ class AutoencoderKL(nn.Module):
     mid_block_add_attention: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
+    dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
         arch = dict(block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
-                    groups=self.norm_num_groups, mid_attention=self.mid_block_add_attention)
+                    groups=self.norm_num_groups, mid_attention=self.mid_block_add_attention, dtype=self.dtype)
         self.encoder = Encoder(out_features=2 * self.latent_channels, **arch)
         self.decoder = Decoder(out_features=self.out_channels, **arch)
         if self.use_quant_conv:
-            self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1))
+            self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1), dtype=self.dtype)
         if self.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1))
+            self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), dtype=self.dtype)
 
     @property
     def downsample_factor(self) -> int:
@@ -185,17 +197,18 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Posterior moments ``(mean, logvar)``, each (B, h, w, latent_channels); logvar ∈ [-30, 20]."""
-        moments = self.encoder(x)
+        moments = self.encoder(x.astype(self.dtype))
         if self.use_quant_conv:
             moments = self.quant_conv(moments)
-        mean, logvar = jnp.split(moments, 2, axis=-1)
+        mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
         return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Image (B, h·f, w·f, out_channels) of latent ``z`` (unscaled: divide by the scale first)."""
+        z = z.astype(self.dtype)
         if self.use_post_quant_conv:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(z).astype(jnp.float32)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.decode(self.encode(x)[0])
@@ -326,12 +339,13 @@ def _resolve(path: str) -> tuple[str, str | None]:
         f"or the .safetensors file itself")
 
 
-def load_vae(path: str) -> PretrainedVAE:
+def load_vae(path: str, dtype: str = "float32") -> PretrainedVAE:
     """Loads a diffusers ``AutoencoderKL`` from ``path`` without PyTorch.
 
     ``path``: a directory with ``config.json`` and ``diffusion_pytorch_model.safetensors``
     (or a pipeline snapshot with them in ``vae/``), or a ``.safetensors`` file — then the
-    ``config.json`` beside it, else :data:`SD_VAE_CONFIG`, gives the architecture.
+    ``config.json`` beside it, else :data:`SD_VAE_CONFIG`, gives the architecture.  ``dtype``: the
+    compute dtype (``config.vae.compute_dtype``; parameters stay f32).
     """
     from safetensors.numpy import load_file
 
@@ -341,7 +355,7 @@ def load_vae(path: str) -> PretrainedVAE:
     else:
         with open(config_path) as f:
             config = json.load(f)
-    model = autoencoder_from_diffusers_config(config)
+    model = autoencoder_from_diffusers_config(config).clone(dtype=jnp.dtype(dtype))
     params = params_from_diffusers(load_file(weights), model)
     return PretrainedVAE(model=model, params=params, scaling_factor=float(config.get("scaling_factor", 0.18215)),
                          config=config, path=os.path.abspath(path))

@@ -1,0 +1,138 @@
+"""Scaled dot-product attention ``softmax(q·kᵀ/√h)·v`` with a choice of implementation.
+
+``config.model.attention`` (checked by :func:`kindjax.config.validate`):
+
+- ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``; in bf16 the two matmuls take
+  bf16 operands (the scores' gradient uses the ``BF16_BF16_F32`` dot algorithm) and the softmax
+  runs in f32.  Writes out the full ``(B, heads, N, N)`` score matrix.
+- ``cudnn``: cuDNN's fused flash attention (``implementation="cudnn"``), GPU only, bf16/fp16
+  inputs, head dim ≤ 128 and a multiple of 8.
+- ``pallas``: the Pallas TPU splash-attention kernel (``jax.experimental.pallas.ops.tpu``), with
+  the head dim and the token count zero-padded to multiples of 128 (the padded keys masked out).
+  Off a TPU the kernel runs in Pallas's interpret mode: correct but slow, for tests.  One device
+  per kernel call: under a multi-device ``jit`` it is not wrapped in ``shard_map``.
+- ``auto``: :func:`resolve` — cuDNN on a GPU when the dtype and head dim allow it, splash on a
+  TPU, otherwise ``xla``.
+
+:func:`check_against_xla` compares one implementation with the XLA path on random inputs
+(outputs and gradients); the GPU device check calls it for ``cudnn``.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kindjax.config import ATTENTION_IMPLEMENTATIONS
+
+#: TPU lane width: splash attention tiles the head dim and the tokens in multiples of it.
+LANES = 128
+
+
+def cudnn_supports(dtype: jnp.dtype, head_dim: int) -> bool:
+    """cuDNN flash attention's limits: fp16/bf16 inputs, head dim ≤ 128 and a multiple of 8."""
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim <= 128 \
+        and head_dim % 8 == 0
+
+
+def resolve(implementation: str, dtype: jnp.dtype, head_dim: int, platform: str | None = None) -> str:
+    """The implementation ``auto`` stands for on ``platform`` (default: JAX's backend), else
+    ``implementation`` itself after checking it can run there."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"model.attention={implementation!r}: use one of {list(ATTENTION_IMPLEMENTATIONS)}")
+    platform = platform or jax.default_backend()
+    if implementation == "auto":
+        if platform == "gpu" and cudnn_supports(dtype, head_dim):
+            return "cudnn"
+        return "pallas" if platform == "tpu" else "xla"
+    if implementation == "cudnn":
+        if platform != "gpu":
+            raise ValueError(f"model.attention='cudnn' needs a GPU, but JAX runs on {platform!r}; "
+                             f"use 'auto' or 'xla'")
+        if not cudnn_supports(dtype, head_dim):
+            raise ValueError(f"model.attention='cudnn' needs bfloat16/float16 inputs and a head dim ≤ 128 "
+                             f"divisible by 8, got {jnp.dtype(dtype).name} and head dim {head_dim}; "
+                             f"set model.dtype='bfloat16' or use 'auto'")
+    if implementation == "pallas" and platform == "gpu":
+        raise ValueError("model.attention='pallas' is the TPU splash kernel; on a GPU use 'cudnn' or 'auto'")
+    return implementation
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(tokens: int, padded: int, heads: int, interpret: bool):
+    """A splash-attention kernel over ``(heads, padded, h)``: every query sees the first ``tokens`` keys."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    visible = np.zeros((padded, padded), bool)
+    visible[:, :tokens] = True
+    mask = splash.MultiHeadMask([splash.NumpyMask(visible) for _ in range(heads)])
+    block = min(padded, 512)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                              block_kv_dq=block)
+    return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool | None = None) -> jax.Array:
+    """Splash attention for ``(B, N, heads, h)`` inputs: ``q`` pre-scaled by ``1/√h``, ``h`` and ``N``
+    zero-padded to multiples of :data:`LANES` (zero head-dim columns change no score; padded keys are
+    masked out, padded queries sliced off).  ``interpret``: default off a TPU only."""
+    b, n, heads, h = q.shape
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    padded_n, padded_h = _round_up(n, LANES), _round_up(h, LANES)
+    q = q * jnp.asarray(h ** -0.5, q.dtype)
+
+    def layout(x):   # (B, N, heads, h) → (B, heads, N', h')
+        return jnp.pad(x, ((0, 0), (0, padded_n - n), (0, 0), (0, padded_h - h))).transpose(0, 2, 1, 3)
+
+    kernel = _splash_kernel(n, padded_n, heads, interpret)
+    out = jax.vmap(kernel)(layout(q), layout(k), layout(v))
+    return out.transpose(0, 2, 1, 3)[:, :n, :, :h].astype(q.dtype)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla",
+                          interpret: bool | None = None) -> jax.Array:
+    """``softmax(q·kᵀ/√h)·v`` per head for ``(B, N, heads, h)`` inputs, by ``implementation``
+    (``auto`` resolved by :func:`resolve`); the output has ``q``'s shape and dtype."""
+    chosen = resolve(implementation, q.dtype, q.shape[-1])
+    if chosen == "pallas":
+        return splash_attention(q, k, v, interpret)
+    if chosen == "cudnn" and implementation == "auto":
+        try:   # an old cuDNN (or none) refuses at trace time: fall back to XLA
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        except (RuntimeError, NotImplementedError, ValueError):
+            chosen = "xla"
+    return jax.nn.dot_product_attention(q, k, v, implementation=chosen)
+
+
+def check_against_xla(implementation: str, shape: tuple[int, int, int, int] = (2, 256, 16, 72),
+                      dtype: jnp.dtype = jnp.bfloat16, seed: int = 0, atol: float | None = None,
+                      interpret: bool | None = None) -> dict[str, float]:
+    """Max abs differences of ``implementation``'s output and gradients (w.r.t. q, k, v of
+    ``sum(out · w)`` for a random ``w``) from the XLA path's, on N(0, 1) inputs of ``shape``
+    ``(B, N, heads, h)`` (DiT-XL/2's by default).  Raises ``AssertionError`` beyond ``atol``
+    (default 2e-2 for bf16/fp16 — a few bf16 ulps of O(1) values —, 2e-5 for f32)."""
+    atol = atol if atol is not None else (2e-5 if jnp.dtype(dtype) == jnp.float32 else 2e-2)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q, k, v = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys[:3])
+    w = jax.random.normal(keys[3], shape, jnp.float32)
+
+    def run(impl):
+        def loss(q, k, v):
+            return jnp.sum(dot_product_attention(q, k, v, impl, interpret).astype(jnp.float32) * w)
+        out = dot_product_attention(q, k, v, impl, interpret)
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        return [np.asarray(a.astype(jnp.float32)) for a in (out, *grads)]
+
+    errors = {name: float(np.max(np.abs(a - b)))
+              for name, a, b in zip(("out", "dq", "dk", "dv"), run(implementation), run("xla"))}
+    bad = {name: e for name, e in errors.items() if not e <= atol}
+    if bad:
+        raise AssertionError(f"attention {implementation!r} differs from XLA beyond {atol}: {bad}")
+    return errors

@@ -1,0 +1,69 @@
+"""``model.attention``: every implementation equals the XLA path; ``auto`` picks by platform, dtype
+and head dim.  Pallas (the TPU splash kernel) runs here in Pallas's interpret mode on the CPU;
+cuDNN needs a GPU (``kindjax.models.attention.check_against_xla("cudnn")`` in the device check)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from kindjax import build_model
+from kindjax.config import ConfigError, validate
+from kindjax.models import attention
+
+
+def test_pallas_splash_equals_xla_in_interpret_mode():
+    """DiT-like shape with an odd token count and head dim (both padded to 128): f32 and bf16,
+    outputs and gradients w.r.t. q, k, v."""
+    f32 = attention.check_against_xla("pallas", shape=(1, 20, 2, 24), dtype=jnp.float32, interpret=True)
+    assert max(f32.values()) > 0      # a different kernel, not the same code path
+    attention.check_against_xla("pallas", shape=(1, 20, 2, 24), dtype=jnp.bfloat16, interpret=True)
+
+
+def test_check_against_xla_fails_on_a_wrong_kernel(monkeypatch):
+    """The check can fail: a kernel that forgets the 1/√h scale is caught."""
+    real = attention.splash_attention
+    monkeypatch.setattr(attention, "splash_attention", lambda q, k, v, interpret: real(q * 8 ** 0.5, k, v, interpret))
+    with pytest.raises(AssertionError, match="differs from XLA"):
+        attention.check_against_xla("pallas", shape=(1, 16, 1, 8), dtype=jnp.float32, interpret=True)
+
+
+@pytest.mark.parametrize("platform,dtype,head_dim,expected", [
+    ("gpu", jnp.bfloat16, 72, "cudnn"), ("gpu", jnp.float32, 72, "xla"), ("gpu", jnp.bfloat16, 256, "xla"),
+    ("gpu", jnp.bfloat16, 36, "xla"), ("tpu", jnp.bfloat16, 72, "pallas"), ("tpu", jnp.float32, 64, "pallas"),
+    ("cpu", jnp.bfloat16, 64, "xla")])
+def test_auto_picks_by_platform_dtype_and_head_dim(platform, dtype, head_dim, expected):
+    assert attention.resolve("auto", dtype, head_dim, platform) == expected
+
+
+@pytest.mark.parametrize("implementation,platform,dtype,message", [
+    ("cudnn", "cpu", jnp.bfloat16, "needs a GPU"), ("cudnn", "gpu", jnp.float32, "bfloat16"),
+    ("pallas", "gpu", jnp.bfloat16, "TPU splash"), ("flash", "cpu", jnp.float32, "use one of")])
+def test_impossible_choices_are_refused(implementation, platform, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        attention.resolve(implementation, dtype, 64, platform)
+
+
+def test_config_checks_attention_and_remat():
+    for key, value, message in [("attention", "flash", "model.attention"), ("remat", "full", "model.remat"),
+                                ("attention", "cudnn", "bfloat16")]:
+        config = tiny_config()
+        config.model[key] = value
+        with pytest.raises(ConfigError, match=message):
+            validate(config, 1)
+
+
+@pytest.mark.slow   # ~10 s of Pallas interpret mode on an idle 2-core machine
+def test_dit_with_pallas_attention_equals_xla():
+    """The model's attention setting reaches the blocks: splash (interpret) and XLA give one output."""
+    config = tiny_config()
+    model = build_model(config)
+    params = jax.jit(lambda k: model.init(k, jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32),
+                                          jnp.zeros((2,), jnp.int32)))(jax.random.key(0))["params"]
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(3), a.shape), params)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    t, y = jnp.array([10, 900]), jnp.array([1, 10])
+    config.model.attention = "pallas"
+    pallas = build_model(config)
+    np.testing.assert_allclose(jax.jit(pallas.apply)({"params": params}, x, t, y),
+                               jax.jit(model.apply)({"params": params}, x, t, y), atol=1e-5)
