@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 from conftest import ROOT
 from kindjax.distributed import Accelerators, init_arguments
@@ -226,3 +228,62 @@ def test_tpu_pod_needs_its_settings(tmp_path):
     env = install_fakes(tmp_path, ZONE="z", WORKDIR="gs://b/r")
     result = subprocess.run(["launch/tpu_pod.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "TPU_NAME" in result.stderr and not calls(tmp_path)
+
+
+def check_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as one GPU
+    env.update({"JAX_PLATFORMS": "cpu", "PYTHON": sys.executable, **extra})
+    return env
+
+
+@pytest.mark.slow
+def test_device_check_writes_the_figures_and_logs(tmp_path):
+    """The GPU script, run on the CPU with the tiny sizes: the JSON, the logs, the exit status."""
+    out = tmp_path / "out"
+    result = subprocess.run(["launch/device_check.sh", str(out), "--accel_size", "tiny", "--accel_steps", "1",
+                             "--accel_sample_steps", "1"], cwd=ROOT, env=check_env(KINDJAX_CHECK_PLATFORM="cpu"),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr + (out / "bench.log").read_text()[-3000:]
+    figures = json.loads((out / "accelerator.json").read_text())
+    assert figures["suite"] == "accelerator" and figures["num_devices"] == 1
+    assert figures["train"][0]["step_s"] > 0 and figures["sampling"]["steps"] == 1
+    assert json.loads((out / "bench.log").read_text().strip().splitlines()[-1]) == figures
+    assert "jax 0.10.2" in (out / "environment.txt").read_text()
+    assert (out / "attention.log").exists() and "bench exit 0" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize("last_line, bench_rc, want_rc", [('{"suite": "accelerator", "num_devices": 1}', 0, 0),
+                                                          ("Traceback: out of time", 124, 124),
+                                                          ("not the figures", 0, 1)])
+def test_device_check_plumbing(tmp_path, last_line, bench_rc, want_rc):
+    """The script around the bench (the bench itself: tests/test_bench.py): flags passed on, the last line
+    kept as accelerator.json, the bench's exit status returned, a run without figures an error."""
+    fake = tmp_path / "python"
+    fake.write_text(f'''#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "kindjax.bench" ]; then
+  echo "$@" > {tmp_path}/bench_args; echo "measuring"; echo '{last_line}'; exit {bench_rc}
+fi
+exec {sys.executable} "$@"
+''')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    result = subprocess.run(["launch/device_check.sh", str(out), "--accel_steps", "3"], cwd=ROOT, text=True,
+                            env=check_env(KINDJAX_CHECK_PLATFORM="cpu", PYTHON=str(fake)), capture_output=True,
+                            timeout=300)
+    assert result.returncode == want_rc, result.stdout + result.stderr
+    assert (tmp_path / "bench_args").read_text().split() == ["-m", "kindjax.bench", "--suite", "accelerator",
+                                                             "--accel_steps", "3"]
+    assert (out / "bench.log").read_text().splitlines() == ["measuring", last_line]
+    assert f"bench exit {want_rc}" in (out / "summary.txt").read_text()
+    if want_rc == 0:
+        assert json.loads((out / "accelerator.json").read_text()) == json.loads(last_line)
+    else:
+        assert not (out / "accelerator.json").exists()
+
+
+def test_device_check_refuses_a_cpu_only_jax(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(["launch/device_check.sh", str(out)], cwd=ROOT, env=check_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "JAX does not run on the gpu" in result.stderr
+    assert not (out / "bench.log").exists()
