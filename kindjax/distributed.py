@@ -8,7 +8,8 @@ of the environment variables and of the accelerators the machine has (:class:`Ac
   ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (kindjax's names), or from SLURM / Open MPI.
 - a Cloud TPU VM: JAX finds the pod itself: ``gketpu`` where GKE sets ``TPU_WORKER_HOSTNAMES`` (or
   ``TPU_PROCESS_ADDRESSES``), ``gcetpu`` (the VM's metadata server) elsewhere. Called on a one-host
-  TPU VM too (it then forms a one-process job).
+  TPU VM too (it then forms a one-process job); ``TPU_SKIP_MDS_QUERY`` set (JAX's own "no metadata
+  server here", e.g. a TPU outside GCE) means one process.
 - SLURM (``srun`` with more than one task): coordinator, count and id from SLURM; the GPUs of a node
   are split among its tasks: ``launch/gpu_slurm.sh`` starts one task per GPU
   (``--ntasks-per-node=8 --gpus-per-node=8``: task ``SLURM_LOCALID`` takes GPU ``SLURM_LOCALID``);
@@ -113,7 +114,7 @@ def init_arguments(env: Mapping[str, str], accelerators: Accelerators) -> dict[s
                              "them on every process (or unset JAX_COORDINATOR_ADDRESS for a one-process run)")
     else:
         args = {}
-    if accelerators.tpus and not (slurm or mpi):
+    if accelerators.tpus and not (slurm or mpi) and "TPU_SKIP_MDS_QUERY" not in env:
         gke = "TPU_WORKER_HOSTNAMES" in env or "TPU_PROCESS_ADDRESSES" in env
         return {**args, "cluster_detection_method": "gketpu" if gke else "gcetpu"}
     if slurm:
@@ -141,7 +142,7 @@ def cpu_fallback_warning(platform: str, accelerators: Accelerators, env: Mapping
     """The warning for JAX running on ``platform`` "cpu" while the machine has GPUs or TPUs, naming
     the install that fixes it; None when JAX uses the accelerator or ``JAX_PLATFORMS`` asks for the
     CPU on purpose."""
-    if platform != "cpu" or "cpu" in env.get("JAX_PLATFORMS", "").lower().split(","):
+    if platform != "cpu" or env.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
         return None
     kind = "tpu" if accelerators.tpus else "gpu" if accelerators.gpus else None
     if kind is None:

@@ -55,6 +55,7 @@ def test_one_host_does_not_initialize():
 def test_gce_tpu_vm_finds_the_pod_from_metadata():
     """No TPU_WORKER_HOSTNAMES on GCE: JAX must be asked to initialize (it reads the metadata server)."""
     assert init_arguments({}, TPU_VM) == {"cluster_detection_method": "gcetpu"}
+    assert init_arguments({"TPU_SKIP_MDS_QUERY": "1"}, TPU_VM) is None   # no metadata server: one process
 
 
 def test_gke_finds_the_pod_from_worker_hostnames():
@@ -166,6 +167,7 @@ def test_cpu_fallback_warning_names_the_install():
     assert distributed.cpu_fallback_warning("tpu", TPU_VM, {}) is None
     assert distributed.cpu_fallback_warning("cpu", Accelerators(), {}) is None    # nothing to use
     assert distributed.cpu_fallback_warning("cpu", GPU_NODE, {"JAX_PLATFORMS": "cpu"}) is None   # asked for
+    assert "'.[cuda]'" in distributed.cpu_fallback_warning("cpu", GPU_NODE, {"JAX_PLATFORMS": "cuda,cpu"})
 
 
 def test_training_start_warns_when_a_gpu_sits_idle(monkeypatch, capsys, tmp_path):
