@@ -125,7 +125,7 @@ def init_arguments(env: Mapping[str, str], accelerators: Accelerators) -> dict[s
         ids = local_gpu_ids(visible_gpus(env, accelerators), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1),
                             _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0), bound=False)
         return {**args, "cluster_detection_method": "ompi", "local_device_ids": ids}
-    return args or None
+    return None
 
 
 def initialize() -> None:
