@@ -2,6 +2,7 @@
 
     python -m kindjax.bench [--arch S --patch 2 --image_size 32 --channels 4 --batch 8]
     python -m kindjax.bench --suite loader [--loader_images 50000 ...]   (kindjax.bench_loader)
+    python -m kindjax.bench --suite accelerator    (kindjax.bench_accelerator: DiT-XL/2 bf16, MFU)
 
 Every step is one full optimizer step, timed to completion (``block_until_ready``;
 ``torch.cuda.synchronize`` for torch on a GPU).  All steps are compiled (or, for
@@ -38,19 +39,16 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from kindjax import bench_loader, cli
+from kindjax import bench_accelerator, bench_loader, cli
 from kindjax import params as param_rules
 from kindjax.config import base_config, validate
 from kindjax.diffusion import GaussianDiffusion
 from kindjax.layers.kind import kind_config
 from kindjax.archs import DIT_ARCHS, resolve_dims
+from kindjax.bench_accelerator import forward_flops, peak_flops
 from kindjax.models.dit import DiT, build_model
 from kindjax.train.optimizer import make_optimizer
 from kindjax.train.trainer import init_state, train_step
-
-#: Peak dense bf16 FLOP/s by a substring of ``jax.Device.device_kind`` (first match wins).
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("v5p", 459e12), ("v4", 275e12))
 
 Runner = Callable[[], None]
 
@@ -84,6 +82,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines one absl flag per :class:`Options` field in ``flag_values`` (called only when
     the module runs as a program, or by a test on its own ``FlagValues``)."""
     d, fv = Options(), dict(flag_values=flag_values)
+    flags.DEFINE_enum("suite", "step", ["step", "loader", "accelerator"], "step: the options below; loader: "
+                      "kindjax.bench_loader (its --loader_* flags); accelerator: kindjax.bench_accelerator "
+                      "(its --accel_* flags).", **fv)
     flags.DEFINE_enum("arch", d.arch, ["", *DIT_ARCHS], "DiT size, or '' for --hidden_size/--depth/--num_heads.", **fv)
     flags.DEFINE_integer("hidden_size", d.hidden_size, "Hidden size (with --arch '').", **fv)
     flags.DEFINE_integer("depth", d.depth, "Blocks (with --arch '').", **fv)
@@ -166,25 +167,6 @@ def jax_runner(config: ml_collections.ConfigDict, state: Any, seed: int = 0) -> 
 
 def shapes_of(tree: Any) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-
-
-def forward_flops(model: DiT, param_shapes: Any, batch: int) -> float:
-    """FLOPs (2 per multiply-add) of one forward pass on ``batch`` images, from XLA's cost analysis.
-
-    Counts the HLO of the traced forward: every matmul and attention product, plus
-    the (small) elementwise work of norms, activations and softmax.
-    """
-    x = jax.ShapeDtypeStruct((batch, model.image_size, model.image_size, model.in_channels), jnp.float32)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    lowered = jax.jit(model.apply).lower({"params": param_shapes}, x, labels, labels)
-    return float(lowered.cost_analysis()["flops"])
-
-
-def peak_flops(device: jax.Device) -> float | None:
-    """The chip's peak dense bf16 FLOP/s, or None for CPUs and unknown chips."""
-    if device.platform == "cpu":
-        return None
-    return next((peak for name, peak in PEAK_BF16_FLOPS if name in device.device_kind), None)
 
 
 def torch_runner(config: ml_collections.ConfigDict, device: str, seed: int = 0) -> tuple[Runner, int]:
@@ -331,15 +313,18 @@ def run(options: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     """Runs the benchmark the flags describe."""
     del argv
+    log = functools.partial(print, flush=True)
     if flags.FLAGS.suite == "loader":
-        bench_loader.run(bench_loader.options_from_flags(), functools.partial(print, flush=True))
+        bench_loader.run(bench_loader.options_from_flags(), log)
+    elif flags.FLAGS.suite == "accelerator":
+        bench_accelerator.run(bench_accelerator.options_from_flags(), log,
+                              torch_step=lambda config: torch_runner(config, torch_device()))
     else:
-        run(options_from_flags(), functools.partial(print, flush=True))
+        run(options_from_flags(), log)
 
 
 if __name__ == "__main__":
-    flags.DEFINE_enum("suite", "step", ["step", "loader"], "step: the train step (this module); loader: the "
-                      "latent loader (kindjax.bench_loader).")
     define_flags()
     bench_loader.define_flags()
+    bench_accelerator.define_flags()
     cli.run(main, "bench")

@@ -99,7 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
         # job="kind_transfer": after pre-training on data.classes, transfer the learngene
         # (frozen) to `classes` with fresh tailors, and recombine `recombine_classes`.
         transfer=dict(classes=(), num_steps=1000, lr=1e-3, recombine_classes=()),
-        mesh=dict(data=-1, fsdp=1),   # -1: all remaining devices
+        mesh=dict(data=-1, fsdp=1,    # -1: all remaining devices
+                  dcn_data=1),        # slices (TPU multislice) or nodes (GPU) the data axis spans: the
+                                      # outer part of `data` crosses the slow network (kindjax.sharding)
         sample=dict(sampler="ddpm", num_steps=250, cfg_scale=1.5, ddim_eta=0.0, grid_per_class=4,
                     clip_denoised=False),   # True for pixel-space data in [-1, 1]
         # python -m kindjax.evaluate: samples as an ADM .npz, then FID/sFID/IS/precision/recall
@@ -175,6 +177,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(t.batch_size > 0 and t.batch_size % num_devices == 0,
              f"train.batch_size={t.batch_size} is not divisible by the {num_devices} devices of the mesh "
              f"(data×fsdp); use a multiple of {num_devices}")
+    _require(config.mesh.dcn_data >= 1 and (config.mesh.data == -1 or config.mesh.data % config.mesh.dcn_data == 0),
+             f"mesh.dcn_data={config.mesh.dcn_data} must be ≥ 1 and divide mesh.data={config.mesh.data} "
+             f"(the number of slices or nodes)")
     _require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     _require(t.num_steps > 0, f"train.num_steps={t.num_steps} must be positive")
     for key in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints"):

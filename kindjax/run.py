@@ -14,6 +14,7 @@ import jax
 import ml_collections
 
 from kindjax.config import ConfigError, validate
+from kindjax.distributed import warn_if_cpu_fallback
 from kindjax.data import make_dataset
 from kindjax.evaluation.digits_report import evaluate_digits, evaluate_kind_digits
 from kindjax.models.dit import abstract_params, build_model
@@ -82,6 +83,7 @@ def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict |
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    warn_if_cpu_fallback()
     if config.job == "kind_transfer":
         validate(config, jax.device_count())
         run_kind_transfer(config, workdir)

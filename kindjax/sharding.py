@@ -1,7 +1,9 @@
 """Device mesh and parameter sharding rules (``jax.jit`` + ``NamedSharding``).
 
 Mesh axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallel, with
-parameters and optimizer state sharded).  The batch is split over both axes.
+parameters and optimizer state sharded), laid out by ``jax.experimental.mesh_utils``; with
+``mesh.dcn_data`` > 1 the ``data`` axis is split into that many outer blocks (TPU slices, or
+GPU nodes) joined by the data-centre network, and ``fsdp`` stays inside one.  The batch is split over both axes.
 Rule for every array of the train state (parameters, EMA, optimizer moments):
 a leaf with at least ``min_size`` elements is split over ``fsdp`` along its
 largest axis that the ``fsdp`` size divides; every other leaf is replicated.
@@ -15,7 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
@@ -39,10 +41,46 @@ def mesh_shape(num_devices: int, data: int, fsdp: int) -> tuple[int, int]:
     return data, fsdp
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Any = None) -> Mesh:
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    shape = mesh_shape(devices.size, data, fsdp)
-    return Mesh(devices.reshape(shape), ("data", "fsdp"))
+def dcn_granules(devices: list[Any], dcn_data: int) -> list[list[Any]]:
+    """``devices`` split into the ``dcn_data`` groups joined by the slow network (DCN): TPU slices
+    (``slice_index``) where the devices span several, else equal blocks of consecutive processes
+    (the nodes of a SLURM job: ``srun`` numbers the tasks of a node consecutively)."""
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    processes = sorted({d.process_index for d in devices})
+
+    def granule(device: Any) -> int:
+        if len(slices) > 1:
+            return slices.index(getattr(device, "slice_index", 0))
+        return processes.index(device.process_index) * dcn_data // len(processes)
+
+    granules: dict[int, list[Any]] = {}
+    for device in devices:
+        granules.setdefault(granule(device), []).append(device)
+    sizes = {len(g) for g in granules.values()}
+    if len(granules) != dcn_data or len(sizes) != 1:
+        raise ValueError(f"config.mesh.dcn_data={dcn_data}, but the devices form {len(granules)} group(s) of "
+                         f"sizes {sorted(len(g) for g in granules.values())} (TPU slices, or nodes of processes); "
+                         f"set config.mesh.dcn_data to the number of slices or nodes (1: one)")
+    return [granules[k] for k in sorted(granules)]
+
+
+def device_grid(devices: list[Any], data: int, fsdp: int, dcn_data: int = 1) -> np.ndarray:
+    """The ``(data, fsdp)`` array of devices, laid out by ``jax.experimental.mesh_utils`` for the
+    interconnect: ``fsdp`` (and the inner part of ``data``) inside one slice or node, the
+    ``data`` axis split into ``dcn_data`` outer blocks, one per slice or node."""
+    if data % dcn_data:
+        raise ValueError(f"config.mesh.dcn_data={dcn_data} does not divide the data axis of {data} devices")
+    blocks = [mesh_utils.create_device_mesh((data // dcn_data, fsdp), granule, allow_split_physical_axes=True)
+              for granule in (dcn_granules(devices, dcn_data) if dcn_data > 1 else [devices])]
+    return np.concatenate(blocks, axis=0)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Any = None, dcn_data: int = 1) -> Mesh:
+    """The ``("data", "fsdp")`` mesh over ``devices`` (all of the job's by default) with the
+    topology-aware layout of :func:`device_grid`; ``-1`` as in :func:`mesh_shape`."""
+    devices = list(np.ravel(jax.devices() if devices is None else devices))
+    data, fsdp = mesh_shape(len(devices), data, fsdp)
+    return Mesh(device_grid(devices, data, fsdp, dcn_data), ("data", "fsdp"))
 
 
 def leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2 ** 12) -> P:

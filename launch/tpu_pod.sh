@@ -1,11 +1,39 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU pod slice: the same command runs on every host; each host
-# becomes one JAX process (jax.distributed.initialize() finds the others through
-# the TPU metadata, signalled here by TPU_WORKER_HOSTNAMES).
-#   TPU_NAME=my-v5p-64 ZONE=us-east5-a CONFIG=configs/dit_xl.py WORKDIR=gs://bucket/run1 launch/tpu_pod.sh
+# Train on a Cloud TPU VM slice (one host or a pod): puts this checkout on every worker, installs
+# kindjax with jax[tpu] in a venv there, and runs the same command on all workers; each worker is
+# one JAX process and jax.distributed.initialize() finds the others (kindjax.distributed: from the
+# VM's metadata on GCE, from TPU_WORKER_HOSTNAMES on GKE).
+#   TPU_NAME=my-v5p-64 ZONE=us-east5-a WORKDIR=gs://bucket/run1 launch/tpu_pod.sh [--config.key=value ...]
+# Optional: CONFIG (configs/dit_xl.py), PROJECT, REMOTE_DIR (kindjax, under the worker's home),
+# KINDJAX_PYTHON (3.11: uv provides it where the image's python3 is older), LIBTPU_INIT_ARGS (added to ours).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"
 CONFIG=${CONFIG:-configs/dit_xl.py}
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
-  cd ~/kindjax && pip install -q -e . && \
-  python -m kindjax.main --config $CONFIG --workdir $WORKDIR $*"
+REMOTE_DIR=${REMOTE_DIR:-kindjax}
+PYTHON_VERSION=${KINDJAX_PYTHON:-3.11}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+GCLOUD=(gcloud compute tpus tpu-vm)
+WHERE=(--zone "$ZONE" --worker=all)
+if [ -n "${PROJECT:-}" ]; then WHERE+=(--project "$PROJECT"); fi
+
+# 1. The code: the checkout's tracked files as they are now (uncommitted edits included) to every worker.
+TARBALL=$(mktemp -d)/kindjax.tar.gz
+git -C "$REPO" ls-files -z | tar -C "$REPO" --null -T - -czf "$TARBALL"
+"${GCLOUD[@]}" scp "$TARBALL" "$TPU_NAME:kindjax.tar.gz" "${WHERE[@]}"
+
+# 2. Unpack and install on every worker: a venv with kindjax and jax[tpu] (libtpu), pinned by pyproject.toml.
+"${GCLOUD[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --command "set -e
+  rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR && tar -xzf ~/kindjax.tar.gz -C ~/$REMOTE_DIR
+  python3 -m pip install -q --user uv || python3 -m pip install -q --user --break-system-packages uv
+  cd ~/$REMOTE_DIR && ~/.local/bin/uv venv -q --allow-existing --python $PYTHON_VERSION .venv
+  ~/.local/bin/uv pip install -q --python .venv/bin/python -e '.[tpu]'"
+
+# 3. Run on all workers at once. LIBTPU_INIT_ARGS: overlap the data-parallel all-reduce and the
+# FSDP all-gathers with compute (flag names checked against libtpu 0.0.42.1, the one jax[tpu]==0.10.2 pins).
+TPU_FLAGS="--xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_data_parallel_opt_different_sized_ops=true"
+TPU_FLAGS+=" --xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true"
+TPU_FLAGS+=" --xla_tpu_enable_async_collective_fusion_multiple_steps=true --xla_tpu_overlap_compute_collective_tc=true"
+TPU_FLAGS+=" --xla_enable_async_all_gather=true ${LIBTPU_INIT_ARGS:-}"
+RUN=$(printf '%q ' .venv/bin/python -m kindjax.main --config "$CONFIG" --workdir "$WORKDIR" "$@")
+"${GCLOUD[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --command "cd ~/$REMOTE_DIR && \
+  LIBTPU_INIT_ARGS=$(printf '%q' "$TPU_FLAGS") PYTHONUNBUFFERED=1 $RUN"

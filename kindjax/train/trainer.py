@@ -85,7 +85,7 @@ class Trainer:
                  devices: Any = None, dataset: TrainingSource | None = None):
         self.config = config
         self.workdir = workdir
-        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices, config.mesh.dcn_data)
         self.model = build_model(config)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
         self.optimizer = make_optimizer(config)

@@ -1,0 +1,289 @@
+"""The launch scripts, run for real against fake ``sbatch``/``srun`` (a 2-node × 8-GPU allocation)
+and a fake ``gcloud`` (a 4-worker TPU VM, each worker a home directory where the ``--command``
+really runs in bash), with fake ``python3``/``pip``/``uv`` and venv interpreters that record their
+arguments, environment and working directory. Checked: every GPU gets one process that takes that
+GPU (``kindjax.distributed`` on the recorded environment), every TPU worker gets the code, the
+install and the run; the XLA flags the GPU script sets exist in this jaxlib."""
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+from conftest import ROOT
+from kindjax.distributed import Accelerators, init_arguments
+
+FAKE = textwrap.dedent('''
+    """One fake for every tool the launch scripts call; argv[1] names the tool."""
+    import json, os, re, shutil, subprocess, sys
+
+    tool, args = sys.argv[1], sys.argv[2:]
+    HERE = os.environ["FAKE_BIN"]
+
+    def record(**extra):
+        with open(os.environ["FAKE_LOG"], "a") as f:
+            f.write(json.dumps(dict(tool=tool, args=args, cwd=os.getcwd(), env=dict(os.environ), **extra)) + "\\n")
+
+    def make_tool(path, name):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(f"#!/bin/sh\\nexec {sys.executable} {HERE}/fake.py {name} \\"$@\\"\\n")
+        os.chmod(path, 0o755)
+
+    def option(name, default=None):
+        for i, a in enumerate(args):
+            if a == name:
+                return args[i + 1]
+            if a.startswith(name + "="):
+                return a.split("=", 1)[1]
+        return default
+
+    record()
+    if tool == "sbatch":                                   # the #SBATCH lines, then the command line
+        script_at = next(i for i, a in enumerate(args) if not a.startswith("-"))
+        script, script_args = args[script_at], args[script_at + 1:]
+        opts = {}
+        for line in open(script):
+            m = re.match(r"#SBATCH\\s+--([\\w-]+)=(\\S+)", line)
+            if m:
+                opts[m[1]] = m[2]
+        for a in args[:script_at]:
+            k, v = a[2:].split("=", 1)
+            opts[k] = v
+        with open(os.environ["FAKE_LOG"], "a") as f:
+            f.write(json.dumps(dict(tool="sbatch-options", options=opts)) + "\\n")
+        nodes = int(opts.get("nodes", 1))
+        env = dict(os.environ, SLURM_JOB_ID="777", SLURM_NNODES=str(nodes), SLURM_JOB_NUM_NODES=str(nodes),
+                   SLURM_NTASKS_PER_NODE=opts["ntasks-per-node"], SLURM_GPUS_PER_NODE=opts["gpus-per-node"],
+                   SLURM_SUBMIT_DIR=os.getcwd(), SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]")
+        tmp = os.path.join(os.environ["FAKE_ROOT"], "slurm_script")   # sbatch runs a copy of the script
+        shutil.copy(script, tmp)
+        sys.exit(subprocess.call(["bash", tmp, *script_args], env=env))
+    if tool == "srun":                                     # every task of the allocation, node by node
+        command = args[next(i for i, a in enumerate(args) if not a.startswith("-")):]
+        nodes, per_node = int(os.environ["SLURM_NNODES"]), int(os.environ["SLURM_NTASKS_PER_NODE"])
+        gpus = int(os.environ["SLURM_GPUS_PER_NODE"])
+        for node in range(nodes):
+            for local in range(per_node):
+                env = dict(os.environ, SLURM_NTASKS=str(nodes * per_node), SLURM_PROCID=str(node * per_node + local),
+                           SLURM_LOCALID=str(local), SLURM_NODEID=str(node), SLURM_STEP_NUM_NODES=str(nodes),
+                           SLURM_STEP_TASKS_PER_NODE=f"{per_node}(x{nodes})", SLURMD_NODENAME=f"node{node + 1:03d}",
+                           SLURM_STEP_NODELIST=os.environ["SLURM_JOB_NODELIST"],
+                           CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))))
+                rc = subprocess.call(command, env=env)
+                if rc:
+                    sys.exit(rc)
+        sys.exit(0)
+    if tool == "gcloud":                                   # compute tpus tpu-vm scp|ssh ... --worker=all
+        assert args[:3] == ["compute", "tpus", "tpu-vm"], args
+        workers = range(int(os.environ["FAKE_TPU_WORKERS"])) if option("--worker") == "all" else [int(option("--worker", 0))]
+        homes = [os.path.join(os.environ["FAKE_ROOT"], f"worker{w}") for w in workers]
+        if args[3] == "scp":
+            src, dest = [a for a in args[4:] if not a.startswith("-") and a not in (option("--zone"), option("--project"))]
+            for home in homes:
+                os.makedirs(home, exist_ok=True)
+                shutil.copy(src, os.path.join(home, dest.split(":", 1)[1]))
+        elif args[3] == "ssh":
+            for w, home in zip(workers, homes):
+                env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE", "WORKDIR", "CONFIG")}
+                env.update(HOME=home, FAKE_WORKER=str(w))
+                rc = subprocess.call(["bash", "-c", option("--command")], cwd=home, env=env)
+                if rc:
+                    sys.exit(rc)
+        sys.exit(0)
+    if tool in ("python3", "pip") and args[:3] == ["-m", "pip", "install"] and "uv" in args:
+        make_tool(os.path.join(os.environ["HOME"], ".local", "bin", "uv"), "uv")
+        sys.exit(0)
+    if tool == "python3" and args[:2] == ["-m", "venv"]:
+        make_tool(os.path.join(args[2], "bin", "python"), "venv-python:" + os.path.abspath(args[2]))
+        sys.exit(0)
+    if tool == "uv" and args[0] == "venv":
+        make_tool(os.path.join(args[-1], "bin", "python"), "venv-python:" + os.path.abspath(args[-1]))
+        sys.exit(0)
+    if tool == "uv" and args[:2] == ["pip", "install"]:
+        open(os.path.join(os.path.dirname(os.path.dirname(option("--python"))), "installed"), "w").close()
+        sys.exit(0)
+    if tool.startswith("venv-python:"):                    # the interpreter of a venv the script made
+        installed = os.path.join(tool.split(":", 1)[1], "installed")
+        if args[:1] == ["-c"]:                             # the readiness check
+            sys.exit(0 if os.path.exists(installed) else 1)
+        if args[:3] == ["-m", "pip", "install"]:
+            open(installed, "w").close()
+            sys.exit(0)
+        if args[:2] == ["-m", "kindjax.main"]:
+            sys.exit(0)
+    sys.exit(f"fake {tool}: unexpected call {args}")
+''')
+
+
+def install_fakes(tmp_path, **env: str) -> dict[str, str]:
+    """Fake tools first on PATH; returns the environment to run a script in."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    (bin_dir / "fake.py").write_text(FAKE)
+    for name in ("sbatch", "srun", "gcloud", "python3", "pip"):
+        path = bin_dir / name
+        path.write_text(f'#!/bin/sh\nexec {sys.executable} {bin_dir}/fake.py {name} "$@"\n')
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_", "KINDJAX_"))}
+    out.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_BIN=str(bin_dir), FAKE_LOG=str(tmp_path / "calls.jsonl"),
+               FAKE_ROOT=str(tmp_path), **env)
+    out.pop("XLA_FLAGS", None)
+    return out
+
+
+def calls(tmp_path) -> list[dict]:
+    path = tmp_path / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+OVERRIDES = ["--config.train.num_steps=10", "--config.data.root=/data/my images"]   # a space survives
+
+
+def test_gpu_slurm_runs_one_process_on_every_gpu_of_every_node(tmp_path):
+    env = install_fakes(tmp_path, KINDJAX_VENV=str(tmp_path / "venv"))
+    submit = ["sbatch", "--nodes=2", "launch/gpu_slurm.sh", "configs/dit_xl.py", "/shared/runs/xl", *OVERRIDES]
+    result = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = calls(tmp_path)
+    options = next(c["options"] for c in log if c["tool"] == "sbatch-options")
+    assert options["signal"] == "TERM@120" and options["ntasks-per-node"] == "8" and options["gpus-per-node"] == "8"
+    # The venv: created, installed with the CUDA extra, checked.
+    assert [c["args"] for c in log if c["tool"] == "python3"] == [["-m", "venv", str(tmp_path / "venv")]]
+    venv_calls = [c for c in log if c["tool"].startswith("venv-python:")]
+    assert [c["args"] for c in venv_calls if "pip" in c["args"]] == [["-m", "pip", "install", "-q", "-e", ".[cuda]"]]
+    runs = [c for c in venv_calls if c["args"][:2] == ["-m", "kindjax.main"]]
+    assert len(runs) == 16
+    gpus = []
+    for run in runs:
+        assert run["args"][2:] == ["--config", "configs/dit_xl.py", "--workdir", "/shared/runs/xl", *OVERRIDES]
+        assert run["cwd"] == ROOT
+        e = run["env"]
+        assert "--xla_gpu_enable_latency_hiding_scheduler=true" in e["XLA_FLAGS"]
+        assert e["NCCL_DEBUG"] == "WARN" and e["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.90"
+        args = init_arguments(e, Accelerators(gpus=8))
+        assert args["cluster_detection_method"] == "slurm" and len(args["local_device_ids"]) == 1
+        gpus.append((e["SLURM_NODEID"], args["local_device_ids"][0]))
+    assert sorted(gpus) == sorted((str(n), g) for n in range(2) for g in range(8))   # each GPU once
+    # Every XLA flag the script sets exists in this jaxlib (XLA aborts on an unknown one).
+    check = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.ones(2).block_until_ready()"],
+                           env=dict(os.environ, XLA_FLAGS=runs[0]["env"]["XLA_FLAGS"], JAX_PLATFORMS="cpu"),
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr[-2000:]
+    # A second submission finds the venv ready: no second install.
+    (tmp_path / "calls.jsonl").unlink()
+    assert subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, timeout=120).returncode == 0
+    again = calls(tmp_path)
+    assert not [c for c in again if c["tool"] == "python3" or "pip" in c.get("args", [])]
+    assert len([c for c in again if c.get("args", [])[:2] == ["-m", "kindjax.main"]]) == 16
+
+
+def test_gpu_slurm_stops_when_the_install_gives_no_cuda_jaxlib(tmp_path):
+    env = install_fakes(tmp_path, KINDJAX_VENV=str(tmp_path / "venv"))
+    fake = tmp_path / "fakebin" / "fake.py"   # pip "succeeds" but installs nothing
+    fake.write_text(fake.read_text().replace('open(installed, "w").close()', 'pass'))
+    result = subprocess.run(["sbatch", "launch/gpu_slurm.sh", "configs/dit_xl.py", "/w"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "no CUDA jaxlib" in result.stderr
+    assert not [c for c in calls(tmp_path) if c.get("args", [])[:2] == ["-m", "kindjax.main"]]
+
+
+def test_tpu_pod_puts_code_install_and_run_on_every_worker(tmp_path):
+    env = install_fakes(tmp_path, TPU_NAME="my-v5p-32", ZONE="us-east5-a", WORKDIR="gs://bucket/run1",
+                        PROJECT="proj", FAKE_TPU_WORKERS="4", LIBTPU_INIT_ARGS="--xla_tpu_user_flag=1")
+    result = subprocess.run(["launch/tpu_pod.sh", *OVERRIDES], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = calls(tmp_path)
+    for c in [c for c in log if c["tool"] == "gcloud"]:
+        assert "--worker=all" in c["args"] and c["args"][c["args"].index("--zone") + 1] == "us-east5-a"
+        assert c["args"][c["args"].index("--project") + 1] == "proj"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    for w in range(4):
+        home = tmp_path / f"worker{w}"
+        code = home / "kindjax"
+        for path in ("kindjax/distributed.py", "launch/tpu_pod.sh", "pyproject.toml"):   # the code, as checked out
+            assert (code / path).read_bytes() == open(os.path.join(ROOT, path), "rb").read(), path
+        shipped = [str(p.relative_to(code)) for p in code.rglob("*") if p.is_file() and ".venv" not in p.parts]
+        assert sorted(shipped) == sorted(tracked)
+        mine = [c for c in log if c.get("env", {}).get("FAKE_WORKER") == str(w)]
+        installs = [c for c in mine if c["tool"] == "uv" and c["args"][:2] == ["pip", "install"]]
+        assert len(installs) == 1 and installs[0]["args"][-2:] == ["-e", ".[tpu]"] and installs[0]["cwd"] == str(code)
+        runs = [c for c in mine if c["tool"].startswith("venv-python:") and c["args"][:2] == ["-m", "kindjax.main"]]
+        assert len(runs) == 1
+        run = runs[0]
+        assert run["args"][2:] == ["--config", "configs/dit_xl.py", "--workdir", "gs://bucket/run1", *OVERRIDES]
+        assert run["cwd"] == str(code) and run["tool"] == f"venv-python:{code}/.venv"
+        flags = run["env"]["LIBTPU_INIT_ARGS"].split()
+        assert "--xla_tpu_enable_async_collective_fusion=true" in flags and flags[-1] == "--xla_tpu_user_flag=1"
+        # On the worker (a GCE TPU VM: no TPU_WORKER_HOSTNAMES) kindjax asks JAX to find the pod.
+        assert init_arguments(run["env"], Accelerators(tpus=4)) == {"cluster_detection_method": "gcetpu"}
+
+
+def test_tpu_pod_needs_its_settings(tmp_path):
+    env = install_fakes(tmp_path, ZONE="z", WORKDIR="gs://b/r")
+    result = subprocess.run(["launch/tpu_pod.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "TPU_NAME" in result.stderr and not calls(tmp_path)
+
+
+def check_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as one GPU
+    env.update({"JAX_PLATFORMS": "cpu", "PYTHON": sys.executable, **extra})
+    return env
+
+
+@pytest.mark.slow
+def test_device_check_writes_the_figures_and_logs(tmp_path):
+    """The GPU script, run on the CPU with the tiny sizes: the JSON, the logs, the exit status."""
+    out = tmp_path / "out"
+    result = subprocess.run(["launch/device_check.sh", str(out), "--accel_size", "tiny", "--accel_steps", "1",
+                             "--accel_sample_steps", "1"], cwd=ROOT, env=check_env(KINDJAX_CHECK_PLATFORM="cpu"),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr + (out / "bench.log").read_text()[-3000:]
+    figures = json.loads((out / "accelerator.json").read_text())
+    assert figures["suite"] == "accelerator" and figures["num_devices"] == 1
+    assert figures["train"][0]["step_s"] > 0 and figures["sampling"]["steps"] == 1
+    assert json.loads((out / "bench.log").read_text().strip().splitlines()[-1]) == figures
+    assert "jax 0.10.2" in (out / "environment.txt").read_text()
+    assert (out / "attention.log").exists() and "bench exit 0" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize("last_line, bench_rc, want_rc", [('{"suite": "accelerator", "num_devices": 1}', 0, 0),
+                                                          ("Traceback: out of time", 124, 124),
+                                                          ("not the figures", 0, 1)])
+def test_device_check_plumbing(tmp_path, last_line, bench_rc, want_rc):
+    """The script around the bench (the bench itself: tests/test_bench.py): flags passed on, the last line
+    kept as accelerator.json, the bench's exit status returned, a run without figures an error."""
+    fake = tmp_path / "python"
+    fake.write_text(f'''#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "kindjax.bench" ]; then
+  echo "$@" > {tmp_path}/bench_args; echo "measuring"; echo '{last_line}'; exit {bench_rc}
+fi
+exec {sys.executable} "$@"
+''')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    result = subprocess.run(["launch/device_check.sh", str(out), "--accel_steps", "3"], cwd=ROOT, text=True,
+                            env=check_env(KINDJAX_CHECK_PLATFORM="cpu", PYTHON=str(fake)), capture_output=True,
+                            timeout=300)
+    assert result.returncode == want_rc, result.stdout + result.stderr
+    assert (tmp_path / "bench_args").read_text().split() == ["-m", "kindjax.bench", "--suite", "accelerator",
+                                                             "--accel_steps", "3"]
+    assert (out / "bench.log").read_text().splitlines() == ["measuring", last_line]
+    assert f"bench exit {want_rc}" in (out / "summary.txt").read_text()
+    if want_rc == 0:
+        assert json.loads((out / "accelerator.json").read_text()) == json.loads(last_line)
+    else:
+        assert not (out / "accelerator.json").exists()
+
+
+def test_device_check_refuses_a_cpu_only_jax(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(["launch/device_check.sh", str(out)], cwd=ROOT, env=check_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "JAX does not run on the gpu" in result.stderr
+    assert not (out / "bench.log").exists()
