@@ -110,5 +110,8 @@ def _one_line(message: str) -> str:
 
 
 def _exit(name: str, message: str, status: int = 1) -> NoReturn:
+    """Prints the line and ends the process at once: interpreter shutdown would print the
+    tracebacks of Orbax's pending writes (``ImportError: sys.meta_path is None``)."""
     print(f"kindjax.{name}: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
+    sys.stdout.flush()
+    os._exit(status)

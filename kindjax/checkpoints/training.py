@@ -42,13 +42,22 @@ def config_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json())
 
 
-def manager(directory: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-    """The manager of the step directories under ``directory`` (``WORKDIR/checkpoints``),
-    keeping the last ``keep`` steps."""
+def manager(directory: str, read_only: bool = False) -> ocp.CheckpointManager:
+    """The manager of the step directories under ``directory`` (``WORKDIR/checkpoints``).  It
+    deletes nothing: :func:`save` rotates (Orbax's ``max_to_keep`` deletes the old steps as the new
+    one starts, so a failed write would leave none)."""
     return ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only),
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=not read_only, read_only=read_only),
         item_names=STATE_ITEMS + (META,))
+
+
+def rotate(mngr: ocp.CheckpointManager, keep: int) -> None:
+    """Waits for the save in flight, then deletes the oldest steps beyond the newest ``keep``
+    (all complete: a failed save raises here, before anything is deleted)."""
+    mngr.wait_until_finished()
+    for step in sorted(mngr.all_steps())[:-keep]:
+        mngr.delete(step)
 
 
 def _leaf_checksums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -94,10 +103,14 @@ def checksums(state: dict) -> tuple[dict[str, dict[str, list[int]]], bool]:
 
 
 def save(mngr: ocp.CheckpointManager, state: dict, config: ml_collections.ConfigDict,
-         origin: dict | None = None) -> None:
+         origin: dict | None = None, keep: int | None = None) -> None:
     """Saves the train state at ``state['step']`` with its checksums (asynchronously; see
-    ``mngr.wait_until_finished``); refuses state with a non-finite float (nothing is written)."""
+    ``mngr.wait_until_finished``); refuses state with a non-finite float (nothing is written).
+    ``keep``: first :func:`rotate` to the newest ``keep`` complete steps, so ``keep`` complete
+    steps remain while this one is written."""
     step = int(state["step"])
+    if keep is not None:
+        rotate(mngr, keep)
     table, finite = checksums(state)
     if not finite:
         raise CheckpointError(f"step {step}: the train state holds NaN or Inf; it was not saved (the newest "

@@ -274,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     tc = config.train
     start = origin(config)
     trainer = Trainer(config, workdir, dataset=dataset)
-    mngr = checkpoints.manager(os.path.join(workdir, checkpoints.CHECKPOINTS), keep=tc.keep_checkpoints)
+    mngr = checkpoints.manager(os.path.join(workdir, checkpoints.CHECKPOINTS))
     logger = RunLogger(workdir, tc.num_steps)
 
     def check(meta: dict) -> None:
@@ -299,13 +299,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         except checkpoints.CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 — a failed write (full disk, lost mount) ends the run in one line
+            text = str(e)
+            cause = text.split(" [os_error_code")[0].rsplit(": ", 1)[-1] if "[os_error_code" in text else \
+                (text.splitlines() or [""])[0][:200]
             raise checkpoints.CheckpointError(
-                f"writing step {step} to {mngr.directory} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                f"writing step {step} to {mngr.directory} failed ({type(e).__name__}: {cause}); "
                 f"the newest complete checkpoint is step {mngr.latest_step()}. Free disk space (or fix the "
                 f"directory) and rerun the same command to resume.") from e
 
     def save() -> None:
-        write(lambda: checkpoints.save(mngr, state, config, start))
+        write(lambda: checkpoints.save(mngr, state, config, start, keep=tc.keep_checkpoints))
 
     preemption = Preemption()
     guard = Guard(config, mngr, logger)
@@ -343,7 +346,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 sample_grid(trainer, state, step, logger)
         if mngr.latest_step() != step:
             save()
-        write(mngr.wait_until_finished)
+        write(lambda: checkpoints.rotate(mngr, tc.keep_checkpoints))
         if guard.stop:
             return state
         path = sample_grid(trainer, state, step, logger)
