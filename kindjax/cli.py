@@ -68,6 +68,12 @@ def parse_flags(argv: list[str], name: str) -> list[str]:
         if debugging():
             raise
         _exit(name, unknown_key_message(argv, e))
+    except OSError as e:   # a config file that does not load, found while applying an override
+        if debugging():
+            raise
+        missing = [a.rpartition("=")[2] for a in argv[1:] if ".py" in a and not os.path.isfile(
+            a.rpartition("=")[2].split(":", 1)[0])]
+        _exit(name, f"--config: no config file {missing[0]!r}" if missing else _one_line(str(e)))
     for flag_name in flags.FLAGS:
         flag = flags.FLAGS[flag_name]
         if not flag.present:
