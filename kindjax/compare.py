@@ -77,7 +77,7 @@ def run_configs(config: ml_collections.ConfigDict, workdir: str, seeds: int,
 def timed_stage(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> dict | None:
     """:func:`kindjax.run.stage` plus its wall time (kept in ``wall.json`` so reruns report it)."""
     path = os.path.join(workdir, "wall.json")
-    done = finished(workdir, config.train.num_steps)
+    done = finished(workdir, config)
     if done is not None and os.path.exists(path):
         return {**done, **json.load(open(path))}
     start = time.time()
@@ -142,7 +142,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3,
         raise ValueError("kindjax.compare needs a KIND config with transfer.classes (e.g. configs/kind_digits.py)")
     pre = pretrain_configs(config)
     runs = run_configs(config, workdir, seeds, methods)
-    data = {id(c): check(c) for c in list(pre.values()) + [c for per_seed in runs.values() for _, c in per_seed]}
+    data = {id(c): check(c, starts=False) for c in list(pre.values()) + [c for per_seed in runs.values() for _, c in per_seed]}
     total = len(pre) + sum(len(v) for v in runs.values())
     done = 0
     for name, c in pre.items():

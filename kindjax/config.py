@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
             sample_every=10_000,
             trainable=(".*",),    # regexes on parameter paths; the rest is frozen
             freeze_learngene=False,  # keep the learngene bundle (kindjax.params) bit-identical
+            max_nonfinite_steps=0,   # steps with a non-finite loss or grad norm skipped (not applied) before
+                                     # the run stops; 0: the first one stops it (README: Reliability)
         ),
         # Start from a pre-trained learngene (a workdir, step dir or sliced checkpoint);
         # tailors and the new classes' label rows are drawn fresh (kindjax.transfer).
@@ -140,6 +142,31 @@ def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
     return keys
 
 
+def _wrong_types(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """``key: value (type), expected type`` for each value whose type is not its default's (an int is
+    accepted for a float, a list for a tuple)."""
+    found = []
+    for k, default in schema.items():
+        if k not in cfg or k == "linear":
+            continue
+        value = cfg[k]
+        if isinstance(default, ml_collections.ConfigDict):
+            found += _wrong_types(value, default, f"{prefix}{k}.") if isinstance(value, ml_collections.ConfigDict) \
+                else [f"{prefix}{k}={value!r} is not a section"]
+            continue
+        expected = (tuple, list) if isinstance(default, (tuple, list)) else \
+            (int, float) if isinstance(default, float) else type(default)
+        if not isinstance(value, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
+            found.append(f"{prefix}{k}={value!r} is a {type(value).__name__}, expected a {type(default).__name__} "
+                         f"(default {default!r})")
+        elif isinstance(default, tuple) and default:
+            item = (int, float) if isinstance(default[0], float) else type(default[0])
+            if not all(isinstance(v, item) for v in value):
+                found.append(f"{prefix}{k}={tuple(value)!r} must hold {type(default[0]).__name__} values "
+                             f"(default {default!r})")
+    return found
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -153,6 +180,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     unknown = sorted(_flat_keys(config) - _flat_keys(base_config()))
     _require(not unknown, f"unknown config keys {unknown}; the known keys and their defaults are in "
                           f"kindjax/config.py (a typo?)")
+    wrong = _wrong_types(config, base_config())
+    _require(not wrong, "; ".join(wrong))
     m, t, o = config.model, config.train, config.optim
     _require(m.arch in ("", "S", "B", "L", "XL"), f"model.arch={m.arch!r}: use '', 'S', 'B', 'L' or 'XL'")
     dims = resolve_dims(m)
@@ -184,6 +213,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(t.num_steps > 0, f"train.num_steps={t.num_steps} must be positive")
     for key in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints"):
         _require(t[key] > 0, f"train.{key}={t[key]} must be positive")
+    _require(t.max_nonfinite_steps >= 0, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be ≥ 0")
     _require(o.lr > 0, f"optim.lr={o.lr} must be positive")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be ≥ 0")
     _require(config.sample.sampler in ("ddpm", "ddim"),

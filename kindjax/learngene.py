@@ -75,6 +75,12 @@ def load_learngene(path: str | epath.PathLike, *, step: int | None = None, ema: 
     located = checkpoints.locate(path, step)
     source = checkpoints.source(located, ema)
     checkpoints.check_part(located, "learngene")
+    kind = located.meta["config"]["model"]["linear"]["kind"]
+    if kind != "kind":
+        raise ValueError(f"{located.directory} holds a {kind!r} DiT (model.linear.kind={kind!r}), not a KIND one: it "
+                         f"has no learngene. Give a KIND workdir (model.linear.kind='kind')"
+                         + (", or read FINE's shared U, V with init.fine_learngene" if kind == "fine" else
+                            ", or start from its weights with init.pretrained") + ".")
     if located.kind == "sliced":
         params = checkpoints.restore_item(located, "learngene")
     else:

@@ -13,20 +13,24 @@ import os
 import jax
 import ml_collections
 
+from kindjax import checkpoints
+from kindjax.checkpoints import config_json
 from kindjax.config import ConfigError, validate
 from kindjax.distributed import warn_if_cpu_fallback
 from kindjax.data import make_dataset
 from kindjax.evaluation.digits_report import evaluate_digits, evaluate_kind_digits
 from kindjax.models.dit import abstract_params, build_model
 from kindjax.sharding import mesh_shape
-from kindjax.train.trainer import train
+from kindjax.train.trainer import origin, train
 from kindjax.transfer import transfer_config
 
 
-def check(config: ml_collections.ConfigDict):
-    """Every check that needs no compilation: the schema, the mesh, the data source, and a
+def check(config: ml_collections.ConfigDict, starts: bool = True):
+    """Every check that needs no compilation: the schema, the mesh, the data source, a
     shape-only trace of the model (which surfaces a linear variant's own errors, e.g. a rank that
-    does not fit).  Returns the data source, so the run does not open it twice."""
+    does not fit) and, with ``starts``, that each ``init`` path holds a checkpoint (``False`` for a
+    stage whose start an earlier stage writes).  Nothing is written.  Returns the data source, so
+    the run does not open it twice."""
     num_devices = jax.device_count()
     try:
         mesh_shape(num_devices, config.mesh.data, config.mesh.fsdp)
@@ -38,28 +42,120 @@ def check(config: ml_collections.ConfigDict):
         abstract_params(build_model(config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if starts:
+        origin(config)
     return dataset
 
 
-def finished(workdir: str, num_steps: int) -> dict | None:
-    """The metrics of a stage that already ran to ``num_steps`` (so a rerun skips it)."""
+#: Settings that do not change what a stage produces (left out of its fingerprint).
+UNRECORDED = {"job": None, "mesh": None, "transfer": None,
+              "train": ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "max_nonfinite_steps"),
+              "vae": ("encode_batch_size", "prefetch")}
+
+
+def fingerprint(config: ml_collections.ConfigDict, start: dict) -> dict:
+    """What a stage is made from: its config (model, data, optimizer, steps, sampling and
+    evaluation; not :data:`UNRECORDED`) and ``start`` (:func:`kindjax.train.trainer.origin`: the
+    checkpoint and step each ``init`` path resolved to)."""
+    c = config_json(config)
+    for section, keys in UNRECORDED.items():
+        if keys is None:
+            c.pop(section, None)
+        else:
+            c[section] = {k: v for k, v in c[section].items() if k not in keys}
+    return {**c, "origin": start}
+
+
+def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key: saved vs now`` for each leaf that differs between two fingerprints."""
+    found = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            found.append(f"{prefix}{k}: {a!r} vs {b!r}")
+    return found
+
+
+def finished(workdir: str, config: ml_collections.ConfigDict, start: dict | None = None) -> dict | None:
+    """The metrics of a stage that already ran to ``config.train.num_steps`` with the same
+    :func:`fingerprint` (so a rerun reuses it); None otherwise (it is run: resumed, or refused
+    when its checkpoint is of another model or start)."""
     path = os.path.join(workdir, "metrics.json")
-    if os.path.exists(path):
-        metrics = json.load(open(path))
-        if metrics.get("step") == num_steps:
-            return metrics
+    if not os.path.exists(path):
+        return None
+    metrics = json.load(open(path))
+    now = fingerprint(config, origin(config) if start is None else start)
+    if metrics.get("step") == config.train.num_steps and metrics.get("fingerprint") == now:
+        return {k: v for k, v in metrics.items() if k != "fingerprint"}
     return None
 
 
 def stage(config: ml_collections.ConfigDict, workdir: str, evaluate, dataset=None) -> dict | None:
-    """Runs one training stage unless it already finished; its metrics, or None if it was
-    preempted (SIGTERM: the checkpoint is saved and rerunning the command resumes).
+    """Runs one training stage unless it already finished with the same :func:`fingerprint`; its
+    metrics (with the fingerprint recorded in ``metrics.json``), or None if it was stopped
+    (SIGTERM/SIGINT: the checkpoint is saved and rerunning the command resumes).
     ``dataset``: the stage's data source when :func:`check` already opened it."""
-    metrics = finished(workdir, config.train.num_steps)
-    if metrics is None:
-        train(config, workdir, evaluate=evaluate, dataset=dataset)
-        metrics = finished(workdir, config.train.num_steps)
+    start = origin(config)
+    metrics = finished(workdir, config, start)
+    if metrics is not None:
+        return metrics
+    path = os.path.join(workdir, "metrics.json")
+    if os.path.exists(path):
+        changed = differences(json.load(open(path)).get("fingerprint", {}), fingerprint(config, start))
+        print(f"{workdir} finished with other settings ({'; '.join(changed[:4])}); running it again.", flush=True)
+    train(config, workdir, evaluate=evaluate, dataset=dataset)
+    if not os.path.exists(path):
+        return None
+    metrics = json.load(open(path))
+    if metrics.get("step") != config.train.num_steps:
+        return None
+    metrics.pop("fingerprint", None)
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump({**metrics, "fingerprint": fingerprint(config, start)}, f, indent=2)
     return metrics
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses, before anything runs, a workdir whose latest checkpoint is of another model."""
+    root = os.path.join(workdir, checkpoints.CHECKPOINTS)
+    if not os.path.isdir(root):
+        return
+    try:
+        meta = checkpoints.locate(workdir).meta
+    except Exception:  # noqa: BLE001 — a damaged latest step is handled (set aside) by the trainer
+        return
+    checkpoints.check_same_model(meta["config"], config, workdir)
+
+
+def set_aside_stale_transfer(tr_config: ml_collections.ConfigDict, tr_dir: str) -> None:
+    """Moves ``tr_dir`` aside (``<tr_dir>.from_step_<s>``) when its run started from another step of
+    the pre-training than the one its ``init`` resolves to now, so the transfer is run again."""
+    root = os.path.join(tr_dir, checkpoints.CHECKPOINTS)
+    if not os.path.isdir(root):
+        return
+    try:
+        saved = checkpoints.locate(tr_dir).meta.get("origin")
+    except Exception:  # noqa: BLE001
+        return
+    now = origin(tr_config)
+    if not saved or saved == now:
+        return
+    steps = "_".join(str(v["step"]) for v in saved.values())
+    target = f"{tr_dir}.from_step_{steps}"
+    n = 1
+    while os.path.exists(target):
+        target, n = f"{tr_dir}.from_step_{steps}.{n}", n + 1
+    if jax.process_index() == 0:
+        os.rename(tr_dir, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("kindjax stale transfer")
+    print(f"{tr_dir} was trained from another pre-training step ({'; '.join(differences(saved, now))}); "
+          f"moved it to {target} and training the transfer again.", flush=True)
 
 
 def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -67,8 +163,12 @@ def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict |
     pre_config = config.copy_and_resolve_references()
     pre_config.job = "train"
     tr_config = transfer_config(config, pre_dir)
-    pre_data, tr_data = check(pre_config), check(tr_config)
+    pre_data, tr_data = check(pre_config), check(tr_config, starts=False)
+    check_workdir(pre_config, pre_dir)
+    check_workdir(tr_config, tr_dir)
     pre = stage(pre_config, pre_dir, evaluate_kind_digits, pre_data)
+    if pre is not None:
+        set_aside_stale_transfer(tr_config, tr_dir)
     novel = stage(tr_config, tr_dir, evaluate_digits, tr_data) if pre is not None else None
     if novel is None:
         print("Stopped before the end; rerun the same command to resume.", flush=True)
@@ -89,4 +189,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         run_kind_transfer(config, workdir)
     else:
         dataset = check(config)
+        check_workdir(config, workdir)
         train(config, workdir, evaluate=evaluate_digits if config.data.name == "digits" else None, dataset=dataset)

@@ -12,6 +12,7 @@ from kindjax import checkpoints
 from kindjax import params as param_rules
 from kindjax.checkpoints.slicing import slice_checkpoint
 from kindjax.config import ConfigError
+from kindjax.layers.kind import kind_config
 
 
 def tree(seed):
@@ -28,6 +29,7 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     workdir = str(root / "run")
     config = tiny_config()
+    config.model.linear = kind_config(n_learngene=4, n_tailor=1)   # the trees hold tailors: a KIND model
     mngr = checkpoints.manager(os.path.join(workdir, checkpoints.CHECKPOINTS))
     for step in (1, 2):
         checkpoints.save(mngr, {"step": step, "params": tree(step), "ema_params": tree(10 + step),

@@ -203,4 +203,6 @@ def test_errors(run, tmp_path):
     mngr.close()
     with pytest.raises(ValueError, match="has no tailors \\(model.linear.kind='dense'\\)"):
         load_tailors(tmp_path / "dense", [0])
-    assert_trees_equal(load_learngene(tmp_path / "dense").params, param_rules.split_learngene_tailors(params)[0])
+    # A dense DiT has no learngene: refused, naming what the workdir holds (issue 16).
+    with pytest.raises(ValueError, match="holds a 'dense' DiT \\(model.linear.kind='dense'\\), not a KIND one"):
+        load_learngene(tmp_path / "dense")

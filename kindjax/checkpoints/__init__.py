@@ -7,9 +7,11 @@
 """
 from kindjax.checkpoints.layout import (CHECKPOINTS, META, PARTS, Located, Source, check_part, config_of, locate,
                                         read_meta, restore_item, restore_leaves, source)
-from kindjax.checkpoints.training import (STATE_ITEMS, check_same_model, config_json, manager, restore,
-                                          restore_state_item, save)
+from kindjax.checkpoints.training import (SET_ASIDE, STATE_ITEMS, CheckpointError, check_same_model,
+                                          check_same_origin, checksums, config_json, manager, restore,
+                                          restore_state_item, restore_verified, rotate, save, set_aside)
 
-__all__ = ["CHECKPOINTS", "META", "PARTS", "STATE_ITEMS", "Located", "Source", "check_part", "check_same_model",
-           "config_json", "config_of", "locate", "manager", "read_meta", "restore", "restore_item",
-           "restore_leaves", "restore_state_item", "save", "source"]
+__all__ = ["CHECKPOINTS", "META", "PARTS", "SET_ASIDE", "STATE_ITEMS", "CheckpointError", "Located", "Source",
+           "check_part", "check_same_model", "check_same_origin", "checksums", "config_json", "config_of", "locate",
+           "manager", "read_meta", "restore", "restore_item", "restore_leaves", "restore_state_item",
+           "restore_verified", "rotate", "save", "set_aside", "source"]

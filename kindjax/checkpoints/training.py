@@ -3,25 +3,38 @@
 Layout of ``WORKDIR/checkpoints/<step>/``:
   ``params``, ``ema_params``, ``opt_state`` — PyTree items (OCDBT), each restorable
   alone, and any sub-tree of them by a partial restore;
-  ``meta`` — JSON: ``step`` and the full ``config`` (the model config is what a
-  reader needs to rebuild the model).
+  ``meta`` — JSON: ``step``, the full ``config``, ``origin`` (the checkpoint each ``init``
+  path resolved to when the run started) and ``checksums`` (two 32-bit sums of every array's
+  bits, :func:`checksums`) with ``finite`` (every float is finite: non-finite state is never saved).
 The data position and the PRNG position of a run are its step (batches and keys
 are pure functions of ``(seed, step)``), so the step restores both.
+
+:func:`restore_verified` reads the newest step whose arrays read and match their checksums;
+a step that does not is reported in one line and moved to ``WORKDIR/set_aside/<step>``
+(renamed, never deleted).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from kindjax.checkpoints.layout import CHECKPOINTS, META, read_meta
 from kindjax.config import ConfigError
 
 STATE_ITEMS = ("params", "ema_params", "opt_state")
+#: Where :func:`restore_verified` moves a step that does not read or verify (``WORKDIR/set_aside``).
+SET_ASIDE = "set_aside"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read, with what is left and the fix in the message."""
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict:
@@ -29,21 +42,83 @@ def config_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json())
 
 
-def manager(directory: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-    """The manager of the step directories under ``directory`` (``WORKDIR/checkpoints``),
-    keeping the last ``keep`` steps."""
+def manager(directory: str, read_only: bool = False) -> ocp.CheckpointManager:
+    """The manager of the step directories under ``directory`` (``WORKDIR/checkpoints``).  It
+    deletes nothing: :func:`save` rotates (Orbax's ``max_to_keep`` deletes the old steps as the new
+    one starts, so a failed write would leave none)."""
     return ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only),
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=not read_only, read_only=read_only),
         item_names=STATE_ITEMS + (META,))
 
 
-def save(mngr: ocp.CheckpointManager, state: dict, config: ml_collections.ConfigDict) -> None:
-    """Saves the train state at ``state['step']`` (asynchronously; see ``mngr.wait_until_finished``)."""
+def rotate(mngr: ocp.CheckpointManager, keep: int) -> None:
+    """Waits for the save in flight, then deletes the oldest steps beyond the newest ``keep``
+    (all complete: a failed save raises here, before anything is deleted)."""
+    mngr.wait_until_finished()
+    for step in sorted(mngr.all_steps())[:-keep]:
+        mngr.delete(step)
+
+
+def _leaf_checksums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(h1, h2, finite)`` of one array: with ``b_i`` its bits as uint32 and ``i`` the flat index,
+    ``h1 = Σ b_i·(2i+1)`` and ``h2 = Σ (b_i ⊕ 2654435761·i)·(2i+1)²``, both mod 2³² (integer sums:
+    the same under any sharding).  A flipped bit ``k`` changes ``h1`` by ``±2^k·(2i+1) ≠ 0``."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2 ** 32)
+        stride *= x.shape[d]
+    odd = 2 * index + 1
+    h1 = jnp.sum(bits * odd, dtype=jnp.uint32)
+    h2 = jnp.sum((bits ^ (index * jnp.uint32(2654435761))) * odd * odd, dtype=jnp.uint32)
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return h1, h2, finite
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    return [_leaf_checksums(x) for x in leaves]
+
+
+def checksums(state: dict) -> tuple[dict[str, dict[str, list[int]]], bool]:
+    """``{item: {key path: [h1, h2]}}`` of the :data:`STATE_ITEMS` of ``state`` (computed where the
+    arrays live; only the sums come to the host), and whether every float in them is finite."""
+    paths = {name: jax.tree_util.tree_leaves_with_path(state[name]) for name in STATE_ITEMS}
+    sums = iter(jax.device_get(_checksums([x for name in STATE_ITEMS for _, x in paths[name]])))
+    table: dict[str, dict[str, list[int]]] = {}
+    finite = True
+    for name in STATE_ITEMS:
+        table[name] = {}
+        for path, _ in paths[name]:
+            h1, h2, ok = next(sums)
+            table[name][jax.tree_util.keystr(path)] = [int(h1), int(h2)]
+            finite = finite and bool(ok)
+    return table, finite
+
+
+def save(mngr: ocp.CheckpointManager, state: dict, config: ml_collections.ConfigDict,
+         origin: dict | None = None, keep: int | None = None) -> None:
+    """Saves the train state at ``state['step']`` with its checksums (asynchronously; see
+    ``mngr.wait_until_finished``); refuses state with a non-finite float (nothing is written).
+    ``keep``: first :func:`rotate` to the newest ``keep`` complete steps, so ``keep`` complete
+    steps remain while this one is written."""
     step = int(state["step"])
+    if keep is not None:
+        rotate(mngr, keep)
+    table, finite = checksums(state)
+    if not finite:
+        raise CheckpointError(f"step {step}: the train state holds NaN or Inf; it was not saved (the newest "
+                              f"checkpoint in {mngr.directory} is step {mngr.latest_step()})")
     items = {name: ocp.args.StandardSave(state[name]) for name in STATE_ITEMS}
-    mngr.save(step, args=ocp.args.Composite(
-        **{META: ocp.args.JsonSave({"step": step, "config": config_json(config)})}, **items), force=True)
+    meta = {"step": step, "config": config_json(config), "origin": origin or {}, "checksums": table,
+            "finite": True}
+    mngr.save(step, args=ocp.args.Composite(**{META: ocp.args.JsonSave(meta)}, **items), force=True)
 
 
 def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, directory: str) -> None:
@@ -57,6 +132,18 @@ def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, dire
             f"or run with the config that wrote it.")
 
 
+def check_same_origin(saved: dict | None, now: dict, directory: str) -> None:
+    """Refuses to resume a run that started from another pre-trained checkpoint (another ``init``
+    path, or another step of it) than the config's ``init`` resolves to now (``origin``)."""
+    if not saved:
+        return
+    diffs = [f"init.{k}: checkpoint {saved.get(k)} vs now {now.get(k)}"
+             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diffs:
+        raise ConfigError(f"{directory} holds a run that started from another checkpoint ({'; '.join(diffs)}). "
+                          f"Use another --workdir, or move {directory} aside to start over.")
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None = None) -> dict:
     """Restores the full train state onto the shardings given by ``abstract_state``
     (a tree of ``jax.ShapeDtypeStruct`` with ``sharding``)."""
@@ -66,6 +153,87 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None 
     state = {name: restored[name] for name in STATE_ITEMS}
     state["step"] = jax.device_put(step, abstract_state["step"].sharding)
     return state
+
+
+def _all_processes(ok: bool) -> bool:
+    """True when ``ok`` on every process (one small collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _short(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0].split(' See full')[0][:200] if lines else ''}"
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int, reason: str) -> str:
+    """Moves step directory ``step`` to ``WORKDIR/set_aside/<step>`` (a numbered suffix if taken),
+    with ``reason`` in its ``SET_ASIDE.txt``; returns the new path.  Process 0 moves, all wait."""
+    source = os.path.join(str(mngr.directory), str(step))
+    target_dir = os.path.join(os.path.dirname(str(mngr.directory)), SET_ASIDE)
+    target = os.path.join(target_dir, str(step))
+    n = 1
+    while os.path.exists(target):
+        target, n = os.path.join(target_dir, f"{step}.{n}"), n + 1
+    if jax.process_index() == 0:
+        os.makedirs(target_dir, exist_ok=True)
+        os.rename(source, target)
+        with open(os.path.join(target, "SET_ASIDE.txt"), "w") as f:
+            f.write(reason + "\n")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"kindjax set aside {step}")
+    mngr.reload()
+    return target
+
+
+def restore_verified(mngr: ocp.CheckpointManager, abstract_state: dict,
+                     check: Callable[[dict], None], report: Callable[[str], None]) -> tuple[dict, dict] | None:
+    """The newest step that reads and matches its checksums, as ``(state, meta)``; None when the
+    manager holds no step.  ``check(meta)`` may refuse a step (its error propagates: e.g. another
+    model).  Each step that does not read, or whose arrays differ from their checksums, is
+    reported through ``report`` in one line and moved aside (:func:`set_aside`); when none is
+    left a :class:`CheckpointError` says so."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        return None
+    problems = []
+    for step in steps:
+        problem, state, meta = None, None, None
+        try:
+            meta = read_meta(mngr, step)
+        except Exception as e:  # noqa: BLE001 — any failure to read means: not this step
+            problem = f"its metadata does not read ({_short(e)})"
+        if _all_processes(problem is None):
+            check(meta)
+            try:
+                state = restore(mngr, abstract_state, step)
+            except Exception as e:  # noqa: BLE001
+                problem = f"its arrays do not read ({_short(e)})"
+        else:
+            problem = problem or "its metadata does not read on another process"
+        if _all_processes(problem is None) and "checksums" in meta:
+            table, finite = checksums(state)
+            changed = [f"{item}{path}" for item in STATE_ITEMS for path, sums in table[item].items()
+                       if meta["checksums"].get(item, {}).get(path) != sums]
+            if changed:
+                problem = f"its arrays differ from their checksums ({', '.join(changed[:3])})"
+            elif not finite:
+                problem = "it holds NaN or Inf"
+        elif problem is None:
+            problem = "its arrays do not read on another process"
+        if problem is None:
+            return state, meta
+        moved = set_aside(mngr, step, f"step {step}: {problem}")
+        report(f"Checkpoint step {step} is damaged: {problem}; moved to {moved}.")
+        problems.append(step)
+    raise CheckpointError(f"no checkpoint in {mngr.directory} reads and verifies: steps {problems} were moved to "
+                          f"{os.path.join(os.path.dirname(str(mngr.directory)), SET_ASIDE)}. Start over with "
+                          f"another --workdir, or put back a good copy of a step.")
 
 
 def restore_state_item(workdir: str, item: str, target: Any, config: ml_collections.ConfigDict,

@@ -99,8 +99,12 @@ def load_folder_dataset(config: ml_collections.ConfigDict) -> ArrayDataset:
     if source.num_skipped:
         warnings.warn(f"{source.num_skipped} of {len(source)} images in {source.root} were unreadable and "
                       f"skipped: {source.skips.names[:5]}", RuntimeWarning, stacklevel=2)
-    if not keep:
-        raise ConfigError(f"none of the {len(source)} images in {source.root} could be read")
+    readable = set(source.labels[keep].tolist())
+    empty = [source.class_names[c] for c in range(source.num_classes) if c not in readable]
+    if empty:
+        raise ConfigError(f"{len(empty)} class(es) in {source.root} have no readable image: {empty[:5]} (unreadable: "
+                          f"{source.skips.names[:3]}); replace the images, remove the folders, or leave the classes "
+                          f"out with config.data.classes")
     pixels = np.stack([images[i] for i in keep]).astype(np.float32) * (2.0 / 255.0) - 1.0
     return ArrayDataset(images=pixels, labels=source.labels[keep], num_classes=source.num_classes,
                         class_names=source.class_names, random_flip=bool(config.data.random_flip))

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -20,18 +21,22 @@ import numpy as np
 import optax
 
 from kindjax import checkpoints
+from kindjax.config import ConfigError
 from kindjax import params as param_rules
 from kindjax.data import Batches, TrainingSource, make_dataset
 from kindjax.data.pipeline import DeviceBatches, note_process_count
 from kindjax.diffusion import GaussianDiffusion, denoising_loss, noisy_inputs
 from kindjax.models.dit import DiT, build_model, drop_labels, init_params
 from kindjax.sample import generate
-from kindjax.transfer import initial_params, starts_from_checkpoint
+from kindjax.transfer import STARTS, initial_params, starts_from_checkpoint
 from kindjax import sharding
 from kindjax.logs import RunLogger, image_grid, png_bytes, to_uint8
 from kindjax.train.optimizer import learning_rate, make_optimizer
 
 State = dict[str, Any]
+#: The batch entry (one int32 per row) through which a process asks every process to stop: 0 no,
+#: 1 SIGTERM, 2 SIGINT (:class:`Preemption`); the step returns its maximum (``metrics[STOP]``).
+STOP = "stop"
 
 
 def state_from_params(params: Any, optimizer: optax.GradientTransformation) -> State:
@@ -58,7 +63,14 @@ def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusi
                optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict,
                base_key: jax.Array) -> tuple[State, dict[str, jax.Array]]:
     """One AdamW step on the hybrid diffusion loss, restricted by the config's update rule
-    (:func:`kindjax.params.update_rule`: frozen leaves, per-class rows); EMA update."""
+    (:func:`kindjax.params.update_rule`: frozen leaves, per-class rows); EMA update.
+
+    The update is applied only when the loss and the gradient norm are finite
+    (``state' = where(finite, update(state), state)``; the step counter advances either way);
+    ``metrics['finite']`` says which.  ``batch[STOP]`` (optional, one value per row): a process's
+    stop request; ``metrics[STOP]`` is its maximum over the global batch, so every process learns
+    of a request made on any of them in the same step.
+    """
     key = jax.random.fold_in(base_key, state["step"])
     k_t, k_noise, k_drop = jax.random.split(key, 3)
     x0 = batch["image"]
@@ -73,9 +85,15 @@ def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusi
     ema = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay(config, state["step"]))
     grad_norm = optax.tree.norm([g for path, g in jax.tree_util.tree_leaves_with_path(grads)
                                  if rule.trainable(path)])
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                           {"params": params, "ema_params": ema, "opt_state": opt_state},
+                           {k: state[k] for k in ("params", "ema_params", "opt_state")})
     metrics = {"loss": loss, "mse": losses["mse"].mean(), "vb": losses["vb"].mean(), "grad_norm": grad_norm,
-               "lr": learning_rate(config)(state["step"])}
-    return {"step": state["step"] + 1, "params": params, "ema_params": ema, "opt_state": opt_state}, metrics
+               "lr": learning_rate(config)(state["step"]), "finite": finite.astype(jnp.float32)}
+    if STOP in batch:
+        metrics[STOP] = jnp.max(batch[STOP])
+    return {"step": state["step"] + 1, **updated}, metrics
 
 
 class Trainer:
@@ -148,18 +166,85 @@ class Trainer:
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a request the loop sends through the step to every
+    process (:data:`STOP`): all save the same step and exit cleanly.  A second Ctrl-C exits at once."""
+
+    SIGNALS = {signal.SIGTERM: 1, signal.SIGINT: 2}
+    NAMES = {1: "SIGTERM", 2: "SIGINT (Ctrl-C)"}
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested = 0
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
+        del frame
+        if signum == signal.SIGINT and self.requested == 2:
+            print("Second Ctrl-C: exiting now, without saving.", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.requested = max(self.requested, self.SIGNALS[signum])
+
+    def rows(self, local_rows: int) -> np.ndarray:
+        """This process's request, one value per row of its local batch."""
+        return np.full((local_rows,), self.requested, np.int32)
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+
+
+class NonFiniteLoss(ValueError):
+    """Training produced a non-finite loss or gradient norm more often than ``train.max_nonfinite_steps``."""
+
+
+class Guard:
+    """Reads each step's ``finite`` and :data:`STOP` flags once (a scalar each, one step late so the
+    devices stay busy) and counts skipped steps against ``train.max_nonfinite_steps``."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mngr: Any, logger: RunLogger):
+        self.config, self.mngr, self.logger = config, mngr, logger
+        self.skipped = 0
+        self.checked = 0
+        self.stop = 0
+
+    def check(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """Reads the flags of step ``step`` (once); raises :class:`NonFiniteLoss` past the limit."""
+        if step <= self.checked:
+            return
+        self.checked = step
+        finite, stop = jax.device_get((metrics["finite"], metrics.get(STOP, 0)))
+        self.stop = max(self.stop, int(stop))
+        if finite:
+            return
+        self.skipped += 1
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        limit = self.config.train.max_nonfinite_steps
+        if self.skipped <= limit:
+            self.logger.text(f"Step {step}: loss {loss}, grad norm {grad_norm}: update skipped "
+                             f"({self.skipped} of train.max_nonfinite_steps={limit}).")
+            return
+        latest = self.mngr.latest_step()
+        last = (f"the last finite checkpoint is step {latest} ({self.mngr.directory}/{latest}); rerunning resumes "
+                f"from it" if latest is not None else "no checkpoint was saved yet")
+        raise NonFiniteLoss(
+            f"step {step}: the loss is {loss} and the gradient norm {grad_norm}; stopped without saving "
+            f"(non-finite steps: {self.skipped}, train.max_nonfinite_steps={limit}); {last}. Likely causes: a "
+            f"learning rate too high (optim.lr={self.config.optim.lr}) or NaN/Inf in the data; lower optim.lr, "
+            f"check the data, or set train.max_nonfinite_steps to skip such steps.")
+
+
+def origin(config: ml_collections.ConfigDict) -> dict[str, dict]:
+    """What the run starts from: for each ``init`` path that is set (:data:`kindjax.transfer.STARTS`),
+    the checkpoint step it resolves to now; refuses a path that holds no checkpoint."""
+    found = {}
+    for key in STARTS:
+        path = config.init[key]
+        if path:
+            try:
+                located = checkpoints.locate(path)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"init.{key}={path!r}: {e}") from None
+            found[key] = {"path": os.path.abspath(path), "step": int(located.meta["step"])}
+    return found
 
 
 def sample_grid(trainer: Trainer, state: State, step: int, logger: RunLogger) -> str:
@@ -186,18 +271,26 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           dataset: TrainingSource | None = None) -> State:
     """Trains to ``config.train.num_steps`` (resuming from ``workdir`` if it holds a checkpoint).
 
-    Saves every ``checkpoint_every`` steps, on SIGTERM, and at the end; logs every
+    Saves every ``checkpoint_every`` steps, on SIGTERM or SIGINT on any process, and at the end
+    (never non-finite state: see :class:`Guard`; a damaged checkpoint is set aside and the newest
+    good one resumed, :func:`kindjax.checkpoints.restore_verified`); logs every
     ``log_every`` steps; writes a sample grid every ``sample_every`` steps and at the
     end; then runs ``evaluate`` (if given) and writes its figures to ``metrics.json``.
     ``dataset``: the data source if the caller already opened it (else it is opened here).
     """
     tc = config.train
+    start = origin(config)
     trainer = Trainer(config, workdir, dataset=dataset)
-    mngr = checkpoints.manager(os.path.join(workdir, checkpoints.CHECKPOINTS), keep=tc.keep_checkpoints)
+    mngr = checkpoints.manager(os.path.join(workdir, checkpoints.CHECKPOINTS))
     logger = RunLogger(workdir, tc.num_steps)
-    if mngr.latest_step() is not None:
-        checkpoints.check_same_model(checkpoints.read_meta(mngr)["config"], config, workdir)
-        state = checkpoints.restore(mngr, trainer.abstract_state)
+
+    def check(meta: dict) -> None:
+        checkpoints.check_same_model(meta["config"], config, workdir)
+        checkpoints.check_same_origin(meta.get("origin"), start, workdir)
+
+    restored = checkpoints.restore_verified(mngr, trainer.abstract_state, check, logger.text)
+    if restored is not None:
+        state = restored[0]
         logger.text(f"Resumed from {workdir} at step {int(state['step'])}.")
     else:
         state = trainer.fresh_state()
@@ -205,35 +298,64 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                     f"({param_rules.count(state['params'], param_rules.update_rule(config).trainable)/1e6:.3f}M trainable), "
                     f"mesh {dict(trainer.mesh.shape)}.")
     step = int(state["step"])
+
+    def write(action: Callable[[], None]) -> None:
+        """Runs a checkpoint write (saves are asynchronous: a failure may surface at the next one)."""
+        try:
+            action()
+        except checkpoints.CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 — a failed write (full disk, lost mount) ends the run in one line
+            text = str(e)
+            cause = text.split(" [os_error_code")[0].rsplit(": ", 1)[-1] if "[os_error_code" in text else \
+                (text.splitlines() or [""])[0][:200]
+            raise checkpoints.CheckpointError(
+                f"writing step {step} to {mngr.directory} failed ({type(e).__name__}: {cause}); "
+                f"the newest complete checkpoint is step {mngr.latest_step()}. Free disk space (or fix the "
+                f"directory) and rerun the same command to resume.") from e
+
+    def save() -> None:
+        write(lambda: checkpoints.save(mngr, state, config, start, keep=tc.keep_checkpoints))
+
     preemption = Preemption()
+    guard = Guard(config, mngr, logger)
     history: list[dict[str, jax.Array]] = []
     t_last, step_last = time.time(), step
+    previous = None
     batches = trainer.local_batches(step)
     try:
         for _, batch in batches:
             if step >= tc.num_steps:
                 break
-            state, metrics = trainer.step_fn(state, batch)
+            stop = trainer.place({STOP: preemption.rows(tc.batch_size // jax.process_count())})
+            state, metrics = trainer.step_fn(state, {**batch, **stop})
             step += 1
+            if previous is not None:
+                guard.check(step - 1, previous)
+            previous = metrics
             history.append(metrics)
+            boundary = step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step == tc.num_steps
+            if boundary or guard.stop:
+                guard.check(step, metrics)
             if step % tc.log_every == 0 or step == tc.num_steps:
-                mean = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0]}
+                mean = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0] if k != STOP}
                 now = time.time()
                 rate = (step - step_last) / max(now - t_last, 1e-9)
                 mean.update({"steps_per_sec": rate, "images_per_sec": rate * tc.batch_size})
                 logger.scalars(step, mean)
                 history, t_last, step_last = [], now, step
-            if preemption.requested:
-                logger.text(f"SIGTERM: saving step {step} and exiting.")
+            if guard.stop:
+                who = Preemption.NAMES[guard.stop] if preemption.requested else "a stop request from another process"
+                logger.text(f"{who}: saving step {step} and exiting.")
                 break
             if step % tc.checkpoint_every == 0:
-                checkpoints.save(mngr, state, config)
+                save()
             if step % tc.sample_every == 0 and step < tc.num_steps:
                 sample_grid(trainer, state, step, logger)
         if mngr.latest_step() != step:
-            checkpoints.save(mngr, state, config)
-        mngr.wait_until_finished()
-        if preemption.requested:
+            save()
+        write(lambda: checkpoints.rotate(mngr, tc.keep_checkpoints))
+        if guard.stop:
             return state
         path = sample_grid(trainer, state, step, logger)
         logger.text(f"Sample grid: {path}")
