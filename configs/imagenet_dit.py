@@ -1,7 +1,9 @@
 """Shared settings of the DiT ImageNet 256² latent configs (Peebles & Xie 2023, Table 4 setup).
 
 Latent 32×32×4 (SD-VAE, factor 8), 1000 classes, batch 256, AdamW lr 1e-4 with no
-weight decay, EMA 0.9999, learned sigma, DDPM sampling with 250 steps and CFG 1.5.
+weight decay, EMA 0.9999, learned sigma, DDPM sampling with 250 steps and CFG 1.5 on the
+first three latent channels (``sample.guidance_channels="3"``, as the original DiT code,
+with which DiT's published FIDs were measured).
 """
 from kindjax.config import base_config
 
@@ -15,24 +17,27 @@ def imagenet_config(arch: str, patch_size: int = 2):
     config.optim.update(lr=1e-4, weight_decay=0.0, grad_clip=0.0)
     config.train.update(batch_size=256, num_steps=400_000, ema_decay=0.9999, log_every=100,
                         checkpoint_every=5000, sample_every=20_000)
-    config.sample.update(sampler="ddpm", num_steps=250, cfg_scale=1.5, grid_per_class=1)
+    config.sample.update(sampler="ddpm", num_steps=250, cfg_scale=1.5, guidance_channels="3", grid_per_class=1)
     config.eval.update(num_samples=50_000, batch_size=256)
     return config
 
 
-# KIND paper, Table 7: OFT's block number r for task #1..#18 (the adapters' rank is N_T·c instead).
-KIND_OFT_BLOCKS = (21, 11, 8, 7, 6, 6, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4)
+# KIND paper §4.2: pre-training runs 300K steps (Table 6 lists 200K: --config.train.num_steps=200000).
+KIND_PRETRAIN_STEPS = 300_000
+# KIND paper, Table 7: every downstream method runs 50K steps.
 KIND_TRANSFER_STEPS = 50_000
 
 
 def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
     """KIND on the KIND paper's ImageNet split (``data.grouping="kind"``), selected by ``spec``:
 
-    - ``""``: pre-training on the training classes (``data.task="pretrain"``) under the class gate;
+    - ``""``: pre-training on the training classes (``data.task="pretrain"``) under the class gate,
+      300K steps (§4.2);
     - ``"task_K"``: KIND on downstream task K (Table 9): the frozen learngene of ``init.learngene``
       (set it to the pre-training workdir) with fresh tailors, lr 1e-3, 50K steps (Table 7);
-    - ``"task_K,METHOD"``: a baseline of :data:`kindjax.methods.METHODS` on task K at the matched
-      size (adapter rank ``N_T·c``, Table 7's OFT blocks); set ``init.pretrained`` to a dense DiT run.
+    - ``"task_K,METHOD"``: a baseline of :data:`kindjax.methods.METHODS` on task K at Table 7's
+      size (:func:`kindjax.methods.kind_task_sizes`: rank ``N_T·c``, LoHa ``⌊N_T·c/2⌋``, Table 7's
+      OFT blocks); set ``init.pretrained`` to a dense DiT run.
 
     ``N_T`` is the paper's; ``N_G`` fills the rank to the hidden size, ``N_cls·N_T + N_G = hidden``
     with ``N_cls`` the training classes of the shipped tables. The paper has 150 classes (B: N_G 318,
@@ -41,7 +46,7 @@ def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
     """
     from kindjax.data.class_groups import kind_pretrain_classes, kind_tasks
     from kindjax.layers.kind import kind_config
-    from kindjax.methods import METHODS, matched_sizes, method_config
+    from kindjax.methods import METHODS, kind_task_sizes, method_config
     from kindjax.archs import DIT_ARCHS
 
     hidden, depth, _ = DIT_ARCHS[arch]
@@ -52,6 +57,7 @@ def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
     if not task:
         config.data.update(grouping="kind", task="pretrain")
         config.model.num_classes = n_pretrain
+        config.train.num_steps = KIND_PRETRAIN_STEPS
         config.model.linear = kind_config(n_learngene=n_learngene, n_tailor=n_tailor)
         return config
     if task not in kind_tasks():
@@ -60,14 +66,12 @@ def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
     method = method or "kind"
     if method not in METHODS:
         raise ValueError(f"config spec {spec!r}: unknown method {method!r}; use one of {sorted(METHODS)}")
-    classes = len(kind_tasks()[task])
+    classes, sizes = kind_task_sizes(task, n_learngene, n_tailor, hidden, depth)
     config.data.update(grouping="kind", task=task)
     config.model.num_classes = classes
     config.train.num_steps = KIND_TRANSFER_STEPS
     if method == "lora":
         config.train.batch_size = 512
-    sizes = matched_sizes(classes, n_learngene, n_tailor, hidden, depth,
-                          oft_blocks=KIND_OFT_BLOCKS[int(task.removeprefix("task_")) - 1])
     config = method_config(config, method, sizes)
     if method == "svdiff" and arch == "L":
         config.optim.lr = 3e-3

@@ -15,6 +15,11 @@ both for a batch of ``train.batch_size`` images divided by the batch size, so wo
 once per batch (building a weight: SVDiff, OFT's rotation, KIND's learngene product) is
 shared as in training.
 
+``--kind_tasks`` instead averages the parameter counts over the KIND paper's 18 downstream
+tasks, each method at that task's Table 7 size (:func:`kindjax.methods.kind_task_sizes`):
+KIND Table 2's "Para." column, e.g. ``--config configs/kind_dit_b.py --kind_tasks
+--n_learngene 318 --n_tailor 3`` (the paper's N_G, N_T).
+
 All numbers come from the parameter tree and XLA's cost analysis of the lowered
 computations at the config's shapes (nothing is hand-typed, nothing is run).
 """
@@ -30,7 +35,9 @@ from flax import traverse_util
 
 from kindjax import cli
 from kindjax import params as param_rules
-from kindjax.methods import METHODS, Sizes, config_sizes, method_config
+from kindjax.archs import resolve_dims
+from kindjax.data.class_groups import kind_tasks
+from kindjax.methods import METHODS, Sizes, config_sizes, kind_task_sizes, method_config
 from kindjax.models.dit import abstract_params, build_model
 
 
@@ -87,18 +94,42 @@ def account(config: ml_collections.ConfigDict) -> tuple[int, int, float, float]:
     return param_rules.count(trainable), param_rules.count(params), forward_flops / 2 / b, train_flops / b
 
 
-def accounts(config: ml_collections.ConfigDict, classes: int, sizes: Sizes,
-             methods: tuple[str, ...] = tuple(METHODS)) -> list[Account]:
-    """One :class:`Account` per method, each adapted to ``classes`` new classes."""
+def adapted_configs(config: ml_collections.ConfigDict, classes: int, sizes: Sizes,
+                    methods: tuple[str, ...] = tuple(METHODS)) -> dict[str, ml_collections.ConfigDict]:
+    """``config``'s model set up for each method, adapted to ``classes`` new classes at ``sizes``."""
     base = config.copy_and_resolve_references()
     base.model.num_classes = classes
     base.model.linear = ml_collections.ConfigDict(dict(kind="dense"))
     base.data.classes = ()
-    rows = []
-    for name in methods:
-        c = method_config(base, name, sizes, pretrained="<dense>", learngene="<kind>")
-        rows.append(Account(name, *account(c)))
-    return rows
+    return {name: method_config(base, name, sizes, pretrained="<dense>", learngene="<kind>") for name in methods}
+
+
+def accounts(config: ml_collections.ConfigDict, classes: int, sizes: Sizes,
+             methods: tuple[str, ...] = tuple(METHODS)) -> list[Account]:
+    """One :class:`Account` per method, each adapted to ``classes`` new classes."""
+    return [Account(name, *account(c)) for name, c in adapted_configs(config, classes, sizes, methods).items()]
+
+
+def kind_task_counts(config: ml_collections.ConfigDict, n_learngene: int, n_tailor: int,
+                     methods: tuple[str, ...] = tuple(METHODS)) -> dict[str, list[tuple[int, int]]]:
+    """``method → [(trainable, stored)]`` on each of KIND's 18 downstream tasks, in task order, each
+    method at the task's Table 7 size for ``config``'s width and depth (shape-only)."""
+    dims = resolve_dims(config.model)
+    counts = {name: [] for name in methods}
+    for task in kind_tasks():
+        classes, sizes = kind_task_sizes(task, n_learngene, n_tailor, dims.hidden_size, dims.depth)
+        for name, c in adapted_configs(config, classes, sizes, methods).items():
+            counts[name].append(parameter_counts(c))
+    return counts
+
+
+def task_average_markdown(counts: dict[str, list[tuple[int, int]]]) -> str:
+    """The mean trainable and stored counts over the tasks (KIND Table 2's "Para." is the first)."""
+    lines = ["| method | trainable (M), task mean | stored (M), task mean |", "|---|---:|---:|"]
+    for name, rows in counts.items():
+        trainable, stored = (sum(col) / len(rows) / 1e6 for col in zip(*rows))
+        lines.append(f"| {name} | {trainable:.3f} | {stored:.2f} |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[Account]) -> str:
@@ -119,6 +150,11 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     config = FLAGS.config
     sizes = config_sizes(config, FLAGS.classes, FLAGS.n_learngene, FLAGS.n_tailor)
+    if FLAGS.kind_tasks:
+        print(f"{len(methods)} methods on KIND's {len(kind_tasks())} downstream tasks at Table 7's sizes; "
+              f"N_G={sizes.n_learngene}, N_T={sizes.n_tailor}", flush=True)
+        print(task_average_markdown(kind_task_counts(config, sizes.n_learngene, sizes.n_tailor, methods)))
+        return
     sizes = dataclasses.replace(sizes, oft_blocks=FLAGS.oft_blocks or sizes.oft_blocks,
                                 num_blocks=FLAGS.num_blocks or sizes.num_blocks)
     print(f"{len(methods)} methods adapted to {FLAGS.classes} classes; {sizes}", flush=True)
@@ -135,5 +171,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("oft_blocks", 0, "OFT block number r (default: hidden size / 32).")
     flags.DEFINE_integer("num_blocks", 0, "Blocks Heur-LG / Auto-LG inherit (default: half the depth).")
     flags.DEFINE_list("methods", [], "Methods to list (default: all).")
+    flags.DEFINE_bool("kind_tasks", False, "Average the parameter counts over KIND's 18 downstream tasks, each "
+                      "at its Table 7 size (Table 2's Para.), instead of --classes (no FLOPs).")
     flags.mark_flags_as_required(["config"])
     cli.run(main, "accounting")

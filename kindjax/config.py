@@ -105,7 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
                   dcn_data=1),        # slices (TPU multislice) or nodes (GPU) the data axis spans: the
                                       # outer part of `data` crosses the slow network (kindjax.sharding)
         sample=dict(sampler="ddpm", num_steps=250, cfg_scale=1.5, ddim_eta=0.0, grid_per_class=4,
-                    clip_denoised=False),   # True for pixel-space data in [-1, 1]
+                    clip_denoised=False,    # True for pixel-space data in [-1, 1]
+                    # CFG on "all" ε channels, or on the first N ("3": the original DiT code, whose
+                    # published FIDs used it; the ImageNet latent configs' default).
+                    guidance_channels="all"),
         # python -m kindjax.evaluate: samples as an ADM .npz, then FID/sFID/IS/precision/recall
         # (kindjax.evaluation.adm) against `reference`, an ADM reference .npz.
         eval=dict(num_samples=500, batch_size=250,
@@ -218,6 +221,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be ≥ 0")
     _require(config.sample.sampler in ("ddpm", "ddim"),
              f"sample.sampler={config.sample.sampler!r}: use 'ddpm' or 'ddim'")
+    g = str(config.sample.guidance_channels)
+    _require(g == "all" or (g.isdigit() and 1 <= int(g) <= m.in_channels),
+             f"sample.guidance_channels={g!r}: use 'all', or the number of leading channels to guide, "
+             f"1..model.in_channels={m.in_channels} ('3' as the original DiT)")
     _require(0 < config.sample.num_steps <= config.diffusion.num_timesteps,
              f"sample.num_steps={config.sample.num_steps} must be in [1, diffusion.num_timesteps="
              f"{config.diffusion.num_timesteps}]")

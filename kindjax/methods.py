@@ -7,9 +7,18 @@ A method is a linear-layer variant (``model.linear``), a parameter-selection rul
 edits a config.  Every method that adapts to new classes also trains the new classes'
 label-embedding rows (``y_embedder``), which no pre-trained model has.
 
-Sizes follow the KIND paper's matching rule: the adapters' rank ``r`` equals the
-number of tailor components of the new classes, ``N_cls·N_T`` (its Table 7), and
-KIND's own learngene is ``N_G`` components.
+Sizes follow the KIND paper's matching rule (its Table 7): the rank ``r`` of LoRA, PiSSA
+and DoRA equals the number of tailor components of the new classes, ``N_cls·N_T``; LoHa,
+whose update has two rank-``r`` pairs, gets ``⌊N_cls·N_T/2⌋`` (Table 7's LoHa row), so all
+four train about as many parameters as KIND's tailors; OFT gets Table 7's block number
+(:data:`KIND_OFT_BLOCKS`); KIND's own learngene is ``N_G`` components.
+
+LoRA's α (also DoRA's, PiSSA's, LoHa's): ``α = r``, so the update scale ``s = α/r`` is 1 at
+every rank.  The paper and its Table 7 give ranks but no α; peft's default (``r = α = 8``)
+is ``s = 1``, and keeping ``s = 1`` keeps the effective step of Table 7's learning rate
+(1e-3) the same for every task, whereas peft's fixed ``α = 8`` would shrink the update by
+``8/r`` (to 0.06 at the ``r = 140`` of DiT-L task 18).  Any other α is one setting away
+(``--config.model.linear.alpha``).
 """
 from __future__ import annotations
 
@@ -19,16 +28,22 @@ import ml_collections
 
 from kindjax.archs import resolve_dims
 from kindjax.config import ConfigError
+from kindjax.data.class_groups import kind_tasks
 from kindjax.params import ADAPTER_PATHS as ADAPTERS
 from kindjax.params import BIAS_PATHS as BIASES
 from kindjax.params import LABEL_PATHS as LABELS
 from kindjax.transfer.kind import as_kind_transfer
 
 
+# KIND paper, Table 7: OFT's block number r for task #1..#18 (both DiT-B and DiT-L).
+KIND_OFT_BLOCKS = (21, 11, 8, 7, 6, 6, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    """``rank``: adapter rank (= N_cls·N_T); ``n_learngene``/``n_tailor``: KIND's N_G and N_T;
-    ``oft_blocks``: OFT's block number; ``num_blocks``: blocks a layer-transfer learngene inherits."""
+    """``rank``: LoRA/PiSSA/DoRA rank (= N_cls·N_T; LoHa: :attr:`loha_rank`);
+    ``n_learngene``/``n_tailor``: KIND's N_G and N_T; ``oft_blocks``: OFT's block number;
+    ``num_blocks``: blocks a layer-transfer learngene inherits."""
 
     rank: int
     n_learngene: int
@@ -36,14 +51,31 @@ class Sizes:
     oft_blocks: int
     num_blocks: int
 
+    @property
+    def loha_rank(self) -> int:
+        """LoHa's rank ``⌊r/2⌋`` (at least 1): two rank-``r/2`` pairs, as many parameters as rank ``r``."""
+        return max(self.rank // 2, 1)
+
 
 def matched_sizes(classes: int, n_learngene: int, n_tailor: int, hidden: int, depth: int,
                   oft_blocks: int = 0) -> Sizes:
-    """The KIND paper's matching rule for ``classes`` new classes: adapter rank ``classes·N_T``
-    (its Table 7); OFT ``oft_blocks`` blocks (default: blocks of 32 channels, peft's default block
-    size, on the ``hidden`` width); Heur-/Auto-LG inherit half of the ``depth`` blocks."""
+    """The KIND paper's matching rule for ``classes`` new classes (its Table 7): rank
+    ``r = classes·N_T`` (LoHa: :attr:`Sizes.loha_rank`); OFT ``oft_blocks`` blocks (default: blocks of 32
+    channels, peft's default block size, on the ``hidden`` width); Heur-/Auto-LG inherit half of the
+    ``depth`` blocks."""
     return Sizes(rank=classes * n_tailor, n_learngene=n_learngene, n_tailor=n_tailor,
                  oft_blocks=oft_blocks or hidden // 32, num_blocks=max(depth // 2, 1))
+
+
+def kind_task_sizes(task: str, n_learngene: int, n_tailor: int, hidden: int, depth: int) -> tuple[int, Sizes]:
+    """``(classes, sizes)`` of KIND downstream task ``task`` ("task_1".."task_18", Table 9): its
+    number of classes and :func:`matched_sizes` with Table 7's OFT block number."""
+    tasks = kind_tasks()
+    if task not in tasks:
+        raise ConfigError(f"unknown KIND task {task!r}: use one of task_1..task_{len(tasks)} (KIND Table 9)")
+    classes = len(tasks[task])
+    return classes, matched_sizes(classes, n_learngene, n_tailor, hidden, depth,
+                                  oft_blocks=KIND_OFT_BLOCKS[int(task.removeprefix("task_")) - 1])
 
 
 def config_sizes(config: ml_collections.ConfigDict, classes: int, n_learngene: int = 0,
@@ -88,13 +120,21 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 ]}
 
 
-def adapter_linear(kind: str, sizes: Sizes) -> ml_collections.ConfigDict:
-    """``model.linear`` of an adapter variant at the matched size."""
+def adapter_linear(kind: str, sizes: Sizes, oft_block_fit: str = "pad") -> ml_collections.ConfigDict:
+    """``model.linear`` of an adapter variant at the matched size, with ``α = r``.
+
+    OFT keeps Table 7's block number where it does not divide a matrix's input size
+    (``block_fit="pad"``, blocks of ⌈d_in/r⌉): that is the reading Table 2's OFT parameter counts
+    imply (14.2M on DiT-B, 50.5M on DiT-L); ``oft_block_fit="peft"`` takes peft's nearest divisor
+    instead (:func:`kindjax.layers.adapters.oft_blocks`).
+    """
     if kind == "oft":
-        return ml_collections.ConfigDict(dict(kind="oft", r=sizes.oft_blocks, oft_block_size=0))
+        return ml_collections.ConfigDict(dict(kind="oft", r=sizes.oft_blocks, oft_block_size=0,
+                                              block_fit=oft_block_fit))
     if kind == "svdiff":
         return ml_collections.ConfigDict(dict(kind="svdiff"))
-    return ml_collections.ConfigDict(dict(kind=kind, rank=sizes.rank, alpha=float(sizes.rank)))
+    rank = sizes.loha_rank if kind == "loha" else sizes.rank
+    return ml_collections.ConfigDict(dict(kind=kind, rank=rank, alpha=float(rank)))
 
 
 def method_config(config: ml_collections.ConfigDict, method: str, sizes: Sizes, *,

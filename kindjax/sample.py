@@ -13,13 +13,20 @@ from kindjax.models.dit import DiT
 from kindjax import sharding
 
 
+def guidance_channels(sample_config: ml_collections.ConfigDict) -> int | None:
+    """``sample.guidance_channels`` for the sampler: ``None`` for "all" (also when a config saved
+    before the key existed lacks it), else the number of leading channels guided."""
+    value = str(sample_config.get("guidance_channels", "all"))
+    return None if value == "all" else int(value)
+
+
 def generate(model: DiT, params: Any, diffusion: GaussianDiffusion, key: jax.Array, labels: np.ndarray,
              sample_config: ml_collections.ConfigDict, batch_size: int = 256,
              mesh: Mesh | None = None) -> np.ndarray:
     """Samples one image per entry of ``labels`` (class ids; ``num_classes`` = unconditional).
 
-    Uses ``sample_config.sampler`` ("ddpm" or "ddim"), ``num_steps``, ``cfg_scale``
-    ``ddim_eta`` and ``clip_denoised``.  Batches of ``batch_size`` (the last one padded) are split
+    Uses ``sample_config.sampler`` ("ddpm" or "ddim"), ``num_steps``, ``cfg_scale``,
+    ``guidance_channels`` ("all", or "3" as the original DiT), ``ddim_eta`` and ``clip_denoised``.  Batches of ``batch_size`` (the last one padded) are split
     over ``mesh``'s batch axes.  Returns float32 NHWC images in [-1, 1].
     """
     labels = np.asarray(labels, np.int32)
@@ -40,6 +47,7 @@ def generate(model: DiT, params: Any, diffusion: GaussianDiffusion, key: jax.Arr
         return run_sampler(lambda x, t, yy: denoise(p, x, t, yy), diffusion, k, shape, y,
                            method=sample_config.sampler, num_steps=sample_config.num_steps,
                            cfg_scale=sample_config.cfg_scale, null_class=model.num_classes,
+                           guidance_channels=guidance_channels(sample_config),
                            learn_sigma=model.learn_sigma, eta=sample_config.ddim_eta,
                            clip_denoised=sample_config.clip_denoised)
 

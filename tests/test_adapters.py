@@ -137,7 +137,9 @@ def test_dora_norm_is_constant_for_the_gradient():
 
 
 @pytest.mark.parametrize("terms", [5, 3, 2, None])     # Cayley–Neumann terms; None: exact Cayley
-@pytest.mark.parametrize("sizes", [dict(oft_block_size=4), dict(r=2)])
+@pytest.mark.parametrize("sizes", [dict(oft_block_size=4), dict(r=2),
+                                   # not dividing D_IN = 16: peft takes the nearest divisor
+                                   dict(r=3), dict(r=5), dict(oft_block_size=3), dict(oft_block_size=6)])
 def test_oft_matches_peft(terms, sizes):
     peft_sizes = {"r": 0, **sizes} if "oft_block_size" in sizes else {"oft_block_size": 0, **sizes}
     cayley = dict(use_cayley_neumann=terms is not None, num_cayley_neumann_terms=terms or 5)
@@ -149,6 +151,43 @@ def test_oft_matches_peft(terms, sizes):
     x = inputs()
     out = module.apply({"params": params}, jnp.asarray(x, jnp.float32))
     want = torch_out64(model, x)
+    assert_close(out, want)
+    dense = x @ np.asarray(params["kernel"], np.float64) + np.asarray(params["bias"], np.float64)
+    assert np.abs(want - dense).max() > 0.05
+
+
+def test_oft_nearest_divisor_is_peft_s_adjustment():
+    from kindjax.layers.adapters import nearest_divisor, oft_blocks
+    from peft.tuners.oft.layer import OFTLayer
+
+    for d_in in (16, 64, 768, 1024, 3072):
+        for size in range(1, d_in + 8):
+            if d_in % size:
+                assert nearest_divisor(d_in, size) == OFTLayer.adjust_oft_parameters(None, d_in, size), (d_in, size)
+    assert oft_blocks(768, 21, 0) == (24, 32)            # KIND task 1's r = 21 on DiT-B: 24 blocks of 32
+    assert oft_blocks(768, 21, 0, "pad") == (21, 37)     # kept: 21 blocks of ⌈768/21⌉, input padded to 777
+    assert oft_blocks(3072, 0, 100, "pad") == (31, 100)
+
+
+@pytest.mark.parametrize("sizes", [dict(r=3), dict(r=5), dict(oft_block_size=6)])
+def test_oft_padded_blocks_match_peft_on_the_zero_padded_layer(sizes):
+    """``block_fit="pad"``: ``n`` blocks of ``b`` with ``n·b > d_in`` equal peft's OFT (whose blocks
+    then tile exactly) on the layer widened to ``n·b`` inputs by zero inputs and zero kernel rows."""
+    from kindjax.layers.adapters import oft_blocks
+
+    n, b = oft_blocks(D_IN, sizes.get("r", 0), sizes.get("oft_block_size", 0), "pad")
+    assert n * b > D_IN
+    model, layer = wrapped(peft.OFTConfig(target_modules=["lin"], r=n, oft_block_size=0), d_in=n * b)
+    weight = layer.oft_R["default"].weight
+    randomise(weight, std=0.2)
+    with torch.no_grad():
+        layer.get_base_layer().weight[:, D_IN:] = 0.0
+    wide = dense_node(layer)
+    params = {"kernel": wide["kernel"][:D_IN], "bias": wide["bias"], "adapter": {"Q": np32(weight)}}
+    settings = adapter_settings({"kind": "oft", "block_fit": "pad", **sizes})
+    x = inputs()
+    out = OFTLinear(D_OUT, **settings).apply({"params": params}, jnp.asarray(x, jnp.float32))
+    want = torch_out64(model, np.concatenate([x, np.zeros(x.shape[:-1] + (n * b - D_IN,))], axis=-1))
     assert_close(out, want)
     dense = x @ np.asarray(params["kernel"], np.float64) + np.asarray(params["bias"], np.float64)
     assert np.abs(want - dense).max() > 0.05
@@ -227,11 +266,12 @@ def test_svdiff_matches_float64_oracle():
 
 # ------------------------------------------------------------------ init: W' = W, peft's distributions
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_fresh_layer_equals_dense(kind):
+@pytest.mark.parametrize("kind, oft", [(kind, dict(oft_block_size=4)) for kind in KINDS]
+                         + [("oft", dict(r=3)), ("oft", dict(r=3, block_fit="pad"))])   # 3 ∤ 16
+def test_fresh_layer_equals_dense(kind, oft):
     """At init (after from_dense for the data-dependent kinds) the output is the dense x·W + b."""
     model_config = ml_collections.ConfigDict(dict(arch="", hidden_size=16, depth=1, num_heads=2, mlp_ratio=1.5,
-                                                  linear=adapter_config(kind, oft_block_size=4)))
+                                                  linear=adapter_config(kind, **oft)))
     layer = VARIANTS[kind](model_config)("q", D_OUT, "q")
     x = jax.random.normal(jax.random.key(7), (2, 3, D_IN))
     fresh = layer.init(jax.random.key(8), x)["params"]
@@ -335,8 +375,8 @@ def model_leaf_names(kind: str) -> tuple[str, ...]:
     (dict(kind="lora", alpha=-1.0), r"linear.alpha must be a positive number"),
     (dict(kind="oft", r=4, oft_block_size=8), r"exactly one of r .* and oft_block_size"),
     (dict(kind="oft", r=0, oft_block_size=0), r"exactly one of r .* and oft_block_size"),
-    (dict(kind="oft", oft_block_size=24), r"oft_block_size=24 does not divide d_in=64 of matrix 'q'"),
-    (dict(kind="oft", r=3), r"linear.r=3 does not divide d_in=64 of matrix 'q'"),
+    (dict(kind="oft", oft_block_size=65, block_fit="pad"), r"oft_block_size=65 exceeds d_in=64 of matrix 'q'"),
+    (dict(kind="oft", r=3, block_fit="round"), r"linear.block_fit='round': use one of \['peft', 'pad'\]"),
     (dict(kind="oft", num_cayley_neumann_terms=0), r"num_cayley_neumann_terms must be a positive int"),
     (dict(kind="pissa", rank=65), r"rank=65 exceeds min\(d_in, d_out\) = 64 of matrix 'q'"),
     (dict(kind="svdiff", rank=4), r"unknown keys \['rank'\] for kind='svdiff'"),

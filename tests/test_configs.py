@@ -42,6 +42,8 @@ def test_kind_imagenet_configs_pretrain_on_the_kind_split_and_fill_the_rank(name
     config = load(name)
     linear, n_cls = config.model.linear, len(cg.kind_pretrain_classes())
     assert (config.data.grouping, config.data.task) == ("kind", "pretrain")
+    assert config.train.num_steps == 300_000            # §4.2 (Table 6's 200K is an override)
+    assert load(f"dit_{name[-1]}").train.num_steps == 400_000   # plain DiT keeps DiT's 400K
     assert config.model.num_classes == n_cls and "n_classes" not in linear
     assert linear.n_tailor == n_tailor and n_cls * n_tailor + linear.n_learngene == hidden
     assert hidden - 150 * n_tailor == paper_n_learngene   # the paper's N_G with its 150 classes
@@ -78,6 +80,10 @@ def test_kind_imagenet_task_specs_select_the_task_and_the_method(name):
     assert (lora.model.linear.kind, lora.model.linear.rank, lora.train.batch_size) == ("lora", rank, 512)
     oft = get_config("task_1,oft")
     assert (oft.model.linear.kind, oft.model.linear.r, oft.optim.lr) == ("oft", 21, 1e-4)
+    assert oft.model.linear.block_fit == "pad"         # Table 7's 21 blocks kept (Table 2's count)
+    build_model(oft)
+    loha = get_config("task_5,loha")
+    assert (loha.model.linear.rank, loha.model.linear.alpha) == (rank // 2, float(rank // 2))
     assert get_config("task_4,svdiff").optim.lr == (3e-3 if name == "kind_dit_l" else 5e-3)
     with pytest.raises(ValueError, match="task_1..task_18"):
         get_config("task_19")

@@ -17,17 +17,22 @@ from kindjax.diffusion.gaussian import GaussianDiffusion, extract, p_mean_varian
 DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def classifier_free_guidance(denoise_fn: DenoiseFn, cfg_scale: float, null_class: int) -> DenoiseFn:
-    """One call on ``[x, x]`` with labels ``[y, ∅]``: ``ε = ε_∅ + s (ε_y − ε_∅)``; the variance
-    channels (if any) are those of the conditional half."""
+def classifier_free_guidance(denoise_fn: DenoiseFn, cfg_scale: float, null_class: int,
+                             channels: int | None = None) -> DenoiseFn:
+    """One call on ``[x, x]`` with labels ``[y, ∅]``: ``ε = ε_∅ + s (ε_y − ε_∅)`` on the first
+    ``channels`` output channels (``None``: all ``C`` ε channels); every other channel (the rest of
+    ε, the variance channels) is the conditional half's.  ``channels=3`` is the original DiT's
+    ``forward_with_cfg`` (``eps, rest = model_out[:, :3], model_out[:, 3:]``), which on 4 latent
+    channels leaves the fourth ε channel unguided."""
 
     def guided(x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
-        batch, channels = x.shape[0], x.shape[-1]
+        batch = x.shape[0]
+        k = x.shape[-1] if channels is None else channels
         out = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                          jnp.concatenate([y, jnp.full_like(y, null_class)]))
         cond, uncond = out[:batch], out[batch:]
-        eps = uncond[..., :channels] + cfg_scale * (cond[..., :channels] - uncond[..., :channels])
-        return jnp.concatenate([eps, cond[..., channels:]], axis=-1)
+        eps = uncond[..., :k] + cfg_scale * (cond[..., :k] - uncond[..., :k])
+        return jnp.concatenate([eps, cond[..., k:]], axis=-1)
 
     return guided
 
@@ -66,13 +71,16 @@ def ddim_step(d: GaussianDiffusion, model_output: jax.Array, x: jax.Array, t: ja
 
 def sample(denoise_fn: DenoiseFn, d: GaussianDiffusion, key: jax.Array, shape: tuple[int, ...], y: jax.Array, *,
            method: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0, null_class: int | None = None,
-           learn_sigma: bool = True, clip_denoised: bool = False, eta: float = 0.0) -> jax.Array:
+           guidance_channels: int | None = None, learn_sigma: bool = True, clip_denoised: bool = False,
+           eta: float = 0.0) -> jax.Array:
     """Draw ``x_0`` of NHWC ``shape`` from ``x_T ~ N(0, I)`` with ``num_steps`` respaced steps of ``d``.
 
     ``method`` is ``"ddpm"`` (ancestral, learned or fixed-small variance) or ``"ddim"``
     (``eta`` = 0: deterministic). Guidance is on when ``cfg_scale != 1`` (a Python number;
-    then ``null_class`` is required). ``method``, ``num_steps``, ``cfg_scale``, ``null_class``,
-    ``learn_sigma`` and ``clip_denoised`` are static; ``key`` and ``y`` may be traced.
+    then ``null_class`` is required), on the first ``guidance_channels`` channels (``None``: all;
+    :func:`classifier_free_guidance`). ``method``, ``num_steps``, ``cfg_scale``, ``null_class``,
+    ``guidance_channels``, ``learn_sigma`` and ``clip_denoised`` are static; ``key`` and ``y`` may
+    be traced.
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
@@ -80,7 +88,7 @@ def sample(denoise_fn: DenoiseFn, d: GaussianDiffusion, key: jax.Array, shape: t
     if cfg_scale != 1.0:
         if null_class is None:
             raise ValueError("cfg_scale != 1 needs null_class (the label of the unconditional class)")
-        model = classifier_free_guidance(denoise_fn, cfg_scale, null_class)
+        model = classifier_free_guidance(denoise_fn, cfg_scale, null_class, guidance_channels)
     else:
         model = denoise_fn
     timestep_map = jnp.asarray(sd.timestep_map, dtype=jnp.int32)

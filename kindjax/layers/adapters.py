@@ -9,7 +9,7 @@ its default hyper-parameters.  Matrices are stored for kindjax's row-vector
 convention ``x·W``: each is the transpose of peft's (``lora_A`` is ``(d_in, r)``,
 peft's ``lora_A.weight`` is ``(r, d_in)``).
 
-Parameter tree of one layer (``k = min(d_in, d_out)``, ``n·b = d_in``)::
+Parameter tree of one layer (``k = min(d_in, d_out)``; OFT: ``n·b = d_in``, ``≥`` with ``block_fit="pad"``)::
 
     lora, pissa  adapter/lora_A (d_in, r)   adapter/lora_B (r, d_out)
     dora         the same + adapter/magnitude (d_out,)
@@ -20,8 +20,9 @@ Parameter tree of one layer (``k = min(d_in, d_out)``, ``n·b = d_in``)::
 
 ``config.model.linear`` keys (defaults are peft's): ``rank`` (8) and ``alpha`` (8.0)
 for lora/dora/pissa/loha (``scale s = alpha / rank``); for oft either ``r`` (number
-of blocks) or ``oft_block_size`` (default 32), plus ``use_cayley_neumann`` (True)
-and ``num_cayley_neumann_terms`` (5); svdiff has none.
+of blocks) or ``oft_block_size`` (default 32), plus ``use_cayley_neumann`` (True),
+``num_cayley_neumann_terms`` (5) and ``block_fit`` ("peft", or "pad": what to do when
+the blocks do not tile ``d_in``, see :func:`oft_blocks`); svdiff has none.
 
 Data-dependent initialisation from a pre-trained dense layer: :data:`FROM_DENSE`
 maps a kind to ``from_dense(layer_params, key, linear_config) -> layer_params``,
@@ -51,7 +52,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "dora": _LOW_RANK,
     "pissa": _LOW_RANK,
     "loha": _LOW_RANK,
-    "oft": {"r": 0, "oft_block_size": 32, "use_cayley_neumann": True, "num_cayley_neumann_terms": 5},
+    "oft": {"r": 0, "oft_block_size": 32, "use_cayley_neumann": True, "num_cayley_neumann_terms": 5,
+            "block_fit": "peft"},
     "svdiff": {},
 }
 
@@ -97,6 +99,9 @@ def adapter_settings(linear_config: Mapping) -> dict[str, Any]:
         if not _is_int(terms) or terms < 1:
             raise ConfigError(f"config.model.linear.num_cayley_neumann_terms must be a positive int, "
                               f"got {terms!r}")
+        if settings["block_fit"] not in OFT_BLOCK_FITS:
+            raise ConfigError(f"config.model.linear.block_fit={settings['block_fit']!r}: use one of "
+                              f"{list(OFT_BLOCK_FITS)} (what OFT does when its blocks do not tile d_in)")
     elif kind != "svdiff":
         if not _is_int(settings["rank"]) or settings["rank"] < 1:
             raise ConfigError(f"config.model.linear.rank must be a positive int for kind={kind!r}, "
@@ -108,17 +113,41 @@ def adapter_settings(linear_config: Mapping) -> dict[str, Any]:
     return settings
 
 
-def oft_blocks(d_in: int, r: int, oft_block_size: int, role: str = "linear") -> tuple[int, int]:
-    """``(n, b)``: ``n`` OFT blocks of size ``b`` with ``n·b = d_in``, from peft's ``r`` or ``oft_block_size``.
+#: OFT's rules for blocks that do not tile ``d_in`` (:func:`oft_blocks`).
+OFT_BLOCK_FITS = ("peft", "pad")
 
-    peft silently rounds a size that does not divide ``d_in``; kindjax refuses it.
+
+def nearest_divisor(d_in: int, size: int) -> int:
+    """The divisor of ``d_in`` nearest to ``size``, the smaller one on a tie; ``d_in`` if ``size ≥ d_in``
+    (peft 0.21.2's ``adjust_oft_parameters``)."""
+    if size >= d_in:
+        return d_in
+    divisors = [k for k in range(1, d_in + 1) if d_in % k == 0]
+    return min(divisors, key=lambda k: (abs(k - size), k))
+
+
+def oft_blocks(d_in: int, r: int, oft_block_size: int, block_fit: str = "peft",
+               role: str = "linear") -> tuple[int, int]:
+    """``(n, b)``: ``n`` OFT blocks of size ``b`` acting on a matrix's ``d_in`` inputs, from peft's ``r``
+    (blocks) or ``oft_block_size`` (the one that is > 0).
+
+    When the given number does not divide ``d_in``:
+
+    - ``block_fit="peft"`` (HF peft 0.21.2): it is replaced by the divisor of ``d_in`` nearest to it
+      (the smaller on a tie; ``d_in`` if it exceeds ``d_in``), so ``n·b = d_in``; e.g. ``r = 21`` on
+      ``d_in = 768`` becomes 24 blocks of 32 (peft warns "Adjusted `r`");
+    - ``block_fit="pad"``: the number is kept and the other rounded up, ``n·b ≥ d_in``: the input is
+      zero-padded to ``n·b`` and the rotated input cut back to ``d_in`` (``R`` cut to its leading
+      ``d_in × d_in`` block); e.g. ``r = 21`` on ``d_in = 768`` is 21 blocks of ⌈768/21⌉ = 37.
     """
-    size, key = (oft_block_size, "oft_block_size") if oft_block_size > 0 else (r, "r")
-    if d_in % size:
-        raise ConfigError(
-            f"config.model.linear.{key}={size} does not divide d_in={d_in} of matrix {role!r} "
-            f"(OFT needs r·oft_block_size = d_in); choose a divisor of every matrix's input size")
-    return (d_in // size, size) if key == "oft_block_size" else (size, d_in // size)
+    given, key = (oft_block_size, "oft_block_size") if oft_block_size > 0 else (r, "r")
+    if block_fit == "pad" and given > d_in:
+        raise ConfigError(f"config.model.linear.{key}={given} exceeds d_in={d_in} of matrix {role!r}; "
+                          f"with block_fit='pad' choose at most {d_in}")
+    if block_fit == "peft" and d_in % given:
+        given = nearest_divisor(d_in, given)
+    other = -(-d_in // given)
+    return (given, other) if key == "r" else (other, given)
 
 
 def _check_pissa_rank(rank: int, d_in: int, d_out: int, role: str) -> None:
@@ -206,10 +235,13 @@ def cayley(q: jax.Array, use_neumann: bool, num_terms: int) -> jax.Array:
 
 
 def oft_rotate(x: jax.Array, rotation: jax.Array) -> jax.Array:
-    """``x·R`` for the block-diagonal ``R = diag(R_1, …, R_n)`` acting on ``x``'s last axis."""
+    """``x·R`` for the block-diagonal ``R = diag(R_1, …, R_n)`` acting on ``x``'s last axis ``d``;
+    when ``n·b > d``, ``x`` is zero-padded to ``n·b`` and the result cut to ``d`` (``R[:d, :d]``)."""
     n, b, _ = rotation.shape
-    blocks = x.reshape(*x.shape[:-1], n, b)
-    return jnp.einsum("...nk,nkc->...nc", blocks, rotation).reshape(x.shape)
+    d = x.shape[-1]
+    padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n * b - d)]) if n * b > d else x
+    blocks = padded.reshape(*x.shape[:-1], n, b)
+    return jnp.einsum("...nk,nkc->...nc", blocks, rotation).reshape(padded.shape)[..., :d]
 
 
 def loha_delta(adapter: Mapping[str, jax.Array], scale: float, dtype: jnp.dtype = jnp.float32) -> jax.Array:
@@ -307,12 +339,13 @@ class OFTLinear(_AdaptedDense):
     oft_block_size: int = 32
     use_cayley_neumann: bool = True
     num_cayley_neumann_terms: int = 5
+    block_fit: str = "peft"
     role: str = "linear"
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
         del y
-        n, b = oft_blocks(x.shape[-1], self.r, self.oft_block_size, self.role)
+        n, b = oft_blocks(x.shape[-1], self.r, self.oft_block_size, self.block_fit, self.role)
         kernel, bias = self.dense_params(x.shape[-1])
         adapter = self.param("adapter", lambda key: {"Q": jnp.zeros((n, b * (b - 1) // 2), jnp.float32)})
         dtype = self.dtype or x.dtype
@@ -416,7 +449,7 @@ def _adapter_factory(kind: str) -> Callable[[ml_collections.ConfigDict], LinearF
         settings = adapter_settings(model_config.linear)
         for role, (d_in, d_out) in matrix_shapes(model_config).items():
             if kind == "oft":
-                oft_blocks(d_in, settings["r"], settings["oft_block_size"], role)
+                oft_blocks(d_in, settings["r"], settings["oft_block_size"], settings["block_fit"], role)
             elif kind == "pissa":
                 _check_pissa_rank(settings["rank"], d_in, d_out, role)
 
