@@ -15,6 +15,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# PyTorch (the reference implementations) probes for Triton at import; Triton's own LLVM, loaded
+# into a process that already holds jaxlib's, can crash the interpreter (seen as a segfault in
+# libtriton's import, depending on test order). The tests run PyTorch on the CPU only and need
+# no Triton: make it unimportable, which torch treats as "not installed".
+sys.modules.setdefault("triton", None)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
