@@ -128,8 +128,9 @@ def test_logs_grid_and_metrics(tmp_path, single_device_env):
     acc = EventAccumulator(glob.glob(str(tmp_path / "tensorboard" / "events.*"))[0], size_guidance={"images": 0})
     acc.Reload()
     images = acc.Images("samples")
-    # One row per class (10), one sample per row, each upscaled to 64 pixels with a 4-pixel border.
-    assert [e.step for e in images] == [2, 4] and (images[0].height, images[0].width) == (10 * 68 + 4, 68 + 4)
+    # One row per class (10) and the null-class row, one sample per row, each upscaled to 64 pixels
+    # with a 4-pixel border.
+    assert [e.step for e in images] == [2, 4] and (images[0].height, images[0].width) == (11 * 68 + 4, 68 + 4)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -248,14 +248,16 @@ def origin(config: ml_collections.ConfigDict) -> dict[str, dict]:
 
 
 def sample_grid(trainer: Trainer, state: State, step: int, logger: RunLogger) -> str:
-    """Writes ``WORKDIR/samples/step_<step>.png`` (one row per class, EMA weights) and logs it."""
+    """Writes ``WORKDIR/samples/step_<step>.png`` (EMA weights) and logs it: one row per class, then
+    one row of null-class samples (label ``num_classes``, the unconditional model that guidance
+    subtracts; no guidance applies to it), so what the model draws without a class is in the picture."""
     cfg = trainer.config
     per_class = cfg.sample.grid_per_class
-    labels = np.repeat(np.arange(trainer.model.num_classes), per_class)
+    rows = trainer.model.num_classes + 1
+    labels = np.repeat(np.arange(rows), per_class)
     images = trainer.sample(state["ema_params"], jax.random.fold_in(trainer.base_key, 2 << 20), labels)
     upscale = max(1, 64 // trainer.model.image_size)
-    grid = image_grid(to_uint8(images)[..., :3], rows=trainer.model.num_classes, upscale=upscale,
-                      pad=max(1, upscale // 2))
+    grid = image_grid(to_uint8(images)[..., :3], rows=rows, upscale=upscale, pad=max(1, upscale // 2))
     path = os.path.join(trainer.workdir, "samples", f"step_{step:07d}.png")
     png = png_bytes(grid)
     if jax.process_index() == 0:
