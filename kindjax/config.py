@@ -225,6 +225,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(g == "all" or (g.isdigit() and 1 <= int(g) <= m.in_channels),
              f"sample.guidance_channels={g!r}: use 'all', or the number of leading channels to guide, "
              f"1..model.in_channels={m.in_channels} ('3' as the original DiT)")
+    d = config.data
+    _require(d.bad_shards in ("error", "skip"), f"data.bad_shards={d.bad_shards!r}: use 'error' or 'skip'")
+    _require(d.verify_latents in ("sizes", "full"), f"data.verify_latents={d.verify_latents!r}: use 'sizes' or 'full'")
+    for key, low in (("streams", 0), ("workers", 1), ("device_prefetch", 1)):
+        _require(d[key] >= low, f"data.{key}={d[key]} must be ≥ {low}")
     _require(0 < config.sample.num_steps <= config.diffusion.num_timesteps,
              f"sample.num_steps={config.sample.num_steps} must be in [1, diffusion.num_timesteps="
              f"{config.diffusion.num_timesteps}]")

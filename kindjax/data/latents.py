@@ -133,10 +133,6 @@ class LatentDataset:
                  scale: float = 0.18215, random_flip: bool = True, prefetch_depth: int = 2, streams: int = 0,
                  workers: int = 1, bad_shards: str = "error", verify: str = "sizes",
                  log: Callable[[str], None] = print) -> None:
-        if bad_shards not in ("error", "skip") or verify not in ("sizes", "full") or streams < 0 or workers < 1:
-            raise ConfigError(f"data.bad_shards={bad_shards!r} (error|skip), data.verify_latents={verify!r} "
-                              f"(sizes|full), data.streams={streams} (>= 0), data.workers={workers} (>= 1): "
-                              f"one of them is out of range")
         self.root, self.index, self.scale, self.prefetch_depth = root, index, float(scale), prefetch_depth
         self.streams, self.workers, self.verify, self.log = streams, workers, verify, log
         self.latent_shape = tuple(index["latent_shape"])
