@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -97,3 +98,53 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, eval_files):
     assert set(pod_metrics) == {"inception_score", "fid", "sfid", "precision", "recall"}
     for name, value in single_metrics.items():
         assert pod_metrics[name] == pytest.approx(value, rel=1e-3, abs=1e-3), name
+
+
+@pytest.mark.slow  # three JAX jobs, ~2 min on 2 cores: run with -m slow
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """Pod-wide preemption: SIGTERM reaches only process 1; both save the same step and exit 0, and
+    the rerun resumes with the losses of an uninterrupted run."""
+    import signal
+    import threading
+
+    config = ["--config", os.path.join(ROOT, "configs/dit_digits.py"), *tiny_overrides(),
+              "--config.train.num_steps=5000", "--config.train.checkpoint_every=100000",
+              "--config.train.sample_every=100000"]
+    pod, single = str(tmp_path / "pod"), str(tmp_path / "single")
+    job_id = random.randrange(1 << 20)
+    procs = [subprocess.Popen([sys.executable, "-m", "kindjax.main", *config, "--workdir", pod], cwd=ROOT,
+                              env=env_for(p, job_id), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for p in range(PROCESSES)]
+    lines: list[list[str]] = [[], []]
+    readers = [threading.Thread(target=lambda i=i: lines[i].extend(procs[i].stdout), daemon=True)
+               for i in range(PROCESSES)]
+    for r in readers:
+        r.start()
+    try:
+        deadline = time.time() + 300
+        while not any("step 5/" in line for line in list(lines[0])):
+            assert time.time() < deadline and procs[0].poll() is None, "".join(lines[0])[-3000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r in readers:
+        r.join(timeout=10)
+    out0 = "".join(lines[0])
+    assert codes == [0, 0], (out0[-3000:], "".join(lines[1])[-3000:])
+    saved = sorted(int(s) for s in os.listdir(os.path.join(pod, "checkpoints")) if s.isdigit())
+    assert len(saved) == 1 and 5 <= saved[0] < 5000, saved
+    stop = saved[0]
+    assert f"a stop request from another process: saving step {stop}" in out0
+
+    total = stop + 4
+    outputs = run_job(["kindjax.main", *config, "--workdir", pod, f"--config.train.num_steps={total}"],
+                      multiprocess=True)
+    assert f"Resumed from {pod} at step {stop}" in outputs[0]
+    run_job(["kindjax.main", *config, "--workdir", single, f"--config.train.num_steps={total}"], multiprocess=False)
+    pod_loss, single_loss = tb_scalars(pod), tb_scalars(single)
+    steps = list(range(1, total + 1))
+    np.testing.assert_allclose([pod_loss[s] for s in steps], [single_loss[s] for s in steps], rtol=1e-5)
