@@ -101,9 +101,10 @@ def stage(config: ml_collections.ConfigDict, workdir: str, evaluate, dataset=Non
     metrics = finished(workdir, config, start)
     if metrics is not None:
         return metrics
+    now = fingerprint(config, start)
     path = os.path.join(workdir, "metrics.json")
     if os.path.exists(path):
-        changed = differences(json.load(open(path)).get("fingerprint", {}), fingerprint(config, start))
+        changed = differences(json.load(open(path)).get("fingerprint", {}), now)
         print(f"{workdir} finished with other settings ({'; '.join(changed[:4])}); running it again.", flush=True)
     train(config, workdir, evaluate=evaluate, dataset=dataset)
     if not os.path.exists(path):
@@ -114,7 +115,7 @@ def stage(config: ml_collections.ConfigDict, workdir: str, evaluate, dataset=Non
     metrics.pop("fingerprint", None)
     if jax.process_index() == 0:
         with open(path, "w") as f:
-            json.dump({**metrics, "fingerprint": fingerprint(config, start)}, f, indent=2)
+            json.dump({**metrics, "fingerprint": now}, f, indent=2)
     return metrics
 
 

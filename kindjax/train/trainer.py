@@ -174,6 +174,8 @@ class Preemption:
 
     def __init__(self):
         self.requested = 0
+        self._placed: dict[str, jax.Array] | None = None
+        self._placed_for = -1
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
@@ -183,9 +185,14 @@ class Preemption:
             os._exit(130)
         self.requested = max(self.requested, self.SIGNALS[signum])
 
-    def rows(self, local_rows: int) -> np.ndarray:
-        """This process's request, one value per row of its local batch."""
-        return np.full((local_rows,), self.requested, np.int32)
+    def placed(self, place: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]],
+               local_rows: int) -> dict[str, jax.Array]:
+        """``{STOP: this process's request}`` on the mesh, one value per row of its local batch;
+        placed again only when the request changes, not at every step."""
+        if self._placed is None or self._placed_for != self.requested:
+            self._placed = place({STOP: np.full((local_rows,), self.requested, np.int32)})
+            self._placed_for = self.requested
+        return self._placed
 
     def restore(self) -> None:
         for s, previous in self._previous.items():
@@ -329,7 +336,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         for _, batch in batches:
             if step >= tc.num_steps:
                 break
-            stop = trainer.place({STOP: preemption.rows(tc.batch_size // jax.process_count())})
+            stop = preemption.placed(trainer.place, tc.batch_size // jax.process_count())
             state, metrics = trainer.step_fn(state, {**batch, **stop})
             step += 1
             if previous is not None:
