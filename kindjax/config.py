@@ -6,6 +6,8 @@ names the key and the fix, before anything is compiled.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import ml_collections
 
 from kindjax.archs import resolve_dims
@@ -167,6 +169,20 @@ def _wrong_types(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDi
             if not all(isinstance(v, item) for v in value):
                 found.append(f"{prefix}{k}={tuple(value)!r} must hold {type(default[0]).__name__} values "
                              f"(default {default!r})")
+    return found
+
+
+def differences(before: Mapping, after: Mapping, labels: tuple[str, str] = ("", ""),
+                prefix: str = "") -> list[str]:
+    """``key: <labels[0]>a vs <labels[1]>b`` for each leaf where two nested config dicts differ
+    (nested keys joined with dots after ``prefix``), in key order."""
+    found = []
+    for k in sorted(set(before) | set(after)):
+        a, b = before.get(k), after.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            found += differences(a, b, labels, f"{prefix}{k}.")
+        elif a != b:
+            found.append(f"{prefix}{k}: {labels[0]}{a!r} vs {labels[1]}{b!r}")
     return found
 
 

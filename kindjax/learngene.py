@@ -25,6 +25,7 @@ from etils import epath
 from kindjax import checkpoints
 from kindjax import params as param_rules
 from kindjax.checkpoints import Source
+from kindjax.config import differences
 from kindjax.models.dit import DiT, build_model
 
 
@@ -151,10 +152,10 @@ def _model_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def _check_same_model(learngene: Learngene, tailors: Tailors) -> None:
-    a, b = _model_json(learngene.config), _model_json(tailors.config)
-    if a != b:
-        diffs = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        detail = ", ".join(f"model.{k}: learngene {a.get(k)!r} vs tailors {b.get(k)!r}" for k in diffs)
+    diffs = differences(_model_json(learngene.config), _model_json(tailors.config), ("learngene ", "tailors "),
+                        "model.")
+    if diffs:
+        detail = ", ".join(diffs)
         raise ValueError(f"the learngene ({learngene.source.path}) and the tailors ({tailors.source.path}) "
                          f"come from different models: {detail}")
 

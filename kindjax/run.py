@@ -15,7 +15,7 @@ import ml_collections
 
 from kindjax import checkpoints
 from kindjax.checkpoints import config_json
-from kindjax.config import ConfigError, validate
+from kindjax.config import ConfigError, differences, validate
 from kindjax.distributed import warn_if_cpu_fallback
 from kindjax.data import make_dataset
 from kindjax.evaluation.digits_report import evaluate_digits, evaluate_kind_digits
@@ -64,18 +64,6 @@ def fingerprint(config: ml_collections.ConfigDict, start: dict) -> dict:
         else:
             c[section] = {k: v for k, v in c[section].items() if k not in keys}
     return {**c, "origin": start}
-
-
-def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """``key: saved vs now`` for each leaf that differs between two fingerprints."""
-    found = []
-    for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            found.append(f"{prefix}{k}: {a!r} vs {b!r}")
-    return found
 
 
 def finished(workdir: str, config: ml_collections.ConfigDict, start: dict | None = None) -> dict | None:

@@ -312,7 +312,8 @@ def test_a_resume_from_another_start_is_refused(tmp_path):
     config.init.pretrained = str(tmp_path / "a")
     train(config, str(tmp_path / "b"))
     config.init.pretrained = str(tmp_path / "a2")
-    with pytest.raises(ConfigError, match=r"holds a run that started from another checkpoint \(init.pretrained: "):
+    with pytest.raises(ConfigError, match=r"holds a run that started from another checkpoint \(init.pretrained.path: "
+                                          rf"checkpoint '{tmp_path / 'a'}' vs now '{tmp_path / 'a2'}'\)"):
         train(config, str(tmp_path / "b"))
 
 

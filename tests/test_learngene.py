@@ -189,7 +189,7 @@ def test_errors(run, tmp_path):
     tailors = load_tailors(run.workdir, [0])
     other = run.config.copy_and_resolve_references()
     other.model.linear.n_learngene = 8
-    with pytest.raises(ValueError, match="come from different models: model.linear: learngene"):
+    with pytest.raises(ValueError, match="come from different models: model.linear.n_learngene: learngene 16 vs tailors 8"):
         assemble(load_learngene(run.workdir), dataclasses.replace(tailors, config=other), verbose=False)
 
     dense = tiny_config()

@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kindjax.checkpoints.layout import CHECKPOINTS, META, read_meta
-from kindjax.config import ConfigError
+from kindjax.config import ConfigError, differences
 
 STATE_ITEMS = ("params", "ema_params", "opt_state")
 #: Where :func:`restore_verified` moves a step that does not read or verify (``WORKDIR/set_aside``).
@@ -123,10 +123,9 @@ def save(mngr: ocp.CheckpointManager, state: dict, config: ml_collections.Config
 
 def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, directory: str) -> None:
     """Refuses to resume a checkpoint written for another model config."""
-    saved, now = saved_config["model"], config_json(config)["model"]
-    if saved != now:
-        diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        detail = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}" for k in diffs)
+    diffs = differences(saved_config["model"], config_json(config)["model"], ("checkpoint ", "config "), "model.")
+    if diffs:
+        detail = ", ".join(diffs)
         raise ConfigError(
             f"{directory} holds a checkpoint of a different model ({detail}). Use another --workdir, "
             f"or run with the config that wrote it.")
@@ -137,8 +136,7 @@ def check_same_origin(saved: dict | None, now: dict, directory: str) -> None:
     path, or another step of it) than the config's ``init`` resolves to now (``origin``)."""
     if not saved:
         return
-    diffs = [f"init.{k}: checkpoint {saved.get(k)} vs now {now.get(k)}"
-             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    diffs = differences(saved, now, ("checkpoint ", "now "), "init.")
     if diffs:
         raise ConfigError(f"{directory} holds a run that started from another checkpoint ({'; '.join(diffs)}). "
                           f"Use another --workdir, or move {directory} aside to start over.")

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from kindjax import params as param_rules
-from kindjax.config import ConfigError
+from kindjax.config import ConfigError, differences
 from kindjax.layers.kind import init_tailors, kind_config
 from kindjax.learngene import load_learngene
 
@@ -26,14 +26,12 @@ SHAPE_KEYS = ("arch", "hidden_size", "depth", "num_heads", "image_size", "in_cha
 
 def check_compatible(source: ml_collections.ConfigDict, target: ml_collections.ConfigDict) -> None:
     """Refuses a learngene whose shapes do not fit the new model (classes may differ)."""
-    diffs = [f"model.{k}: learngene {source[k]!r} vs config {target[k]!r}"
-             for k in SHAPE_KEYS if source[k] != target[k]]
-    if source.linear.kind != target.linear.kind:
-        diffs.append(f"model.linear.kind: learngene {source.linear.kind!r} vs config {target.linear.kind!r}")
-    elif target.linear.kind == "kind":
-        for k in ("n_learngene", "n_tailor"):
-            if source.linear[k] != target.linear[k]:
-                diffs.append(f"model.linear.{k}: learngene {source.linear[k]} vs config {target.linear[k]}")
+    linear_keys = ("kind", "n_learngene", "n_tailor") if source.linear.kind == target.linear.kind == "kind" else ("kind",)
+
+    def shape(model: ml_collections.ConfigDict) -> dict:
+        return {**{k: model[k] for k in SHAPE_KEYS}, "linear": {k: model.linear[k] for k in linear_keys}}
+
+    diffs = differences(shape(source), shape(target), ("learngene ", "config "), "model.")
     if diffs:
         raise ConfigError("the learngene does not fit this model: " + "; ".join(diffs))
 
