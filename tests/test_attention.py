@@ -20,6 +20,32 @@ def test_pallas_splash_equals_xla_in_interpret_mode():
     attention.check_against_xla("pallas", shape=(1, 20, 2, 24), dtype=jnp.bfloat16, interpret=True)
 
 
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)])
+def test_xla_attention_equals_a_float64_oracle_and_jax_nn(dtype, atol):
+    """kindjax's XLA path (two einsums, ``q`` pre-scaled) against softmax(q·kᵀ/√h)·v in float64
+    NumPy, and against ``jax.nn.dot_product_attention``: outputs and gradients, random inputs."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    shape = (2, 24, 3, 40)
+    q, k, v = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys[:3])
+    w = jax.random.normal(keys[3], shape, jnp.float32)
+    qd, kd, vd = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
+    scores = np.einsum("bqnh,bknh->bnqk", qd, kd) / np.sqrt(shape[-1])
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    oracle = np.einsum("bnqk,bknh->bqnh", probs, vd)
+    out = attention.xla_attention(q, k, v)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), oracle, atol=atol)
+
+    def grads(f):
+        return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * w), argnums=(0, 1, 2))(q, k, v)
+
+    for ours, theirs in zip(grads(attention.xla_attention),
+                            grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))):
+        np.testing.assert_allclose(np.asarray(ours.astype(jnp.float32)), np.asarray(theirs.astype(jnp.float32)),
+                                   atol=atol * 4)
+
+
 def test_check_against_xla_fails_on_a_wrong_kernel(monkeypatch):
     """The check can fail: a kernel that forgets the 1/√h scale is caught."""
     real = attention.splash_attention
