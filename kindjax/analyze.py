@@ -13,8 +13,6 @@ undefined statistics is in :mod:`kindjax.evaluation.diversion`.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -30,6 +28,7 @@ from kindjax.evaluation.pipeline import is_latent_model, latent_decoder, to_rgb_
 from kindjax.learngene import load_params
 from kindjax.logs import image_grid, png_bytes
 from kindjax.models.dit import build_model
+from kindjax.paths import as_path, write_bytes, write_json
 from kindjax.sample import generate
 
 #: Classes shown in Figure 7 (the paper: 12 superclasses).
@@ -103,22 +102,18 @@ def analyze(kind_workdir: str, out: str, dense_workdir: str = "", samples: int =
     log(f"sampling {samples} images from the KIND model {kind_workdir}, with and without tailors ({mode})")
     rows["KIND (learngene + tailors)"] = classify(sample(kind_params, labels, seeds[0]))
     rows["learngene (w/o tailors)"] = classify(sample(*learngene_only(kind_params, labels, n_classes, mode), seeds[0]))
-    os.makedirs(out, exist_ok=True)
     table = diversion_table(rows)
     stats = {name: prediction_statistics(p) for name, p in rows.items()}
     reading = (f"Statistics of each image's predicted class distribution by the {classifier}, averaged over "
                f"{samples} images: entropy (nats), variance and Pearson kurtosis over the classes "
                f"(kindjax.evaluation.diversion); learngene = tailors off ({mode}).")
-    with open(os.path.join(out, "table5.md"), "w") as f:
-        f.write(table + "\n\n" + reading + "\n")
-    with open(os.path.join(out, "table5.json"), "w") as f:
-        json.dump({"rows": stats, "mode": mode, "samples": samples, "classifier": classifier}, f, indent=2)
+    write_bytes(as_path(out) / "table5.md", (table + "\n\n" + reading + "\n").encode())
+    write_json(as_path(out) / "table5.json", {"rows": stats, "mode": mode, "samples": samples, "classifier": classifier})
     shown = list(range(min(n_classes, FIGURE_CLASSES)))
     grid = figure_grid(sample, kind_params, shown, seeds)
     upscale = max(1, 64 // grid.shape[2])
     picture = image_grid(grid.reshape((-1,) + grid.shape[2:]), rows=len(shown), upscale=upscale, pad=max(1, upscale // 2))
-    with open(os.path.join(out, "figure7.png"), "wb") as f:
-        f.write(png_bytes(picture))
+    write_bytes(as_path(out) / "figure7.png", png_bytes(picture))
     log(table + "\n" + reading + f"\nWrote {out}/table5.md, table5.json and figure7.png (rows: classes "
         f"{shown}; columns: seeds {list(seeds)} × with / without tailors)")
     return stats

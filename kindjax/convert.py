@@ -19,20 +19,20 @@ one ``attn.qkv`` matrix and embeds timesteps with ``ω_k = 10000^(-k/half)``
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Any, Callable, Mapping
 
 import ml_collections
 import numpy as np
 from absl import flags
-from etils import epath
 from flax import traverse_util
 
 from kindjax import checkpoints, cli
 from kindjax.archs import DIT_ARCHS
 from kindjax.config import ConfigError, base_config
 from kindjax.models.dit import abstract_params, build_model, sincos_pos_embed_2d
+from kindjax.paths import as_path
 
 #: The embedders DiT shares; diffusers repeats them in block ``i`` under this prefix.
 EMBEDDER_PREFIX = "transformer_blocks.{i}.norm1.emb."
@@ -296,7 +296,7 @@ def read_checkpoint(src: str, num_heads: int = 0) -> tuple[ml_collections.Config
     """``(model config, params, format)`` of ``src``: an original DiT ``.pt`` (read with
     ``torch.load(weights_only=True)``), or a diffusers DiT directory (``config.json`` + safetensors;
     a pipeline directory's ``transformer/`` is found)."""
-    path = epath.Path(src)
+    path = as_path(src)
     if path.is_dir():
         if (path / "transformer" / "config.json").exists():
             path = path / "transformer"
@@ -306,9 +306,9 @@ def read_checkpoint(src: str, num_heads: int = 0) -> tuple[ml_collections.Config
         weights = sorted(path.glob("*.safetensors"))
         if not weights:
             raise FileNotFoundError(f"{path} has no .safetensors weights")
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
-        state_dict = {k: v for w in weights for k, v in load_file(os.fspath(w)).items()}
+        state_dict = {k: v for w in weights for k, v in load(w.read_bytes()).items()}
         config = dit_config_from_diffusers(json.loads((path / "config.json").read_text()))
         return config, dit_params_from_diffusers(state_dict, config), "diffusers"
     if not path.exists():
@@ -317,7 +317,8 @@ def read_checkpoint(src: str, num_heads: int = 0) -> tuple[ml_collections.Config
         import torch
     except ImportError:
         raise ImportError(f"reading {src} needs PyTorch: pip install torch") from None
-    state_dict = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    with path.open("rb") as f:
+        state_dict = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     state_dict = state_dict.get("ema", state_dict.get("model", state_dict))  # training checkpoints keep both
     config = dit_config_from_original(state_dict, num_heads)
     return config, dit_params_from_original(state_dict, config), "original"
@@ -340,8 +341,8 @@ def convert(src: str, config: ml_collections.ConfigDict, workdir: str, num_heads
         raise ConfigError(f"public DiT weights convert into the dense DiT: model.linear.kind="
                           f"{config.model.linear.kind!r}; convert, then start another variant from it with "
                           f"--config.init.pretrained=WORKDIR")
-    directory = os.path.join(workdir, checkpoints.CHECKPOINTS)
-    if os.path.isdir(directory) and os.listdir(directory):
+    directory = as_path(workdir) / checkpoints.CHECKPOINTS
+    if directory.is_dir() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} already holds checkpoints: give an empty --workdir")
     found, params, _ = read_checkpoint(src, num_heads)
     config = config.copy_and_resolve_references()

@@ -53,6 +53,7 @@ from kindjax.data import ImageSource, open_image_source
 from kindjax.data.latents import INDEX_FORMAT, INDEX_NAME, MOMENT_DTYPES, PLAN_NAME, shard_problem
 from kindjax.distributed import initialize
 from kindjax.models.vae import AutoencoderKL, PretrainedVAE, load_vae
+from kindjax.paths import as_path, read_json
 from kindjax.sharding import batch_sharding, make_mesh, replicated
 
 def shard_name(k: int) -> str:
@@ -83,15 +84,15 @@ def make_encode_fn(vae: PretrainedVAE, mesh: Mesh, flips: bool) -> Callable[[np.
 
 
 def _save(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Writes ``path`` atomically (temporary file, then rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, mode) as f:
+    """Writes ``path`` (local or cloud) atomically (temporary file, then rename)."""
+    tmp = as_path(path + ".tmp")
+    with tmp.open(mode) as f:
         write(f)
-    os.replace(tmp, path)
+    tmp.replace(as_path(path))
 
 
 def _save_json(path: str, obj: dict) -> None:
-    _save(path, lambda f: json.dump(obj, f, indent=1), mode="w")
+    _save(path, lambda f: f.write(json.dumps(obj, indent=1)), mode="w")
 
 
 def _read_batches(source: ImageSource, indices: Sequence[int], batch_size: int,
@@ -161,11 +162,10 @@ def start_plan(out_dir: str, plan: dict) -> None:
     """Writes the plan of a new encode, or checks that the one in ``out_dir`` is the same (the VAE's
     location and the command may change, its config may not; a plan without ``dtype`` is float32) and
     records this run's command."""
-    os.makedirs(out_dir, exist_ok=True)
+    as_path(out_dir).mkdir(parents=True, exist_ok=True)
     path = os.path.join(out_dir, PLAN_NAME)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = {"dtype": "float32"} | json.load(f)
+    if as_path(path).exists():
+        old = {"dtype": "float32"} | read_json(path)
         differ = sorted(k for k in set(old) | set(plan) if k not in ("vae_path", "command")
                         and old.get(k) != plan.get(k))
         if differ:
@@ -178,12 +178,11 @@ def start_plan(out_dir: str, plan: dict) -> None:
 def shard_done(out_dir: str, k: int, plan: dict) -> bool:
     """Shard ``k`` is finished: its JSON exists and its ``.npy`` files match it (header and size)."""
     try:
-        with open(os.path.join(out_dir, shard_name(k) + ".json")) as f:
-            info = json.load(f)
+        info = read_json(os.path.join(out_dir, shard_name(k) + ".json"))
     except (OSError, ValueError):
         return False
     if info.get("count") == 0:
-        return os.path.exists(os.path.join(out_dir, shard_name(k) + ".labels.npy"))
+        return as_path(os.path.join(out_dir, shard_name(k) + ".labels.npy")).exists()
     return shard_problem(out_dir, shard_name(k), info["count"], plan["views"], info["latent_shape"],
                          plan.get("dtype", "float32")) is None
 
@@ -193,8 +192,8 @@ def write_shard(out_dir: str, k: int, moments: np.ndarray, labels: np.ndarray, s
     """Writes shard ``k``: float32 ``moments`` stored at ``dtype``, ``labels``, then its JSON (count, skipped,
     shapes, dtype, ``finite``), which marks it finished; an old JSON is removed first."""
     prefix = os.path.join(out_dir, shard_name(k))
-    if os.path.exists(prefix + ".json"):   # damaged: unmark it before its files change
-        os.remove(prefix + ".json")
+    if as_path(prefix + ".json").exists():   # damaged: unmark it before its files change
+        as_path(prefix + ".json").unlink()
     stored = stored_moments(moments, dtype)
     finite = bool(np.isfinite(stored.view(MOMENT_DTYPES[dtype])).all())
     if not finite:
@@ -248,15 +247,13 @@ def encode_shards(source: ImageSource, vae: PretrainedVAE, out_dir: str, *, shar
 def write_index(out_dir: str) -> dict:
     """Writes ``index.json`` from the plan and the finished shards (all must be finished and verify:
     :func:`shard_done`); returns it."""
-    with open(os.path.join(out_dir, PLAN_NAME)) as f:
-        plan = {"dtype": "float32"} | json.load(f)
+    plan = {"dtype": "float32"} | read_json(os.path.join(out_dir, PLAN_NAME))
     shards, skipped, latent_shape, image_shape = [], [], None, None
     for k in range(plan["num_shards"]):
         if not shard_done(out_dir, k, plan):
             raise ConfigError(f"shard {k} of {out_dir} is not finished or is damaged (its .npy files do not "
                               f"match {shard_name(k)}.json); rerun the encode to encode it")
-        with open(os.path.join(out_dir, shard_name(k) + ".json")) as f:
-            info = json.load(f)
+        info = read_json(os.path.join(out_dir, shard_name(k) + ".json"))
         shards.append(dict(name=shard_name(k), count=info["count"], finite=info.get("finite", True)))
         skipped += info["skipped"]
         if info["latent_shape"] is not None:

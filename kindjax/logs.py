@@ -19,6 +19,8 @@ from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from kindjax.paths import as_path
+
 _FILE_IDS = itertools.count()
 
 
@@ -56,8 +58,8 @@ class EventFile:
     TensorFlow whenever it is installed: 8–30 s at the start of every run on the 2-core machine.
     """
 
-    def __init__(self, logdir: str):
-        directory = epath.Path(logdir)
+    def __init__(self, logdir: epath.PathLike):
+        directory = as_path(logdir)
         directory.mkdir(parents=True, exist_ok=True)
         name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
                 f"{next(_FILE_IDS)}")
@@ -100,7 +102,7 @@ class RunLogger:
         self.is_main = jax.process_index() == 0
         self.total_steps = total_steps
         self.stage = stage if stage is not None else os.path.basename(os.path.normpath(workdir))
-        self.writer = EventFile(os.path.join(workdir, "tensorboard")) if self.is_main else None
+        self.writer = EventFile(as_path(workdir) / "tensorboard") if self.is_main else None
         self.start = time.time()
         self._first: tuple[int, float] | None = None   # (step, time) of the first progress line
         self._last_step: int | None = None              # step of the latest one

@@ -7,7 +7,6 @@ frozen learngene to novel classes with fresh tailors; ``WORKDIR/pretrain`` and
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -20,6 +19,7 @@ from kindjax.distributed import warn_if_cpu_fallback
 from kindjax.data import make_dataset
 from kindjax.evaluation.digits_report import evaluate_digits, evaluate_kind_digits
 from kindjax.models.dit import abstract_params, build_model
+from kindjax.paths import as_path, read_json, write_json
 from kindjax.sharding import mesh_shape
 from kindjax.train.trainer import origin, train
 from kindjax.transfer import transfer_config
@@ -70,10 +70,10 @@ def finished(workdir: str, config: ml_collections.ConfigDict, start: dict | None
     """The metrics of a stage that already ran to ``config.train.num_steps`` with the same
     :func:`fingerprint` (so a rerun reuses it); None otherwise (it is run: resumed, or refused
     when its checkpoint is of another model or start)."""
-    path = os.path.join(workdir, "metrics.json")
-    if not os.path.exists(path):
+    path = as_path(workdir) / "metrics.json"
+    if not path.exists():
         return None
-    metrics = json.load(open(path))
+    metrics = read_json(path)
     now = fingerprint(config, origin(config) if start is None else start)
     if metrics.get("step") == config.train.num_steps and metrics.get("fingerprint") == now:
         return {k: v for k, v in metrics.items() if k != "fingerprint"}
@@ -90,27 +90,25 @@ def stage(config: ml_collections.ConfigDict, workdir: str, evaluate, dataset=Non
     if metrics is not None:
         return metrics
     now = fingerprint(config, start)
-    path = os.path.join(workdir, "metrics.json")
-    if os.path.exists(path):
-        changed = differences(json.load(open(path)).get("fingerprint", {}), now)
+    path = as_path(workdir) / "metrics.json"
+    if path.exists():
+        changed = differences(read_json(path).get("fingerprint", {}), now)
         print(f"{workdir} finished with other settings ({'; '.join(changed[:4])}); running it again.", flush=True)
     train(config, workdir, evaluate=evaluate, dataset=dataset)
-    if not os.path.exists(path):
+    if not path.exists():
         return None
-    metrics = json.load(open(path))
+    metrics = read_json(path)
     if metrics.get("step") != config.train.num_steps:
         return None
     metrics.pop("fingerprint", None)
     if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump({**metrics, "fingerprint": now}, f, indent=2)
+        write_json(path, {**metrics, "fingerprint": now})
     return metrics
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses, before anything runs, a workdir whose latest checkpoint is of another model."""
-    root = os.path.join(workdir, checkpoints.CHECKPOINTS)
-    if not os.path.isdir(root):
+    if not (as_path(workdir) / checkpoints.CHECKPOINTS).is_dir():
         return
     try:
         meta = checkpoints.locate(workdir).meta
@@ -122,8 +120,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 def set_aside_stale_transfer(tr_config: ml_collections.ConfigDict, tr_dir: str) -> None:
     """Moves ``tr_dir`` aside (``<tr_dir>.from_step_<s>``) when its run started from another step of
     the pre-training than the one its ``init`` resolves to now, so the transfer is run again."""
-    root = os.path.join(tr_dir, checkpoints.CHECKPOINTS)
-    if not os.path.isdir(root):
+    if not (as_path(tr_dir) / checkpoints.CHECKPOINTS).is_dir():
         return
     try:
         saved = checkpoints.locate(tr_dir).meta.get("origin")
@@ -135,10 +132,10 @@ def set_aside_stale_transfer(tr_config: ml_collections.ConfigDict, tr_dir: str) 
     steps = "_".join(str(v["step"]) for v in saved.values())
     target = f"{tr_dir}.from_step_{steps}"
     n = 1
-    while os.path.exists(target):
+    while as_path(target).exists():
         target, n = f"{tr_dir}.from_step_{steps}.{n}", n + 1
     if jax.process_index() == 0:
-        os.rename(tr_dir, target)
+        as_path(tr_dir).rename(as_path(target))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -165,8 +162,7 @@ def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict |
     report = {k: v for k, v in pre.items() if k != "step"}
     report.update(novel_accuracy=novel["sample_accuracy"], novel_frechet_distance=novel["frechet_distance"])
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "metrics.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(as_path(workdir) / "metrics.json", report)
     print("KIND on the digits:\n" + "\n".join(f"  {k:30s} {v:.4f}" for k, v in report.items()), flush=True)
     return report
 

@@ -21,6 +21,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from kindjax.paths import as_path
+
 #: The JSON item of every checkpoint (step, config; a sliced one adds its part and source).
 META = "meta"
 #: The parts a sliced checkpoint may hold (one each).
@@ -69,7 +71,7 @@ def read_meta(checkpoint: ocp.CheckpointManager | epath.PathLike, step: int | No
 def locate(path: epath.PathLike, step: int | None = None) -> Located:
     """Resolves a workdir (its step ``step``, default the latest), a step directory or a sliced
     checkpoint to the directory to read; refuses a ``step`` that the path does not hold."""
-    directory = epath.Path(path).absolute()
+    directory = as_path(path)
     has_meta = (directory / META).is_dir()
     if has_meta and any((directory / part).is_dir() for part in PARTS):
         located = Located(directory, "sliced", read_meta(directory))

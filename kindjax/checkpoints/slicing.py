@@ -18,6 +18,7 @@ from etils import epath
 from kindjax import params as param_rules
 from kindjax.checkpoints.layout import META, PARTS
 from kindjax.checkpoints.training import config_json
+from kindjax.paths import as_path, disk_bytes
 from kindjax.learngene import load_learngene, load_tailors
 
 
@@ -39,7 +40,7 @@ def slice_checkpoint(path: str | os.PathLike, out: str | os.PathLike, part: str,
         raise ValueError(f"part={part!r}: use one of {PARTS}")
     if (part == "tailors") != (classes is not None):
         raise ValueError("the tailors part needs classes (e.g. --classes 0,3,7); the learngene part takes none")
-    out = epath.Path(out).absolute()
+    out = as_path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     if out.exists() and not _is_replaceable(out):
@@ -63,7 +64,7 @@ def slice_checkpoint(path: str | os.PathLike, out: str | os.PathLike, part: str,
 def describe(out: str | os.PathLike, meta: dict[str, Any]) -> str:
     """What :func:`slice_checkpoint` wrote: arrays, parameters, bytes in memory and on disk."""
     size = meta["size"]
-    disk = sum((root / name).stat().length for root, _, files in epath.Path(out).walk() for name in files)
+    disk = disk_bytes(out)
     what = "the learngene" if meta["part"] == "learngene" else f"the tailors of classes {meta['classes']}"
     return (f"Wrote {what} of {meta['source']['checkpoint']} (step {meta['step']}, "
             f"{meta['source']['item']}) to {out}:\n"

@@ -16,7 +16,6 @@ a step that does not is reported in one line and moved to ``WORKDIR/set_aside/<s
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -24,9 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from kindjax.checkpoints.layout import CHECKPOINTS, META, read_meta
 from kindjax.config import ConfigError, differences
+from kindjax.paths import as_path
 
 STATE_ITEMS = ("params", "ema_params", "opt_state")
 #: Where :func:`restore_verified` moves a step that does not read or verify (``WORKDIR/set_aside``).
@@ -42,12 +43,12 @@ def config_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json())
 
 
-def manager(directory: str, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(directory: epath.PathLike, read_only: bool = False) -> ocp.CheckpointManager:
     """The manager of the step directories under ``directory`` (``WORKDIR/checkpoints``).  It
     deletes nothing: :func:`save` rotates (Orbax's ``max_to_keep`` deletes the old steps as the new
     one starts, so a failed write would leave none)."""
     return ocp.CheckpointManager(
-        os.path.abspath(directory),
+        as_path(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=not read_only, read_only=read_only),
         item_names=STATE_ITEMS + (META,))
 
@@ -170,23 +171,22 @@ def _short(error: BaseException) -> str:
 def set_aside(mngr: ocp.CheckpointManager, step: int, reason: str) -> str:
     """Moves step directory ``step`` to ``WORKDIR/set_aside/<step>`` (a numbered suffix if taken),
     with ``reason`` in its ``SET_ASIDE.txt``; returns the new path.  Process 0 moves, all wait."""
-    source = os.path.join(str(mngr.directory), str(step))
-    target_dir = os.path.join(os.path.dirname(str(mngr.directory)), SET_ASIDE)
-    target = os.path.join(target_dir, str(step))
+    source = as_path(mngr.directory) / str(step)
+    target_dir = as_path(mngr.directory).parent / SET_ASIDE
+    target = target_dir / str(step)
     n = 1
-    while os.path.exists(target):
-        target, n = os.path.join(target_dir, f"{step}.{n}"), n + 1
+    while target.exists():
+        target, n = target_dir / f"{step}.{n}", n + 1
     if jax.process_index() == 0:
-        os.makedirs(target_dir, exist_ok=True)
-        os.rename(source, target)
-        with open(os.path.join(target, "SET_ASIDE.txt"), "w") as f:
-            f.write(reason + "\n")
+        target_dir.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        (target / "SET_ASIDE.txt").write_text(reason + "\n")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"kindjax set aside {step}")
     mngr.reload()
-    return target
+    return str(target)
 
 
 def restore_verified(mngr: ocp.CheckpointManager, abstract_state: dict,
@@ -230,7 +230,7 @@ def restore_verified(mngr: ocp.CheckpointManager, abstract_state: dict,
         report(f"Checkpoint step {step} is damaged: {problem}; moved to {moved}.")
         problems.append(step)
     raise CheckpointError(f"no checkpoint in {mngr.directory} reads and verifies: steps {problems} were moved to "
-                          f"{os.path.join(os.path.dirname(str(mngr.directory)), SET_ASIDE)}. Start over with "
+                          f"{as_path(mngr.directory).parent / SET_ASIDE}. Start over with "
                           f"another --workdir, or put back a good copy of a step.")
 
 
@@ -240,7 +240,7 @@ def restore_state_item(workdir: str, item: str, target: Any, config: ml_collecti
     ``workdir``, restored onto ``target`` (a tree of ``jax.ShapeDtypeStruct`` with ``sharding``),
     and its step.  Refuses a workdir without that step and a checkpoint of another model than
     ``config``'s."""
-    mngr = manager(os.path.join(workdir, CHECKPOINTS), read_only=True)
+    mngr = manager(as_path(workdir) / CHECKPOINTS, read_only=True)
     try:
         step = mngr.latest_step() if step is None else step
         if step is None:

@@ -18,6 +18,7 @@ from kindjax.config import ConfigError
 from kindjax.data.class_groups import ClassSelection, select_classes
 from kindjax.data.decode import SkipLog, check_index, decode_image
 from kindjax.data.pipeline import ArrayDataset
+from kindjax.paths import as_path, is_uri
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -36,8 +37,8 @@ class FolderSource:
             if selection.base_to_label[base] < 0:
                 continue
             directory = os.path.join(root, folder)
-            files = sorted(f for f in os.listdir(directory)
-                           if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
+            files = sorted(f.name for f in as_path(directory).iterdir()
+                           if f.name.lower().endswith(IMAGE_EXTENSIONS) and f.is_file())
             if not files:
                 raise ConfigError(f"class folder {directory} holds no images (extensions {IMAGE_EXTENSIONS}); "
                                   f"add images or remove the folder")
@@ -64,15 +65,20 @@ class FolderSource:
 
     def image(self, index: int) -> np.ndarray | None:
         path = self.paths[check_index(index, len(self))]
-        return decode_image(path, self.image_size, path, self.skips)
+        try:
+            data = as_path(path).read_bytes() if is_uri(path) else path
+        except OSError as error:
+            self.skips.record(path, error)
+            return None
+        return decode_image(data, self.image_size, path, self.skips)
 
 
 def class_folders(root: str) -> tuple[str, ...]:
     """The sorted class sub-folder names of ``root``; a ConfigError if there are none."""
-    if not root or not os.path.isdir(root):
+    if not root or not as_path(root).is_dir():
         raise ConfigError(f"config.data.root={root!r} is not a directory; set it to a folder of class "
                           f"sub-folders (root/<class_name>/<image>)")
-    folders = tuple(sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))))
+    folders = tuple(sorted(d.name for d in as_path(root).iterdir() if d.is_dir()))
     if not folders:
         raise ConfigError(f"config.data.root={root!r} has no class sub-folders; put each class's images "
                           f"in root/<class_name>/")

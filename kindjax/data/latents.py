@@ -24,7 +24,6 @@ one-line :class:`ConfigError` with the command that repairs it (or skipped and c
 from __future__ import annotations
 
 import functools
-import json
 import os
 import queue
 import shlex
@@ -40,6 +39,7 @@ import numpy as np
 
 from kindjax.config import ConfigError
 from kindjax.data.class_groups import select_classes
+from kindjax.paths import as_path, is_uri, load_npy, read_json
 from kindjax.data.pipeline import Batch, Batches, batch_indices, flip_draws, local_rows, stream_part
 
 INDEX_NAME = "index.json"
@@ -62,7 +62,7 @@ def npy_problem(path: str, shape: tuple[int, ...], dtype: np.dtype) -> str | Non
     """What is wrong with the ``.npy`` file at ``path`` for an array of ``shape`` and ``dtype`` (from its
     header and size alone: missing, unreadable, other shape or dtype, truncated), or None."""
     try:
-        with open(path, "rb") as f:
+        with as_path(path).open("rb") as f:
             version = np.lib.format.read_magic(f)
             read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
@@ -76,7 +76,7 @@ def npy_problem(path: str, shape: tuple[int, ...], dtype: np.dtype) -> str | Non
         return f"is unreadable ({e})"
     if tuple(got_shape) != tuple(shape) or got_dtype != dtype or fortran:
         return f"holds {got_dtype} {tuple(got_shape)}, expected {dtype} {tuple(shape)}"
-    size, want = os.path.getsize(path), offset + int(np.prod(shape)) * dtype.itemsize
+    size, want = as_path(path).stat().length, offset + int(np.prod(shape)) * dtype.itemsize
     if size != want:
         return f"is truncated ({size} of {want} bytes)" if size < want else f"has {size - want} bytes too many"
     return None
@@ -98,8 +98,7 @@ def repair_command(root: str) -> str:
     """The ``python -m kindjax.encode`` command that last wrote ``root`` (kept in its plan): rerun, it
     re-encodes missing or damaged shards and rewrites the index."""
     try:
-        with open(os.path.join(root, PLAN_NAME)) as f:
-            command = json.load(f).get("command")
+        command = read_json(os.path.join(root, PLAN_NAME)).get("command")
     except (OSError, ValueError):
         command = None
     return command or f"python -m kindjax.encode --config CONFIG --vae VAE_DIR --out {shlex.quote(root)} (as encoded)"
@@ -147,7 +146,7 @@ class LatentDataset:
         shards = self._checked_shards(bad_shards)
         self._names = [s["name"] for s in shards]
         self._starts = np.cumsum([0] + [s["count"] for s in shards])
-        labels = np.concatenate([np.load(os.path.join(root, f"{n}.labels.npy")) for n in self._names]
+        labels = np.concatenate([load_npy(os.path.join(root, f"{n}.labels.npy")) for n in self._names]
                                 or [np.zeros(0, np.int32)])
         selection = select_classes(index["class_names"], grouping, task, classes)
         labels = selection.base_to_label[labels]
@@ -163,9 +162,8 @@ class LatentDataset:
         shards, bad = [], []
         for s in index["shards"]:
             info_path = os.path.join(root, s["name"] + ".json")
-            if os.path.exists(info_path):
-                with open(info_path) as f:
-                    info = json.load(f)
+            if as_path(info_path).exists():
+                info = read_json(info_path)
                 if info.get("count") != s["count"]:
                     raise ConfigError(f"{os.path.join(root, INDEX_NAME)} does not match its shards: {s['name']} "
                                       f"holds {info.get('count')} examples, the index says {s['count']}; rerun "
@@ -189,11 +187,13 @@ class LatentDataset:
         return [s for s, _ in shards]
 
     def _shard(self, k: int) -> np.ndarray:
-        """Memory map of shard ``k``'s moments in their stored dtype (opened on first use)."""
+        """Shard ``k``'s moments in their stored dtype (opened on first use): a memory map of a local
+        file; a cloud object (``gs://``) is read whole into memory."""
         array = self._moments.get(k)
         if array is None:
             with self._lock:
-                array = np.load(os.path.join(self.root, f"{self._names[k]}.moments.npy"), mmap_mode="r")
+                path = os.path.join(self.root, f"{self._names[k]}.moments.npy")
+                array = load_npy(path) if is_uri(path) else np.load(path, mmap_mode="r")
                 if self.dtype == "bfloat16":
                     array = array.view(MOMENT_DTYPES["bfloat16"])
                 self._moments[k] = array
@@ -353,13 +353,12 @@ class Prefetcher(Batches):
 def read_index(root: str) -> dict:
     """The ``index.json`` of a latent directory, checked for the keys the loader needs."""
     path = os.path.join(root, INDEX_NAME)
-    if not os.path.exists(path):
+    if not as_path(path).exists():
         raise ConfigError(f"no {INDEX_NAME} in data.root={root!r}: encode the images first with "
                           f"python -m kindjax.encode --config CONFIG --vae VAE_DIR --out {root or 'LATENT_DIR'} "
                           f"(an unfinished encode has no index yet: rerun the same command to finish it)")
     try:
-        with open(path) as f:
-            index = json.load(f)
+        index = read_json(path)
         if index["format"] != INDEX_FORMAT:
             raise ValueError(f"format {index['format']}, this kindjax reads format {INDEX_FORMAT}")
         missing = [k for k in ("latent_shape", "views", "num_classes", "class_names", "shards", "num_examples")

@@ -27,13 +27,13 @@ from __future__ import annotations
 import abc
 import collections
 import dataclasses
-import json
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from kindjax.paths import as_path, read_json, write_json
 
 #: Third seed word of the flip draws, so they never share a stream with the permutations.
 FLIP_STREAM = 1
@@ -194,16 +194,10 @@ LAYOUT_NAME = "data_layout.json"
 def note_process_count(workdir: str, process_count: int, write: bool) -> str | None:
     """Records the run's process count in ``WORKDIR/data_layout.json`` (when ``write``: process 0) and,
     when a resumed run has another count, returns the line that says what changed."""
-    path = os.path.join(workdir, LAYOUT_NAME)
-    before = None
-    if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f).get("process_count")
+    path = as_path(workdir) / LAYOUT_NAME
+    before = read_json(path).get("process_count") if path.exists() else None
     if write:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump({"process_count": process_count}, f)
-        os.replace(path + ".tmp", path)
+        write_json(path, {"process_count": process_count}, atomic=True)
     if before is None or before == process_count:
         return None
     return (f"data: resumed on {process_count} processes, the run before used {before}; the batches are a "

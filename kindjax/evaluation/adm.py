@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kindjax.evaluation.frechet import feature_statistics, frechet_distance
+from kindjax.paths import as_path
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -152,10 +153,10 @@ class ReferenceBatch:
 
 def reference_keys(path: str) -> set[str]:
     """The arrays an ``.npz`` holds, read from its index only (to check a reference early)."""
-    if not os.path.isfile(path):
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"reference batch {path!r} not found (eval.reference: an ADM reference .npz "
                                 f"with images arr_0 and/or mu, sigma, mu_s, sigma_s)")
-    with np.load(path) as f:
+    with as_path(path).open("rb") as file, np.load(file) as f:
         keys = set(f.files)
     has_stats = set(STAT_KEYS) <= keys
     if "arr_0" not in keys and not has_stats:
@@ -166,7 +167,7 @@ def reference_keys(path: str) -> set[str]:
 
 def read_reference(path: str) -> ReferenceBatch:
     keys = reference_keys(path)
-    with np.load(path) as f:
+    with as_path(path).open("rb") as file, np.load(file) as f:
         images = f["arr_0"] if "arr_0" in keys else None
         stats = {k: f[k] for k in STAT_KEYS} if set(STAT_KEYS) <= keys else None
     if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3):
@@ -176,9 +177,15 @@ def read_reference(path: str) -> ReferenceBatch:
 
 
 def write_sample_batch(path: str | BinaryIO, images: np.ndarray, labels: np.ndarray) -> None:
-    """ADM's sample format: ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` int class labels (N,)."""
+    """ADM's sample format: ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` int class labels (N,); ``path``: a file
+    object, or a local or cloud path (``.npz`` appended when missing, as ``np.savez`` does)."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or labels.shape != images.shape[:1]:
         raise ValueError(f"expected uint8 (N, H, W, 3) images and (N,) labels, got {images.dtype} "
                          f"{images.shape} and {labels.shape}")
+    if isinstance(path, (str, os.PathLike)):
+        path = as_path(path if os.fspath(path).endswith(".npz") else os.fspath(path) + ".npz")
+        with path.open("wb") as f:
+            np.savez(f, arr_0=images, arr_1=labels)
+        return
     np.savez(path, arr_0=images, arr_1=labels)

@@ -30,6 +30,7 @@ torch), or the ``.npz`` that :func:`convert_torch_weights` writes from it (no to
 from __future__ import annotations
 
 import functools
+import io
 import os
 from typing import Any, Callable
 
@@ -40,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from kindjax import cli, sharding
+from kindjax.paths import as_path
 
 INCEPTION_SIZE = 299
 NUM_LOGITS = 1008
@@ -304,7 +306,8 @@ def _read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
             f"reading the PyTorch checkpoint {path} needs torch. Convert it once where torch is installed "
             f"(python -m kindjax.evaluation.inception {path} OUT.npz) and point eval.inception_weights "
             f"at the .npz") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with as_path(path).open("rb") as f:
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
@@ -317,12 +320,12 @@ def convert_torch_weights(src: str, dst: str) -> None:
 
 def load_inception(path: str) -> tuple[FIDInceptionV3, dict[str, Any]]:
     """The module and its variables from a pytorch-fid ``.pth`` or a converted ``.npz``."""
-    if not path or not os.path.isfile(path):
+    if not path or not as_path(path).is_file():
         raise FileNotFoundError(
             f"FID Inception weights not found at {path!r}: set eval.inception_weights to pytorch-fid's "
             f"pt_inception-2015-12-05-6726825d.pth (or its .npz from convert_torch_weights)")
     if path.endswith(".npz"):
-        with np.load(path) as f:
+        with as_path(path).open("rb") as file, np.load(file) as f:
             state = {k: f[k] for k in f.files}
     else:
         state = _read_torch_state_dict(path)

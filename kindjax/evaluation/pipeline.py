@@ -21,7 +21,6 @@ command: sampling and feature extraction are split over all devices, process 0 w
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable
@@ -40,6 +39,7 @@ from kindjax.models.dit import abstract_params, build_model
 from kindjax.sample import generate
 from kindjax import sharding
 from kindjax.logs import RunLogger, to_uint8
+from kindjax.paths import as_path, read_json, write_json
 
 PROGRESS_UPDATES = 20  # sampling is split into about this many chunks, each reported
 LATENT_FACTOR = 8      # image side / latent side of the SD-VAE (names the sample file before decoding)
@@ -57,7 +57,7 @@ def check_eval_config(config: ml_collections.ConfigDict) -> set[str]:
     if not e.reference:
         raise ConfigError("eval.reference is not set: give an ADM reference batch .npz (images arr_0 and/or "
                           "mu, sigma, mu_s, sigma_s), e.g. VIRTUAL_imagenet256_labeled.npz")
-    if not e.inception_weights or not os.path.isfile(e.inception_weights):
+    if not e.inception_weights or not as_path(e.inception_weights).is_file():
         raise ConfigError(f"eval.inception_weights={e.inception_weights!r} is not a file: give pytorch-fid's "
                           f"pt_inception-2015-12-05-6726825d.pth (or the .npz of kindjax.evaluation.inception)")
     if e.inception_preprocess not in PREPROCESSING:
@@ -151,19 +151,16 @@ def samples_for_step(config: ml_collections.ConfigDict, workdir: str, step: int,
     path = os.path.join(workdir, f"samples_{step}_{config.eval.num_samples}x{side}x{side}x3.npz")
     settings_path = path[:-len(".npz")] + ".json"
     settings = _sampling_settings(config, step)
-    if os.path.isfile(path) and os.path.isfile(settings_path):
-        with open(settings_path) as f:
-            if json.load(f) == settings:
-                log(f"Reusing the samples in {path}")
-                with np.load(path) as batch:
-                    return path, batch["arr_0"]
+    if as_path(path).is_file() and as_path(settings_path).is_file() and read_json(settings_path) == settings:
+        log(f"Reusing the samples in {path}")
+        with as_path(path).open("rb") as f, np.load(f) as batch:
+            return path, batch["arr_0"]
     images, labels = sample_batch(config, params, mesh, log)
     if jax.process_index() == 0:
-        with open(path + ".tmp", "wb") as f:
+        with as_path(path + ".tmp").open("wb") as f:
             adm.write_sample_batch(f, images, labels)
-        os.replace(path + ".tmp", path)
-        with open(settings_path, "w") as f:
-            json.dump(settings, f, indent=2)
+        as_path(path + ".tmp").replace(as_path(path))
+        write_json(settings_path, settings)
     log(f"Wrote {len(images)} samples to {path}")
     return path, images
 
@@ -219,13 +216,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
                                                    progress("DINOv2", what, len(pixels)))
                                    for pixels, what in ((images, "samples"), (reference.images, "reference"))))
         report = {"step": step, "metrics": metrics, "num_samples": len(images), "samples": samples_path,
-                  "reference": os.path.abspath(e.reference), "reference_keys": sorted(reference_keys),
-                  "inception_weights": os.path.abspath(e.inception_weights),
+                  "reference": str(as_path(e.reference)), "reference_keys": sorted(reference_keys),
+                  "inception_weights": str(as_path(e.inception_weights)),
                   "inception_preprocess": e.inception_preprocess, "labels": "i mod num_classes",
                   "config": checkpoints.config_json(config)}
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
-                json.dump(report, f, indent=2)
+            write_json(as_path(workdir) / f"eval_{step}.json", report)
         logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     finally:
         logger.close()

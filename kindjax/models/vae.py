@@ -18,7 +18,6 @@ rename plus the layout change OIHW → HWIO (convolutions) and (out, in) → (in
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kindjax.paths import as_path, read_json
 
 #: The diffusers config of ``stabilityai/sd-vae-ft-ema`` (and ``-ft-mse``): the architecture keys.
 SD_VAE_CONFIG: dict[str, Any] = dict(
@@ -326,12 +327,12 @@ class PretrainedVAE:
 def _resolve(path: str) -> tuple[str, str | None]:
     """(safetensors file, config.json or None) of a weights file, a diffusers model directory,
     or a pipeline snapshot holding a ``vae/`` sub-directory."""
-    if os.path.isfile(path):
+    if as_path(path).is_file():
         config = os.path.join(os.path.dirname(path), CONFIG_NAME)
-        return path, config if os.path.isfile(config) else None
+        return path, config if as_path(config).is_file() else None
     for directory in (path, os.path.join(path, "vae")):
         weights, config = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, CONFIG_NAME)
-        if os.path.isfile(weights) and os.path.isfile(config):
+        if as_path(weights).is_file() and as_path(config).is_file():
             return weights, config
     raise FileNotFoundError(
         f"no diffusers AutoencoderKL at {path!r}: expected a directory holding {CONFIG_NAME} and {WEIGHTS_NAME} "
@@ -347,15 +348,14 @@ def load_vae(path: str, dtype: str = "float32") -> PretrainedVAE:
     ``config.json`` beside it, else :data:`SD_VAE_CONFIG`, gives the architecture.  ``dtype``: the
     compute dtype (``config.vae.compute_dtype``; parameters stay f32).
     """
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     weights, config_path = _resolve(path)
     if config_path is None:
         config = dict(SD_VAE_CONFIG)
     else:
-        with open(config_path) as f:
-            config = json.load(f)
+        config = read_json(config_path)
     model = autoencoder_from_diffusers_config(config).clone(dtype=jnp.dtype(dtype))
-    params = params_from_diffusers(load_file(weights), model)
+    params = params_from_diffusers(load(as_path(weights).read_bytes()), model)
     return PretrainedVAE(model=model, params=params, scaling_factor=float(config.get("scaling_factor", 0.18215)),
-                         config=config, path=os.path.abspath(path))
+                         config=config, path=str(as_path(path)))

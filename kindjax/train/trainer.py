@@ -27,6 +27,7 @@ from kindjax.data import Batches, TrainingSource, make_dataset
 from kindjax.data.pipeline import DeviceBatches, note_process_count
 from kindjax.diffusion import GaussianDiffusion, denoising_loss, noisy_inputs
 from kindjax.models.dit import DiT, build_model, drop_labels, init_params
+from kindjax.paths import as_path, write_bytes, write_json
 from kindjax.sample import generate
 from kindjax.transfer import STARTS, initial_params, starts_from_checkpoint
 from kindjax import sharding
@@ -250,7 +251,7 @@ def origin(config: ml_collections.ConfigDict) -> dict[str, dict]:
                 located = checkpoints.locate(path)
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(f"init.{key}={path!r}: {e}") from None
-            found[key] = {"path": os.path.abspath(path), "step": int(located.meta["step"])}
+            found[key] = {"path": str(as_path(path)), "step": int(located.meta["step"])}
     return found
 
 
@@ -265,12 +266,10 @@ def sample_grid(trainer: Trainer, state: State, step: int, logger: RunLogger) ->
     images = trainer.sample(state["ema_params"], jax.random.fold_in(trainer.base_key, 2 << 20), labels)
     upscale = max(1, 64 // trainer.model.image_size)
     grid = image_grid(to_uint8(images)[..., :3], rows=rows, upscale=upscale, pad=max(1, upscale // 2))
-    path = os.path.join(trainer.workdir, "samples", f"step_{step:07d}.png")
+    path = str(as_path(trainer.workdir) / "samples" / f"step_{step:07d}.png")
     png = png_bytes(grid)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(png)
+        write_bytes(path, png)
     logger.image(step, "samples", grid, png)
     return path
 
@@ -290,7 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     tc = config.train
     start = origin(config)
     trainer = Trainer(config, workdir, dataset=dataset)
-    mngr = checkpoints.manager(os.path.join(workdir, checkpoints.CHECKPOINTS))
+    mngr = checkpoints.manager(as_path(workdir) / checkpoints.CHECKPOINTS)
     logger = RunLogger(workdir, tc.num_steps)
 
     def check(meta: dict) -> None:
@@ -373,8 +372,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             logger.scalars(step, {f"eval/{k}": v for k, v in results.items()}, console=False)
             logger.text("Evaluation: " + json.dumps(results))
             if jax.process_index() == 0:
-                with open(os.path.join(workdir, "metrics.json"), "w") as f:
-                    json.dump({"step": step, **results}, f, indent=2)
+                write_json(as_path(workdir) / "metrics.json", {"step": step, **results})
     finally:
         batches.close()
         preemption.restore()
