@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conftest import tiny_config
 from kindjax import build_model
@@ -44,6 +45,34 @@ def test_xla_attention_equals_a_float64_oracle_and_jax_nn(dtype, atol):
                             grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))):
         np.testing.assert_allclose(np.asarray(ours.astype(jnp.float32)), np.asarray(theirs.astype(jnp.float32)),
                                    atol=atol * 4)
+
+
+def test_pallas_splash_on_a_mesh_runs_per_device_and_equals_xla():
+    """On the 8 fake devices ((data, fsdp) = (4, 2)) with q, k, v sharded over the batch, the jitted
+    splash path is one ``shard_map`` over both batch axes, each device's kernel seeing its 1 row, and
+    its output and gradients equal the XLA path's."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    keys = jax.random.split(jax.random.key(4), 4)
+    q, k, v, w = (jax.device_put(jax.random.normal(key, (8, 20, 2, 24)), rows) for key in keys)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(attention.dot_product_attention(q, k, v, impl, interpret=True) * w)
+
+    def run(impl):
+        return jax.jit(lambda q, k, v: (attention.dot_product_attention(q, k, v, impl, interpret=True),
+                                        jax.grad(loss(impl), argnums=(0, 1, 2))(q, k, v)))
+
+    jaxpr = str(jax.make_jaxpr(run("pallas"))(q, k, v))
+    assert "shard_map" in jaxpr and "f32[1,20,2,24]" in jaxpr   # the kernel sees one device's row
+    out, grads = run("pallas")(q, k, v)
+    ref_out, ref_grads = run("xla")(q, k, v)
+    assert out.sharding.is_equivalent_to(rows, out.ndim)
+    for a, b in zip((out, *grads), (ref_out, *ref_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+    with pytest.raises(ValueError, match="batch divisible by 8"):
+        jax.jit(lambda q: attention.splash_attention(q, q, q, interpret=True))(
+            jax.device_put(q[:4], NamedSharding(mesh, P("data"))))
 
 
 def test_check_against_xla_fails_on_a_wrong_kernel(monkeypatch):

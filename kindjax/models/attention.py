@@ -10,8 +10,10 @@
   inputs, head dim ≤ 128 and a multiple of 8.
 - ``pallas``: the Pallas TPU splash-attention kernel (``jax.experimental.pallas.ops.tpu``), with
   the head dim and the token count zero-padded to multiples of 128 (the padded keys masked out).
-  Off a TPU the kernel runs in Pallas's interpret mode: correct but slow, for tests.  One device
-  per kernel call: under a multi-device ``jit`` it is not wrapped in ``shard_map``.
+  Off a TPU the kernel runs in Pallas's interpret mode: correct but slow, for tests.  The kernel
+  runs on one device's data: on a mesh (under ``jit`` with batch-sharded inputs, or inside
+  ``jax.set_mesh``) it is wrapped in ``jax.shard_map`` over the batch axes (``data``, ``fsdp``),
+  each device attending over its own rows, with nothing communicated.
 - ``auto``: :func:`resolve` — cuDNN on a GPU when the dtype and head dim allow it, splash on a
   TPU, otherwise ``xla``.
 
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kindjax.config import ATTENTION_IMPLEMENTATIONS
+from kindjax.sharding import BATCH_AXES
 
 #: TPU lane width: splash attention tiles the head dim and the tokens in multiples of it.
 LANES = 128
@@ -80,12 +83,43 @@ def _splash_kernel(tokens: int, padded: int, heads: int, interpret: bool):
     return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
 
 
+def batch_mesh(x: jax.Array) -> tuple[jax.sharding.AbstractMesh, tuple[str, ...]] | None:
+    """The mesh ``x`` is laid out on (``jax.set_mesh``'s, else the one its type carries under ``jit``)
+    and its batch axes (:data:`kindjax.sharding.BATCH_AXES`) of more than one device that are not
+    already manual (inside a ``shard_map``); None when there are none."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty:
+        return None
+    axes = tuple(a for a in BATCH_AXES
+                 if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
+    return (mesh, axes) if axes else None
+
+
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool | None = None) -> jax.Array:
     """Splash attention for ``(B, N, heads, h)`` inputs: ``q`` pre-scaled by ``1/√h``, ``h`` and ``N``
     zero-padded to multiples of :data:`LANES` (zero head-dim columns change no score; padded keys are
-    masked out, padded queries sliced off).  ``interpret``: default off a TPU only."""
-    b, n, heads, h = q.shape
+    masked out, padded queries sliced off).  ``interpret``: default off a TPU only.  On a mesh
+    (:func:`batch_mesh`) each device runs the kernel on its rows of the batch (``jax.shard_map``)."""
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    found = batch_mesh(q)
+    if found is None:
+        return _splash_local(q, k, v, interpret)
+    mesh, axes = found
+    devices = int(np.prod([mesh.shape[a] for a in axes]))
+    if q.shape[0] % devices:
+        raise ValueError(f"splash attention splits the batch over the mesh axes {axes} ({devices} devices), "
+                         f"but the batch has {q.shape[0]} rows; use a batch divisible by {devices}")
+    rows = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(functools.partial(_splash_local, interpret=interpret), mesh=mesh,
+                         in_specs=(rows, rows, rows), out_specs=rows, axis_names=set(axes),
+                         check_vma=False)(q, k, v)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
+    """:func:`splash_attention` on the rows this device holds."""
+    b, n, heads, h = q.shape
     padded_n, padded_h = _round_up(n, LANES), _round_up(h, LANES)
     q = q * jnp.asarray(h ** -0.5, q.dtype)
 
