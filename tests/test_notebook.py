@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 from test_kind_training import kind_tiny
@@ -26,3 +27,27 @@ def test_learngene_notebook_runs(tmp_path, monkeypatch):
     assert np.asarray(namespace["grid"]).shape[0] > 3 * 64
     metrics = json.load(open(tmp_path / "notebook" / "metrics.json"))
     assert metrics["step"] == 3 and 0.0 <= metrics["sample_accuracy"] <= 1.0
+
+
+def test_colab_install_cell(monkeypatch):
+    """The first code cell installs only in Colab: from a git URL or a local copy, with the extra of
+    the runtime's accelerator; without REPO it stops with the fix."""
+    import glob
+    import subprocess
+    import sys
+    import types
+
+    notebook = json.load(open(os.path.join(ROOT, "notebooks", "learngene.ipynb")))
+    source = "".join(next(c for c in notebook["cells"] if c["cell_type"] == "code")["source"])
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda args, check: calls.append(args))
+    exec(compile(source, "learngene.ipynb", "exec"), {})
+    assert calls == []                                   # not in Colab: nothing happens
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    with pytest.raises(ValueError, match="set REPO"):
+        exec(compile(source, "learngene.ipynb", "exec"), {})
+    monkeypatch.setattr(glob, "glob", lambda pattern: ["/dev/nvidia0"] if pattern.startswith("/dev/nvidia") else [])
+    for repo, want in (("git+https://example.org/kindjax", "kindjax[cuda] @ git+https://example.org/kindjax"),
+                       ("/content/drive/MyDrive/kindjax", "/content/drive/MyDrive/kindjax[cuda]")):
+        exec(compile(source.replace('REPO = ""', f"REPO = {repo!r}"), "learngene.ipynb", "exec"), {})
+        assert calls[-1][-1] == want and calls[-1][1:4] == ["-m", "pip", "install"]
