@@ -29,6 +29,7 @@ import numpy as np
 from kindjax.config import ConfigError
 from kindjax.data.class_groups import ClassSelection, imagenet_synsets, select_classes
 from kindjax.data.decode import SkipLog, check_index, decode_image
+from kindjax.paths import as_path, load_npy, save_npy
 
 TFDS_NAME = "imagenet2012"
 _LABEL_CHUNK = 1024
@@ -54,8 +55,8 @@ class ImageNetSource:
             self._labels = self._base_to_label[base[self._index]]
 
     def _read_base_labels(self, cache: str) -> np.ndarray:
-        if cache and os.path.exists(cache):
-            labels = np.load(cache)
+        if cache and as_path(cache).exists():
+            labels = load_npy(cache)
             if labels.shape == (len(self.records),):
                 return labels
         labels = np.empty(len(self.records), dtype=np.int32)
@@ -64,7 +65,7 @@ class ImageNetSource:
             labels[start:stop] = [int(self.records[i]["label"]) for i in range(start, stop)]
         if cache:
             try:
-                np.save(cache, labels)
+                save_npy(cache, labels)
             except OSError as error:
                 warnings.warn(f"could not cache the labels at {cache} ({error}); they will be read again "
                               f"next time", RuntimeWarning, stacklevel=3)
@@ -105,7 +106,7 @@ def prepare_imagenet(data_dir: str, manual_dir: str) -> None:
     import tensorflow_datasets as tfds
 
     missing = [f for f in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-               if not os.path.isfile(os.path.join(manual_dir, f))]
+               if not (as_path(manual_dir) / f).is_file()]
     if len(missing) == 2:
         raise ConfigError(f"config.data.manual_dir={manual_dir!r} holds neither ILSVRC2012_img_train.tar nor "
                           f"ILSVRC2012_img_val.tar; download them from https://image-net.org/download-images "

@@ -26,7 +26,6 @@ with ``safetensors.numpy``; nothing is downloaded.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
@@ -37,11 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from safetensors.numpy import load_file
+from safetensors.numpy import load
 
 from kindjax.config import ConfigError
 from kindjax.evaluation.frechet import feature_statistics, frechet_distance
 from kindjax import sharding
+from kindjax.paths import as_path, read_json
 
 #: dgm-eval's input side and ImageNet normalisation (``TF.Normalize(mean, std)``).
 FDD_IMAGE_SIZE = 224
@@ -379,13 +379,12 @@ def load_dinov2(path: str, interpolate_offset: float = TORCH_HUB_INTERPOLATE_OFF
     config_path = os.path.join(path, "config.json")
     weights_path = os.path.join(path, "model.safetensors")
     for file in (config_path, weights_path):
-        if not os.path.isfile(file):
+        if not as_path(file).is_file():
             raise FileNotFoundError(f"{file} not found: give a directory saved by transformers "
                                     "(Dinov2Model.save_pretrained(dir, safe_serialization=True), "
                                     "or a copy of facebook/dinov2-base)")
-    with open(config_path) as f:
-        module = dinov2_from_config(json.load(f), interpolate_offset)
-    return module, dinov2_params_from_state_dict(load_file(weights_path), module)
+    module = dinov2_from_config(read_json(config_path), interpolate_offset)
+    return module, dinov2_params_from_state_dict(load(as_path(weights_path).read_bytes()), module)
 
 
 # ----------------------------------------------------------------------------- features and FDD

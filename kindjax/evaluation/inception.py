@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -315,7 +314,8 @@ def convert_torch_weights(src: str, dst: str) -> None:
     """Writes pytorch-fid's ``.pth`` state dict as an ``.npz`` (same keys and layouts)."""
     state = _read_torch_state_dict(src)
     variables_from_state_dict(state)  # refuse anything that is not the FID Inception
-    np.savez(dst, **state)
+    with as_path(dst).open("wb") as f:
+        np.savez(f, **state)
 
 
 def load_inception(path: str) -> tuple[FIDInceptionV3, dict[str, Any]]:
@@ -366,7 +366,7 @@ def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise ValueError("usage: python -m kindjax.evaluation.inception pt_inception-2015-12-05-6726825d.pth OUT.npz")
     src, out = argv[1:]
-    if not os.path.isfile(src):
+    if not as_path(src).is_file():
         raise FileNotFoundError(f"{src} is not a file: give pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     convert_torch_weights(src, out)
     print(f"wrote {out}")
