@@ -36,7 +36,8 @@ from kindjax.evaluation import adm
 from kindjax.layers.kind import kind_config
 from kindjax.learngene import load_learngene
 from kindjax.paths import as_path
-from kindjax.run import run
+from kindjax.config import ConfigError
+from kindjax.run import check_workdir, run
 
 RUN = "gs://bucket/run"
 
@@ -134,6 +135,11 @@ def test_training_workdir_on_gcs_holds_everything_and_resumes(bucket, trained, c
     assert {e.step for e in events for v in e.summary.value if v.tag == "loss"} == set(range(1, 7))
     assert {e.step for e in events for v in e.summary.value if v.tag == "samples"} == {2, 4, 6}
     assert checkpoints.locate(RUN).meta["step"] == 6
+    check_workdir(run_config(6), RUN)                # run.py's workdir check reads the bucket
+    other = run_config(6)
+    other.model.hidden_size = 32
+    with pytest.raises(ConfigError, match="hidden_size"):
+        check_workdir(other, RUN)
 
 
 
@@ -158,6 +164,12 @@ def test_kind_checkpoint_slice_and_learngene_on_gcs(bucket):
     np.testing.assert_array_equal(sliced.params["block"]["q"]["kernel"], params["block"]["q"]["kernel"])
     assert "tailors" not in sliced.params["block"]
     jax.tree.map(np.testing.assert_array_equal, sliced.params, whole.params)
+
+    mngr = checkpoints.manager("gs://bucket/kind/checkpoints")   # a damaged step is moved aside on the bucket
+    moved = checkpoints.set_aside(mngr, 3, "step 3: a test")
+    assert moved == "gs://bucket/kind/set_aside/3" and mngr.all_steps() == []
+    assert (bucket / "bucket" / "kind" / "set_aside" / "3" / "SET_ASIDE.txt").read_text() == "step 3: a test\n"
+    mngr.close()
 
 
 def test_reference_batch_round_trips_through_gcs(bucket):
