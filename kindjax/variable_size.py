@@ -51,6 +51,7 @@ from kindjax.config import ConfigError
 from kindjax.learngene import assemble, load_learngene, load_params, load_tailors
 from kindjax.methods import METHODS
 from kindjax.models.dit import abstract_params, build_model, init_params
+from kindjax.transfer import STARTS
 from kindjax.transfer.layer_selection import auto_lg_scores, heur_lg_scores
 from kindjax.transfer.pretrained import init_from_pretrained
 
@@ -138,8 +139,7 @@ def _subset(config: ml_collections.ConfigDict, classes: Sequence[int]) -> ml_col
     base = tuple(c.data.classes)
     c.data.classes = tuple(base[i] for i in classes) if base else tuple(int(i) for i in classes)
     c.model.num_classes = len(classes)
-    c.init.update(learngene="", pretrained="", blocks=(), select="", num_blocks=0, svd_components=0,
-                  fine_learngene="")
+    c.init.update({start: "" for start in STARTS}, blocks=(), select="", num_blocks=0, svd_components=0)
     c.job = "train"
     return c
 
