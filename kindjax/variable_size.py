@@ -336,8 +336,8 @@ def build(entries: Sequence[Entry], learngene: str, pretrained: str = "", seed: 
 
 def markdown(entries: Sequence[Entry]) -> str:
     """Table 1's size columns: each entry's stored parameters, depth and extra steps."""
-    lines = ["| entry | Para. (M) | depth | classes | extra steps | workdir |", "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {e.name} | {e.params / 1e6:.2f} | {resolve_dims(e.config.model).depth} | "
+    lines = ["| entry | Para. | depth | classes | extra steps | workdir |", "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {e.name} | {e.params:,} | {resolve_dims(e.config.model).depth} | "
               f"{e.config.model.num_classes} | {e.train_steps:,} | {e.workdir} |" for e in entries]
     return "\n".join(lines)
 
@@ -368,8 +368,9 @@ def main(argv: list[str]) -> None:
     with open(os.path.join(f.workdir, "table1.json"), "w") as out:
         json.dump(summary, out, indent=2)
     print(markdown(entries))
-    print(f"Wrote {os.path.join(f.workdir, 'table1.json')}; train the entries with extra steps "
-          f"(python -m kindjax.main with each entry's config) and evaluate all of them.")
+    print(f"Wrote {os.path.join(f.workdir, 'table1.json')}: each entry's config and workdir. The entries with "
+          f"extra steps train from there (kindjax.train.trainer.train(ConfigDict(config), workdir)); then "
+          f"evaluate every entry against one reference batch of its classes.")
 
 
 if __name__ == "__main__":
