@@ -1,7 +1,7 @@
 """DINOv2 ViT (Oquab et al. 2023) in Flax Linen and the Fréchet DINOv2 distance (FDD).
 
-The network is the one of ``transformers.Dinov2Model`` (``facebook/dinov2-base``:
-patch 14, hidden 768, 12 layers, 12 heads), on NHWC images:
+The network is the one of ``transformers.Dinov2Model`` (any plain size, e.g. ``facebook/dinov2-large``:
+patch 14, hidden 1024, 24 layers, 16 heads), on NHWC images:
 
     z_0   = [x_cls ; P(x)] + E_pos                  P: 14×14 stride-14 patch projection
     z'_l  = z_{l-1} + λ1_l ⊙ Attn(LN1_l(z_{l-1}))   λ: layer scale
@@ -294,10 +294,10 @@ def dinov2_from_config(config: Mapping[str, Any], interpolate_offset: float = 0.
     model_type = config.get("model_type", "dinov2")
     if model_type != "dinov2":
         raise ConfigError(f"config.json: model_type {model_type!r} is not supported; "
-                          "use a plain DINOv2 checkpoint (model_type 'dinov2', e.g. facebook/dinov2-base)")
+                          "use a plain DINOv2 checkpoint (model_type 'dinov2', e.g. facebook/dinov2-large)")
     if config.get("use_swiglu_ffn", False):
         raise ConfigError("config.json: use_swiglu_ffn=true (DINOv2-giant) is not supported; "
-                          "use a ViT-S/B/L DINOv2 checkpoint (e.g. facebook/dinov2-base)")
+                          "use a ViT-S/B/L DINOv2 checkpoint (e.g. facebook/dinov2-large)")
     hidden_act = config.get("hidden_act", "gelu")
     if hidden_act not in _ACTIVATIONS:
         raise ConfigError(f"config.json: hidden_act {hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
