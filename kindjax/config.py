@@ -16,6 +16,10 @@ from kindjax.archs import resolve_dims
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 #: ``model.remat``: what a DiT block keeps for the backward pass (:func:`kindjax.models.dit.remat_policy`).
 REMAT_POLICIES = ("none", "block", "dots_saveable")
+#: ``eval.dinov2_model``: the DINOv2 of FDD (torch-hub names; :data:`kindjax.evaluation.dinov2.DINOV2_SIZES`).
+#: "vitl14" is the FDD reference tool's default (dgm-eval, Stein et al. 2023: ``DINOv2Encoder`` loads
+#: ``dinov2_vitl14`` when no ``--arch`` is given); "any" takes the weights directory's network unchecked.
+DINOV2_MODELS = ("vits14", "vitb14", "vitl14", "any")
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -120,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
                   inception_preprocess="pytorch_fid",  # or "tf1": the TF graph's resize, as ADM's evaluator
                   inception_batch_size=200,
                   dinov2_weights="",      # set: also FDD (Fréchet distance of DINOv2 features)
+                  dinov2_model="vitl14",  # the DINOv2 those weights must be (DINOV2_MODELS; dgm-eval's default)
                   feature_dtype="float32"),  # compute dtype of the Inception and DINOv2 forward passes
         # SD-VAE latents (kindjax.encode writes them, data.name="latents" reads them from data.root).
         vae=dict(weights="",            # diffusers AutoencoderKL directory (config.json + safetensors)
@@ -221,6 +226,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         section, name = key.split(".")
         _require(config[section][name] in ("float32", "bfloat16"),
                  f"{key}={config[section][name]!r}: use 'float32' or 'bfloat16'")
+    _require(config.eval.dinov2_model in DINOV2_MODELS,
+             f"eval.dinov2_model={config.eval.dinov2_model!r}: use one of {list(DINOV2_MODELS)} ('vitl14', "
+             f"ViT-L/14, is the FDD reference dgm-eval's default; 'vitg14' is not supported: SwiGLU MLP)")
     _require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout={m.class_dropout} must be in [0, 1)")
     _require(t.batch_size > 0 and t.batch_size % num_devices == 0,
              f"train.batch_size={t.batch_size} is not divisible by the {num_devices} devices of the mesh "

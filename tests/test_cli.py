@@ -21,6 +21,8 @@ BAD_INPUTS = [
      "unknown methods ['nope']"),
     ("kindjax.accounting", ["--config", "configs/kind_digits.py", "--methods", "nope"], "unknown methods ['nope']"),
     ("kindjax.accounting", ["--config", "configs/kind_digits.py", "--clases", "3"], "Unknown command line flag"),
+    ("kindjax.variable_size", ["--learngene", "{tmp}/none", "--workdir", "{tmp}/out", "--size", "1M"],
+     "holds no kindjax checkpoint"),
     ("kindjax.bench", ["--arch", "M"], "--arch=M: value should be one of"),
     ("kindjax.bench", ["--image_size", "7"], "not divisible by model.patch_size=2"),
     ("kindjax.evaluation.inception", ["{tmp}/nope.pth", "{tmp}/out.npz"], "nope.pth is not a file"),

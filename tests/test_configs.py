@@ -4,13 +4,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import ROOT
 from kindjax.config import ConfigError
 from kindjax.data import class_groups as cg
 from kindjax.archs import DIT_ARCHS
-from kindjax.models.dit import build_model
+from kindjax.models.dit import abstract_params, build_model
 from kindjax.run import check
 
 
@@ -105,3 +106,79 @@ def test_cli_reports_missing_imagenet_without_a_traceback(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("kindjax.main: config.data.name='imagenet' needs ImageNet-1K")
     assert "Traceback" not in out.stderr
+
+
+def test_kind_domain_shift_configs_build_for_every_table3_cell():
+    """KIND Table 3: every data set × method × arch is a folder config; the models build (shape-only)."""
+    import importlib
+
+    from configs.downstream_data import DATASETS
+    from kindjax.methods import METHODS
+    from kindjax import params as param_rules
+
+    shift = importlib.import_module("configs.kind_domain_shift")
+    assert set(shift.TABLE3_METHODS) <= set(METHODS) and set(shift.TABLE3_DATASETS) <= set(DATASETS)
+    assert shift.TABLE3_METRIC == "fdd"
+    for arch, n_tailor in (("B", 3), ("L", 4)):
+        pretrain = load(f"kind_dit_{arch.lower()}")
+        for method in shift.TABLE3_METHODS:
+            counts = set()
+            for dataset in DATASETS:
+                config = shift.get_config(f"{dataset},{method},{arch}")
+                assert (config.data.name, config.data.grouping, config.data.classes) == ("folder", "", ())
+                assert config.model.num_classes == 1 and config.train.num_steps == 50_000
+                assert config.model.arch == arch and config.model.in_channels == 4
+                counts.add(config.model.linear.to_json())
+            assert len(counts) == 1        # the data set changes the data, never the model
+            params = abstract_params(build_model(config))
+            if method == "kind":
+                linear = config.model.linear
+                assert (linear.n_learngene, linear.n_tailor) == (pretrain.model.linear.n_learngene, n_tailor)
+                assert config.train.freeze_learngene and config.optim.lr == 1e-3
+                tailors = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                           if param_rules.is_tailor(path)]
+                assert tailors and all(leaf.shape[0] == 1 for leaf in tailors)   # one tailor set
+            elif method in ("lora", "pissa", "dora"):
+                assert config.model.linear.rank == n_tailor      # N·N_T with N = 1 class
+    with_classes = shift.get_config("mri,kind,classes=4")
+    assert with_classes.model.num_classes == 4
+    build_model(with_classes)
+    for bad, says in (("celeba", "the data set is one of"), ("mri,lorra", "unknown token 'lorra'"),
+                      ("mri,classes=x", "classes='x' must be a positive")):
+        with pytest.raises(ConfigError, match=says):
+            shift.get_config(bad)
+    config = shift.get_config("hubble")
+    config.init.learngene = "/pretrain"
+    with pytest.raises(ConfigError, match="encode the folder once .* set data.latents"):   # past the config checks
+        check(config)
+
+
+def test_fine_downstream_configs_have_table8_settings():
+    """FINE's six downstream sets (supplementary Table 8): steps, batch 64, lr 1e-4, FID or FDD."""
+    import importlib
+
+    from configs.downstream_data import DATASETS
+
+    fine = importlib.import_module("configs.fine_downstream")
+    steps = {"celebahq": 100_000, "bedroom": 150_000, "church": 150_000, "hubble": 20_000, "mri": 20_000,
+             "pokemon": 20_000}
+    assert {d: DATASETS[d].fine_steps for d in DATASETS} == steps
+    assert {d for d in DATASETS if DATASETS[d].metric == "fid"} == {"celebahq", "bedroom", "church"}
+    for dataset in DATASETS:
+        for arch in ("B", "L"):
+            for model in ("fine", "dense"):
+                config = fine.get_config(f"{dataset},{arch},{model}")
+                assert config.train.num_steps == steps[dataset] and config.train.batch_size == 64
+                assert (config.optim.lr, config.optim.weight_decay) == (1e-4, 0.0)
+                assert config.data.name == "folder" and config.model.num_classes == 1
+                assert config.model.linear.kind == model
+                if model == "fine":
+                    assert config.model.linear.rank == {"B": 100, "L": 148}[arch]
+                if "drop_path" in config.model:
+                    assert config.model.drop_path == 0.1
+    for arch in ("B", "L"):
+        for model in ("fine", "dense"):
+            abstract_params(build_model(fine.get_config(f"pokemon,{arch},{model}")))
+    assert fine.get_config("mri,classes=3").model.num_classes == 3
+    with pytest.raises(ConfigError, match="unknown token 'XL'"):
+        fine.get_config("mri,XL")

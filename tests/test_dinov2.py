@@ -135,3 +135,38 @@ def test_refuses_what_it_cannot_run(checkpoint, tmp_path):
         load_dinov2(str(tmp_path))
     with pytest.raises(ValueError, match="uint8"):
         dinov2_features(*load_dinov2(path), np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_dinov2_size_is_selectable_and_defaults_to_dgm_evals_vitl14(checkpoint, tmp_path):
+    """``eval.dinov2_model``: dgm-eval's default ViT-L/14 unless set; weights of another size are refused
+    (from config.json alone, before any sampling) with both fixes named."""
+    from kindjax.config import DINOV2_MODELS, base_config, validate
+    from kindjax.evaluation.dinov2 import DINOV2_SIZES, read_dinov2_config
+
+    assert set(DINOV2_SIZES) | {"any"} == set(DINOV2_MODELS)
+    assert base_config().eval.dinov2_model == "vitl14"
+
+    def directory(name, **sizes):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(Dinov2Config(**sizes).to_json_string())
+        return str(path)
+
+    large = directory("large", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    base = directory("base")             # transformers' default Dinov2Config is facebook/dinov2-base
+    module = read_dinov2_config(large, model="vitl14")
+    assert (module.hidden_size, module.num_layers, module.num_heads) == DINOV2_SIZES["vitl14"]
+    assert read_dinov2_config(base, model="vitb14").hidden_size == 768
+    with pytest.raises(ConfigError, match="needs facebook/dinov2-large .* holds a ViT with hidden 768, 12 layers, "
+                                          "12 heads \\(vitb14\\).* or set eval.dinov2_model='vitb14'"):
+        read_dinov2_config(base, model="vitl14")
+    _, path = checkpoint                  # the tiny random test network: only "any" takes it
+    with pytest.raises(ConfigError, match="hidden 48.*set eval.dinov2_model='any'"):
+        load_dinov2(path, model="vits14")
+    assert load_dinov2(path, model="any")[0].hidden_size == 48
+
+    config = base_config()
+    for name in ("vitg14", "dinov2-large"):
+        config.eval.dinov2_model = name
+        with pytest.raises(ConfigError, match="eval.dinov2_model=.*'vitl14', ViT-L/14, is the FDD reference"):
+            validate(config, 1)

@@ -55,7 +55,8 @@ def setup(tmp_path_factory):
     pixels = np.repeat(np.round((real.images[:12] + 1) * 127.5).astype(np.uint8), 3, axis=-1)
     np.savez(root / "ref.npz", arr_0=pixels)
     config.eval.update(num_samples=10, batch_size=10, reference=str(root / "ref.npz"), inception_weights=npz,
-                       inception_batch_size=16, dinov2_weights=tiny_dinov2(root / "dinov2"))
+                       inception_batch_size=16, dinov2_weights=tiny_dinov2(root / "dinov2"),
+                       dinov2_model="any")   # a tiny random DINOv2, none of the released sizes
     return config, workdir, root
 
 

@@ -39,7 +39,9 @@ def make_dataset(config: ml_collections.ConfigDict) -> TrainingSource:
     if name == "folder":
         if config.model.in_channels != 3:
             raise ConfigError(f"config.data.name='folder' gives RGB images but model.in_channels="
-                              f"{config.model.in_channels}; set model.in_channels=3")
+                              f"{config.model.in_channels}; set model.in_channels=3, or, for a latent model, "
+                              f"encode the folder once (python -m kindjax.encode --config CONFIG --vae VAE_DIR "
+                              f"--out LATENT_DIR) and set data.latents=LATENT_DIR")
         dataset = folder.load_folder_dataset(config)
         if dataset.num_classes != config.model.num_classes:
             raise ConfigError(f"the folder selection has {dataset.num_classes} classes but model.num_classes="

@@ -1,7 +1,7 @@
 """DINOv2 ViT (Oquab et al. 2023) in Flax Linen and the Fréchet DINOv2 distance (FDD).
 
-The network is the one of ``transformers.Dinov2Model`` (``facebook/dinov2-base``:
-patch 14, hidden 768, 12 layers, 12 heads), on NHWC images:
+The network is the one of ``transformers.Dinov2Model`` (any plain size, e.g. ``facebook/dinov2-large``:
+patch 14, hidden 1024, 24 layers, 16 heads), on NHWC images:
 
     z_0   = [x_cls ; P(x)] + E_pos                  P: 14×14 stride-14 patch projection
     z'_l  = z_{l-1} + λ1_l ⊙ Attn(LN1_l(z_{l-1}))   λ: layer scale
@@ -22,6 +22,12 @@ mean/std, and the feature is the CLS token of the final layer-normed output
 see :class:`Dinov2`); ``interpolate_offset=0`` reproduces transformers exactly.
 Weights are read from a transformers directory (``config.json`` + ``model.safetensors``)
 with ``safetensors.numpy``; nothing is downloaded.
+
+Which DINOv2: dgm-eval's default is ViT-L/14 (``DINOv2Encoder.setup`` in
+``dgm_eval/models/dinov2.py`` loads ``torch.hub.load('facebookresearch/dinov2', 'dinov2_vitl14')``
+when no ``--arch`` is given), the transformers checkpoint ``facebook/dinov2-large``; so is
+kindjax's (``eval.dinov2_model="vitl14"``).  :func:`load_dinov2` checks the weights against the
+chosen size (:data:`DINOV2_SIZES`), so a ViT-B/14 directory cannot pass for the reference's ViT-L/14.
 """
 from __future__ import annotations
 
@@ -43,6 +49,15 @@ from kindjax.evaluation.frechet import feature_statistics, frechet_distance
 from kindjax import sharding
 from kindjax.paths import as_path, read_json
 
+#: ``eval.dinov2_model`` → (hidden size, layers, heads) of the torch-hub DINOv2 of that name and its
+#: transformers checkpoint.  ViT-g/14 (``vitg14``, ``facebook/dinov2-giant``) has a SwiGLU MLP: not supported.
+DINOV2_SIZES: dict[str, tuple[int, int, int]] = {
+    "vits14": (384, 12, 6),      # facebook/dinov2-small
+    "vitb14": (768, 12, 12),     # facebook/dinov2-base
+    "vitl14": (1024, 24, 16),    # facebook/dinov2-large: dgm-eval's default, FDD's reference network
+}
+DINOV2_CHECKPOINTS = {"vits14": "facebook/dinov2-small", "vitb14": "facebook/dinov2-base",
+                      "vitl14": "facebook/dinov2-large"}
 #: dgm-eval's input side and ImageNet normalisation (``TF.Normalize(mean, std)``).
 FDD_IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -279,10 +294,10 @@ def dinov2_from_config(config: Mapping[str, Any], interpolate_offset: float = 0.
     model_type = config.get("model_type", "dinov2")
     if model_type != "dinov2":
         raise ConfigError(f"config.json: model_type {model_type!r} is not supported; "
-                          "use a plain DINOv2 checkpoint (model_type 'dinov2', e.g. facebook/dinov2-base)")
+                          "use a plain DINOv2 checkpoint (model_type 'dinov2', e.g. facebook/dinov2-large)")
     if config.get("use_swiglu_ffn", False):
         raise ConfigError("config.json: use_swiglu_ffn=true (DINOv2-giant) is not supported; "
-                          "use a ViT-S/B/L DINOv2 checkpoint (e.g. facebook/dinov2-base)")
+                          "use a ViT-S/B/L DINOv2 checkpoint (e.g. facebook/dinov2-large)")
     hidden_act = config.get("hidden_act", "gelu")
     if hidden_act not in _ACTIVATIONS:
         raise ConfigError(f"config.json: hidden_act {hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
@@ -368,22 +383,55 @@ def dinov2_params_from_state_dict(state_dict: Mapping[str, np.ndarray], module: 
     return params
 
 
-def load_dinov2(path: str, interpolate_offset: float = TORCH_HUB_INTERPOLATE_OFFSET) -> tuple[Dinov2, dict]:
+def check_dinov2_size(module: Dinov2, model: str, where: str) -> None:
+    """Refuses a network that is not the DINOv2 ``model`` names (a key of :data:`DINOV2_SIZES`, or
+    ``"any"``: no check), naming what ``where`` holds and the two fixes."""
+    if model == "any":
+        return
+    if model not in DINOV2_SIZES:
+        raise ConfigError(f"eval.dinov2_model={model!r}: use one of {sorted(DINOV2_SIZES) + ['any']}")
+    found = (module.hidden_size, module.num_layers, module.num_heads)
+    if found == DINOV2_SIZES[model]:
+        return
+    named = [name for name, size in DINOV2_SIZES.items() if size == found]
+    instead = f"set eval.dinov2_model='{named[0]}'" if named else "set eval.dinov2_model='any' to use it unchecked"
+    raise ConfigError(f"eval.dinov2_model={model!r} needs {DINOV2_CHECKPOINTS[model]} (hidden {DINOV2_SIZES[model][0]}, "
+                      f"{DINOV2_SIZES[model][1]} layers, {DINOV2_SIZES[model][2]} heads), but {where} holds a ViT with "
+                      f"hidden {found[0]}, {found[1]} layers, {found[2]} heads"
+                      + (f" ({named[0]})" if named else "") + f": give {DINOV2_CHECKPOINTS[model]}, or {instead}")
+
+
+def read_dinov2_config(path: str, interpolate_offset: float = TORCH_HUB_INTERPOLATE_OFFSET,
+                       model: str = "any") -> Dinov2:
+    """The :class:`Dinov2` of the transformers directory ``path`` (its ``config.json`` only), checked to
+    be ``model`` (:func:`check_dinov2_size`)."""
+    config_path = os.path.join(path, "config.json")
+    if not as_path(config_path).is_file():
+        raise FileNotFoundError(f"{config_path} not found: give a directory saved by transformers "
+                                "(Dinov2Model.save_pretrained(dir, safe_serialization=True), "
+                                f"or a copy of {DINOV2_CHECKPOINTS['vitl14']})")
+    module = dinov2_from_config(read_json(config_path), interpolate_offset)
+    check_dinov2_size(module, model, path)
+    return module
+
+
+def load_dinov2(path: str, interpolate_offset: float = TORCH_HUB_INTERPOLATE_OFFSET,
+                model: str = "any") -> tuple[Dinov2, dict]:
     """``(module, params)`` from a transformers directory (``config.json`` + ``model.safetensors``).
 
     Read with ``safetensors.numpy`` (no PyTorch, no download).  The default offset 0.1 resamples
     E_pos as the torch-hub model that dgm-eval's FDD runs (for 224² inputs to a 518² checkpoint
     this differs slightly from transformers); ``interpolate_offset=0`` gives transformers'
-    ``Dinov2Model`` exactly.  Use as ``module.apply({"params": params}, pixels)``.
+    ``Dinov2Model`` exactly.  ``model`` (``eval.dinov2_model``): the size the weights must be,
+    e.g. ``"vitl14"`` (dgm-eval's); ``"any"`` checks nothing.  Use as
+    ``module.apply({"params": params}, pixels)``.
     """
-    config_path = os.path.join(path, "config.json")
+    module = read_dinov2_config(path, interpolate_offset, model)
     weights_path = os.path.join(path, "model.safetensors")
-    for file in (config_path, weights_path):
-        if not as_path(file).is_file():
-            raise FileNotFoundError(f"{file} not found: give a directory saved by transformers "
-                                    "(Dinov2Model.save_pretrained(dir, safe_serialization=True), "
-                                    "or a copy of facebook/dinov2-base)")
-    module = dinov2_from_config(read_json(config_path), interpolate_offset)
+    if not as_path(weights_path).is_file():
+        raise FileNotFoundError(f"{weights_path} not found: give a directory saved by transformers "
+                                "(Dinov2Model.save_pretrained(dir, safe_serialization=True), "
+                                f"or a copy of {DINOV2_CHECKPOINTS['vitl14']})")
     return module, dinov2_params_from_state_dict(load(as_path(weights_path).read_bytes()), module)
 
 

@@ -15,7 +15,8 @@ command: sampling and feature extraction are split over all devices, process 0 w
 3. Computes FID, sFID, Inception Score, precision and recall (:mod:`kindjax.evaluation.adm`) with the
    FID Inception (``eval.inception_weights``) against ``eval.reference``, an ADM reference batch:
    its ``mu, sigma, mu_s, sigma_s`` when present, otherwise statistics of its images ``arr_0``;
-   precision/recall need the images. With ``eval.dinov2_weights`` also FDD (DINOv2 features).
+   precision/recall need the images. With ``eval.dinov2_weights`` also FDD (DINOv2 features of the
+   network ``eval.dinov2_model`` names; default ViT-L/14, dgm-eval's).
 4. Writes ``DIR/eval_<step>.json`` (metrics, step, files, config) and ``eval/<metric>`` scalars to
    ``DIR/tensorboard``.
 """
@@ -76,6 +77,13 @@ def check_eval_config(config: ml_collections.ConfigDict) -> set[str]:
         raise ConfigError(f"eval.dinov2_weights is set but {e.reference} holds no images (arr_0) to compute "
                           f"the reference DINOv2 features of FDD from; unset eval.dinov2_weights or give "
                           f"a reference batch with images")
+    if e.dinov2_weights:
+        from kindjax.evaluation.dinov2 import read_dinov2_config
+
+        try:   # before any sampling: the weights are the DINOv2 eval.dinov2_model names
+            read_dinov2_config(e.dinov2_weights, model=e.dinov2_model)
+        except FileNotFoundError as err:
+            raise ConfigError(f"eval.dinov2_weights: {err}") from None
     return keys
 
 
@@ -210,7 +218,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         if e.dinov2_weights:
             from kindjax.evaluation.dinov2 import dinov2_features, fdd, load_dinov2
 
-            dino, dino_params = load_dinov2(e.dinov2_weights)
+            dino, dino_params = load_dinov2(e.dinov2_weights, model=e.dinov2_model)
             dino = dino.clone(dtype=jax.numpy.dtype(e.feature_dtype))
             metrics["fdd"] = fdd(*(dinov2_features(dino, dino_params, pixels, e.inception_batch_size, mesh,
                                                    progress("DINOv2", what, len(pixels)))
@@ -219,6 +227,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
                   "reference": str(as_path(e.reference)), "reference_keys": sorted(reference_keys),
                   "inception_weights": str(as_path(e.inception_weights)),
                   "inception_preprocess": e.inception_preprocess, "labels": "i mod num_classes",
+                  "dinov2": {"weights": os.path.abspath(e.dinov2_weights), "model": e.dinov2_model}
+                  if e.dinov2_weights else None,
                   "config": checkpoints.config_json(config)}
         if jax.process_index() == 0:
             write_json(as_path(workdir) / f"eval_{step}.json", report)

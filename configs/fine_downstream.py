@@ -1,0 +1,41 @@
+"""FINE's downstream data sets (supplementary Tables 6 and 8) as image-folder configs.
+
+``configs/fine_downstream.py:DATASET[,B|L][,fine|dense][,classes=N]``, e.g. ``:celebahq`` (DiT-B, FINE
+layers), ``:church,L``, ``:mri,dense``. DATASET: ``celebahq``, ``bedroom``, ``church`` (natural images:
+FID), ``hubble``, ``mri``, ``pokemon`` (FDD: ``eval.dinov2_weights``, DINOv2 ViT-L/14 by default); set
+``data.root`` and ``data.latents`` as :mod:`configs.downstream_data` says.
+
+Table 8, every set: batch 64, lr 1e-4, AdamW (weight decay 0, as Table 7), drop path 0.1, "drop last"
+(kindjax's batches are always full), steps CelebA-HQ 100K, LSUN Bedroom and Church 150K, Hubble, MRI
+and Pokémon 20K. The model:
+
+- ``fine`` (default): FINE layers of rank "sigma share" (Table 7: B 100, L 148, read as the shared
+  rank r), initialised from a FINE learngene: set ``init.fine_learngene`` to the FINE ImageNet
+  pre-training workdir. Only ``model.linear`` and ``init.fine_learngene`` are FINE-specific here.
+- ``dense``: a plain DiT (from scratch, or ``--config.init.pretrained=DIR``).
+
+Table 8's drop path 0.1 is set as ``model.drop_path`` where the config schema has that key.
+"""
+from configs.downstream_data import DATASETS, folder_data, parse_spec
+from configs.imagenet_dit import imagenet_config
+
+#: FINE supplementary Table 7, "sigma share": the shared rank r of DiT-B and DiT-L.
+FINE_RANK = {"B": 100, "L": 148}
+#: Table 8's drop path rate downstream.
+DOWNSTREAM_DROP_PATH = 0.1
+
+
+def get_config(spec: str = "celebahq"):
+    from kindjax.layers.fine import fine_config
+
+    dataset, chosen, classes = parse_spec(spec, tuple(DATASETS), {"arch": tuple(FINE_RANK), "model": ("fine", "dense")},
+                                          {"arch": "B", "model": "fine"}, "configs/fine_downstream.py:church,L")
+    arch = chosen["arch"]
+    config = folder_data(imagenet_config(arch), classes)
+    config.train.update(batch_size=64, num_steps=DATASETS[dataset].fine_steps)
+    config.optim.update(lr=1e-4, weight_decay=0.0)
+    if "drop_path" in config.model:
+        config.model.drop_path = DOWNSTREAM_DROP_PATH
+    if chosen["model"] == "fine":
+        config.model.linear = fine_config(rank=FINE_RANK[arch])
+    return config

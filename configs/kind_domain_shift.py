@@ -1,0 +1,53 @@
+"""KIND Table 3: transfer to a data set with a large domain shift (an image folder), FDD as the metric.
+
+``configs/kind_domain_shift.py:DATASET[,METHOD][,B|L][,classes=N]``, e.g. ``:celebahq`` (KIND, DiT-B),
+``:mri,lora,L``, ``:pokemon,kind,classes=18``. DATASET is one of the paper's four (CelebA-HQ, Hubble, MRI,
+Pokémon: ``celebahq``, ``hubble``, ``mri``, ``pokemon``) or FINE's LSUN sets; set ``data.root`` to the
+folder and ``data.latents`` to its encoded latents (:mod:`configs.downstream_data`).
+
+- ``kind`` (default): the KIND learngene of ``init.learngene`` (the ``configs/kind_dit_b.py`` /
+  ``kind_dit_l.py`` pre-training workdir) frozen, fresh tailors, lr 1e-3 (§3.3, Figure 3b).
+  A folder without classes (``classes=1``) gets **one tailor set**: every real image is class 0, so the
+  class gate routes all of them through learngene + that tailor; the images that classifier-free
+  guidance's label dropout (10%) turns into the null class use the frozen learngene alone and so update
+  nothing. Sampling with CFG then extrapolates from the learngene-only prediction towards the one with
+  the tailor: the tailor is the whole domain-specific part.
+- a baseline of :data:`TABLE3_METHODS` (or any of :data:`kindjax.methods.METHODS`) from a dense DiT
+  (``init.pretrained``), at KIND's matched size (:func:`kindjax.methods.matched_sizes`: rank
+  ``N·N_T`` for ``N`` classes, LoHa half of it, OFT blocks of 32 channels as peft's default since
+  Table 7's block numbers are per ImageNet task), with Table 7's learning rates and batch sizes.
+
+Steps: the paper gives none for Table 3; Table 7's 50K (every downstream method) is used.
+Evaluation: FDD (``eval.dinov2_weights``; DINOv2 ViT-L/14, dgm-eval's default, ``eval.dinov2_model``)
+against the folder's real images (``python -m kindjax.evaluate --reference_out``).
+"""
+from configs.downstream_data import DATASETS, folder_data, parse_spec
+from configs.imagenet_dit import KIND_TRANSFER_STEPS, imagenet_config, kind_imagenet_config
+
+#: The methods of KIND's Table 3, in its row order.
+TABLE3_METHODS = ("svdiff", "oft", "lora", "pissa", "loha", "dora", "kind")
+#: The data sets of KIND's Table 3 (the others of :data:`DATASETS` also run).
+TABLE3_DATASETS = ("celebahq", "hubble", "mri", "pokemon")
+#: Table 3's metric on every set (CelebA-HQ included).
+TABLE3_METRIC = "fdd"
+ARCHS = {"B": 3, "L": 4}   # arch → KIND's N_T (Table 6)
+
+
+def get_config(spec: str = "celebahq"):
+    from kindjax.archs import resolve_dims
+    from kindjax.methods import METHODS, matched_sizes, method_config
+
+    dataset, chosen, classes = parse_spec(spec, tuple(DATASETS), {"method": tuple(METHODS), "arch": tuple(ARCHS)},
+                                          {"method": "kind", "arch": "B"}, "configs/kind_domain_shift.py:mri,lora,L")
+    arch, method = chosen["arch"], chosen["method"]
+    pretrain = kind_imagenet_config(arch, n_tailor=ARCHS[arch])     # its N_G, N_T: the learngene's shapes
+    linear, dims = pretrain.model.linear, resolve_dims(pretrain.model)
+    config = folder_data(imagenet_config(arch), classes)
+    config.train.num_steps = KIND_TRANSFER_STEPS
+    if method == "lora":
+        config.train.batch_size = 512
+    sizes = matched_sizes(classes, linear.n_learngene, linear.n_tailor, dims.hidden_size, dims.depth)
+    config = method_config(config, method, sizes)
+    if method == "svdiff" and arch == "L":
+        config.optim.lr = 3e-3
+    return config
