@@ -108,7 +108,8 @@ def test_shards_partition_the_grid(tmp_path, num_shards):
 def test_two_shards_wait_for_each_other_resume_and_write_the_tables(tmp_path, monkeypatch):
     """Shard 1 runs the KIND pre-training, then waits for the dense one (shard 0's); while it waits
     shard 0 runs all of its runs; shard 1 then finishes and, finding the grid done, writes the tables."""
-    config, options, logs = digits_kind_config(), dict(seeds=1, methods=("lora", "kind")), []
+    # Grid order: dense, kind (pre-trainings), kind, lora, scratch ×2: shard 1 = KIND pre-training, lora, …
+    config, options, logs = digits_kind_config(), dict(seeds=1, methods=("kind", "lora")), []
     waits = []
 
     def sleep(seconds):
@@ -122,7 +123,7 @@ def test_two_shards_wait_for_each_other_resume_and_write_the_tables(tmp_path, mo
     assert waits == [0.5]
     assert any("waiting for" in m and "pretrain/dense (shard 0/2 runs it)" in m for m in logs)
     assert any("not finished" in m for m in logs)      # shard 0 ended before shard 1's runs were done
-    assert [r["method"] for r in rows] == ["lora", "kind", "scratch_adaln_zero", "scratch_adaln_gaussian"]
+    assert [r["method"] for r in rows] == ["kind", "lora", "scratch_adaln_zero", "scratch_adaln_gaussian"]
     for r in rows:
         assert r["seeds"] == 1 and 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["frechet"]) and r["wall"] > 0
     by_name = {r["method"]: r for r in rows}
@@ -252,8 +253,12 @@ def test_the_paper_table2_fid_is_not_a_mean_over_table8_tasks():
     kind_b = next(r for r in rows if (r["arch"], r["method"]) == ("B", "kind"))
     assert (kind_b["table2"], round(kind_b["mean"], 2), round(kind_b["class_weighted_mean"], 2), kind_b["min"]) == \
         (20.94, 54.25, 52.81, 39.8)
-    # The ranking is kept: Table 2's order of the methods is the order of their task means.
+    # The methods' order mostly survives: the same on DiT-L; on DiT-B OFT/DoRA swap and SVDiff moves.
+    import scipy.stats
+
     for arch in "BL":
         mine = [r for r in rows if r["arch"] == arch]
-        order = lambda key: [r["method"] for r in sorted(mine, key=lambda r: r[key])]   # noqa: E731
-        assert np.corrcoef(np.argsort(order("table2")), np.argsort(order("mean")))[0, 1] > 0.9
+        assert scipy.stats.spearmanr([r["table2"] for r in mine], [r["mean"] for r in mine]).statistic > 0.9
+    order = {key: [r["method"] for r in sorted((r for r in rows if r["arch"] == "L"), key=lambda r: r[key])]
+             for key in ("table2", "mean")}
+    assert order["table2"] == order["mean"]

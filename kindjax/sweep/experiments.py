@@ -121,7 +121,7 @@ DIGITS_METRICS = ("sample_accuracy", "frechet_distance", "wall_seconds", "traina
 
 
 def digits_rows(runs: list[Run], scores: dict[str, Scores]) -> list[dict]:
-    """Per method (mean over tasks; mean ± std over seeds), in the keys ``python -m kindjax.compare`` wrote."""
+    """Per method (mean over tasks; mean ± std over seeds), in the keys the former ``kindjax.compare`` wrote."""
     rows = []
     for r in tables.task_mean(runs, scores, DIGITS_METRICS):
         rows.append(dict(method=r["method"], accuracy=r["sample_accuracy"], accuracy_std=r["sample_accuracy_std"],
