@@ -162,6 +162,48 @@ def test_unknown_or_incomplete_configs_are_refused(tmp_path):
         experiment_for(c, "nope")
 
 
+def test_kind_score_writes_the_reference_once_and_reuses_the_evaluation(tmp_path, monkeypatch):
+    """The ImageNet scorer's plumbing, with the evaluation pipeline, the reference writer and the
+    accounting replaced by recorders (they are tested in test_evaluate, test_reference, test_accounting)."""
+    from configs.kind_dit_b import get_config
+
+    runs = KIND_TABLES.runs(get_config(), str(tmp_path), dict(config_file=KIND_B, tasks=("task_2",), methods=("lora",)))
+    run = runs[2]
+    assert run.extra["reference"] == str(tmp_path / "references" / "task_2.npz") and run.config.eval.reference == ""
+    written, evaluated = [], []
+
+    def write_reference(c, out, max_images, seed, log):
+        written.append((c.data.split, c.data.task, max_images))
+        open(out, "wb").write(b"npz")
+
+    def evaluate(c, workdir, step):
+        evaluated.append((c.eval.reference, step))
+        report = dict(metrics=dict(fid=3.5, sfid=2.0), config=dict(eval=dict(reference=c.eval.reference,
+                      num_samples=c.eval.num_samples)), features="f.npz", reference_features="r.npz")
+        open(os.path.join(workdir, f"eval_{step}.json"), "w").write(json.dumps(report))
+
+    monkeypatch.setattr("kindjax.evaluation.reference.write_reference_batch", write_reference)
+    monkeypatch.setattr("kindjax.evaluation.pipeline.evaluate", evaluate)
+    monkeypatch.setattr(experiments, "account", lambda c: (1234, 5678, 1e9, 7.5e9))
+    os.makedirs(run.workdir)
+    want = dict(fid=3.5, sfid=2.0, trainable=1234.0, train_gflop=7.5, features="f.npz", reference_features="r.npz")
+    assert experiments.kind_score(run, {}) == want
+    assert written == [("validation", "task_2", 0)] and evaluated == [(run.extra["reference"], 50_000)]
+    assert experiments.kind_score(run, {}) == want and len(written) == len(evaluated) == 1   # reused
+    more = run.config.copy_and_resolve_references()
+    more.eval.num_samples *= 2                                                                # evaluated again
+    assert experiments.kind_score(grid.Run(run.labels, run.workdir, more, run.needs, run.extra), {}) == want
+    assert len(evaluated) == 2 and len(written) == 1
+    # A {task} pattern names each task's own file; a single file for all tasks is refused.
+    config = get_config()
+    config.eval.reference = "/refs/{task}_val.npz"
+    runs = KIND_TABLES.runs(config, str(tmp_path), dict(config_file=KIND_B, tasks=("task_4",), methods=("kind",)))
+    assert runs[2].extra["reference"] == "/refs/task_4_val.npz" and runs[2].config.eval.reference == ""
+    config.eval.reference = "/refs/all.npz"
+    with pytest.raises(ValueError, match="pattern with {task}"):
+        KIND_TABLES.runs(config, str(tmp_path), dict(config_file=KIND_B))
+
+
 def naive_fid(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance of two feature sets, float64, with scipy's sqrtm."""
     a, b = a.astype(np.float64), b.astype(np.float64)

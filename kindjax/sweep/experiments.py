@@ -24,6 +24,7 @@ pooled references — the aggregation the paper's numbers imply, see the README)
 from __future__ import annotations
 
 import json
+import time
 from typing import Callable
 
 import jax
@@ -262,56 +263,59 @@ def kind_tables_runs(config: ml_collections.ConfigDict, workdir: str, options: d
         raise ValueError("the kind_tables experiment builds each task's config from the config file: give "
                          "options['config_file'] (the command line's --config)")
     get_config = config_file(options["config_file"])
+    pattern = config.eval.reference
+    if pattern and "{task}" not in pattern:
+        raise ConfigError(f"eval.reference={pattern!r}: the sweep scores each task against its own reference "
+                          f"batch; give a pattern with {{task}} (e.g. refs/{{task}}.npz) or leave it empty "
+                          f"({workdir}/references/<task>.npz, written from the validation images)")
     pre = pretrain_runs(config, workdir)
     sources = {r.labels["method"]: r.workdir for r in pre}
     runs = list(pre)
     for task in names:
+        reference = pattern.format(task=task) if pattern else str(epath.Path(workdir) / "references" / f"{task}.npz")
         for method in tuple(options.get("methods") or METHODS):
             for seed in range(options.get("seeds", 1)):
                 c = kind_task_config(config, get_config, task, method, seed, sources)
+                c.eval.reference = ""   # the scorer sets it: the training run does not depend on it
                 need = sources["kind" if METHODS[method].source == "kind" else "dense"]
                 runs.append(Run(dict(task=task, method=method, seed=seed),
-                                str(epath.Path(workdir) / task / method / f"seed_{seed}"), c, (need,)))
+                                str(epath.Path(workdir) / task / method / f"seed_{seed}"), c, (need,),
+                                dict(reference=reference)))
     return runs
 
 
-def task_reference(run: Run, workdir: str, log: Callable[[str], None] = print) -> str:
-    """The reference batch of the run's task (module doc); written here (process 0) when it is missing."""
-    pattern = run.config.eval.reference
-    task = run.labels["task"]
-    if pattern and "{task}" not in pattern:
-        raise ConfigError(f"eval.reference={pattern!r}: the sweep scores each task against its own reference "
-                          f"batch; give a pattern with {{task}} (e.g. refs/{{task}}.npz) or leave it empty")
-    path = epath.Path(pattern.format(task=task) if pattern else epath.Path(workdir) / "references" / f"{task}.npz")
+def task_reference(run: Run, log: Callable[[str], None] = print) -> str:
+    """The reference batch of the run's task (``run.extra["reference"]``, module doc); written here
+    (process 0) from the task's validation images when it is missing."""
+    path = epath.Path(run.extra["reference"])
     if not path.exists() and jax.process_index() == 0:
         from kindjax.evaluation.reference import write_reference_batch
 
         c = run.config.copy_and_resolve_references()
         c.data.split = "validation"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(path.stem + ".tmp.npz")
         write_reference_batch(c, str(tmp), 0, c.eval.seed, log)
         tmp.rename(path)
-    while not path.exists():   # other processes of a multi-host run: process 0 writes it
-        import time
-
+    while not path.exists():   # the other processes of a multi-host run: process 0 writes it
         time.sleep(5)
     return str(path)
 
 
-def kind_score(run: Run, metrics: dict, workdir: str | None = None) -> Scores:
-    """ADM metrics of the run against its task's reference (``eval_<step>.json``, reused when its
-    reference and sample count are the same), its trainable parameters and training GFLOP per image
-    (``account.json``, computed once)."""
+def kind_score(run: Run, metrics: dict) -> Scores:
+    """ADM metrics of the run against its task's reference (``eval_<step>.json``, reused when it was
+    computed against the same reference with as many samples), its trainable parameters and training
+    GFLOP per image (``account.json``, computed once)."""
     from kindjax.evaluation.pipeline import evaluate
 
-    root = workdir or str(epath.Path(run.workdir).parent.parent.parent)
-    reference = task_reference(run, root)
+    del metrics   # the training stage of kind_tables reports nothing to tabulate
+    reference = task_reference(run)
     step = run.config.train.num_steps
     report_path = epath.Path(run.workdir) / f"eval_{step}.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    if (report.get("reference") != str(epath.Path(reference).resolve()) or report.get("num_samples") !=
-            run.config.eval.num_samples or not report.get("reference_features")):
+    evaluated = report.get("config", {}).get("eval", {})
+    if (evaluated.get("reference") != reference or evaluated.get("num_samples") != run.config.eval.num_samples
+            or not report.get("reference_features")):
         c = run.config.copy_and_resolve_references()
         c.eval.reference = reference
         evaluate(c, run.workdir, step)

@@ -32,12 +32,14 @@ Scores = dict[str, float]
 class Run:
     """One training run of a grid.  ``labels``: what it is (e.g. task, method, seed; a
     prerequisite has ``role="prerequisite"`` and no table row); ``needs``: workdirs of runs that
-    must be finished before it starts (its ``init`` checkpoints)."""
+    must be finished before it starts (its ``init`` checkpoints); ``extra``: what the experiment's
+    scorer needs beyond the training config (e.g. the task's reference batch)."""
 
     labels: dict[str, Any]
     workdir: str
     config: ml_collections.ConfigDict
     needs: tuple[str, ...] = ()
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def in_table(self) -> bool:
@@ -143,12 +145,13 @@ def sweep(experiment: Experiment, config: ml_collections.ConfigDict, workdir: st
     by_workdir = {r.workdir: r for r in runs}
     if not tables_only:
         mine = shard_runs(runs, i, n)
-        datasets = [check(r.config, starts=False) for r in mine]
+        for r in mine:   # every config error before the first step (the data sources are opened again per run)
+            check(r.config, starts=False)
         log(f"{experiment.name}: {len(runs)} runs in the grid, {len(mine)} on shard {i}/{n}")
-        for k, (run, data) in enumerate(zip(mine, datasets), 1):
+        for k, run in enumerate(mine, 1):
             wait_for(run, runs, n, poll_seconds, log)
             log(f"[{k}/{len(mine)}] {run.name()}: {run.config.train.num_steps} steps → {run.workdir}")
-            metrics = timed_stage(run, experiment.train_evaluate, data)
+            metrics = timed_stage(run, experiment.train_evaluate)
             if metrics is None:
                 log("Stopped before the end; rerun the same command to resume.")
                 return None
