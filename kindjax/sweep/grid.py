@@ -103,14 +103,14 @@ def is_finished(run: Run, by_workdir: dict[str, Run]) -> dict | None:
     return finished(run.workdir, run.config)
 
 
-def timed_stage(run: Run, train_evaluate: Callable | None, dataset=None) -> dict | None:
+def timed_stage(run: Run, train_evaluate: Callable | None) -> dict | None:
     """:func:`kindjax.run.stage` plus its wall time, kept in ``wall.json`` so reruns report it."""
     path = epath.Path(run.workdir) / "wall.json"
     done = finished(run.workdir, run.config)
     if done is not None and path.exists():
         return {**done, **json.loads(path.read_text())}
     start = time.time()
-    metrics = stage(run.config, run.workdir, train_evaluate, dataset)
+    metrics = stage(run.config, run.workdir, train_evaluate)
     if metrics is None:
         return None
     wall = {"wall_seconds": time.time() - start}
@@ -146,7 +146,8 @@ def sweep(experiment: Experiment, config: ml_collections.ConfigDict, workdir: st
     if not tables_only:
         mine = shard_runs(runs, i, n)
         for r in mine:   # every config error before the first step (the data sources are opened again per run)
-            check(r.config, starts=False)
+            if is_finished(r, by_workdir) is None:
+                check(r.config, starts=False)
         log(f"{experiment.name}: {len(runs)} runs in the grid, {len(mine)} on shard {i}/{n}")
         for k, run in enumerate(mine, 1):
             wait_for(run, runs, n, poll_seconds, log)
