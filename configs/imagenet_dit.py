@@ -58,6 +58,7 @@ def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
         config.data.update(grouping="kind", task="pretrain")
         config.model.num_classes = n_pretrain
         config.train.num_steps = KIND_PRETRAIN_STEPS
+        config.transfer.num_steps = KIND_TRANSFER_STEPS   # the downstream runs of python -m kindjax.sweep
         config.model.linear = kind_config(n_learngene=n_learngene, n_tailor=n_tailor)
         return config
     if task not in kind_tasks():

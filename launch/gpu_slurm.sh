@@ -3,6 +3,8 @@
 # each seeing the node's 8 GPUs and taking GPU SLURM_LOCALID; kindjax.distributed sets
 # local_device_ids so, and finds the other processes from SLURM).
 #   sbatch --nodes=4 launch/gpu_slurm.sh configs/dit_xl.py /shared/runs/xl [--config.key=value ...]
+#   KINDJAX_MODULE=kindjax.sweep sbatch --array=0-3 launch/gpu_slurm.sh configs/kind_dit_b.py /shared/sweep_b
+#     (a sweep in 4 shards, one array task each; see the README)
 # Run from the repository (on a file system every node sees). The venv ($KINDJAX_VENV, default
 # ./.venv) is created and `pip install -e '.[cuda]'` run on first use; KINDJAX_EXTRA=cuda13 for
 # CUDA 13 drivers. For a multi-node run, add --config.mesh.dcn_data=<nodes> to keep FSDP traffic
@@ -50,4 +52,11 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export PYTHONUNBUFFERED=1
 
-srun --kill-on-bad-exit=1 "$VENV/bin/python" -m kindjax.main --config "$CONFIG" --workdir "$WORKDIR" "$@"
+# KINDJAX_MODULE=kindjax.sweep runs a sweep instead of one training run; as an array job
+# (sbatch --array=0-$((n-1))) each array task runs shard SLURM_ARRAY_TASK_ID of n.
+MODULE=${KINDJAX_MODULE:-kindjax.main}
+SHARD=()
+if [ "$MODULE" = kindjax.sweep ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+  SHARD=(--shard "$((SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0}))/${SLURM_ARRAY_TASK_COUNT:?SLURM_ARRAY_TASK_COUNT is not set}")
+fi
+srun --kill-on-bad-exit=1 "$VENV/bin/python" -m "$MODULE" --config "$CONFIG" --workdir "$WORKDIR" ${SHARD[@]+"${SHARD[@]}"} "$@"

@@ -4,7 +4,8 @@
 # one JAX process and jax.distributed.initialize() finds the others (kindjax.distributed: from the
 # VM's metadata on GCE, from TPU_WORKER_HOSTNAMES on GKE).
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a WORKDIR=gs://bucket/run1 launch/tpu_pod.sh [--config.key=value ...]
-# Optional: CONFIG (configs/dit_xl.py), PROJECT, REMOTE_DIR (kindjax, under the worker's home),
+# Optional: CONFIG (configs/dit_xl.py), KINDJAX_MODULE (kindjax.main; kindjax.sweep for a sweep, with
+# KINDJAX_SHARD=i/n for its shard i of n on this slice), PROJECT, REMOTE_DIR (kindjax, under the worker's home),
 # KINDJAX_PYTHON (3.11: uv provides it where the image's python3 is older), LIBTPU_INIT_ARGS (added to ours).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"
@@ -34,6 +35,10 @@ TPU_FLAGS="--xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_data_par
 TPU_FLAGS+=" --xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true"
 TPU_FLAGS+=" --xla_tpu_enable_async_collective_fusion_multiple_steps=true --xla_tpu_overlap_compute_collective_tc=true"
 TPU_FLAGS+=" --xla_enable_async_all_gather=true ${LIBTPU_INIT_ARGS:-}"
-RUN=$(printf '%q ' .venv/bin/python -m kindjax.main --config "$CONFIG" --workdir "$WORKDIR" "$@")
+# KINDJAX_MODULE=kindjax.sweep runs a sweep (KINDJAX_SHARD=i/n: its shard i of n) instead of one training run.
+SHARD_ARGS=()
+if [ -n "${KINDJAX_SHARD:-}" ]; then SHARD_ARGS=(--shard "$KINDJAX_SHARD"); fi
+RUN=$(printf '%q ' .venv/bin/python -m "${KINDJAX_MODULE:-kindjax.main}" --config "$CONFIG" --workdir "$WORKDIR" \
+  ${SHARD_ARGS[@]+"${SHARD_ARGS[@]}"} "$@")
 "${GCLOUD[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --command "cd ~/$REMOTE_DIR && \
   LIBTPU_INIT_ARGS=$(printf '%q' "$TPU_FLAGS") PYTHONUNBUFFERED=1 $RUN"

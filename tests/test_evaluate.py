@@ -85,6 +85,12 @@ def test_evaluate_writes_npz_json_and_tensorboard(setup, capsys):
     scalars = tb_scalars(workdir)
     for k in METRICS | {"fdd"}:
         assert scalars[f"eval/{k}"] == {2: pytest.approx(metrics[k], rel=1e-6)}
+    # The kept features (for metrics pooled over runs, kindjax.evaluation.pooled) give the same metrics.
+    from kindjax.evaluation.pooled import load_features, pooled_metrics
+    kept = [load_features(report[k]) for k in ("features", "reference_features")]
+    assert kept[0]["pool_3"].shape == (10, 2048) and kept[1]["pool_3"].shape == (12, 2048)
+    again = pooled_metrics([kept[0]], [kept[1]])
+    assert again == {k: pytest.approx(metrics[k], rel=1e-5) for k in again}
 
 
 @pytest.mark.slow  # two more runs: four 2048-dim Fréchet distances (~50 s of CPU)

@@ -62,7 +62,16 @@ FAKE = textwrap.dedent('''
                    SLURM_SUBMIT_DIR=os.getcwd(), SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]")
         tmp = os.path.join(os.environ["FAKE_ROOT"], "slurm_script")   # sbatch runs a copy of the script
         shutil.copy(script, tmp)
-        sys.exit(subprocess.call(["bash", tmp, *script_args], env=env))
+        if "array" not in opts:
+            sys.exit(subprocess.call(["bash", tmp, *script_args], env=env))
+        first, last = map(int, opts["array"].split("-"))             # an array job: one run per index
+        for index in range(first, last + 1):
+            rc = subprocess.call(["bash", tmp, *script_args], env=dict(
+                env, SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_TASK_MIN=str(first),
+                SLURM_ARRAY_TASK_MAX=str(last), SLURM_ARRAY_TASK_COUNT=str(last - first + 1)))
+            if rc:
+                sys.exit(rc)
+        sys.exit(0)
     if tool == "srun":                                     # every task of the allocation, node by node
         command = args[next(i for i, a in enumerate(args) if not a.startswith("-")):]
         nodes, per_node = int(os.environ["SLURM_NNODES"]), int(os.environ["SLURM_NTASKS_PER_NODE"])
@@ -114,7 +123,7 @@ FAKE = textwrap.dedent('''
         if args[:3] == ["-m", "pip", "install"]:
             open(installed, "w").close()
             sys.exit(0)
-        if args[:2] == ["-m", "kindjax.main"]:
+        if args[:2] in (["-m", "kindjax.main"], ["-m", "kindjax.sweep"]):
             sys.exit(0)
     sys.exit(f"fake {tool}: unexpected call {args}")
 ''')
@@ -182,6 +191,20 @@ def test_gpu_slurm_runs_one_process_on_every_gpu_of_every_node(tmp_path):
     assert len([c for c in again if c.get("args", [])[:2] == ["-m", "kindjax.main"]]) == 16
 
 
+def test_gpu_slurm_array_runs_one_sweep_shard_per_array_task(tmp_path):
+    env = install_fakes(tmp_path, KINDJAX_VENV=str(tmp_path / "venv"), KINDJAX_MODULE="kindjax.sweep")
+    submit = ["sbatch", "--nodes=1", "--array=0-2", "launch/gpu_slurm.sh", "configs/kind_dit_b.py", "/shared/sweep",
+              "--methods=kind,lora"]
+    result = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = [c for c in calls(tmp_path) if c["tool"].startswith("venv-python:") and c["args"][:2] == ["-m", "kindjax.sweep"]]
+    assert len(runs) == 3 * 8                                  # 3 array tasks × 8 GPU processes
+    shards = sorted({(c["env"]["SLURM_ARRAY_TASK_ID"], tuple(c["args"][2:])) for c in runs})
+    assert shards == [(str(i), ("--config", "configs/kind_dit_b.py", "--workdir", "/shared/sweep", "--shard", f"{i}/3",
+                                "--methods=kind,lora")) for i in range(3)]
+    assert not [c for c in calls(tmp_path) if c.get("args", [])[:2] == ["-m", "kindjax.main"]]
+
+
 def test_gpu_slurm_stops_when_the_install_gives_no_cuda_jaxlib(tmp_path):
     env = install_fakes(tmp_path, KINDJAX_VENV=str(tmp_path / "venv"))
     fake = tmp_path / "fakebin" / "fake.py"   # pip "succeeds" but installs nothing
@@ -222,6 +245,17 @@ def test_tpu_pod_puts_code_install_and_run_on_every_worker(tmp_path):
         assert "--xla_tpu_enable_async_collective_fusion=true" in flags and flags[-1] == "--xla_tpu_user_flag=1"
         # On the worker (a GCE TPU VM: no TPU_WORKER_HOSTNAMES) kindjax asks JAX to find the pod.
         assert init_arguments(run["env"], Accelerators(tpus=4)) == {"cluster_detection_method": "gcetpu"}
+
+
+def test_tpu_pod_runs_a_sweep_shard(tmp_path):
+    env = install_fakes(tmp_path, TPU_NAME="v5p-8", ZONE="z", WORKDIR="gs://b/sweep", FAKE_TPU_WORKERS="1",
+                        CONFIG="configs/kind_dit_l.py", KINDJAX_MODULE="kindjax.sweep", KINDJAX_SHARD="2/4")
+    result = subprocess.run(["launch/tpu_pod.sh", "--seeds=1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = [c for c in calls(tmp_path) if c["tool"].startswith("venv-python:") and c["args"][:2] == ["-m", "kindjax.sweep"]]
+    assert [c["args"][2:] for c in runs] == [["--config", "configs/kind_dit_l.py", "--workdir", "gs://b/sweep",
+                                              "--shard", "2/4", "--seeds=1"]]
 
 
 def test_tpu_pod_needs_its_settings(tmp_path):

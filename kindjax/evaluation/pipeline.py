@@ -17,7 +17,9 @@ command: sampling and feature extraction are split over all devices, process 0 w
    its ``mu, sigma, mu_s, sigma_s`` when present, otherwise statistics of its images ``arr_0``;
    precision/recall need the images. With ``eval.dinov2_weights`` also FDD (DINOv2 features of the
    network ``eval.dinov2_model`` names; default ViT-L/14, dgm-eval's).
-4. Writes ``DIR/eval_<step>.json`` (metrics, step, files, config) and ``eval/<metric>`` scalars to
+4. Writes ``DIR/eval_<step>.json`` (metrics, step, files, config), the Inception features of the samples
+   and of the reference (``features_<step>.npz``, ``reference_features_<step>.npz``: pooled metrics over
+   runs, :mod:`kindjax.evaluation.pooled`) and ``eval/<metric>`` scalars to
    ``DIR/tensorboard``.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ from kindjax.config import ConfigError, validate
 from kindjax.diffusion import GaussianDiffusion
 from kindjax.evaluation import adm
 from kindjax.evaluation.inception import PREPROCESSING, inception_features, load_inception
+from kindjax.evaluation.pooled import save_features
 from kindjax.models.dit import abstract_params, build_model
 from kindjax.sample import generate
 from kindjax import sharding
@@ -223,11 +226,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
             metrics["fdd"] = fdd(*(dinov2_features(dino, dino_params, pixels, e.inception_batch_size, mesh,
                                                    progress("DINOv2", what, len(pixels)))
                                    for pixels, what in ((images, "samples"), (reference.images, "reference"))))
-        report = {"step": step, "metrics": metrics, "num_samples": len(images), "samples": samples_path,
+        kept = {"features": str(as_path(workdir) / f"features_{step}.npz"),   # for pooled metrics (evaluation.pooled)
+                "reference_features": str(as_path(workdir) / f"reference_features_{step}.npz")
+                if reference_features is not None else None}
+        if jax.process_index() == 0:
+            save_features(kept["features"], sample_features)
+            if reference_features is not None:
+                save_features(kept["reference_features"], reference_features)
+        report = {"step": step, "metrics": metrics, "num_samples": len(images), "samples": samples_path, **kept,
                   "reference": str(as_path(e.reference)), "reference_keys": sorted(reference_keys),
                   "inception_weights": str(as_path(e.inception_weights)),
                   "inception_preprocess": e.inception_preprocess, "labels": "i mod num_classes",
-                  "dinov2": {"weights": os.path.abspath(e.dinov2_weights), "model": e.dinov2_model}
+                  "dinov2": {"weights": str(as_path(e.dinov2_weights)), "model": e.dinov2_model}
                   if e.dinov2_weights else None,
                   "config": checkpoints.config_json(config)}
         if jax.process_index() == 0:

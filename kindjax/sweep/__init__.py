@@ -1,0 +1,3 @@
+"""One orchestrator for grids of training runs: ``python -m kindjax.sweep`` (:mod:`kindjax.sweep.grid`:
+runs, shards, resume; :mod:`kindjax.sweep.experiments`: ``digits`` and ``kind_tables``;
+:mod:`kindjax.sweep.tables`: aggregation and the table files)."""
