@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import tiny_config
+from kindjax import checkpoints
 from kindjax import params as param_rules
 from kindjax.config import ConfigError, validate
 from kindjax.diffusion import GaussianDiffusion, denoising_loss, noisy_inputs, training_losses
@@ -17,7 +18,7 @@ from kindjax.layers.ligo import SOURCE, ligo_config, stretch_blocks
 from kindjax.learngene import load_params
 from kindjax.models.dit import build_model, init_params
 from kindjax.train.trainer import Trainer, train
-from kindjax.transfer.growth import (MIMETIC, copy_from, grow_config, he_init, layer_paths, ligo_materialize,
+from kindjax.transfer.growth import (MIMETIC, copy_from, grow_config, grow_init, he_init, layer_paths, ligo_materialize,
                                      ligo_stacks, mimetic_init, prune_blocks, prune_distill_config, remap_blocks,
                                      tleg_expand)
 
@@ -192,7 +193,7 @@ def test_ligo_stacks_materialize_and_match_the_ligo_model():
 
 
 def test_distillation_gradient_equals_naive_combined_loss():
-    student_config, teacher_config = small_config(depth=1), small_config(depth=2)
+    student_config, teacher_config = small_config(depth=1), small_config(depth=1)
     student, teacher = build_model(student_config), build_model(teacher_config)
     ps, pt = randomize(fresh(student_config), 21), randomize(fresh(teacher_config), 22)
     ps = jax.tree.map(lambda a: 0.1 * a, ps)
@@ -207,17 +208,20 @@ def test_distillation_gradient_equals_naive_combined_loss():
 
     target = np.asarray(jax.jit(teacher.apply)({"params": pt}, xt, t, y))[..., :1]
 
-    def naive(p, w=weight):
+    def naive(p):
         out = student.apply({"params": p}, xt, t, y)
         hybrid = training_losses(diffusion, out, x0, xt, t, noise, learn_sigma=True)["loss"].mean()
-        return hybrid + w * jnp.mean(jnp.square(out[..., :1] - target))
+        return hybrid + weight * jnp.mean(jnp.square(out[..., :1] - target))
 
     got, teacher_grad = jax.jit(jax.grad(combined, argnums=(0, 1)))(ps, pt)
-    want, plain = jax.jit(lambda p: (jax.grad(naive)(p), jax.grad(lambda q: naive(q, 0.0))(p)))(ps)
+    want = jax.jit(jax.grad(naive))(ps)
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=param_rules.path_string(path))
-    assert not np.allclose(plain["final_layer"]["linear"]["kernel"], got["final_layer"]["linear"]["kernel"])
     assert all(not np.any(g) for g in jax.tree.leaves(teacher_grad))   # the teacher is only read
+    distill = denoising_loss(student, ps, diffusion, x0, xt, t, noise, y, teacher=(teacher, pt))[1]["distill"]
+    np.testing.assert_allclose(distill, np.mean(np.square(np.asarray(
+        jax.jit(student.apply)({"params": ps}, xt, t, y))[..., :1] - target), axis=(1, 2, 3)), rtol=1e-5)
+    assert np.all(distill > 1e-4)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -254,23 +258,89 @@ def test_config_errors_for_variants_and_distill():
         validate(c, 8)
 
 
+def write_source(path, config, seed):
+    """A workdir holding a checkpoint of ``config``'s model with random raw and (other) EMA weights."""
+    params = jax.tree.map(lambda a: 0.1 * a, randomize(fresh(config), seed))
+    ema = jax.tree.map(lambda a: 0.1 * a, randomize(params, seed + 1))
+    mngr = checkpoints.manager(str(path / checkpoints.CHECKPOINTS))
+    checkpoints.save(mngr, {"step": 1, "params": params, "ema_params": ema,
+                            "opt_state": {"count": np.zeros((), np.int32)}}, config)
+    mngr.wait_until_finished()
+    mngr.close()
+    return str(path), params, ema
+
+
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    """A dense and a TLEG 2-block DiT, each trained 3 steps on the digits."""
-    root = tmp_path_factory.mktemp("growth")
+def random_sources(tmp_path_factory):
+    """Workdirs of a dense, a TLEG (2 blocks) and a 3-block LiGO model with random weights."""
+    root = tmp_path_factory.mktemp("random_sources")
+    ligo = small_config(depth=3, linear=ligo_config(2))
+    ligo.init.update(grow="ligo", grow_from="/unused")
+    return {"dense": write_source(root / "dense", small_config(), 31),
+            "tleg": write_source(root / "tleg", small_config(linear=dict(kind="tleg")), 33),
+            "ligo": write_source(root / "ligo", ligo, 35), "root": root}
+
+
+def test_grow_from_workdirs(random_sources):
+    """``init.grow`` reads the source workdir: EMA weights (raw ones for a LiGO operator), blocks mapped."""
+    base = small_config()
+    dense_dir, _, dense_ema = random_sources["dense"]
+    for grow, source in (("share", dense_dir), ("tleg", random_sources["tleg"][0]), ("ligo", dense_dir),
+                         ("ligo", random_sources["ligo"][0])):
+        config = grow_config(base, grow, source, 3)
+        validate(config, 8)
+        out = grow_init(config, fresh(config), jax.random.key(0))
+        if grow == "share":
+            np.testing.assert_array_equal(out["block_1"]["mlp_out"]["kernel"], dense_ema["block_0"]["mlp_out"]["kernel"])
+        elif grow == "tleg":
+            theta = random_sources["tleg"][2]["tleg_bases"]["k"]
+            want = theta["theta_A"]["kernel"] + theta["theta_B"]["kernel"] / 3
+            np.testing.assert_allclose(out["block_0"]["attn"]["k"]["kernel"], want, rtol=1e-6, atol=1e-6)
+        elif config.model.linear.kind == "ligo":
+            assert config.train.trainable == ("/coef$",)
+            np.testing.assert_array_equal(out[SOURCE]["v"]["kernel"][1], dense_ema["block_1"]["attn"]["v"]["kernel"])
+        else:
+            raw = random_sources["ligo"][1]
+            want = ligo_materialize(raw, ROLE_PATHS)["block_2"]["mlp_in"]["kernel"]
+            np.testing.assert_allclose(out["block_2"]["mlp_in"]["kernel"], want, rtol=1e-4, atol=1e-6)
+            np.testing.assert_array_equal(out["y_embedder"]["embedding"], raw["y_embedder"]["embedding"])
+    with pytest.raises(ConfigError, match="must be below"):
+        config = grow_config(base, "prune", dense_dir, 2)
+        grow_init(config, fresh(config), jax.random.key(0))
+    with pytest.raises(ConfigError, match="kind in \\['tleg'\\]"):
+        config = grow_config(base, "tleg", dense_dir, 2)
+        grow_init(config, fresh(config), jax.random.key(0))
+
+
+def test_prune_then_distill_step(random_sources):
+    """A 1-block DiT pruned from the 2-block source, with the source as teacher: the step's loss is
+    mse + vb + w·distill, and the kept block is the source's block 0."""
+    dense_dir, _, dense_ema = random_sources["dense"]
+    config = prune_distill_config(small_config(), dense_dir, 1, weight=0.5)
+    validate(config, 8)
+    assert config.init.grow == "prune" and config.train.distill.teacher == dense_dir
+    trainer = Trainer(config, str(random_sources["root"] / "pruned"), devices=jax.devices()[:1])
+    state = trainer.fresh_state()
+    np.testing.assert_array_equal(state["params"]["block_0"]["attn"]["v"]["kernel"],
+                                  dense_ema["block_0"]["attn"]["v"]["kernel"])
+    state, metrics = trainer.step_fn(state, trainer.global_batch(0))
+    m = {k: float(v) for k, v in metrics.items()}
+    assert m["distill"] > 0 and m["finite"] == 1.0
+    np.testing.assert_allclose(m["loss"], m["mse"] + m["vb"] + 0.5 * m["distill"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_grow_each_method_from_trained_sources_and_train(tmp_path):
+    """Train a dense and a TLEG 2-block source on the digits, grow each to 3 blocks by every method
+    (LiGO: learn c, then materialise; prune: to 1 block with distillation) and train a few steps."""
+    root, base = tmp_path, small_config()
     for name, linear in (("dense", None), ("tleg", dict(kind="tleg"))):
         c = small_config(depth=2, linear=linear)
         c.train.update(num_steps=3, checkpoint_every=3, log_every=3)
         train(c, str(root / name))
-    return {"dense": str(root / "dense"), "tleg": str(root / "tleg"), "root": root}
-
-
-def test_grow_each_method_to_three_blocks_and_train(sources):
-    """Grow the 2-block sources to 3 blocks by every method (LiGO: learn c, then materialise) and train."""
-    root, base = sources["root"], small_config()
-    dense_source, _ = load_params(sources["dense"])
-    runs = {"scratch": "", "mimetic": "", "share": sources["dense"], "tleg": sources["tleg"],
-            "ligo": sources["dense"]}
+    dense_source, _ = load_params(str(root / "dense"))
+    runs = {"scratch": "", "mimetic": "", "share": str(root / "dense"), "tleg": str(root / "tleg"),
+            "ligo": str(root / "dense")}
     for grow, source in runs.items():
         config = grow_config(base, grow, source, 3, operator_steps=2)
         validate(config, 8)
@@ -285,30 +355,7 @@ def test_grow_each_method_to_three_blocks_and_train(sources):
             config = grow_config(base, "ligo", workdir, 3)
             assert config.model.linear.kind == "dense"
             state = train(config, str(root / "grown_ligo_dense"))
-            want = ligo_materialize(params, ROLE_PATHS)["block_2"]["mlp_in"]["kernel"]
-            start = Trainer(config, str(root / "unused"), devices=jax.devices()[:1]).fresh_state()
-            np.testing.assert_allclose(start["params"]["block_2"]["mlp_in"]["kernel"], want, rtol=1e-6)
-        if grow == "share":
-            start = Trainer(config, str(root / "unused"), devices=jax.devices()[:1]).fresh_state()
-            np.testing.assert_array_equal(start["params"]["block_1"]["mlp_out"]["kernel"],
-                                          dense_source["block_0"]["mlp_out"]["kernel"])
-
-
-def test_prune_then_distill_step(sources):
-    """A 1-block DiT pruned from the 2-block source, with the source as teacher: the step's loss is
-    mse + vb + w·distill, and the kept block is the source's block 0."""
-    config = prune_distill_config(small_config(), sources["dense"], 1, weight=0.5)
-    validate(config, 8)
-    assert config.init.grow == "prune" and config.train.distill.teacher == sources["dense"]
-    trainer = Trainer(config, str(sources["root"] / "pruned"), devices=jax.devices()[:1])
-    state = trainer.fresh_state()
-    source, _ = load_params(sources["dense"])
-    np.testing.assert_array_equal(state["params"]["block_0"]["attn"]["v"]["kernel"],
-                                  source["block_0"]["attn"]["v"]["kernel"])
-    state, metrics = trainer.step_fn(state, trainer.global_batch(0))
-    m = {k: float(v) for k, v in metrics.items()}
-    assert m["distill"] > 0 and m["finite"] == 1.0
-    np.testing.assert_allclose(m["loss"], m["mse"] + m["vb"] + 0.5 * m["distill"], rtol=1e-5)
-    with pytest.raises(ConfigError, match="must be below"):
-        bad = grow_config(small_config(), "prune", sources["dense"], 2)
-        Trainer(bad, str(sources["root"] / "bad"), devices=jax.devices()[:1]).fresh_state()
+            assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(state["params"]))
+    pruned = prune_distill_config(base, str(root / "dense"), 1, weight=0.5)
+    state = train(pruned, str(root / "pruned"))
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(state["params"]))
