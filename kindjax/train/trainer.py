@@ -82,7 +82,7 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_params: Any = 
     xt, t, noise = noisy_inputs(k_t, k_noise, x0, diffusion)
     teacher = None if teacher_params is None else (teacher_model, teacher_params)
     loss_fn = functools.partial(denoising_loss, model, diffusion=diffusion, x0=x0, xt=xt, t=t, noise=noise, y=y,
-                                teacher=teacher, distill_weight=config.train.distill.weight)
+                                teacher=teacher, distill_weight=0.0 if teacher is None else config.train.distill.weight)
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     rule = param_rules.update_rule(config)
@@ -124,7 +124,8 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self._init = jax.jit(init, out_shardings=self.state_sharding)
-        teacher_model, teacher_params = load_teacher(config) if config.train.distill.teacher else (None, None)
+        distill = config.train.get("distill")   # absent from configs saved before train.distill existed
+        teacher_model, teacher_params = load_teacher(config) if distill and distill.teacher else (None, None)
         step = functools.partial(train_step, model=self.model, diffusion=self.diffusion,
                                  optimizer=self.optimizer, config=config, base_key=self.base_key,
                                  teacher_model=teacher_model)
@@ -261,7 +262,7 @@ def origin(config: ml_collections.ConfigDict) -> dict[str, dict]:
     the checkpoint step it resolves to now; refuses a path that holds no checkpoint."""
     found = {}
     for key in STARTS:
-        path = config.init[key]
+        path = config.init.get(key, "")
         if path:
             try:
                 located = checkpoints.locate(path)

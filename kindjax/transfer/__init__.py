@@ -28,7 +28,7 @@ STARTS = ("learngene", "pretrained", "fine_learngene", "grow_from")
 def starts_from_checkpoint(config: ml_collections.ConfigDict) -> bool:
     """True when ``config.init`` names a start (a pre-trained one, or an ``init.grow`` rule; else step 0
     is the model's own random init)."""
-    return any(config.init[k] for k in STARTS) or bool(config.init.grow)
+    return any(config.init.get(k) for k in STARTS) or bool(config.init.get("grow"))
 
 
 def initial_params(config: ml_collections.ConfigDict, fresh: Mapping[str, Any], key: jax.Array) -> dict:
