@@ -274,8 +274,10 @@ def grow_config(config: ml_collections.ConfigDict, grow: str, source: str, depth
     steps, LiGO's 100 by default); from that run's workdir, the materialising run."""
     c = config.copy_and_resolve_references()
     model = c.model
-    if grow in GROWTH_FROM_SOURCE:
-        model = checkpoints.config_of(checkpoints.locate(source)).model
+    if grow in GROWTH_FROM_SOURCE:   # the source's model settings over this config's (keys it predates keep theirs)
+        model = model.copy_and_resolve_references()
+        for key, value in checkpoints.config_of(checkpoints.locate(source)).model.items():
+            model[key] = value
     c.model = _target_model(model, depth)
     c.init.update(grow=grow, grow_from=source if grow in GROWTH_FROM_SOURCE else "")
     if grow == "ligo":
