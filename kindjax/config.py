@@ -20,6 +20,10 @@ REMAT_POLICIES = ("none", "block", "dots_saveable")
 #: "vitl14" is the FDD reference tool's default (dgm-eval, Stein et al. 2023: ``DINOv2Encoder`` loads
 #: ``dinov2_vitl14`` when no ``--arch`` is given); "any" takes the weights directory's network unchecked.
 DINOV2_MODELS = ("vits14", "vitb14", "vitl14", "any")
+#: ``init.grow``: FINE's baselines as initialisers of a dense DiT of any depth (:mod:`kindjax.transfer.growth`).
+GROWTH = ("scratch", "mimetic", "share", "tleg", "ligo", "prune")
+#: The ``init.grow`` starts that read a pre-trained source (``init.grow_from``).
+GROWTH_FROM_SOURCE = ("share", "tleg", "ligo", "prune")
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -90,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
             freeze_learngene=False,  # keep the learngene bundle (kindjax.params) bit-identical
             max_nonfinite_steps=0,   # steps with a non-finite loss or grad norm skipped (not applied) before
                                      # the run stops; 0: the first one stops it (README: Reliability)
+            # Output distillation: loss += weight·mean‖ε_student − ε_teacher‖² on the same x_t, t, y; the
+            # teacher (a training workdir, EMA weights) is frozen and outside the optimizer.
+            distill=dict(teacher="", weight=1.0),
         ),
         # Start from a pre-trained learngene (a workdir, step dir or sliced checkpoint);
         # tailors and the new classes' label rows are drawn fresh (kindjax.transfer).
@@ -103,7 +110,12 @@ def base_config() -> ml_collections.ConfigDict:
                   svd_components=0,     # >0: each kernel cut to this many random singular components (ablation #1)
                   # FINE: a FINE checkpoint whose shared U, V initialise this FINE model of any
                   # depth/width/rank (kindjax.transfer.fine.init_from_fine_learngene).
-                  fine_learngene=""),
+                  fine_learngene="",
+                  # FINE's baselines (kindjax.transfer.growth): a dense DiT of this config's depth initialised
+                  # by "scratch" (He), "mimetic", "share", "tleg", "ligo" or "prune" from grow_from.
+                  grow="",
+                  grow_from="",         # source workdir (share, prune: dense/KIND; tleg: kind='tleg'; ligo)
+                  grow_blocks=()),      # share/prune: source block of each target block (() = default map)
         # job="kind_transfer": after pre-training on data.classes, transfer the learngene
         # (frozen) to `classes` with fresh tailors, and recombine `recombine_classes`.
         transfer=dict(classes=(), num_steps=1000, lr=1e-3, recombine_classes=()),
@@ -259,8 +271,32 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
              f"{config.diffusion.num_timesteps}]")
     _require(config.job in ("train", "kind_transfer"), f"job={config.job!r}: use 'train' or 'kind_transfer'")
     i = config.init
-    starts = [k for k in ("learngene", "pretrained", "fine_learngene") if i[k]]
+    starts = [k for k in ("learngene", "pretrained", "fine_learngene", "grow_from") if i[k]]
     _require(len(starts) <= 1, f"init.{' and init.'.join(starts)} are different starts: set one of them")
+    if i.grow or i.grow_from or i.grow_blocks:
+        _require(i.grow in GROWTH, f"init.grow={i.grow!r}: use one of {list(GROWTH)} (init.grow_from and "
+                                   f"init.grow_blocks need it)")
+        _require(not starts or starts == ["grow_from"],
+                 f"init.grow and init.{starts[0] if starts else ''} are different starts: set one of them")
+        _require(bool(i.grow_from) == (i.grow in GROWTH_FROM_SOURCE),
+                 f"init.grow={i.grow!r} needs init.grow_from (the pre-trained source workdir)"
+                 if i.grow in GROWTH_FROM_SOURCE else f"init.grow={i.grow!r} reads no source: clear init.grow_from")
+        _require(not i.grow_blocks or i.grow in ("share", "prune"),
+                 f"init.grow_blocks maps target blocks to source blocks for init.grow='share' or 'prune', "
+                 f"not {i.grow!r}")
+        kinds = ("dense", "ligo") if i.grow == "ligo" else ("dense",)
+        _require(m.linear.kind in kinds, f"init.grow={i.grow!r} initialises a model.linear.kind in {list(kinds)}, "
+                                         f"got {m.linear.kind!r}")
+    if m.linear.kind in ("tleg", "ligo"):
+        _require(not m.scan_blocks, f"model.linear.kind={m.linear.kind!r} reads each block's index from its "
+                                    f"name: set model.scan_blocks=False")
+    if m.linear.kind == "ligo":
+        _require(i.grow == "ligo", "model.linear.kind='ligo' learns growth coefficients over a pre-trained "
+                                   "DiT's layers: set init.grow='ligo' and init.grow_from=<that workdir>")
+    dist = t.distill
+    _require(dist.weight >= 0, f"train.distill.weight={dist.weight} must be ≥ 0")
+    _require(not dist.teacher or dist.weight > 0,
+             "train.distill.teacher is set but train.distill.weight=0: give a positive weight or clear the teacher")
     if i.select or i.blocks or i.svd_components:
         _require(bool(i.pretrained), "init.select / init.blocks / init.svd_components need init.pretrained "
                                      "(the pre-trained DiT to copy from)")

@@ -27,9 +27,29 @@ def noisy_inputs(key_t: jax.Array, key_noise: jax.Array, x0: jax.Array,
     return q_sample(diffusion, x0, t, noise), t, noise
 
 
+def distillation_loss(student_out: jax.Array, teacher_out: jax.Array, channels: int) -> jax.Array:
+    """Per-sample output distillation ``mean‖ε_student − ε_teacher‖²`` over the first ``channels``
+    output channels (the ε prediction; a learned variance is not distilled), ``(B,)``; no gradient
+    reaches the teacher."""
+    diff = student_out[..., :channels] - jax.lax.stop_gradient(teacher_out[..., :channels])
+    return jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
+
+
 def denoising_loss(model: Denoiser, params: Any, diffusion: GaussianDiffusion, x0: jax.Array, xt: jax.Array,
-                   t: jax.Array, noise: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The batch mean of the hybrid loss (``mse + vb``) and its per-sample terms."""
+                   t: jax.Array, noise: jax.Array, y: jax.Array, teacher: tuple[Denoiser, Any] | None = None,
+                   distill_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The batch mean of the hybrid loss (``mse + vb``) and its per-sample terms.
+
+    ``teacher = (teacher_model, teacher_params)``: the loss adds ``distill_weight·mean_b
+    distillation_loss`` against the teacher's output on the same ``x_t, t, y`` (per-sample term
+    ``"distill"``), as BK-SDM's output-level knowledge distillation.
+    """
     out = model.apply({"params": params}, xt, t, y)
     losses = training_losses(diffusion, out, x0, xt, t, noise, learn_sigma=model.learn_sigma)
-    return losses["loss"].mean(), losses
+    loss = losses["loss"].mean()
+    if teacher is not None:
+        teacher_model, teacher_params = teacher
+        losses = {**losses, "distill": distillation_loss(
+            out, teacher_model.apply({"params": teacher_params}, xt, t, y), x0.shape[-1])}
+        loss = loss + distill_weight * losses["distill"].mean()
+    return loss, losses

@@ -29,6 +29,8 @@ from kindjax.layers.dense import DenseLinear
 from kindjax.layers.fine import fine_factory
 from kindjax.layers.kind import is_class_gated as kind_is_class_gated
 from kindjax.layers.kind import kind_factory
+from kindjax.layers.ligo import ligo_factory
+from kindjax.layers.tleg import tleg_factory
 
 #: Roles of the six main matrices of a DiT block, in the papers' vocabulary.
 ROLES = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
@@ -56,6 +58,8 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], LinearFactory]] = {
     "oft": oft_factory,
     "loha": loha_factory,
     "svdiff": svdiff_factory,
+    "tleg": tleg_factory,
+    "ligo": ligo_factory,
 }
 
 #: Data-dependent initialisation of a variant from a pre-trained dense layer (kindjax.transfer):

@@ -29,7 +29,7 @@ from kindjax.diffusion import GaussianDiffusion, denoising_loss, noisy_inputs
 from kindjax.models.dit import DiT, build_model, drop_labels, init_params
 from kindjax.paths import as_path, write_bytes, write_json
 from kindjax.sample import generate
-from kindjax.transfer import STARTS, initial_params, starts_from_checkpoint
+from kindjax.transfer import STARTS, initial_params, load_teacher, starts_from_checkpoint
 from kindjax import sharding
 from kindjax.logs import RunLogger, image_grid, png_bytes, to_uint8
 from kindjax.train.optimizer import learning_rate, make_optimizer
@@ -60,11 +60,15 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
     return decay
 
 
-def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusion: GaussianDiffusion,
-               optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict,
-               base_key: jax.Array) -> tuple[State, dict[str, jax.Array]]:
+def train_step(state: State, batch: dict[str, jax.Array], teacher_params: Any = None, *, model: DiT,
+               diffusion: GaussianDiffusion, optimizer: optax.GradientTransformation,
+               config: ml_collections.ConfigDict, base_key: jax.Array,
+               teacher_model: DiT | None = None) -> tuple[State, dict[str, jax.Array]]:
     """One AdamW step on the hybrid diffusion loss, restricted by the config's update rule
     (:func:`kindjax.params.update_rule`: frozen leaves, per-class rows); EMA update.
+
+    ``teacher_params`` (of ``teacher_model``; ``train.distill``): the loss adds the output distillation
+    term (:func:`kindjax.diffusion.denoising_loss`, ``metrics['distill']``); the teacher is only read.
 
     The update is applied only when the loss and the gradient norm are finite
     (``state' = where(finite, update(state), state)``; the step counter advances either way);
@@ -77,7 +81,9 @@ def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusi
     x0 = batch["image"]
     y = drop_labels(k_drop, batch["label"], config.model.class_dropout, model.num_classes)
     xt, t, noise = noisy_inputs(k_t, k_noise, x0, diffusion)
-    loss_fn = functools.partial(denoising_loss, model, diffusion=diffusion, x0=x0, xt=xt, t=t, noise=noise, y=y)
+    teacher = None if teacher_params is None else (teacher_model, teacher_params)
+    loss_fn = functools.partial(denoising_loss, model, diffusion=diffusion, x0=x0, xt=xt, t=t, noise=noise, y=y,
+                                teacher=teacher, distill_weight=0.0 if teacher is None else config.train.distill.weight)
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     rule = param_rules.update_rule(config)
@@ -92,6 +98,8 @@ def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusi
                            {k: state[k] for k in ("params", "ema_params", "opt_state")})
     metrics = {"loss": loss, "mse": losses["mse"].mean(), "vb": losses["vb"].mean(), "grad_norm": grad_norm,
                "lr": learning_rate(config)(state["step"]), "finite": finite.astype(jnp.float32)}
+    if teacher is not None:
+        metrics["distill"] = losses["distill"].mean()
     if STOP in batch:
         metrics[STOP] = jnp.max(batch[STOP])
     return {"step": state["step"] + 1, **updated}, metrics
@@ -117,11 +125,21 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self._init = jax.jit(init, out_shardings=self.state_sharding)
+        distill = config.train.get("distill")   # absent from configs saved before train.distill existed
+        teacher_model, teacher_params = load_teacher(config) if distill and distill.teacher else (None, None)
         step = functools.partial(train_step, model=self.model, diffusion=self.diffusion,
-                                 optimizer=self.optimizer, config=config, base_key=self.base_key)
-        self.step_fn = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
-                               out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
-                               donate_argnums=0)
+                                 optimizer=self.optimizer, config=config, base_key=self.base_key,
+                                 teacher_model=teacher_model)
+        out_shardings = (self.state_sharding, sharding.replicated(self.mesh))
+        if teacher_params is None:
+            self.step_fn = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
+                                   out_shardings=out_shardings, donate_argnums=0)
+        else:
+            teacher_sharding = sharding.state_shardings(self.mesh, teacher_params)
+            placed = jax.device_put(teacher_params, teacher_sharding)
+            with_teacher = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, teacher_sharding),
+                                   out_shardings=out_shardings, donate_argnums=0)
+            self.step_fn = lambda state, batch: with_teacher(state, batch, placed)
 
     def fresh_state(self) -> State:
         """Step 0: a random init, or the start ``config.init`` names (:func:`kindjax.transfer.initial_params`)."""
@@ -245,7 +263,7 @@ def origin(config: ml_collections.ConfigDict) -> dict[str, dict]:
     the checkpoint step it resolves to now; refuses a path that holds no checkpoint."""
     found = {}
     for key in STARTS:
-        path = config.init[key]
+        path = config.init.get(key, "")
         if path:
             try:
                 located = checkpoints.locate(path)

@@ -4,7 +4,11 @@
 - ``init.pretrained`` (:mod:`kindjax.transfer.pretrained`): a dense or KIND DiT into any linear
   variant (the baselines), optionally only some blocks (:mod:`kindjax.transfer.layer_selection`:
   Heur-LG, Auto-LG);
-- ``init.fine_learngene``: FINE's shared ``U``, ``V`` into a FINE DiT of another size.
+- ``init.fine_learngene``: FINE's shared ``U``, ``V`` into a FINE DiT of another size;
+- ``init.grow`` (:mod:`kindjax.transfer.growth`): FINE's baselines (He, Mimetic, Share, TLEG, LiGO,
+  prune) as initialisers of a dense DiT of any depth, from ``init.grow_from``.
+
+:func:`load_teacher` reads the frozen teacher of ``train.distill``.
 """
 from __future__ import annotations
 
@@ -14,20 +18,24 @@ import jax
 import ml_collections
 
 from kindjax.transfer.fine import init_from_config
+from kindjax.transfer.growth import grow_config, grow_init, load_teacher, prune_distill_config
 from kindjax.transfer.kind import learngene_init, transfer_config
 from kindjax.transfer.pretrained import pretrained_init
 
-STARTS = ("learngene", "pretrained", "fine_learngene")
+STARTS = ("learngene", "pretrained", "fine_learngene", "grow_from")
 
 
 def starts_from_checkpoint(config: ml_collections.ConfigDict) -> bool:
-    """True when ``config.init`` names a pre-trained start (else step 0 is a random init)."""
-    return any(config.init[k] for k in STARTS)
+    """True when ``config.init`` names a start (a pre-trained one, or an ``init.grow`` rule; else step 0
+    is the model's own random init)."""
+    return any(config.init.get(k) for k in STARTS) or bool(config.init.get("grow"))
 
 
 def initial_params(config: ml_collections.ConfigDict, fresh: Mapping[str, Any], key: jax.Array) -> dict:
     """The step-0 parameters for the start ``config.init`` names, given the model's ``fresh`` ones."""
     init = config.init
+    if init.grow:
+        return grow_init(config, fresh, key)
     if init.pretrained:
         return pretrained_init(config, fresh, key)
     if init.fine_learngene:
@@ -35,4 +43,5 @@ def initial_params(config: ml_collections.ConfigDict, fresh: Mapping[str, Any], 
     return learngene_init(config, fresh, key)
 
 
-__all__ = ["STARTS", "initial_params", "starts_from_checkpoint", "transfer_config"]
+__all__ = ["STARTS", "grow_config", "initial_params", "load_teacher", "prune_distill_config",
+           "starts_from_checkpoint", "transfer_config"]
