@@ -28,8 +28,10 @@ def noisy_inputs(key_t: jax.Array, key_noise: jax.Array, x0: jax.Array,
 
 
 def denoising_loss(model: Denoiser, params: Any, diffusion: GaussianDiffusion, x0: jax.Array, xt: jax.Array,
-                   t: jax.Array, noise: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The batch mean of the hybrid loss (``mse + vb``) and its per-sample terms."""
-    out = model.apply({"params": params}, xt, t, y)
+                   t: jax.Array, noise: jax.Array, y: jax.Array,
+                   rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The batch mean of the hybrid loss (``mse + vb``) and its per-sample terms; ``rngs``: the
+    model's stochastic layers in training (``{"dropout": key}``: drop path), none otherwise."""
+    out = model.apply({"params": params}, xt, t, y, rngs=rngs or {})
     losses = training_losses(diffusion, out, x0, xt, t, noise, learn_sigma=model.learn_sigma)
     return losses["loss"].mean(), losses

@@ -76,7 +76,10 @@ def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusi
     x0 = batch["image"]
     y = drop_labels(k_drop, batch["label"], config.model.class_dropout, model.num_classes)
     xt, t, noise = noisy_inputs(k_t, k_noise, x0, diffusion)
-    loss_fn = functools.partial(denoising_loss, model, diffusion=diffusion, x0=x0, xt=xt, t=t, noise=noise, y=y)
+    # The model's own randomness (drop path) only when it has some: the other streams stay as they were.
+    rngs = {"dropout": jax.random.fold_in(key, 3)} if config.model.drop_path > 0 else None
+    loss_fn = functools.partial(denoising_loss, model, diffusion=diffusion, x0=x0, xt=xt, t=t, noise=noise, y=y,
+                                rngs=rngs)
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     rule = param_rules.update_rule(config)

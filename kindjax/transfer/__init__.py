@@ -4,7 +4,9 @@
 - ``init.pretrained`` (:mod:`kindjax.transfer.pretrained`): a dense or KIND DiT into any linear
   variant (the baselines), optionally only some blocks (:mod:`kindjax.transfer.layer_selection`:
   Heur-LG, Auto-LG);
-- ``init.fine_learngene``: FINE's shared ``U``, ``V`` into a FINE DiT of another size.
+- ``init.fine_learngene`` (:mod:`kindjax.transfer.fine`): FINE's shared ``U``, ``V`` into a FINE DiT of
+  another depth (Σ set by ``init.fine_sigma``), or materialized into a dense DiT;
+- ``init.pretrained`` with ``init.svd_rank``: FINE's "w/o Factorize" ablation (per-layer top-r SVD).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
-from kindjax.transfer.fine import init_from_config
+from kindjax.transfer.fine import init_from_config, per_layer_svd_init
 from kindjax.transfer.kind import learngene_init, transfer_config
 from kindjax.transfer.pretrained import pretrained_init
 
@@ -28,6 +30,8 @@ def starts_from_checkpoint(config: ml_collections.ConfigDict) -> bool:
 def initial_params(config: ml_collections.ConfigDict, fresh: Mapping[str, Any], key: jax.Array) -> dict:
     """The step-0 parameters for the start ``config.init`` names, given the model's ``fresh`` ones."""
     init = config.init
+    if init.pretrained and init.get("svd_rank", 0):
+        return per_layer_svd_init(config, fresh)
     if init.pretrained:
         return pretrained_init(config, fresh, key)
     if init.fine_learngene:
