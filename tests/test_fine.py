@@ -481,3 +481,38 @@ def test_per_layer_svd_ablation_cuts_each_layer_to_its_own_top_singular_componen
     target.init.svd_rank = 33
     with pytest.raises(ConfigError, match="init.svd_rank=33 must be in \\[1, 32\\]"):
         initial_params(target, fresh_params(build_model(target), 2), jax.random.key(0))
+
+
+@pytest.mark.parametrize("arch, rank, hidden", [("b", 100, 768), ("l", 148, 1024)])
+def test_imagenet_fine_configs_have_table_7_and_build(arch, rank, hidden):
+    import importlib
+
+    from kindjax.config import validate
+    from kindjax.models.dit import abstract_params
+
+    pre = importlib.import_module(f"configs.fine_dit_{arch}").get_config()
+    assert (pre.train.batch_size, pre.train.num_steps, pre.optim.lr, pre.optim.weight_decay) == (64, 300_000, 1e-4, 0)
+    assert (pre.model.linear.rank, pre.model.linear.layout, pre.model.drop_path, pre.model.dtype) == \
+        (rank, "paper", 0.5, "bfloat16")
+    validate(pre, 8)
+    tree = abstract_params(build_model(pre))
+    assert tree["fine_bases"]["qkv"]["U"].shape == (3 * hidden, rank)
+    assert tree["fine_bases"]["adaln"]["U"].shape == (6 * hidden, rank)
+    get = importlib.import_module(f"configs.fine_init_dit_{arch}").get_config
+    for depth in (4, 6, 8, 10, 12):
+        config = get(f"depth_{depth}")
+        assert (config.job, config.init.fine_sigma, config.train.num_steps) == ("fine_init", "trained", 100_000)
+        config.init.fine_learngene = "/pretrain"
+        validate(config, 8)
+        tree = abstract_params(build_model(config))
+        assert sum(k.startswith("block_") for k in tree) == depth and tree["fine_bases"]["mlp_in"]["U"].shape[1] == rank
+    for rule in ("random", "identical", "linear"):
+        assert get(f"depth_6,{rule}").init.fine_sigma == rule
+    svd = get("depth_6,per_layer_svd")
+    assert (svd.job, svd.model.linear.kind, svd.init.svd_rank) == ("train", "dense", rank)
+    with pytest.raises(ConfigError, match="init.svd_rank .*needs init.pretrained"):
+        validate(svd, 8)
+    with pytest.raises(ValueError, match="unknown rule 'lineer'"):
+        get("depth_6,lineer")
+    with pytest.raises(ValueError, match="use depth_D"):
+        get("L6")
