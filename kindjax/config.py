@@ -272,6 +272,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     elif i.fine_learngene:
         _require(i.fine_sigma != "trained", "init.fine_sigma='trained' is the Σ-only stage of job='fine_init'; "
                                             "set job='fine_init', or another init.fine_sigma")
+    _require(i.svd_rank >= 0, f"init.svd_rank={i.svd_rank} must be ≥ 0 (0: off)")
     if i.svd_rank:
         _require(bool(i.pretrained) and m.linear.kind == "dense" and not (i.select or i.blocks or i.svd_components),
                  "init.svd_rank ('w/o Factorize') needs init.pretrained (a dense DiT), model.linear.kind='dense' "

@@ -77,7 +77,7 @@ def train_step(state: State, batch: dict[str, jax.Array], *, model: DiT, diffusi
     y = drop_labels(k_drop, batch["label"], config.model.class_dropout, model.num_classes)
     xt, t, noise = noisy_inputs(k_t, k_noise, x0, diffusion)
     # The model's own randomness (drop path) only when it has some: the other streams stay as they were.
-    rngs = {"dropout": jax.random.fold_in(key, 3)} if config.model.drop_path > 0 else None
+    rngs = {"dropout": jax.random.fold_in(key, 3)} if config.model.get("drop_path", 0.0) > 0 else None
     loss_fn = functools.partial(denoising_loss, model, diffusion=diffusion, x0=x0, xt=xt, t=t, noise=noise, y=y,
                                 rngs=rngs)
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

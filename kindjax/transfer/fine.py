@@ -314,7 +314,8 @@ def init_from_config(config: ml_collections.ConfigDict, fresh_params: Mapping[st
         return init_from_fine_learngene(fresh_params, learngene.params, key, rule)
     twin = config.model.copy_and_resolve_references()
     twin.linear = learngene.config.model.linear
-    fine_fresh = init_params(jax.random.fold_in(key, 1), build_model(twin))
+    twin_model = build_model(twin)
+    fine_fresh = jax.jit(lambda k: init_params(k, twin_model))(jax.random.fold_in(key, 1))
     return materialize(init_from_fine_learngene(fine_fresh, learngene.params, key, rule), fresh_params)
 
 
