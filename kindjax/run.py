@@ -208,7 +208,7 @@ def fine_init_configs(config: ml_collections.ConfigDict, workdir: str
     if init.fine_sigma == "trained":
         sigma = config.copy_and_resolve_references()
         sigma.job = "train"
-        sigma.init.fine_sigma = "random"
+        sigma.init.update(fine_sigma="random", materialize=False)   # factorized, whatever the next stage is
         sigma.train.update(num_steps=init.sigma_steps, trainable=SIGMA_ONLY, ema_decay=0.0,
                            checkpoint_every=min(config.train.checkpoint_every, init.sigma_steps),
                            sample_every=max(config.train.sample_every, init.sigma_steps))
@@ -243,6 +243,8 @@ def run_fine_init(config: ml_collections.ConfigDict, workdir: str) -> dict | Non
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
+    print(f"FINE initialisation ({config.init.fine_sigma} Σ) then training, {main_dir}:\n" +
+          "\n".join(f"  {k:30s} {v}" for k, v in metrics.items()), flush=True)
     return metrics
 
 
