@@ -24,6 +24,8 @@ DINOV2_MODELS = ("vits14", "vitb14", "vitl14", "any")
 GROWTH = ("scratch", "mimetic", "share", "tleg", "ligo", "prune")
 #: The ``init.grow`` starts that read a pre-trained source (``init.grow_from``).
 GROWTH_FROM_SOURCE = ("share", "tleg", "ligo", "prune")
+#: ``init.fine_sigma``: how a FINE initialisation sets the new layers' Σ (:mod:`kindjax.transfer.fine`).
+FINE_SIGMA = ("identical", "linear", "random", "trained", "copy")
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -50,6 +52,7 @@ def model_config() -> ml_collections.ConfigDict:
         remat="none",             # "none", "block" (recompute each block) or "dots_saveable" (keep matmul outputs)
         scan_blocks=False,        # one nn-scan over the identical blocks (same parameter layout as the loop)
         residual_scales=False,    # DiffFit: learned per-channel γ (init 1) on each block's two residual branches
+        drop_path=0.0,            # stochastic depth on each block's two residual branches, in training only
         linear=ml_collections.ConfigDict(dict(kind="dense")),
     ))
 
@@ -57,7 +60,8 @@ def model_config() -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     """All sections with their defaults (the paper's DiT training settings where they apply)."""
     return ml_collections.ConfigDict(dict(
-        job="train",              # "train", or "kind_transfer" (pre-train, then transfer; kindjax.run)
+        job="train",              # "train", "kind_transfer" (pre-train, then transfer) or "fine_init"
+                                  # (FINE's Σ-only stage, then normal training; kindjax.run)
         model=model_config(),
         diffusion=dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02),
         data=dict(
@@ -115,7 +119,22 @@ def base_config() -> ml_collections.ConfigDict:
                   # by "scratch" (He), "mimetic", "share", "tleg", "ligo" or "prune" from grow_from.
                   grow="",
                   grow_from="",         # source workdir (share, prune: dense/KIND; tleg: kind='tleg'; ligo)
-                  grow_blocks=()),      # share/prune: source block of each target block (() = default map)
+                  grow_blocks=(),       # share/prune: source block of each target block (() = default map)
+                  # How the new model's per-layer Σ are set (kindjax.transfer.fine, FINE Table 5):
+                  # "identical" (every layer the source's mean Σ), "linear" (the source's first-to-last Σ
+                  # interpolated over depth), "random", "trained" (random, then the Σ-only stage of
+                  # job="fine_init"), "copy" (the source's own Σ_l; same depth).
+                  fine_sigma="identical",
+                  sigma_steps=300,      # job="fine_init": steps of the Σ-only stage (U, V and the rest frozen)
+                  sigma_lr=1e-3,        # its learning rate
+                  sigma_batches=50,     # its data: the first sigma_batches batches of the data order, cycled
+                                        # (0: the whole training data)
+                  materialize=True,     # job="fine_init": train on as a dense DiT (W = U·Σ·Vᵀ built once), or
+                                        # False: keep U, Σ, V factorized (all of them train)
+                  # "w/o Factorize" (FINE Table 4): with init.pretrained (a dense DiT), block l' of this
+                  # dense model of depth L' takes source block round(l'·(L−1)/(L'−1)), every main matrix
+                  # cut to its own top svd_rank singular components; 0: off.
+                  svd_rank=0),
         # job="kind_transfer": after pre-training on data.classes, transfer the learngene
         # (frozen) to `classes` with fresh tailors, and recombine `recombine_classes`.
         transfer=dict(classes=(), num_steps=1000, lr=1e-3, recombine_classes=()),
@@ -269,7 +288,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(0 < config.sample.num_steps <= config.diffusion.num_timesteps,
              f"sample.num_steps={config.sample.num_steps} must be in [1, diffusion.num_timesteps="
              f"{config.diffusion.num_timesteps}]")
-    _require(config.job in ("train", "kind_transfer"), f"job={config.job!r}: use 'train' or 'kind_transfer'")
+    _require(config.job in ("train", "kind_transfer", "fine_init"),
+             f"job={config.job!r}: use 'train', 'kind_transfer' or 'fine_init'")
+    _require(0.0 <= m.drop_path < 1.0, f"model.drop_path={m.drop_path} must be in [0, 1)")
     i = config.init
     starts = [k for k in ("learngene", "pretrained", "fine_learngene", "grow_from") if i[k]]
     _require(len(starts) <= 1, f"init.{' and init.'.join(starts)} are different starts: set one of them")
@@ -300,6 +321,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if i.select or i.blocks or i.svd_components:
         _require(bool(i.pretrained), "init.select / init.blocks / init.svd_components need init.pretrained "
                                      "(the pre-trained DiT to copy from)")
+    _require(i.fine_sigma in FINE_SIGMA, f"init.fine_sigma={i.fine_sigma!r}: use one of {list(FINE_SIGMA)}")
+    if config.job == "fine_init":
+        _require(bool(i.fine_learngene), "job='fine_init' needs init.fine_learngene (a FINE pre-training workdir)")
+        _require(i.fine_sigma != "copy", "job='fine_init' sets the new layers' Σ: init.fine_sigma='copy' is for "
+                                         "a train job continuing a model of the same depth")
+        _require(i.sigma_steps > 0 and i.sigma_lr > 0 and i.sigma_batches >= 0,
+                 f"init.sigma_steps={i.sigma_steps} and init.sigma_lr={i.sigma_lr} must be positive, "
+                 f"init.sigma_batches={i.sigma_batches} ≥ 0")
+    elif i.fine_learngene:
+        _require(i.fine_sigma != "trained", "init.fine_sigma='trained' is the Σ-only stage of job='fine_init'; "
+                                            "set job='fine_init', or another init.fine_sigma")
+    _require(i.svd_rank >= 0, f"init.svd_rank={i.svd_rank} must be ≥ 0 (0: off)")
+    if i.svd_rank:
+        _require(bool(i.pretrained) and m.linear.kind == "dense" and not (i.select or i.blocks or i.svd_components),
+                 "init.svd_rank ('w/o Factorize') needs init.pretrained (a dense DiT), model.linear.kind='dense' "
+                 "and no init.select / init.blocks / init.svd_components")
     if config.job == "kind_transfer" or config.train.freeze_learngene or config.init.learngene:
         _require(m.linear.kind == "kind", f"job={config.job!r} / train.freeze_learngene / init.learngene need "
                                           f"a KIND model (model.linear.kind='kind'), got {m.linear.kind!r}")

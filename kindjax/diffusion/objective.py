@@ -37,14 +37,17 @@ def distillation_loss(student_out: jax.Array, teacher_out: jax.Array, channels: 
 
 def denoising_loss(model: Denoiser, params: Any, diffusion: GaussianDiffusion, x0: jax.Array, xt: jax.Array,
                    t: jax.Array, noise: jax.Array, y: jax.Array, teacher: tuple[Denoiser, Any] | None = None,
-                   distill_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   distill_weight: float = 0.0,
+                   rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The batch mean of the hybrid loss (``mse + vb``) and its per-sample terms.
 
     ``teacher = (teacher_model, teacher_params)``: the loss adds ``distill_weight·mean_b
     distillation_loss`` against the teacher's output on the same ``x_t, t, y`` (per-sample term
-    ``"distill"``), as BK-SDM's output-level knowledge distillation.
+    ``"distill"``), as BK-SDM's output-level knowledge distillation.  ``rngs``: the student's
+    stochastic layers in training (``{"dropout": key}``: drop path), none otherwise; the teacher
+    runs deterministically.
     """
-    out = model.apply({"params": params}, xt, t, y)
+    out = model.apply({"params": params}, xt, t, y, rngs=rngs or {})
     losses = training_losses(diffusion, out, x0, xt, t, noise, learn_sigma=model.learn_sigma)
     loss = losses["loss"].mean()
     if teacher is not None:

@@ -13,6 +13,11 @@ block (FINE's ``U``, ``V``): its factory then carries a ``shared_params``
 attribute (:class:`SharedParams`).  The DiT builds that module once at the top
 level, calls it, and passes its output to every ``make(role, features, name,
 shared=...)``; factories without shared parameters get ``shared=None`` and ignore it.
+
+A variant may also declare ``fused_roles`` (:data:`kindjax.layers.base.FUSABLE_ROLES`): the DiT
+then asks it for one ``"qkv"`` matrix (``d → 3d``, split into q, k, v after the product) instead
+of three, and/or for the ``"adaln"`` modulation matrix (``d → 6d``, applied to ``SiLU(c)``)
+instead of building that one as a plain dense layer.  Other variants' trees do not change.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import ml_collections
 from kindjax.layers.adapters import FROM_DENSE as ADAPTERS_FROM_DENSE
 from kindjax.layers.adapters import (dora_factory, loha_factory, lora_factory, oft_factory,
                                      pissa_factory, svdiff_factory)
-from kindjax.layers.base import LinearFactory, SharedParams, shared_params
+from kindjax.layers.base import FUSABLE_ROLES, LinearFactory, SharedParams, fused_roles, shared_params
 from kindjax.layers.dense import DenseLinear
 from kindjax.layers.fine import fine_factory
 from kindjax.layers.kind import is_class_gated as kind_is_class_gated
@@ -89,5 +94,5 @@ def make_linear_factory(model_config: ml_collections.ConfigDict) -> LinearFactor
     return VARIANTS[kind](model_config)
 
 
-__all__ = ["CLASS_GATED", "FROM_DENSE", "ROLES", "VARIANTS", "LinearFactory", "SharedParams", "dense_factory",
-           "is_class_gated", "make_linear_factory", "shared_params"]
+__all__ = ["CLASS_GATED", "FROM_DENSE", "FUSABLE_ROLES", "ROLES", "VARIANTS", "LinearFactory", "SharedParams",
+           "dense_factory", "fused_roles", "is_class_gated", "make_linear_factory", "shared_params"]

@@ -6,6 +6,11 @@ from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 
+#: Roles a factory may ask the DiT to build as one matrix (``fused_roles``): ``"qkv"`` (one
+#: ``d → 3d`` matrix whose output is split into q, k, v) and ``"adaln"`` (the block's adaLN
+#: modulation ``d → 6d``, otherwise a plain dense layer of the DiT).
+FUSABLE_ROLES = ("qkv", "adaln")
+
 
 class LinearFactory(Protocol):
     def __call__(self, role: str, features: int, name: str, shared: Any = None) -> nn.Module:
@@ -26,3 +31,8 @@ class SharedParams:
 def shared_params(factory: LinearFactory) -> SharedParams | None:
     """The factory's :class:`SharedParams`, or ``None`` for a variant without shared parameters."""
     return getattr(factory, "shared_params", None)
+
+
+def fused_roles(factory: LinearFactory) -> frozenset[str]:
+    """The :data:`FUSABLE_ROLES` the factory declares (attribute ``fused_roles``; none by default)."""
+    return frozenset(getattr(factory, "fused_roles", ()))

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from kindjax.archs import resolve_dims
-from kindjax.layers import LinearFactory, make_linear_factory, shared_params
+from kindjax.layers import LinearFactory, fused_roles, make_linear_factory, shared_params
 from kindjax.models.attention import dot_product_attention
 
 
@@ -134,8 +134,9 @@ def remat_policy(remat: str) -> Callable | None:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q, k, v and output matrices; ``attention`` is
-    the implementation of ``softmax(q·kᵀ/√h)·v`` (:mod:`kindjax.models.attention`)."""
+    """Multi-head self-attention with separate q, k, v and output matrices (or one fused ``qkv``
+    matrix ``d → 3d`` split into q, k, v, when the linear variant declares it: FINE); ``attention``
+    is the implementation of ``softmax(q·kᵀ/√h)·v`` (:mod:`kindjax.models.attention`)."""
 
     hidden_size: int
     num_heads: int
@@ -147,17 +148,32 @@ class Attention(nn.Module):
         b, n, d = x.shape
         head_dim = d // self.num_heads
 
-        def heads(role):
-            return self.linear(role, d, role, shared=shared)(x, y).reshape(b, n, self.num_heads, head_dim)
+        def heads(h):
+            return h.reshape(b, n, self.num_heads, head_dim)
 
-        q, k, v = heads("q"), heads("k"), heads("v")
+        if "qkv" in fused_roles(self.linear):
+            qkv = self.linear("qkv", 3 * d, "qkv", shared=shared)(x, y)
+            q, k, v = (heads(h) for h in jnp.split(qkv, 3, axis=-1))
+        else:
+            q, k, v = (heads(self.linear(role, d, role, shared=shared)(x, y)) for role in ("q", "k", "v"))
         out = dot_product_attention(q, k, v, self.attention)
         return self.linear("attn_out", d, "attn_out", shared=shared)(out.reshape(b, n, d), y)
+
+
+def drop_path(key: jax.Array, branch: jax.Array, rate: float) -> jax.Array:
+    """Stochastic depth on a residual branch ``(B, ...)``: ``branch · m_b / (1 − p)`` with one
+    ``m_b ~ Bernoulli(1 − p)`` per sample, so ``E[out] = branch``."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+    return branch * keep.astype(branch.dtype) / jnp.asarray(1.0 - rate, branch.dtype)
 
 
 class DiTBlock(nn.Module):
     """``x += α₁·Attn(adaLN(x)); x += α₂·MLP(adaLN(x))`` with (β, γ, α) from the condition;
     ``shared``: the linear variant's parameters shared across blocks (or ``None``).
+    The adaLN modulation is a dense layer, or the variant's ``"adaln"`` matrix when it declares one.
+
+    ``drop_key`` (training with ``drop_path > 0`` only): each residual branch is dropped per
+    sample (:func:`drop_path`); ``None``: no drop (evaluation, sampling).
 
     With ``residual_scales`` (DiffFit): ``x += γ₁ ⊙ α₁·Attn(…); x += γ₂ ⊙ α₂·MLP(…)`` with
     learned per-channel ``gamma_attn``, ``gamma_mlp`` initialised to 1 (no change at init).
@@ -174,24 +190,34 @@ class DiTBlock(nn.Module):
     residual_scales: bool = False
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    drop_path: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, c: jax.Array, y: jax.Array, shared: Any = None) -> jax.Array:
+    def __call__(self, x: jax.Array, c: jax.Array, y: jax.Array, shared: Any = None,
+                 drop_key: jax.Array | None = None) -> jax.Array:
         d = self.hidden_size
-        mod = nn.Dense(6 * d, kernel_init=adaln_kernel_init(self.adaln_init, self.adaln_std, d),
-                       bias_init=nn.initializers.zeros, dtype=self.dtype, name="adaln_modulation")(nn.silu(c))
+        if "adaln" in fused_roles(self.linear):
+            mod = self.linear("adaln", 6 * d, "adaln_modulation", shared=shared)(nn.silu(c).astype(self.dtype), y)
+        else:
+            mod = nn.Dense(6 * d, kernel_init=adaln_kernel_init(self.adaln_init, self.adaln_std, d),
+                           bias_init=nn.initializers.zeros, dtype=self.dtype, name="adaln_modulation")(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         if self.residual_scales:
             gate_msa = gate_msa * self.param("gamma_attn", nn.initializers.ones, (d,)).astype(gate_msa.dtype)
             gate_mlp = gate_mlp * self.param("gamma_mlp", nn.initializers.ones, (d,)).astype(gate_mlp.dtype)
         norm = lambda name, eps: nn.LayerNorm(eps, use_bias=False, use_scale=False, dtype=self.dtype, name=name)
         h = modulate(norm("norm1", self.norm_eps)(x), shift_msa, scale_msa)
+        keys = (None, None) if drop_key is None or self.drop_path == 0 else jax.random.split(drop_key)
+
+        def residual(key, branch):
+            return branch if key is None else drop_path(key, branch, self.drop_path)
+
         attn = Attention(d, self.num_heads, self.linear, self.attention, name="attn")
-        x = x + gate_msa[:, None] * attn(h, y, shared)
+        x = x + residual(keys[0], gate_msa[:, None] * attn(h, y, shared))
         h = modulate(norm("norm2", self.mlp_norm_eps)(x), shift_mlp, scale_mlp)
         h = self.linear("mlp_in", int(d * self.mlp_ratio), "mlp_in", shared=shared)(h, y)
         h = self.linear("mlp_out", d, "mlp_out", shared=shared)(nn.gelu(h, approximate=True), y)
-        return x + gate_mlp[:, None] * h
+        return x + residual(keys[1], gate_mlp[:, None] * h)
 
 
 class FinalLayer(nn.Module):
@@ -221,6 +247,11 @@ class DiT(nn.Module):
     class).  Label dropout for guidance is the trainer's (:func:`drop_labels`), so
     the module is a pure function of its inputs.  ``attention``, ``remat`` and ``scan_blocks``
     change how the blocks run, never the parameters or the values (to rounding).
+
+    ``drop_path`` (stochastic depth, ``model.drop_path``) acts only when the caller passes a
+    ``'dropout'`` rng (``apply(..., rngs={"dropout": key})``: the trainer's training step, when
+    the rate is > 0); without one, as in sampling and evaluation, the model is deterministic.
+    Block ``i`` draws from ``fold_in(key, i)``, in the loop and the scan alike.
     """
 
     image_size: int
@@ -243,6 +274,7 @@ class DiT(nn.Module):
     attention: str = "xla"
     remat: str = "none"
     scan_blocks: bool = False
+    drop_path: float = 0.0
 
     @property
     def out_channels(self) -> int:
@@ -269,17 +301,21 @@ class DiT(nn.Module):
         block = functools.partial(
             DiTBlock, self.hidden_size, self.num_heads, self.mlp_ratio, self.linear, self.adaln_init,
             tuple(self.adaln_std), self.norm_eps, self.mlp_norm_eps, self.residual_scales, self.dtype,
-            self.attention)
+            self.attention, self.drop_path)
+        dropping = self.drop_path > 0 and self.has_rng("dropout")
+        drop_base = self.make_rng("dropout") if dropping else None
+        drop_keys = [jax.random.fold_in(drop_base, i) if dropping else None for i in range(self.depth)]
         # The scan reads the blocks' parameters; init (and capturing each block's output) runs the loop.
         if self.scan_blocks and not self.is_initializing() and not self.is_mutable_collection("intermediates"):
             per_block = [self.variables["params"][f"block_{i}"] for i in range(self.depth)]
-            tokens = scan_blocks(block(parent=None), per_block, tokens, cond, y, shared, self.remat)
+            tokens = scan_blocks(block(parent=None), per_block, tokens, cond, y, shared, self.remat,
+                                 jnp.stack(drop_keys) if dropping else None)
         else:
             policy = remat_policy(self.remat)
             layer = block if policy is None else functools.partial(nn.remat(DiTBlock, policy=policy),
                                                                     *block.args)
             for i in range(self.depth):
-                tokens = layer(name=f"block_{i}")(tokens, cond, y, shared)
+                tokens = layer(name=f"block_{i}")(tokens, cond, y, shared, drop_keys[i])
         out = FinalLayer(p, self.out_channels, self.norm_eps, self.dtype, name="final_layer")(tokens, cond)
         out = out.reshape(b, gh, gw, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, h, w, self.out_channels).astype(jnp.float32)
@@ -291,16 +327,18 @@ def stack_blocks(per_block: Sequence[Any]) -> Any:
 
 
 def scan_blocks(block: DiTBlock, per_block: Sequence[Any], tokens: jax.Array, cond: jax.Array, y: jax.Array,
-                shared: Any, remat: str = "none") -> jax.Array:
+                shared: Any, remat: str = "none", drop_keys: jax.Array | None = None) -> jax.Array:
     """``x_{l+1} = block(θ_l)(x_l, c, y)`` for ``l = 0…L-1`` as one ``lax.scan`` over the stacked
-    ``θ_l`` (one compiled block instead of ``L``), each step under ``model.remat``'s policy."""
-    def step(x, params):
-        return block.apply({"params": params}, x, cond, y, shared), None
+    ``θ_l`` (one compiled block instead of ``L``), each step under ``model.remat``'s policy;
+    ``drop_keys`` ``(L,)``: block ``l``'s drop-path key (``None``: no drop path)."""
+    def step(x, xs):
+        params, key = xs
+        return block.apply({"params": params}, x, cond, y, shared, key), None
 
     policy = remat_policy(remat)
     if policy is not None:
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-    out, _ = jax.lax.scan(step, tokens, stack_blocks(per_block))
+    out, _ = jax.lax.scan(step, tokens, (stack_blocks(per_block), drop_keys))
     return out
 
 
@@ -322,7 +360,8 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
         timestep_freq_shift=m.timestep_freq_shift, norm_eps=m.norm_eps, mlp_norm_eps=m.mlp_norm_eps,
         residual_scales=m.get("residual_scales", False),
         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
-        attention=m.get("attention", "xla"), remat=m.get("remat", "none"), scan_blocks=m.get("scan_blocks", False))
+        attention=m.get("attention", "xla"), remat=m.get("remat", "none"), scan_blocks=m.get("scan_blocks", False),
+        drop_path=m.get("drop_path", 0.0))
 
 
 def _dummy_inputs(model: DiT) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:

@@ -82,8 +82,11 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_params: Any = 
     y = drop_labels(k_drop, batch["label"], config.model.class_dropout, model.num_classes)
     xt, t, noise = noisy_inputs(k_t, k_noise, x0, diffusion)
     teacher = None if teacher_params is None else (teacher_model, teacher_params)
+    # The model's own randomness (drop path) only when it has some: the other streams stay as they were.
+    rngs = {"dropout": jax.random.fold_in(key, 3)} if config.model.get("drop_path", 0.0) > 0 else None
     loss_fn = functools.partial(denoising_loss, model, diffusion=diffusion, x0=x0, xt=xt, t=t, noise=noise, y=y,
-                                teacher=teacher, distill_weight=0.0 if teacher is None else config.train.distill.weight)
+                                teacher=teacher, distill_weight=0.0 if teacher is None else config.train.distill.weight,
+                                rngs=rngs)
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     rule = param_rules.update_rule(config)

@@ -4,7 +4,9 @@
 - ``init.pretrained`` (:mod:`kindjax.transfer.pretrained`): a dense or KIND DiT into any linear
   variant (the baselines), optionally only some blocks (:mod:`kindjax.transfer.layer_selection`:
   Heur-LG, Auto-LG);
-- ``init.fine_learngene``: FINE's shared ``U``, ``V`` into a FINE DiT of another size;
+- ``init.fine_learngene`` (:mod:`kindjax.transfer.fine`): FINE's shared ``U``, ``V`` into a FINE DiT of
+  another depth (Σ set by ``init.fine_sigma``), or materialized into a dense DiT;
+- ``init.pretrained`` with ``init.svd_rank``: FINE's "w/o Factorize" ablation (per-layer top-r SVD);
 - ``init.grow`` (:mod:`kindjax.transfer.growth`): FINE's baselines (He, Mimetic, Share, TLEG, LiGO,
   prune) as initialisers of a dense DiT of any depth, from ``init.grow_from``.
 
@@ -17,7 +19,7 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
-from kindjax.transfer.fine import init_from_config
+from kindjax.transfer.fine import init_from_config, per_layer_svd_init
 from kindjax.transfer.growth import grow_config, grow_init, load_teacher, prune_distill_config
 from kindjax.transfer.kind import learngene_init, transfer_config
 from kindjax.transfer.pretrained import pretrained_init
@@ -36,6 +38,8 @@ def initial_params(config: ml_collections.ConfigDict, fresh: Mapping[str, Any], 
     init = config.init
     if init.grow:
         return grow_init(config, fresh, key)
+    if init.pretrained and init.get("svd_rank", 0):
+        return per_layer_svd_init(config, fresh)
     if init.pretrained:
         return pretrained_init(config, fresh, key)
     if init.fine_learngene:
