@@ -1,7 +1,7 @@
 """KIND Table 1: a model of a chosen size from one KIND pre-training, and the baselines at that size.
 
     python -m kindjax.variable_size --learngene KIND_WORKDIR --pretrained DENSE_WORKDIR \\
-        --size 94.4M --workdir OUT [--classes 0,4,7] [--steps 100000] [--entries kind,heur_lg,auto_lg]
+        --size 94.4M --workdir OUT [--classes 0,4,7] [--steps 100000] [--entries kind,heur_lg,auto_lg,laptop_diff]
 
 builds every entry of Table 1 for the training classes a model of that size serves, writes each
 where the evaluation reads it, and prints the table of sizes. The entries (:func:`table1_entries`;
@@ -51,7 +51,8 @@ from kindjax.config import ConfigError
 from kindjax.learngene import assemble, load_learngene, load_params, load_tailors
 from kindjax.methods import METHODS
 from kindjax.models.dit import abstract_params, build_model, init_params
-from kindjax.transfer import STARTS
+from kindjax.paths import as_path
+from kindjax.transfer import STARTS, prune_distill_config
 from kindjax.transfer.layer_selection import auto_lg_scores, heur_lg_scores
 from kindjax.transfer.pretrained import init_from_pretrained
 
@@ -172,14 +173,8 @@ def layer_transfer_config(dense: ml_collections.ConfigDict, classes: Sequence[in
 
 def laptop_diff_config(config: ml_collections.ConfigDict, pretrained: str, depth: int) -> ml_collections.ConfigDict:
     """Table 1's Laptop-Diff entry: ``config`` (the dense DiT on the entry's classes, full depth) pruned to
-    ``depth`` blocks from the dense run ``pretrained`` and distilled from it. The one place it plugs in:
-    ``kindjax.transfer.growth.prune_distill_config(config, source_workdir, depth)`` of the growth baselines."""
-    try:
-        from kindjax.transfer.growth import prune_distill_config
-    except ImportError:
-        raise ValueError("the laptop_diff entry needs kindjax.transfer.growth.prune_distill_config (layer pruning "
-                         "with output distillation), which this build does not have; leave laptop_diff out of "
-                         "--entries") from None
+    ``depth`` blocks from the dense run ``pretrained`` and distilled from it
+    (:func:`kindjax.transfer.growth.prune_distill_config`: evenly spaced blocks kept, output distillation)."""
     return prune_distill_config(config, pretrained, depth)
 
 
@@ -364,8 +359,8 @@ def main(argv: list[str]) -> None:
     records = build(entries, f.learngene, f.pretrained, f.seed, f.probe_steps)
     summary = {e.name: {"workdir": e.workdir, "params": e.params, "train_steps": e.train_steps,
                         "config": checkpoints.config_json(e.config), **records.get(e.name, {})} for e in entries}
-    os.makedirs(f.workdir, exist_ok=True)
-    with open(os.path.join(f.workdir, "table1.json"), "w") as out:
+    as_path(f.workdir).mkdir(parents=True, exist_ok=True)
+    with (as_path(f.workdir) / "table1.json").open("w") as out:
         json.dump(summary, out, indent=2)
     print(markdown(entries))
     print(f"Wrote {os.path.join(f.workdir, 'table1.json')}: each entry's config and workdir. The entries with "
@@ -387,6 +382,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_blocks", 0, "Blocks Heur-/Auto-LG inherit (0: half the matched depth).")
     flags.DEFINE_integer("probe_steps", 50, "Auto-LG's fine-tuning steps before the CKA probe.")
     flags.DEFINE_integer("seed", 0, "Key of the block selection and of Auto-LG's probe.")
-    flags.DEFINE_list("entries", ["kind", "heur_lg", "auto_lg"], f"Entries to build, of {list(ENTRIES)}.")
+    flags.DEFINE_list("entries", ["kind", "heur_lg", "auto_lg", "laptop_diff"], f"Entries to build, of {list(ENTRIES)}.")
     flags.mark_flags_as_required(["learngene", "workdir"])
     cli.run(main, "variable_size")

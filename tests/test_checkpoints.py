@@ -106,3 +106,17 @@ def test_restore_state_item_onto_shardings(saved, tmp_path):
     other.model.depth = 3
     with pytest.raises(ConfigError, match="holds a checkpoint of a different model .model.depth: checkpoint 2 vs"):
         checkpoints.restore_state_item(saved.workdir, "ema_params", target, other)
+
+
+def test_a_model_key_newer_than_the_checkpoint_counts_as_its_default():
+    """A checkpoint written before ``model.drop_path`` existed resumes under the default (0) and is
+    refused, naming the key, when the config turns it on."""
+    from kindjax.checkpoints.training import check_same_model, config_json
+
+    config = tiny_config()
+    saved = config_json(config)
+    del saved["model"]["drop_path"]
+    check_same_model(saved, config, "old_run")
+    config.model.drop_path = 0.1
+    with pytest.raises(ConfigError, match=r"model.drop_path: checkpoint 0.0 vs config 0.1"):
+        check_same_model(saved, config, "old_run")

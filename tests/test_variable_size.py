@@ -145,13 +145,6 @@ def test_layer_transfer_baselines_inherit_the_blocks_they_chose(runs):
 def test_laptop_diff_plugs_into_the_growth_baselines(runs):
     kind, kind_dir, _, dense_dir, root = runs
     learngene, tailor = vs.kind_size(kind)
-    try:
-        from kindjax.transfer.growth import prune_distill_config  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="needs kindjax.transfer.growth.prune_distill_config"):
-            vs.table1_entries(kind_dir, str(root / "ld"), pretrained=dense_dir, size=learngene + tailor,
-                              entries=("laptop_diff",))
-        return
     [entry] = vs.table1_entries(kind_dir, str(root / "ld"), pretrained=dense_dir, size=learngene + tailor,
                                 entries=("laptop_diff",))
     assert entry.config.model.depth < 4

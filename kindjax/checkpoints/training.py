@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from kindjax.checkpoints.layout import CHECKPOINTS, META, read_meta
-from kindjax.config import ConfigError, differences
+from kindjax.config import ConfigError, differences, model_config
 from kindjax.paths import as_path
 
 STATE_ITEMS = ("params", "ema_params", "opt_state")
@@ -123,8 +123,12 @@ def save(mngr: ocp.CheckpointManager, state: dict, config: ml_collections.Config
 
 
 def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, directory: str) -> None:
-    """Refuses to resume a checkpoint written for another model config."""
-    diffs = differences(saved_config["model"], config_json(config)["model"], ("checkpoint ", "config "), "model.")
+    """Refuses to resume a checkpoint written for another model config.  A ``model`` key the schema
+    gained after the checkpoint was written counts as its default there (``model.drop_path`` 0 for a
+    checkpoint older than drop path), so old runs resume unless the config sets the new key."""
+    defaults = json.loads(model_config().to_json())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved_config["model"]}, **saved_config["model"]}
+    diffs = differences(saved, config_json(config)["model"], ("checkpoint ", "config "), "model.")
     if diffs:
         detail = ", ".join(diffs)
         raise ConfigError(
