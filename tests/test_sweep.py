@@ -304,3 +304,64 @@ def test_the_paper_table2_fid_is_not_a_mean_over_table8_tasks():
     order = {key: [r["method"] for r in sorted((r for r in rows if r["arch"] == "L"), key=lambda r: r[key])]
              for key in ("table2", "mean")}
     assert order["table2"] == order["mean"]
+
+
+def tiny_fine_config():
+    from configs.fine_miniature import get_config
+
+    c = get_config()
+    c.model.update(hidden_size=64, depth=2, num_heads=2)
+    c.model.linear.rank = 16
+    c.optim.warmup_steps = 0
+    c.train.update(batch_size=16, num_steps=4, log_every=2, checkpoint_every=4, sample_every=1000)
+    c.transfer.num_steps = 3
+    c.init.sigma_steps = 2
+    c.sample.update(num_steps=4, grid_per_class=1)
+    c.eval.update(num_samples=20, batch_size=20)
+    return c
+
+
+def test_fine_depths_grid_lists_every_initialiser_at_every_depth(tmp_path):
+    """The FINE miniature's grid: 3 sources, then per (depth, initialiser, seed) one table run (plus the
+    Σ-only stage of FINE and LiGO's coefficient run before it); prune only below the source's depth;
+    every config valid, every run after the runs it needs."""
+    from kindjax.sweep.fine_depths import FINE_DEPTHS, INITIALISERS
+
+    from kindjax.config import validate
+    from kindjax.sweep.experiments import experiment_for
+    from kindjax.sweep.grid import check_grid
+
+    config = tiny_fine_config()
+    assert experiment_for(config) is FINE_DEPTHS
+    runs = FINE_DEPTHS.runs(config, str(tmp_path), dict(depths=(1, 3), seeds=2))
+    check_grid(runs)
+    table = [r for r in runs if r.in_table]
+    expected = {(f"L{d}", m, s) for d in (1, 3) for m in INITIALISERS for s in range(2) if not (m == "prune" and d >= 2)}
+    assert {(r.labels["task"], r.labels["method"], r.labels["seed"]) for r in table} == expected
+    assert len(runs) == 3 + len(table) + 2 * 2 * 2   # sources, table runs, FINE Σ stages and LiGO operators
+    for r in runs:
+        validate(r.config, 8)
+        depth = int(r.labels["task"][1:]) if r.in_table else None
+        if depth is not None:
+            assert r.config.model.depth == depth and r.config.model.linear.kind == "dense"
+            assert r.config.train.num_steps == config.transfer.num_steps
+    sigma = [r for r in runs if r.labels.get("method") == "fine_sigma"]
+    assert all(r.config.train.trainable == ("/sigma$",) and r.config.model.linear.kind == "fine" for r in sigma)
+    with pytest.raises(ValueError, match="unknown initialisers"):
+        FINE_DEPTHS.runs(config, str(tmp_path), dict(methods=("lora",)))
+
+
+@pytest.mark.slow
+def test_fine_depths_miniature_runs_end_to_end(tmp_path):
+    """The whole miniature on a tiny grid (depths 1 and 3 from a 2-block source, one seed): every run
+    trains, and the tables hold a figure for each (depth, initialiser)."""
+    from kindjax.sweep.fine_depths import FINE_DEPTHS
+    from kindjax.sweep.grid import sweep
+
+    rows = sweep(FINE_DEPTHS, tiny_fine_config(), str(tmp_path), dict(depths=(1, 3), seeds=1), log=print)
+    assert {(r["task"], r["method"]) for r in rows} == {
+        (f"L{d}", m) for d in (1, 3) for m in ("fine", "scratch", "mimetic", "share", "tleg", "ligo", "prune")
+        if not (m == "prune" and d >= 2)}
+    assert all(np.isfinite(r["frechet_distance"]) and 0 <= r["sample_accuracy"] <= 1 for r in rows)
+    for name in ("depths_frechet.md", "depths_accuracy.md", "depths.csv", "depths.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -2,8 +2,9 @@
 [--seeds N] [--experiment NAME] [--tables_only]``: a grid of runs, each in its own workdir under ``DIR``
 (:mod:`kindjax.sweep.grid`).  A rerun skips finished runs and resumes an interrupted one.
 
-- ``--experiment``: ``digits`` or ``kind_tables`` (:mod:`kindjax.sweep.experiments`); default: from the
-  config (digits data → ``digits``; ``data.grouping='kind'`` → ``kind_tables``).
+- ``--experiment``: ``digits``, ``kind_tables`` (:mod:`kindjax.sweep.experiments`) or ``fine_depths``
+  (:mod:`kindjax.sweep.fine_depths`, ``--depths``); default: from the config (digits data → ``digits``,
+  or ``fine_depths`` for a FINE model; ``data.grouping='kind'`` → ``kind_tables``).
 - ``--shard i/n``: run ``k`` of the grid belongs to shard ``k mod n``; the pre-trainings come first
   (shards 0 and 1 run them) and a shard waits, polling every ``--poll_seconds``, for the runs it needs.
   The shard that finds every run finished writes the tables; ``--tables_only`` rebuilds them.
@@ -16,6 +17,7 @@ from kindjax import cli
 from kindjax.distributed import initialize
 from kindjax.methods import METHODS
 from kindjax.sweep.experiments import experiment_for
+from kindjax.sweep.fine_depths import FINE_DEPTHS, INITIALISERS
 from kindjax.sweep.grid import parse_shard, sweep
 
 
@@ -23,12 +25,14 @@ def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
     methods = tuple(f.methods)
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     shard = parse_shard(f.shard)
     experiment = experiment_for(f.config, f.experiment)
-    options = dict(methods=methods, tasks=tuple(f.tasks), config_file=config_flags.get_config_filename(f["config"]))
+    allowed = INITIALISERS if experiment is FINE_DEPTHS else tuple(METHODS)
+    unknown = sorted(set(methods) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown} for the {experiment.name} experiment; choose from {sorted(allowed)}")
+    options = dict(methods=methods, tasks=tuple(f.tasks), depths=tuple(int(d) for d in f.depths),
+                   config_file=config_flags.get_config_filename(f["config"]))
     if f.seeds:
         options["seeds"] = f.seeds
     initialize()
@@ -41,11 +45,12 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "configs/kind_digits.py (digits) or configs/kind_dit_b.py / "
                                     "kind_dit_l.py (kind_tables).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Output folder: one sub-folder per run, and the tables.")
-    flags.DEFINE_string("experiment", "", "digits or kind_tables (default: chosen from the config).")
+    flags.DEFINE_string("experiment", "", "digits, kind_tables or fine_depths (default: chosen from the config).")
     flags.DEFINE_string("shard", "0/1", "i/n: run shard i of n (run k of the grid is in shard k mod n).")
-    flags.DEFINE_list("methods", [], "Methods (default: all of kindjax.methods).")
+    flags.DEFINE_list("methods", [], "Methods (default: all of kindjax.methods; fine_depths: its initialisers).")
     flags.DEFINE_list("tasks", [], "kind_tables: task_1..task_18 (default: all); digits: digit groups such as "
                       "7+8+9 (default: transfer.classes as one task).")
+    flags.DEFINE_list("depths", [], "fine_depths: target depths (default 1,2,3,6,8).")
     flags.DEFINE_integer("seeds", 0, "Seeds per run (default: digits 3, kind_tables 1).")
     flags.DEFINE_boolean("tables_only", False, "Train nothing: score the finished runs and write the tables.")
     flags.DEFINE_float("poll_seconds", 60.0, "How often a shard checks whether the runs it needs are finished.")

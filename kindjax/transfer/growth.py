@@ -267,32 +267,37 @@ def _target_model(model: ml_collections.ConfigDict, depth: int) -> ml_collection
 
 
 def grow_config(config: ml_collections.ConfigDict, grow: str, source: str, depth: int,
-                operator_steps: int = 100) -> ml_collections.ConfigDict:
+                operator_steps: int = 100,
+                source_model: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """``config`` set to initialise a ``depth``-block dense DiT by ``grow``; the model is the source's
     (its width and heads) when ``grow`` reads one, else ``config``'s own.  ``grow='ligo'`` from a dense
     or KIND source gives the coefficient-learning run (kind='ligo', only ``coef`` trains, ``operator_steps``
-    steps, LiGO's 100 by default); from that run's workdir, the materialising run."""
+    steps, LiGO's 100 by default); from that run's workdir, the materialising run.  ``source_model``: the
+    source's ``model`` config when it is known before the source exists (a sweep builds its grid before
+    training the sources); by default it is read from the checkpoint at ``source``."""
     c = config.copy_and_resolve_references()
     model = c.model
     if grow in GROWTH_FROM_SOURCE:   # the source's model settings over this config's (keys it predates keep theirs)
+        if source_model is None:
+            source_model = checkpoints.config_of(checkpoints.locate(source)).model
         model = model.copy_and_resolve_references()
-        for key, value in checkpoints.config_of(checkpoints.locate(source)).model.items():
+        for key, value in source_model.items():
             model[key] = value
     c.model = _target_model(model, depth)
     c.init.update(grow=grow, grow_from=source if grow in GROWTH_FROM_SOURCE else "")
-    if grow == "ligo":
-        source_model = checkpoints.config_of(checkpoints.locate(source)).model
-        if source_model.linear.kind != "ligo":
-            c.model.linear = ligo_config(resolve_dims(source_model).depth)
-            c.train.update(trainable=("/coef$",), num_steps=operator_steps)
+    if grow == "ligo" and source_model.linear.kind != "ligo":
+        c.model.linear = ligo_config(resolve_dims(source_model).depth)
+        c.train.update(trainable=("/coef$",), num_steps=operator_steps)
     return c
 
 
 def prune_distill_config(config: ml_collections.ConfigDict, source_workdir: str, depth: int,
-                         weight: float = 1.0) -> ml_collections.ConfigDict:
+                         weight: float = 1.0,
+                         source_model: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """A layer-pruned, distilled DiT: ``depth`` evenly spaced blocks of the dense DiT at
     ``source_workdir`` (``init.grow='prune'``), trained on ``loss + weight·mean‖ε − ε_teacher‖²``
-    with that unpruned DiT as the frozen teacher (``train.distill``)."""
-    c = grow_config(config, "prune", source_workdir, depth)
+    with that unpruned DiT as the frozen teacher (``train.distill``); ``source_model`` as in
+    :func:`grow_config`."""
+    c = grow_config(config, "prune", source_workdir, depth, source_model=source_model)
     c.train.distill.update(teacher=source_workdir, weight=weight)
     return c
