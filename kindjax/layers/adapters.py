@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from kindjax.config import ConfigError
-from kindjax.layers.base import LinearFactory
+from kindjax.layers.base import LinearFactory, check_linear_keys, positive_int
 from kindjax.layers.kind import matrix_shapes
 
 
@@ -75,10 +75,7 @@ def adapter_settings(linear_config: Mapping) -> dict[str, Any]:
                           f"use one of {sorted(DEFAULTS)}")
     defaults = DEFAULTS[kind]
     given = {k: v for k, v in linear_config.items() if k != "kind"}
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ConfigError(f"config.model.linear has unknown keys {unknown} for kind={kind!r}; "
-                          f"allowed keys: {['kind', *defaults]}")
+    check_linear_keys(linear_config, ("kind", *defaults), kind)
     settings = {**defaults, **given}
     if kind == "oft":
         if "r" in given and "oft_block_size" not in given:
@@ -103,9 +100,7 @@ def adapter_settings(linear_config: Mapping) -> dict[str, Any]:
             raise ConfigError(f"config.model.linear.block_fit={settings['block_fit']!r}: use one of "
                               f"{list(OFT_BLOCK_FITS)} (what OFT does when its blocks do not tile d_in)")
     elif kind != "svdiff":
-        if not _is_int(settings["rank"]) or settings["rank"] < 1:
-            raise ConfigError(f"config.model.linear.rank must be a positive int for kind={kind!r}, "
-                              f"got {settings['rank']!r}")
+        positive_int(settings, "rank", kind)
         alpha = settings["alpha"]
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
             raise ConfigError(f"config.model.linear.alpha must be a positive number for kind={kind!r}, "

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import flax.linen as nn
+
+from kindjax.config import ConfigError
 
 #: Roles a factory may ask the DiT to build as one matrix (``fused_roles``): ``"qkv"`` (one
 #: ``d → 3d`` matrix whose output is split into q, k, v) and ``"adaln"`` (the block's adaLN
@@ -36,3 +38,21 @@ def shared_params(factory: LinearFactory) -> SharedParams | None:
 def fused_roles(factory: LinearFactory) -> frozenset[str]:
     """The :data:`FUSABLE_ROLES` the factory declares (attribute ``fused_roles``; none by default)."""
     return frozenset(getattr(factory, "fused_roles", ()))
+
+
+def check_linear_keys(linear_config: Mapping, allowed: Sequence[str], kind: str) -> None:
+    """ConfigError naming the keys of ``config.model.linear`` that variant ``kind`` does not take."""
+    unknown = sorted(set(linear_config.keys()) - set(allowed))
+    if unknown:
+        raise ConfigError(f"config.model.linear has unknown keys {unknown} for kind={kind!r}; "
+                          f"allowed keys: {list(allowed)}")
+
+
+def positive_int(linear_config: Mapping, key: str, kind: str, meaning: str = "") -> int:
+    """``config.model.linear[key]``, or a ConfigError unless it is a positive int (``meaning``: what it counts)."""
+    value = linear_config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        what = f" ({meaning})" if meaning else ""
+        raise ConfigError(f"config.model.linear.{key} must be a positive int for kind={kind!r}{what}, "
+                          f"got {value!r}")
+    return value

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from kindjax.config import ConfigError
-from kindjax.layers.base import FUSABLE_ROLES, SharedParams
+from kindjax.layers.base import FUSABLE_ROLES, SharedParams, check_linear_keys, positive_int
 from kindjax.layers.kind import extend_orthonormal, init_sigma, learngene_product, matrix_shapes
 
 #: Keys of ``config.model.linear`` for ``kind="fine"``.
@@ -76,15 +76,8 @@ def layer_role(layer_name: str) -> str:
 
 def fine_rank(linear_config: Mapping) -> int:
     """``config.model.linear.rank``, checked to be a positive int (and no unknown keys)."""
-    unknown = sorted(set(linear_config.keys()) - set(CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"config.model.linear has unknown keys {unknown} for kind='fine'; "
-                          f"allowed keys: {list(CONFIG_KEYS)}")
-    rank = linear_config.get("rank")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"config.model.linear.rank must be a positive int for kind='fine' (the number "
-                          f"of shared singular components), got {rank!r}")
-    return rank
+    check_linear_keys(linear_config, CONFIG_KEYS, "fine")
+    return positive_int(linear_config, "rank", "fine", "the number of shared singular components")
 
 
 def init_bases(key: jax.Array, d_in: int, d_out: int, rank: int) -> dict[str, jax.Array]:

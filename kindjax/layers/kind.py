@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kindjax.archs import resolve_dims
-from kindjax.layers.base import LinearFactory
+from kindjax.layers.base import LinearFactory, check_linear_keys, positive_int
 
 
 #: Keys of ``config.model.linear`` for ``kind="kind"``; ``N_cls`` is ``model.num_classes``.
@@ -65,18 +65,9 @@ def kind_sizes(model_config: Mapping) -> tuple[int, int, int]:
     if "n_classes" in linear_config:
         raise ValueError("config.model.linear.n_classes is not a key: KIND has one tailor per class of "
                          "model.num_classes; remove n_classes and set model.num_classes")
-    unknown = sorted(set(linear_config.keys()) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"config.model.linear has unknown keys {unknown} for kind='kind'; "
-                         f"allowed keys: {list(CONFIG_KEYS)}")
-    sizes = [model_config["num_classes"]]
-    for key in ("n_tailor", "n_learngene"):
-        value = linear_config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"config.model.linear.{key} must be a positive int for kind='kind', "
-                             f"got {value!r}")
-        sizes.append(value)
-    return sizes[0], sizes[1], sizes[2]
+    check_linear_keys(linear_config, CONFIG_KEYS, "kind")
+    return (model_config["num_classes"], positive_int(linear_config, "n_tailor", "kind"),
+            positive_int(linear_config, "n_learngene", "kind"))
 
 
 def _check_fits(d_in: int, d_out: int, n_classes: int, n_tailor: int, n_learngene: int,

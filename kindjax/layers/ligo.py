@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kindjax.archs import resolve_dims
-from kindjax.config import ConfigError
-from kindjax.layers.base import SharedParams
+from kindjax.layers.base import SharedParams, check_linear_keys, positive_int
 from kindjax.layers.kind import matrix_shapes
 from kindjax.layers.tleg import block_index
 
@@ -116,14 +115,7 @@ def ligo_config(source_depth: int) -> ml_collections.ConfigDict:
 
 def ligo_factory(model_config: ml_collections.ConfigDict) -> LigoFactory:
     """LiGO layers for all six matrices; ``model.linear.source_depth`` is the source's ``L``."""
-    linear = model_config.linear
-    unknown = sorted(set(linear.keys()) - set(CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"config.model.linear has unknown keys {unknown} for kind='ligo'; "
-                          f"allowed keys: {list(CONFIG_KEYS)}")
-    source_depth = linear.get("source_depth")
-    if isinstance(source_depth, bool) or not isinstance(source_depth, int) or source_depth < 1:
-        raise ConfigError(f"config.model.linear.source_depth must be a positive int for kind='ligo' (the "
-                          f"pre-trained DiT's depth), got {source_depth!r}")
+    check_linear_keys(model_config.linear, CONFIG_KEYS, "ligo")
+    source_depth = positive_int(model_config.linear, "source_depth", "ligo", "the pre-trained DiT's depth")
     shapes = tuple((role, d_in, d_out) for role, (d_in, d_out) in matrix_shapes(model_config).items())
     return LigoFactory(depth=resolve_dims(model_config).depth, source_depth=source_depth, shapes=shapes)

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kindjax.archs import resolve_dims
-from kindjax.config import ConfigError
-from kindjax.layers.base import SharedParams
+from kindjax.layers.base import SharedParams, check_linear_keys
 from kindjax.layers.kind import matrix_shapes
 
 #: Name of the top-level module holding ``θ_A``, ``θ_B``.
@@ -114,9 +113,6 @@ class TlegFactory:
 
 def tleg_factory(model_config: ml_collections.ConfigDict) -> TlegFactory:
     """TLEG layers for all six matrices of an ``L``-block DiT."""
-    unknown = sorted(set(model_config.linear.keys()) - set(CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"config.model.linear has unknown keys {unknown} for kind='tleg'; "
-                          f"allowed keys: {list(CONFIG_KEYS)}")
+    check_linear_keys(model_config.linear, CONFIG_KEYS, "tleg")
     shapes = tuple((role, d_in, d_out) for role, (d_in, d_out) in matrix_shapes(model_config).items())
     return TlegFactory(depth=resolve_dims(model_config).depth, shapes=shapes)
