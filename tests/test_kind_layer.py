@@ -226,7 +226,7 @@ def test_dit_naive_formulation_matches_gated_and_bad_formulation_is_refused():
     want = jax.jit(gated.apply)(params, x, t, y)
     assert rel_err(jax.jit(naive.apply)(params, x, t, y), want) <= 1e-5
     config.linear.formulation = "full"
-    with pytest.raises(ValueError, match=r"formulation='full': use one of \['gated', 'naive', 'ungated'\]"):
+    with pytest.raises(ValueError, match=r"formulation='full' for kind='kind': use one of \['gated', 'naive', 'ungated'\]"):
         kindjax.build_model(config)
 
 

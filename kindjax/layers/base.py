@@ -56,3 +56,13 @@ def positive_int(linear_config: Mapping, key: str, kind: str, meaning: str = "")
         raise ConfigError(f"config.model.linear.{key} must be a positive int for kind={kind!r}{what}, "
                           f"got {value!r}")
     return value
+
+
+def one_of(linear_config: Mapping, key: str, default: str, allowed: Sequence[str], kind: str,
+           meaning: str = "") -> str:
+    """``config.model.linear[key]`` (``default`` when absent), or a ConfigError unless it is in ``allowed``."""
+    value = linear_config.get(key, default)
+    if value not in allowed:
+        raise ConfigError(f"config.model.linear.{key}={value!r} for kind={kind!r}: use one of {list(allowed)}"
+                          + (f" ({meaning})" if meaning else ""))
+    return value

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from kindjax.config import ConfigError
-from kindjax.layers.base import FUSABLE_ROLES, SharedParams, check_linear_keys, positive_int
+from kindjax.layers.base import FUSABLE_ROLES, SharedParams, check_linear_keys, one_of, positive_int
 from kindjax.layers.kind import extend_orthonormal, init_sigma, learngene_product, matrix_shapes
 
 #: Keys of ``config.model.linear`` for ``kind="fine"``.
@@ -62,11 +62,8 @@ def fine_config(rank: int, layout: str = "paper") -> ml_collections.ConfigDict:
 
 def fine_layout(linear_config: Mapping) -> str:
     """``config.model.linear.layout`` (``"paper"`` when absent), checked."""
-    layout = linear_config.get("layout", "paper")
-    if layout not in LAYOUTS:
-        raise ConfigError(f"config.model.linear.layout={layout!r} for kind='fine': use 'paper' (FINE's qkv, o, in, "
-                          f"out, adaLN) or 'per_role' (q, k, v separate, adaLN dense)")
-    return layout
+    return one_of(linear_config, "layout", "paper", LAYOUTS, "fine",
+                  "'paper': FINE's qkv, o, in, out, adaLN; 'per_role': q, k, v separate, adaLN dense")
 
 
 def layer_role(layer_name: str) -> str:

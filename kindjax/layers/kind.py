@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kindjax.archs import resolve_dims
-from kindjax.layers.base import LinearFactory, check_linear_keys, positive_int
+from kindjax.layers.base import LinearFactory, check_linear_keys, one_of, positive_int
 
 
 #: Keys of ``config.model.linear`` for ``kind="kind"``; ``N_cls`` is ``model.num_classes``.
@@ -47,11 +47,7 @@ def kind_config(n_learngene: int, n_tailor: int, formulation: str = "gated") -> 
 
 def kind_formulation(linear_config: Mapping) -> str:
     """``config.model.linear.formulation`` (default ``"gated"``), checked against :data:`FORMULATIONS`."""
-    formulation = linear_config.get("formulation", "gated")
-    if formulation not in FORMULATIONS:
-        raise ValueError(f"config.model.linear.formulation={formulation!r}: use one of "
-                         f"{list(FORMULATIONS)}")
-    return formulation
+    return one_of(linear_config, "formulation", "gated", FORMULATIONS, "kind")
 
 
 def is_class_gated(linear_config: Mapping) -> bool:
