@@ -31,6 +31,8 @@ LINEARS = {
     "kind_naive": dict(kind="kind", n_learngene=40, n_tailor=2, formulation="naive"),
     "kind_ungated": dict(kind="kind", n_learngene=40, n_tailor=2, formulation="ungated"),
     "fine": dict(kind="fine", rank=40),
+    "fine_per_role": dict(kind="fine", rank=40, layout="per_role"),
+    "tleg": dict(kind="tleg"),
     **{kind: dict(kind=kind) for kind in DEFAULTS},
 }
 
@@ -128,7 +130,7 @@ def relative_error(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("name", sorted(set(LINEARS) - {"fine"}))   # FINE needs its shared U, V: DiT below
+@pytest.mark.parametrize("name", sorted(set(LINEARS) - {"fine", "fine_per_role", "tleg"}))   # shared factors: DiT below
 def test_bf16_layer_matches_float32(name):
     """Each variant's layer alone, bf16 input vs f32 input, same (perturbed, f32) parameters."""
     from kindjax.layers import make_linear_factory
@@ -144,7 +146,7 @@ def test_bf16_layer_matches_float32(name):
     assert 0 < relative_error(out16, out32) < BF16_RTOL
 
 
-@pytest.mark.parametrize("name", ["dense", "kind", "fine"])
+@pytest.mark.parametrize("name", ["dense", "kind", "fine", "fine_per_role", "tleg"])
 def test_bf16_model_matches_float32(name):
     """The whole DiT (perturbed parameters, so that adaLN-Zero hides no branch) in bf16 vs f32."""
     from kindjax import build_model
