@@ -179,10 +179,8 @@ def test_materialized_dense_dit_equals_the_factorized_one(layout):
 
 
 def test_adaln_matrix_starts_as_the_dense_init():
-    """adaLN-Zero: σ = 0 (every gate 0 at init, as the dense DiT's); adaLN-Gaussian: entry std s."""
+    """adaLN-Zero: zero gate rows (the test below); adaLN-Gaussian: entry std s."""
     config = fine_model_config(hidden=64, rank=32, heads=2)
-    params = fresh_params(build_model(config), 0)
-    assert not np.any(np.asarray(params["block_0"]["adaln_modulation"]["sigma"]))
     config.model.update(adaln_init="gaussian", adaln_std=(1e-3,))
     params = fresh_params(build_model(config), 0)
     b, s = params["fine_bases"]["adaln"], params["block_1"]["adaln_modulation"]["sigma"]
@@ -516,3 +514,33 @@ def test_imagenet_fine_configs_have_table_7_and_build(arch, rank, hidden):
         get("depth_6,lineer")
     with pytest.raises(ValueError, match="use depth_D"):
         get("L6")
+
+
+def test_adaln_zero_factorized_adaln_starts_with_zero_gates_and_trainable_factors():
+    """Under adaLN-Zero the factorized adaLN matrix W_l = U·diag(σ_l)·Vᵀ has its gate rows exactly 0
+    (every block starts as the identity) while σ_l is at the xavier-matching value: the loss's gradient
+    reaches U's gate rows at step 0 (as a dense adaLN-Zero matrix's gate rows), and V once they moved
+    (with σ = 0, neither U nor V would ever get one)."""
+    config = fine_model_config(hidden=32, depth=2, rank=8)
+    model = build_model(config)
+    params = init_params(jax.random.key(0), model)
+    bases = params["fine_bases"]["adaln"]
+    sigma = params["block_0"]["adaln_modulation"]["sigma"]
+    np.testing.assert_allclose(np.asarray(sigma), init_sigma(32, 6 * 32, 8))
+    w = np.asarray(bases["U"] * sigma) @ np.asarray(bases["V"]).T        # (6d, d)
+    rows = np.split(w, 6, axis=0)
+    assert all(np.all(rows[i] == 0) for i in (2, 5))                     # gates α_msa, α_mlp
+    assert all(np.abs(rows[i]).max() > 1e-3 for i in (0, 1, 3, 4))      # shift, scale
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    t, y = jnp.array([3, 700]), jnp.array([1, 4])
+    params["final_layer"] = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(3), a.shape),
+                                         params["final_layer"])
+
+    def loss(p):
+        out = model.apply({"params": p}, x, t, y)
+        return jnp.sum(out * jax.random.normal(jax.random.key(2), out.shape))
+
+    grad_u = np.asarray(jax.grad(loss)(params)["fine_bases"]["adaln"]["U"])
+    assert all(np.abs(np.split(grad_u, 6)[i]).max() > 0 for i in (2, 5))
+    params["fine_bases"]["adaln"]["U"] = bases["U"] - 0.1 * grad_u
+    assert float(jnp.abs(jax.grad(loss)(params)["fine_bases"]["adaln"]["V"]).max()) > 0
