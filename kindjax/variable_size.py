@@ -47,7 +47,7 @@ from etils import epath
 from kindjax import checkpoints
 from kindjax import params as param_rules
 from kindjax.archs import resolve_dims
-from kindjax.config import ConfigError
+from kindjax.config import ConfigError, differences
 from kindjax.learngene import assemble, load_learngene, load_params, load_tailors
 from kindjax.methods import METHODS
 from kindjax.models.dit import abstract_params, build_model, init_params
@@ -179,10 +179,10 @@ def laptop_diff_config(config: ml_collections.ConfigDict, pretrained: str, depth
 
 
 def _check_same_classes(kind: ml_collections.ConfigDict, dense: ml_collections.ConfigDict) -> None:
-    diffs = [f"data.{k}: KIND {kind.data[k]!r} vs dense {dense.data[k]!r}" for k in DATA_SELECTION
-             if kind.data[k] != dense.data[k]]
-    if kind.model.num_classes != dense.model.num_classes:
-        diffs.append(f"model.num_classes: KIND {kind.model.num_classes} vs dense {dense.model.num_classes}")
+    def selection(config: ml_collections.ConfigDict) -> dict:
+        return {"data": {k: config.data[k] for k in DATA_SELECTION}, "model": {"num_classes": config.model.num_classes}}
+
+    diffs = differences(selection(kind), selection(dense), ("KIND ", "dense "))
     if diffs:
         raise ValueError("the KIND and the dense pre-training runs are on different classes, so a label would not "
                          "mean the same class in every entry: " + "; ".join(diffs))

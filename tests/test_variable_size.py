@@ -148,3 +148,13 @@ def test_laptop_diff_plugs_into_the_growth_baselines(runs):
     [entry] = vs.table1_entries(kind_dir, str(root / "ld"), pretrained=dense_dir, size=learngene + tailor,
                                 entries=("laptop_diff",))
     assert entry.config.model.depth < 4
+
+
+def test_runs_on_different_classes_are_refused_naming_each_difference():
+    from conftest import tiny_config
+
+    kind, dense = tiny_config(), tiny_config()
+    dense.data.classes, dense.model.num_classes = (0, 1, 2), 3
+    with pytest.raises(ValueError, match=r"different classes.*data.classes: KIND \(\) vs dense \(0, 1, 2\); "
+                                         r"model.num_classes: KIND 10 vs dense 3"):
+        vs._check_same_classes(kind, dense)
