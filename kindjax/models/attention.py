@@ -138,7 +138,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     ``v``'s dtype for the second product.  In bf16 (fp16) the scores' product names the
     ``BF16_BF16_F32`` (``F16_F16_F32``) dot algorithm, so its gradients also take bf16 (fp16)
     operands, as in ``jax.nn.dot_product_attention``.  Equal to that function's XLA path within
-    rounding, at 0.81× its forward + backward time on the 2-core CPU (docs/benchmarks.md)."""
+    rounding, and faster on the CPU (docs/benchmarks.md, "Where the CPU step's time goes")."""
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     algorithm = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
                  jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
