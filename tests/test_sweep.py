@@ -14,6 +14,7 @@ from kindjax.data.class_groups import kind_tasks
 from kindjax.evaluation.pooled import pooled_metrics, save_features
 from kindjax.layers.kind import kind_config
 from kindjax.methods import KIND_OFT_BLOCKS, METHODS
+from kindjax.run import finished
 from kindjax.sweep import experiments, grid, tables
 from kindjax.sweep.experiments import DIGITS, KIND_TABLES, SCRATCH, experiment_for
 
@@ -138,8 +139,11 @@ def test_two_shards_wait_for_each_other_resume_and_write_the_tables(tmp_path, mo
     stamp = os.path.getmtime(tmp_path / "adapt" / "lora" / "seed_0" / "metrics.json")
     again = grid.sweep(DIGITS, config, str(tmp_path), options, log=logs.append)
     assert json.loads(json.dumps(again)) == json.loads(json.dumps(rows))
+    reads = []
+    monkeypatch.setattr(grid, "finished", lambda workdir, c: reads.append(workdir) or finished(workdir, c))
     only = grid.sweep(DIGITS, config, str(tmp_path), options, tables_only=True, log=logs.append)
     assert json.loads(json.dumps(only)) == json.loads(json.dumps(rows))
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 2 + len(rows)   # each run's metrics read once
     assert os.path.getmtime(tmp_path / "adapt" / "lora" / "seed_0" / "metrics.json") == stamp
 
 

@@ -54,13 +54,16 @@ class Experiment:
     """``runs(config, workdir, options)``: the grid, prerequisites first; ``train_evaluate``: the
     evaluate hook of training (:func:`kindjax.run.stage`), or None; ``score(run, metrics)``: the
     table metrics of a finished run (``metrics``: what its training stage reported), cached by the
-    experiment; ``write_tables(runs, scores, workdir)``: the table layouts."""
+    experiment; ``write_tables(runs, scores, workdir)``: the table layouts; ``prepare(run)``, or None:
+    writes what an unfinished run starts from once the runs it needs are finished (e.g. a model
+    assembled from a pre-training), called before each attempt, so it must skip what it already wrote."""
 
     name: str
     runs: Callable[[ml_collections.ConfigDict, str, dict], list[Run]]
     train_evaluate: Callable | None
     score: Callable[[Run, dict], Scores]
     write_tables: Callable[[list[Run], dict[str, Scores], str], Any]
+    prepare: Callable[[Run], None] | None = None
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -103,12 +106,27 @@ def is_finished(run: Run, by_workdir: dict[str, Run]) -> dict | None:
     return finished(run.workdir, run.config)
 
 
+def finished_runs(runs: list[Run]) -> dict[str, dict | None]:
+    """``workdir → training metrics`` of every run of a grid (None: not finished, or a run it needs is
+    not), each run's ``metrics.json`` read once (in grid order, so its needs are known before it)."""
+    done: dict[str, dict | None] = {}
+    for r in runs:
+        done[r.workdir] = None if any(done[n] is None for n in r.needs) else finished(r.workdir, r.config)
+    return done
+
+
+def wall_time(run: Run) -> dict:
+    """``{"wall_seconds": …}`` of a run the sweep trained (``wall.json``), or ``{}``."""
+    path = epath.Path(run.workdir) / "wall.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def timed_stage(run: Run, train_evaluate: Callable | None) -> dict | None:
     """:func:`kindjax.run.stage` plus its wall time, kept in ``wall.json`` so reruns report it."""
     path = epath.Path(run.workdir) / "wall.json"
     done = finished(run.workdir, run.config)
     if done is not None and path.exists():
-        return {**done, **json.loads(path.read_text())}
+        return {**done, **wall_time(run)}
     start = time.time()
     metrics = stage(run.config, run.workdir, train_evaluate)
     if metrics is None:
@@ -142,26 +160,29 @@ def sweep(experiment: Experiment, config: ml_collections.ConfigDict, workdir: st
     runs = experiment.runs(config, workdir, options or {})
     check_grid(runs)
     i, n = shard
-    by_workdir = {r.workdir: r for r in runs}
     if not tables_only:
         mine = shard_runs(runs, i, n)
+        done = finished_runs(runs)
         for r in mine:   # every config error before the first step (the data sources are opened again per run)
-            if is_finished(r, by_workdir) is None:
+            if done[r.workdir] is None:
                 check(r.config, starts=False)
         log(f"{experiment.name}: {len(runs)} runs in the grid, {len(mine)} on shard {i}/{n}")
         for k, run in enumerate(mine, 1):
             wait_for(run, runs, n, poll_seconds, log)
             log(f"[{k}/{len(mine)}] {run.name()}: {run.config.train.num_steps} steps → {run.workdir}")
+            if experiment.prepare is not None and finished(run.workdir, run.config) is None:
+                experiment.prepare(run)
             metrics = timed_stage(run, experiment.train_evaluate)
             if metrics is None:
                 log("Stopped before the end; rerun the same command to resume.")
                 return None
             if run.in_table:
                 experiment.score(run, metrics)
-    pending = [r for r in runs if is_finished(r, by_workdir) is None]
+    done = finished_runs(runs)
+    pending = [r for r in runs if done[r.workdir] is None]
     if pending:
         log(f"{len(pending)} of {len(runs)} runs are not finished (e.g. {pending[0].workdir}); the shard that "
             f"finishes last writes the tables, or rerun with --tables_only once they are.")
         return None
-    scores = {r.workdir: experiment.score(r, timed_stage(r, None)) for r in runs if r.in_table}
+    scores = {r.workdir: experiment.score(r, {**done[r.workdir], **wall_time(r)}) for r in runs if r.in_table}
     return experiment.write_tables([r for r in runs if r.in_table], scores, workdir)
