@@ -17,7 +17,6 @@ from kindjax import cli
 from kindjax.distributed import initialize
 from kindjax.methods import METHODS
 from kindjax.sweep.experiments import experiment_for
-from kindjax.sweep.fine_depths import FINE_DEPTHS, INITIALISERS
 from kindjax.sweep.grid import parse_shard, sweep
 
 
@@ -27,7 +26,7 @@ def main(argv: list[str]) -> None:
     methods = tuple(f.methods)
     shard = parse_shard(f.shard)
     experiment = experiment_for(f.config, f.experiment)
-    allowed = INITIALISERS if experiment is FINE_DEPTHS else tuple(METHODS)
+    allowed = experiment.methods or tuple(METHODS)
     unknown = sorted(set(methods) - set(allowed))
     if unknown:
         raise ValueError(f"unknown methods {unknown} for the {experiment.name} experiment; choose from {sorted(allowed)}")

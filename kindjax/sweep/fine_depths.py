@@ -174,4 +174,5 @@ def fine_depths_tables(runs: list[Run], scores: dict[str, Scores], workdir: str)
     return rows
 
 
-FINE_DEPTHS = Experiment("fine_depths", fine_depths_runs, evaluate_digits, fine_depths_score, fine_depths_tables)
+FINE_DEPTHS = Experiment("fine_depths", fine_depths_runs, evaluate_digits, fine_depths_score, fine_depths_tables,
+                         methods=INITIALISERS)

@@ -56,7 +56,8 @@ class Experiment:
     table metrics of a finished run (``metrics``: what its training stage reported), cached by the
     experiment; ``write_tables(runs, scores, workdir)``: the table layouts; ``prepare(run)``, or None:
     writes what an unfinished run starts from once the runs it needs are finished (e.g. a model
-    assembled from a pre-training), called before each attempt, so it must skip what it already wrote."""
+    assembled from a pre-training), called before each attempt, so it must skip what it already wrote;
+    ``methods``: the names ``--methods`` may give (empty: :data:`kindjax.methods.METHODS`)."""
 
     name: str
     runs: Callable[[ml_collections.ConfigDict, str, dict], list[Run]]
@@ -64,6 +65,7 @@ class Experiment:
     score: Callable[[Run, dict], Scores]
     write_tables: Callable[[list[Run], dict[str, Scores], str], Any]
     prepare: Callable[[Run], None] | None = None
+    methods: tuple[str, ...] = ()
 
 
 def parse_shard(text: str) -> tuple[int, int]:
