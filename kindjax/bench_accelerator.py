@@ -182,7 +182,7 @@ class StepCase:
         host = {"image": rng.standard_normal((b, m.image_size, m.image_size, m.in_channels), np.float32),
                 "label": rng.integers(0, m.num_classes, b).astype(np.int32)}
         self.batch = {k: sharding.put_global(v, self.trainer.batch_sharding) for k, v in host.items()}
-        lowered = self.trainer.step_fn.lower(self.state, self.batch)
+        lowered = self.trainer.step.lower(self.state, self.batch, self.trainer.teacher_params)
         self.xla_step_flops = float(lowered.cost_analysis()["flops"])
         start = time.perf_counter()
         self.step = lowered.compile()

@@ -16,7 +16,7 @@ from kindjax.config import ConfigError, validate
 from kindjax.diffusion import GaussianDiffusion, denoising_loss, noisy_inputs, training_losses
 from kindjax.layers.ligo import SOURCE, ligo_config, stretch_blocks
 from kindjax.learngene import load_params
-from kindjax.models.dit import build_model, init_params
+from kindjax.models.dit import build_model, drop_labels, init_params
 from kindjax.train.trainer import Trainer, train
 from kindjax.transfer.growth import (MIMETIC, copy_from, grow_config, grow_init, he_init, layer_paths, ligo_materialize,
                                      ligo_stacks, mimetic_init, prune_blocks, prune_distill_config, remap_blocks,
@@ -313,19 +313,33 @@ def test_grow_from_workdirs(random_sources):
 
 
 def test_prune_then_distill_step(random_sources):
-    """A 1-block DiT pruned from the 2-block source, with the source as teacher: the step's loss is
-    mse + vb + w·distill, and the kept block is the source's block 0."""
+    """A 1-block DiT pruned from the 2-block source, with the source as teacher: the kept block is the
+    source's block 0, and the step's loss is the objective's plain loss + w·mean‖ε_student − ε_teacher‖²,
+    recomputed naively (the step's own noise draws, the teacher's EMA weights, plain ``apply``)."""
     dense_dir, _, dense_ema = random_sources["dense"]
     config = prune_distill_config(small_config(), dense_dir, 1, weight=0.5)
     validate(config, 8)
     assert config.init.grow == "prune" and config.train.distill.teacher == dense_dir
     trainer = Trainer(config, str(random_sources["root"] / "pruned"), devices=jax.devices()[:1])
-    state = trainer.fresh_state()
-    np.testing.assert_array_equal(state["params"]["block_0"]["attn"]["v"]["kernel"],
+    start = jax.device_get(trainer.fresh_state())
+    np.testing.assert_array_equal(start["params"]["block_0"]["attn"]["v"]["kernel"],
                                   dense_ema["block_0"]["attn"]["v"]["kernel"])
-    state, metrics = trainer.step_fn(state, trainer.global_batch(0))
+    batch = trainer.global_batch(0)
+    _, metrics = trainer.step_fn(jax.tree.map(jnp.asarray, start), batch)
     m = {k: float(v) for k, v in metrics.items()}
-    assert m["distill"] > 0 and m["finite"] == 1.0
+    assert m["distill"] > 1e-4 and m["finite"] == 1.0
+
+    k_t, k_noise, k_drop = jax.random.split(jax.random.fold_in(trainer.base_key, 0), 3)
+    x0 = np.asarray(batch["image"])
+    y = drop_labels(k_drop, np.asarray(batch["label"]), config.model.class_dropout, trainer.model.num_classes)
+    xt, t, noise = noisy_inputs(k_t, k_noise, x0, trainer.diffusion)
+    out = trainer.model.apply({"params": start["params"]}, xt, t, y)
+    plain = float(training_losses(trainer.diffusion, out, x0, xt, t, noise, learn_sigma=True)["loss"].mean())
+    teacher_out = build_model(small_config()).apply({"params": dense_ema}, xt, t, y)
+    naive = float(np.mean(np.square(np.asarray(out)[..., :1] - np.asarray(teacher_out)[..., :1])))
+    np.testing.assert_allclose(m["distill"], naive, rtol=1e-4)
+    np.testing.assert_allclose(m["loss"], plain + 0.5 * naive, rtol=1e-4)
+    np.testing.assert_allclose(m["loss"] - plain, 0.5 * naive, rtol=1e-2)   # the small term itself, weighted
     np.testing.assert_allclose(m["loss"], m["mse"] + m["vb"] + 0.5 * m["distill"], rtol=1e-5)
 
 

@@ -130,19 +130,19 @@ class Trainer:
         self._init = jax.jit(init, out_shardings=self.state_sharding)
         distill = config.train.get("distill")   # absent from configs saved before train.distill existed
         teacher_model, teacher_params = load_teacher(config) if distill and distill.teacher else (None, None)
+        teacher_sharding = sharding.state_shardings(self.mesh, teacher_params)   # None without a teacher
+        #: The frozen teacher's params on the mesh (``train.distill``), or None: the step's third argument.
+        self.teacher_params = jax.device_put(teacher_params, teacher_sharding)
         step = functools.partial(train_step, model=self.model, diffusion=self.diffusion,
                                  optimizer=self.optimizer, config=config, base_key=self.base_key,
                                  teacher_model=teacher_model)
-        out_shardings = (self.state_sharding, sharding.replicated(self.mesh))
-        if teacher_params is None:
-            self.step_fn = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
-                                   out_shardings=out_shardings, donate_argnums=0)
-        else:
-            teacher_sharding = sharding.state_shardings(self.mesh, teacher_params)
-            placed = jax.device_put(teacher_params, teacher_sharding)
-            with_teacher = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, teacher_sharding),
-                                   out_shardings=out_shardings, donate_argnums=0)
-            self.step_fn = lambda state, batch: with_teacher(state, batch, placed)
+        #: ``(state, batch, teacher_params) -> (state, metrics)``: :func:`train_step`, jitted and sharded.
+        self.step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, teacher_sharding),
+                            out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=0)
+
+    def step_fn(self, state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        """One train step (:attr:`step`) with this run's teacher, if any; ``state`` is donated."""
+        return self.step(state, batch, self.teacher_params)
 
     def fresh_state(self) -> State:
         """Step 0: a random init, or the start ``config.init`` names (:func:`kindjax.transfer.initial_params`)."""
