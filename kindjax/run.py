@@ -60,7 +60,7 @@ UNRECORDED = {"job": None, "mesh": None, "transfer": None,
 def fingerprint(config: ml_collections.ConfigDict, start: dict) -> dict:
     """What a stage is made from: its config (model, data, optimizer, steps, sampling and
     evaluation; not :data:`UNRECORDED`) and ``start`` (:func:`kindjax.train.trainer.origin`: the
-    checkpoint and step each ``init`` path resolved to)."""
+    checkpoint and step each ``init`` path, and a distillation teacher, resolved to)."""
     c = config_json(config)
     for section, keys in UNRECORDED.items():
         if keys is None:

@@ -28,8 +28,8 @@ from kindjax.checkpoints.slicing import slice_checkpoint
 from kindjax.config import ConfigError
 from kindjax.data import make_dataset
 from kindjax.data.pipeline import StepBatches
-from kindjax.run import run_kind_transfer, set_aside_stale_transfer, stage
-from kindjax.train.trainer import NonFiniteLoss, Trainer, train
+from kindjax.run import finished, run_kind_transfer, set_aside_stale_transfer, stage
+from kindjax.train.trainer import TEACHER, NonFiniteLoss, Trainer, origin, train
 from kindjax.transfer import transfer_config
 from test_trainer import tb_scalars, wait_for
 
@@ -312,9 +312,61 @@ def test_a_resume_from_another_start_is_refused(tmp_path):
     config.init.pretrained = str(tmp_path / "a")
     train(config, str(tmp_path / "b"))
     config.init.pretrained = str(tmp_path / "a2")
-    with pytest.raises(ConfigError, match=r"holds a run that started from another checkpoint \(init.pretrained.path: "
+    with pytest.raises(ConfigError, match=r"holds a run that started from, or distilled from, another checkpoint "
+                                          r"\(init.pretrained.path: "
                                           rf"checkpoint '{tmp_path / 'a'}' vs now '{tmp_path / 'a2'}'\)"):
         train(config, str(tmp_path / "b"))
+
+
+def files_of(root: str) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path) with its bytes."""
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(root) for f in names}
+
+
+def test_another_teacher_is_refused_and_a_finished_stage_is_not_reused(trained, tmp_path):
+    """A distilled run's origin records its teacher (``train.distill.teacher``: path and step).  With the
+    same teacher the stage resumes and is then reused; once the teacher holds a later step, or another
+    workdir is named, the stage is not reused and resuming its checkpoints is refused (as another
+    ``init`` start is), its files unchanged.  Without a teacher the origin has no teacher key, so the
+    checkpoints and fingerprints written before the key existed compare equal."""
+    config, _, state = trained
+    teacher = copy_of(trained, tmp_path)
+    other = str(tmp_path / "other")
+    shutil.copytree(teacher, other)
+    later = str(tmp_path / "teacher_step_8")
+    os.rename(os.path.join(teacher, checkpoints.CHECKPOINTS, "8"), later)   # the teacher holds step 4 only
+    distilled = config.copy_and_resolve_references()
+    distilled.train.distill.update(teacher=teacher, weight=0.5)
+    start = origin(distilled)
+    assert start == {TEACHER: {"path": teacher, "step": 4}} and origin(config) == {}
+
+    student = str(tmp_path / "student")   # a distilled run stopped at its last step, saved as train() saves it
+    mngr = checkpoints.manager(os.path.join(student, checkpoints.CHECKPOINTS))
+    checkpoints.save(mngr, state, distilled, start)
+    mngr.wait_until_finished()
+    mngr.close()
+    metrics = stage(distilled, student, evaluate_nothing)   # resumed at step 8: the same teacher
+    assert metrics is not None and finished(student, distilled) == metrics
+    assert json.load(open(os.path.join(student, "metrics.json")))["fingerprint"]["origin"] == start
+    kept = files_of(os.path.join(student, checkpoints.CHECKPOINTS))
+
+    os.rename(later, os.path.join(teacher, checkpoints.CHECKPOINTS, "8"))   # the teacher trained further
+    assert finished(student, distilled) is None
+    with pytest.raises(ConfigError, match=r"distilled from, another checkpoint \(train.distill.teacher.step: "
+                                          r"checkpoint 4 vs now 8\)"):
+        stage(distilled, student, evaluate_nothing)
+    distilled.train.distill.teacher = other
+    assert finished(student, distilled) is None
+    with pytest.raises(ConfigError, match=rf"train.distill.teacher.path: checkpoint '{teacher}' vs now '{other}'; "
+                                          r"train.distill.teacher.step: checkpoint 4 vs now 8"):
+        train(distilled, student)
+    assert files_of(os.path.join(student, checkpoints.CHECKPOINTS)) == kept
+    assert "set_aside" not in os.listdir(student)
+
+    os.rename(os.path.join(teacher, checkpoints.CHECKPOINTS, "8"), later)   # the teacher back at step 4
+    distilled.train.distill.teacher = teacher
+    assert finished(student, distilled) == metrics
 
 
 def test_class_with_no_readable_image_is_refused(tmp_path):

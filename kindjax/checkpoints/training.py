@@ -4,8 +4,9 @@ Layout of ``WORKDIR/checkpoints/<step>/``:
   ``params``, ``ema_params``, ``opt_state`` — PyTree items (OCDBT), each restorable
   alone, and any sub-tree of them by a partial restore;
   ``meta`` — JSON: ``step``, the full ``config``, ``origin`` (the checkpoint each ``init``
-  path resolved to when the run started) and ``checksums`` (two 32-bit sums of every array's
-  bits, :func:`checksums`) with ``finite`` (every float is finite: non-finite state is never saved).
+  path, and a distillation teacher, resolved to when the run started) and ``checksums`` (two
+  32-bit sums of every array's bits, :func:`checksums`) with ``finite`` (every float is finite:
+  non-finite state is never saved).
 The data position and the PRNG position of a run are its step (batches and keys
 are pure functions of ``(seed, step)``), so the step restores both.
 
@@ -137,14 +138,17 @@ def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, dire
 
 
 def check_same_origin(saved: dict | None, now: dict, directory: str) -> None:
-    """Refuses to resume a run that started from another pre-trained checkpoint (another ``init``
-    path, or another step of it) than the config's ``init`` resolves to now (``origin``)."""
+    """Refuses to resume a run that started from, or distilled from, another checkpoint (another path,
+    or another step of it) than the config resolves to now (``origin``; its keys are ``init`` keys, or
+    whole config paths such as ``train.distill.teacher``)."""
     if not saved:
         return
-    diffs = differences(saved, now, ("checkpoint ", "now "), "init.")
+    diffs = [d for key in sorted(set(saved) | set(now))
+             for d in differences({key: saved.get(key)}, {key: now.get(key)}, ("checkpoint ", "now "),
+                                  "" if "." in key else "init.")]
     if diffs:
-        raise ConfigError(f"{directory} holds a run that started from another checkpoint ({'; '.join(diffs)}). "
-                          f"Use another --workdir, or move {directory} aside to start over.")
+        raise ConfigError(f"{directory} holds a run that started from, or distilled from, another checkpoint "
+                          f"({'; '.join(diffs)}). Use another --workdir, or move {directory} aside to start over.")
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None = None) -> dict:

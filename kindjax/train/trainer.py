@@ -261,17 +261,23 @@ class Guard:
             f"check the data, or set train.max_nonfinite_steps to skip such steps.")
 
 
+#: The :func:`origin` key of the distillation teacher: its config path (the other keys are ``init``'s).
+TEACHER = "train.distill.teacher"
+
+
 def origin(config: ml_collections.ConfigDict) -> dict[str, dict]:
-    """What the run starts from: for each ``init`` path that is set (:data:`kindjax.transfer.STARTS`),
-    the checkpoint step it resolves to now; refuses a path that holds no checkpoint."""
+    """What the run is made from: for each ``init`` path that is set (:data:`kindjax.transfer.STARTS`)
+    and for the teacher ``train.distill.teacher`` when one is set (key :data:`TEACHER`; no key without
+    one), the checkpoint and the step it resolves to now; refuses a path that holds no checkpoint."""
+    distill = config.train.get("distill")   # absent from configs saved before train.distill existed
+    paths = {**{key: config.init.get(key, "") for key in STARTS}, TEACHER: distill.teacher if distill else ""}
     found = {}
-    for key in STARTS:
-        path = config.init.get(key, "")
+    for key, path in paths.items():
         if path:
             try:
                 located = checkpoints.locate(path)
             except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(f"init.{key}={path!r}: {e}") from None
+                raise ConfigError(f"{key if key == TEACHER else 'init.' + key}={path!r}: {e}") from None
             found[key] = {"path": str(as_path(path)), "step": int(located.meta["step"])}
     return found
 
