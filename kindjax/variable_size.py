@@ -1,19 +1,26 @@
 """KIND Table 1: a model of a chosen size from one KIND pre-training, and the baselines at that size.
 
     python -m kindjax.variable_size --learngene KIND_WORKDIR --pretrained DENSE_WORKDIR \\
-        --size 94.4M --workdir OUT [--classes 0,4,7] [--steps 100000] [--entries kind,heur_lg,auto_lg,laptop_diff]
+        --size 94.5M --workdir OUT [--classes 0,4,7] [--steps 100000] \\
+        [--entries trad_pt,heur_lg,laptop_diff,auto_lg,kind]
 
 builds every entry of Table 1 for the training classes a model of that size serves, writes each
-where the evaluation reads it, and prints the table of sizes. The entries (:func:`table1_entries`;
-each is a config, a workdir and the steps it still trains, so the sweep runs and evaluates them):
+where the evaluation reads it, and prints the table of sizes. The entries (each a config, a workdir
+and the steps it still trains) come from the two pre-trainings' *configs* (:func:`table1_configs`,
+what ``python -m kindjax.sweep --experiment table1`` builds its grid with before the pre-trainings
+exist; :func:`table1_entries` reads the configs from the runs' checkpoints), and :func:`build` writes
+what each starts from once the runs exist:
 
+- ``trad_pt`` (0 extra steps): the dense pre-trained DiT itself, its label table cut to the ``k``
+  classes' rows and the null row (:func:`build_trad_pt`; on those classes it computes what the full
+  model computes), in the step-0 checkpoint of ``OUT/trad_pt``.
 - ``kind`` (0 extra steps): the learngene plus the tailors of ``k`` classes, assembled
   (:func:`kindjax.learngene.assemble`) into the step-0 checkpoint of ``OUT/kind``. Its size is
   ``|G| + k·|T|`` (:func:`kind_size`: ``|G|`` the learngene's scalars, ``|T|`` one class's tailor
   scalars and label row), and ``k`` is **the most classes whose tailors fit in the chosen size**
   (:func:`classes_for_size`); the classes are the first ``k`` training classes (model labels
   ``0..k-1``) unless ``--classes`` names them. The entry's size is that exact count (at most
-  ``--size``), and every other entry is matched to it.
+  ``--size``), and every baseline is matched to it.
 - ``heur_lg``, ``auto_lg`` (``--steps``, Table 1: 100K): a dense DiT of the source's width whose depth
   ``L'`` makes its size closest to the KIND entry's (:func:`depth_for_size`; **tolerance: half of one
   block's parameters**, the step a whole-block depth can take; refused beyond it). It inherits
@@ -24,11 +31,14 @@ each is a config, a workdir and the steps it still trains, so the sweep runs and
   trains all parameters on the ``k`` classes at lr 1e-4. The build writes the inherited blocks at
   their new positions to ``OUT/<entry>_source``, the ``init.pretrained`` of the entry's config, with
   ``init.blocks`` their positions.
-- ``laptop_diff``: a DiT of the same depth ``L'`` pruned from the dense one and distilled
-  (:func:`laptop_diff_config`, the growth baselines' ``prune_distill_config``).
+- ``laptop_diff`` (``--steps``): a DiT of the same depth ``L'`` pruned from Trad. PT and distilled
+  from it (:func:`laptop_diff_config`, the growth baselines' ``prune_distill_config``), so teacher
+  and student share the ``k`` classes' labels; asking for it builds ``trad_pt`` too.
 
-Every entry serves the same ``k`` classes (``data.classes``), so all are evaluated against the same
-reference batch (``python -m kindjax.evaluate --reference_out`` on the entry's config).
+The 0-step entries have ``train.num_steps=0``: :func:`kindjax.run.stage` records their written model
+finished. Every entry serves the same ``k`` classes (``data.classes``), so all are evaluated against
+the same reference batch (``python -m kindjax.evaluate --reference_out`` on the entry's config; the
+sweep writes it itself).
 """
 from __future__ import annotations
 
@@ -430,7 +440,8 @@ def main(argv: list[str]) -> None:
     print(markdown(entries))
     print(f"Wrote {os.path.join(f.workdir, 'table1.json')}: each entry's config and workdir. The entries with "
           f"extra steps train from there (kindjax.train.trainer.train(ConfigDict(config), workdir)); then "
-          f"evaluate every entry against one reference batch of its classes.")
+          f"evaluate every entry against one reference batch of its classes (python -m kindjax.sweep "
+          f"--experiment table1 does all of it, pre-trainings included).")
 
 
 if __name__ == "__main__":

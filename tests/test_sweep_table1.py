@@ -13,7 +13,7 @@ from kindjax.config import ConfigError, validate
 from kindjax.data.digits import DigitImages, load_digits
 from kindjax.layers.kind import kind_config
 from kindjax.models.dit import build_model
-from kindjax.run import finished
+from kindjax.run import finished, stage
 from kindjax.sweep import grid
 from kindjax.sweep.table1 import TABLE1, steps_text
 
@@ -88,6 +88,12 @@ def test_trad_pt_cut_model_is_the_dense_model_on_its_classes(tmp_path):
     assert np.abs(np.asarray(other) - np.asarray(want))[:3].max() > 1e-3          # the labels matter
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         vs.build_trad_pt(entry, dense_dir)
+    # A 0-step stage trains nothing: its written model is recorded finished (a rerun skips it) ...
+    assert finished(entry.workdir, entry.config) is None
+    assert stage(entry.config, entry.workdir, None) == {"step": 0} == finished(entry.workdir, entry.config)
+    # ... and without a model there is nothing to record.
+    with pytest.raises(ConfigError, match="train.num_steps=0 trains nothing, but .* holds no checkpoint"):
+        stage(entry.config, str(tmp_path / "empty"), None)
 
 
 def test_digits_reference_batch_of_a_class_subset(tmp_path):

@@ -1,5 +1,5 @@
 """The sweep's experiments (:class:`kindjax.sweep.grid.Experiment`): ``digits`` and ``kind_tables``
-(and ``fine_depths``, :mod:`kindjax.sweep.fine_depths`).
+(and ``fine_depths``, :mod:`kindjax.sweep.fine_depths`; ``table1``, :mod:`kindjax.sweep.table1`).
 
 ``digits`` (a KIND digits config with ``transfer.classes``, e.g. ``configs/kind_digits.py``):
 pre-train a dense DiT and the config's KIND DiT on ``data.classes`` (``train.num_steps``, same
