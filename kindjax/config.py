@@ -268,7 +268,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
              f"mesh.dcn_data={config.mesh.dcn_data} must be ≥ 1 and divide mesh.data={config.mesh.data} "
              f"(the number of slices or nodes)")
     _require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
-    _require(t.num_steps > 0, f"train.num_steps={t.num_steps} must be positive")
+    _require(t.num_steps >= 0, f"train.num_steps={t.num_steps} must be ≥ 0 (0: nothing is trained, the workdir's "
+                               f"step-0 checkpoint is the model, e.g. a recombined KIND model)")
     for key in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints"):
         _require(t[key] > 0, f"train.{key}={t[key]} must be positive")
     _require(t.max_nonfinite_steps >= 0, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be ≥ 0")

@@ -88,7 +88,9 @@ def stage(config: ml_collections.ConfigDict, workdir: str, evaluate, dataset=Non
     """Runs one training stage unless it already finished with the same :func:`fingerprint`; its
     metrics (with the fingerprint recorded in ``metrics.json``), or None if it was stopped
     (SIGTERM/SIGINT: the checkpoint is saved and rerunning the command resumes).
-    ``dataset``: the stage's data source when :func:`check` already opened it."""
+    ``dataset``: the stage's data source when :func:`check` already opened it.  A stage of
+    ``train.num_steps=0`` trains nothing: its model is the step-0 checkpoint something else wrote
+    to ``workdir`` (e.g. a recombined KIND model), checked against the config and recorded finished."""
     start = origin(config)
     metrics = finished(workdir, config, start)
     if metrics is not None:
@@ -98,6 +100,8 @@ def stage(config: ml_collections.ConfigDict, workdir: str, evaluate, dataset=Non
     if path.exists():
         changed = differences(read_json(path).get("fingerprint", {}), now)
         print(f"{workdir} finished with other settings ({'; '.join(changed[:4])}); running it again.", flush=True)
+    if config.train.num_steps == 0:
+        return written_model(config, workdir, now)
     train(config, workdir, evaluate=evaluate, dataset=dataset)
     if not path.exists():
         return None
@@ -107,6 +111,24 @@ def stage(config: ml_collections.ConfigDict, workdir: str, evaluate, dataset=Non
     metrics.pop("fingerprint", None)
     if jax.process_index() == 0:
         write_json(path, {**metrics, "fingerprint": now})
+    return metrics
+
+
+def written_model(config: ml_collections.ConfigDict, workdir: str, now: dict) -> dict:
+    """Records the 0-step stage of ``workdir`` finished (``metrics.json`` with the fingerprint ``now``)
+    once its step-0 checkpoint is there and of ``config``'s model; refuses otherwise."""
+    try:
+        located = checkpoints.locate(workdir)
+    except FileNotFoundError:
+        raise ConfigError(f"train.num_steps=0 trains nothing, but {workdir} holds no checkpoint: write the model "
+                          f"there first (e.g. python -m kindjax.variable_size), or give train.num_steps > 0") from None
+    if located.meta["step"] != 0:
+        raise ConfigError(f"train.num_steps=0 but {workdir} holds step {located.meta['step']}: a 0-step stage's model "
+                          f"is its step-0 checkpoint; use another workdir")
+    checkpoints.check_same_model(located.meta["config"], config, workdir)
+    metrics = {"step": 0}
+    if jax.process_index() == 0:
+        write_json(as_path(workdir) / "metrics.json", {**metrics, "fingerprint": now})
     return metrics
 
 

@@ -1,19 +1,26 @@
 """KIND Table 1: a model of a chosen size from one KIND pre-training, and the baselines at that size.
 
     python -m kindjax.variable_size --learngene KIND_WORKDIR --pretrained DENSE_WORKDIR \\
-        --size 94.4M --workdir OUT [--classes 0,4,7] [--steps 100000] [--entries kind,heur_lg,auto_lg,laptop_diff]
+        --size 94.5M --workdir OUT [--classes 0,4,7] [--steps 100000] \\
+        [--entries trad_pt,heur_lg,laptop_diff,auto_lg,kind]
 
 builds every entry of Table 1 for the training classes a model of that size serves, writes each
-where the evaluation reads it, and prints the table of sizes. The entries (:func:`table1_entries`;
-each is a config, a workdir and the steps it still trains, so the sweep runs and evaluates them):
+where the evaluation reads it, and prints the table of sizes. The entries (each a config, a workdir
+and the steps it still trains) come from the two pre-trainings' *configs* (:func:`table1_configs`,
+what ``python -m kindjax.sweep --experiment table1`` builds its grid with before the pre-trainings
+exist; :func:`table1_entries` reads the configs from the runs' checkpoints), and :func:`build` writes
+what each starts from once the runs exist:
 
+- ``trad_pt`` (0 extra steps): the dense pre-trained DiT itself, its label table cut to the ``k``
+  classes' rows and the null row (:func:`build_trad_pt`; on those classes it computes what the full
+  model computes), in the step-0 checkpoint of ``OUT/trad_pt``.
 - ``kind`` (0 extra steps): the learngene plus the tailors of ``k`` classes, assembled
   (:func:`kindjax.learngene.assemble`) into the step-0 checkpoint of ``OUT/kind``. Its size is
   ``|G| + k·|T|`` (:func:`kind_size`: ``|G|`` the learngene's scalars, ``|T|`` one class's tailor
   scalars and label row), and ``k`` is **the most classes whose tailors fit in the chosen size**
   (:func:`classes_for_size`); the classes are the first ``k`` training classes (model labels
   ``0..k-1``) unless ``--classes`` names them. The entry's size is that exact count (at most
-  ``--size``), and every other entry is matched to it.
+  ``--size``), and every baseline is matched to it.
 - ``heur_lg``, ``auto_lg`` (``--steps``, Table 1: 100K): a dense DiT of the source's width whose depth
   ``L'`` makes its size closest to the KIND entry's (:func:`depth_for_size`; **tolerance: half of one
   block's parameters**, the step a whole-block depth can take; refused beyond it). It inherits
@@ -24,16 +31,20 @@ each is a config, a workdir and the steps it still trains, so the sweep runs and
   trains all parameters on the ``k`` classes at lr 1e-4. The build writes the inherited blocks at
   their new positions to ``OUT/<entry>_source``, the ``init.pretrained`` of the entry's config, with
   ``init.blocks`` their positions.
-- ``laptop_diff``: a DiT of the same depth ``L'`` pruned from the dense one and distilled
-  (:func:`laptop_diff_config`, the growth baselines' ``prune_distill_config``).
+- ``laptop_diff`` (``--steps``): a DiT of the same depth ``L'`` pruned from Trad. PT and distilled
+  from it (:func:`laptop_diff_config`, the growth baselines' ``prune_distill_config``), so teacher
+  and student share the ``k`` classes' labels; asking for it builds ``trad_pt`` too.
 
-Every entry serves the same ``k`` classes (``data.classes``), so all are evaluated against the same
-reference batch (``python -m kindjax.evaluate --reference_out`` on the entry's config).
+The 0-step entries have ``train.num_steps=0``: :func:`kindjax.run.stage` records their written model
+finished. Every entry serves the same ``k`` classes (``data.classes``), so all are evaluated against
+the same reference batch (``python -m kindjax.evaluate --reference_out`` on the entry's config; the
+sweep writes it itself).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Sequence
@@ -56,8 +67,8 @@ from kindjax.transfer import STARTS, prune_distill_config
 from kindjax.transfer.layer_selection import auto_lg_scores, heur_lg_scores
 from kindjax.transfer.pretrained import init_from_pretrained
 
-#: Table 1's rows besides the pre-trained models themselves, in its order.
-ENTRIES = ("heur_lg", "laptop_diff", "auto_lg", "kind")
+#: Table 1's rows, in its order.
+ENTRIES = ("trad_pt", "heur_lg", "laptop_diff", "auto_lg", "kind")
 #: Table 1: the baselines train 100K steps after initialisation; KIND none.
 TABLE1_STEPS = 100_000
 #: The data settings that say which classes a label means; the KIND and dense runs must agree on them.
@@ -79,7 +90,14 @@ class Entry:
 # ----------------------------------------------------------------------------- sizes
 
 def _count(config: ml_collections.ConfigDict) -> int:
-    return param_rules.count(abstract_params(build_model(config)))
+    return _model_count(json.dumps(checkpoints.config_json(config)["model"], sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _model_count(model_json: str) -> int:
+    """Stored parameters of the model config ``model_json`` (a trace of shapes; cached, as a grid of
+    sizes asks for the same models again)."""
+    return param_rules.count(abstract_params(build_model(ml_collections.ConfigDict(json.loads(model_json)))))
 
 
 def _with(config: ml_collections.ConfigDict, **model: Any) -> ml_collections.ConfigDict:
@@ -145,9 +163,21 @@ def _subset(config: ml_collections.ConfigDict, classes: Sequence[int]) -> ml_col
     return c
 
 
+def _untrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    config.train.num_steps = 0      # the step-0 checkpoint :func:`build` writes is the model
+    return config
+
+
 def kind_entry_config(pretrain: ml_collections.ConfigDict, classes: Sequence[int]) -> ml_collections.ConfigDict:
-    """The recombined KIND model's config: the pre-training config on ``classes`` (its model labels)."""
-    return _subset(pretrain, classes)
+    """The recombined KIND model's config: the pre-training config on ``classes`` (its model labels),
+    0 steps."""
+    return _untrained(_subset(pretrain, classes))
+
+
+def trad_pt_config(dense: ml_collections.ConfigDict, classes: Sequence[int]) -> ml_collections.ConfigDict:
+    """Table 1's Trad. PT: the dense pre-trained DiT itself on ``classes``, 0 steps; its label table is
+    cut to those classes' rows and the null row (:func:`build_trad_pt`)."""
+    return _untrained(_subset(dense, classes))
 
 
 def _explicit_depth(config: ml_collections.ConfigDict, depth: int) -> ml_collections.ConfigDict:
@@ -171,11 +201,14 @@ def layer_transfer_config(dense: ml_collections.ConfigDict, classes: Sequence[in
     return c
 
 
-def laptop_diff_config(config: ml_collections.ConfigDict, pretrained: str, depth: int) -> ml_collections.ConfigDict:
-    """Table 1's Laptop-Diff entry: ``config`` (the dense DiT on the entry's classes, full depth) pruned to
-    ``depth`` blocks from the dense run ``pretrained`` and distilled from it
-    (:func:`kindjax.transfer.growth.prune_distill_config`: evenly spaced blocks kept, output distillation)."""
-    return prune_distill_config(config, pretrained, depth)
+def laptop_diff_config(config: ml_collections.ConfigDict, source: str, depth: int,
+                       source_model: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """Table 1's Laptop-Diff entry: ``config`` (the dense DiT on the entry's classes) pruned to ``depth``
+    blocks of the run ``source`` and distilled from it (:func:`kindjax.transfer.growth.prune_distill_config`:
+    evenly spaced blocks kept, output distillation). ``source`` is the Trad. PT entry (the dense
+    pre-trained DiT cut to the entry's classes), so student and teacher share the classes' labels;
+    ``source_model``: its model config, when it is not written yet."""
+    return prune_distill_config(config, source, depth, source_model=source_model)
 
 
 def _check_same_classes(kind: ml_collections.ConfigDict, dense: ml_collections.ConfigDict) -> None:
@@ -204,44 +237,62 @@ def _model_classes(config: ml_collections.ConfigDict, size: int | None, classes:
     return tuple(range(classes_for_size(config, size)))
 
 
-def table1_entries(learngene: str, out: str, *, pretrained: str = "", size: int | None = None,
+def table1_configs(kind_pre: ml_collections.ConfigDict, out: str, *,
+                   dense_pre: ml_collections.ConfigDict | None = None, pretrained: str = "", size: int | None = None,
                    classes: Sequence[int] = (), steps: int = TABLE1_STEPS, num_blocks: int = 0,
                    entries: Sequence[str] = ("kind", "heur_lg", "auto_lg")) -> list[Entry]:
-    """The Table 1 entries (see the module doc) of the KIND run ``learngene`` and the dense run
-    ``pretrained`` (needed by every entry but ``kind``), with workdirs under ``out``. Reads checkpoint
-    metadata only; :func:`build` writes what the entries start from."""
+    """The Table 1 entries (module doc) of the KIND pre-training config ``kind_pre`` and the dense one
+    ``dense_pre`` (needed by every entry but ``kind``; its run is at ``pretrained``), with workdirs
+    under ``out``: ``kind`` first (every size is matched to it), then the others in :data:`ENTRIES`
+    order. From the configs alone (a sweep builds them before the pre-trainings exist);
+    :func:`build` writes what the entries start from."""
     unknown = sorted(set(entries) - set(ENTRIES))
     if unknown:
         raise ValueError(f"unknown entries {unknown}; choose from {list(ENTRIES)}")
-    kind_pre = checkpoints.config_of(checkpoints.locate(learngene))
     kept = _model_classes(kind_pre, size, classes)
     kind_config = kind_entry_config(kind_pre, kept)
     target = _count(kind_config)
     result = []
     if "kind" in entries:
         result.append(Entry("kind", kind_config, os.path.join(out, "kind"), 0, target))
-    baselines = [e for e in ENTRIES if e in entries and e != "kind"]
+    wanted = set(entries) | ({"trad_pt"} if "laptop_diff" in entries else set())   # Laptop-Diff's source
+    baselines = [e for e in ENTRIES if e in wanted and e != "kind"]
     if not baselines:
         return result
-    if not pretrained:
+    if dense_pre is None or not pretrained:
         raise ValueError(f"the entries {baselines} start from a dense pre-trained DiT: give --pretrained")
-    dense_pre = checkpoints.config_of(checkpoints.locate(pretrained))
     if dense_pre.model.linear.kind != "dense":
-        raise ValueError(f"--pretrained {pretrained} holds a {dense_pre.model.linear.kind!r} DiT; Heur-LG, Auto-LG "
-                         f"and Laptop-Diff start from a dense one (model.linear.kind='dense')")
+        raise ValueError(f"--pretrained {pretrained} holds a {dense_pre.model.linear.kind!r} DiT; Trad. PT, "
+                         f"Heur-LG, Auto-LG and Laptop-Diff start from a dense one (model.linear.kind='dense')")
     _check_same_classes(kind_pre, dense_pre)
     source_depth = resolve_dims(dense_pre.model).depth
     depth = depth_for_size(_subset(dense_pre, kept), target, source_depth)
     inherit = num_blocks or max(depth // 2, 1)
+    trad_pt = trad_pt_config(dense_pre, kept)
     for name in baselines:
         workdir = os.path.join(out, name)
+        if name == "trad_pt":
+            result.append(Entry(name, trad_pt, workdir, 0, _count(trad_pt)))
+            continue
         if name == "laptop_diff":
-            config = laptop_diff_config(_subset(dense_pre, kept), pretrained, depth)
+            config = laptop_diff_config(_subset(dense_pre, kept), os.path.join(out, "trad_pt"), depth, trad_pt.model)
+            config.train.num_steps = steps
         else:
             config = layer_transfer_config(dense_pre, kept, depth, inherit, name,
                                            os.path.join(out, f"{name}_source"), steps)
         result.append(Entry(name, config, workdir, steps, _count(config)))
     return result
+
+
+def table1_entries(learngene: str, out: str, *, pretrained: str = "", size: int | None = None,
+                   classes: Sequence[int] = (), steps: int = TABLE1_STEPS, num_blocks: int = 0,
+                   entries: Sequence[str] = ("kind", "heur_lg", "auto_lg")) -> list[Entry]:
+    """:func:`table1_configs` of the KIND run ``learngene`` and the dense run ``pretrained``: their
+    configs read from the checkpoints' metadata."""
+    kind_pre = checkpoints.config_of(checkpoints.locate(learngene))
+    dense_pre = checkpoints.config_of(checkpoints.locate(pretrained)) if pretrained else None
+    return table1_configs(kind_pre, out, dense_pre=dense_pre, pretrained=pretrained, size=size, classes=classes,
+                          steps=steps, num_blocks=num_blocks, entries=entries)
 
 
 # ----------------------------------------------------------------------------- building
@@ -265,7 +316,7 @@ def _write_step(workdir: str, params: Any, config: ml_collections.ConfigDict, or
 def build_kind(entry: Entry, learngene: str) -> dict:
     """Writes the recombined KIND model of ``entry`` (learngene + the tailors of its classes, no training)
     to ``entry.workdir``; returns what it wrote."""
-    classes = _kept(entry.config, learngene)
+    classes = _kept(entry.config, checkpoints.config_of(checkpoints.locate(learngene)))
     assembled = assemble(load_learngene(learngene), load_tailors(learngene, classes))
     if checkpoints.config_json(assembled.config)["model"] != checkpoints.config_json(entry.config)["model"]:
         raise ValueError(f"the learngene at {learngene} is not the model of the entry's config")
@@ -276,11 +327,33 @@ def build_kind(entry: Entry, learngene: str) -> dict:
     return {"classes": list(classes), "params": count}
 
 
-def _kept(config: ml_collections.ConfigDict, learngene: str) -> tuple[int, ...]:
+def _kept(config: ml_collections.ConfigDict, pretrain: ml_collections.ConfigDict) -> tuple[int, ...]:
     """The pre-training model labels of an entry's ``data.classes``."""
-    pre = checkpoints.config_of(checkpoints.locate(learngene))
-    base = tuple(pre.data.classes)
+    base = tuple(pretrain.data.classes)
     return tuple(base.index(c) for c in config.data.classes) if base else tuple(config.data.classes)
+
+
+def cut_label_table(params: dict, classes: Sequence[int]) -> dict:
+    """``params`` with the label table ``y_embedder/embedding`` (``num_classes + 1`` rows, the last the
+    null class of guidance) cut to the rows ``classes`` in that order (model label ``j`` becomes
+    pre-training label ``classes[j]``) and the null row."""
+    table = np.asarray(params["y_embedder"]["embedding"])
+    rows = np.asarray([*classes, table.shape[0] - 1])
+    return {**params, "y_embedder": {**params["y_embedder"], "embedding": table[rows]}}
+
+
+def build_trad_pt(entry: Entry, pretrained: str) -> dict:
+    """Writes Trad. PT (the dense pre-trained DiT of ``pretrained``, no training) for ``entry``'s classes to
+    ``entry.workdir``: the same parameters with the label table cut to the classes' rows and the null
+    row (:func:`cut_label_table`), so on those classes it computes what the full model computes."""
+    params, source_config = load_params(pretrained)
+    classes = _kept(entry.config, source_config)
+    cut = cut_label_table(params, classes)
+    count = param_rules.count(cut)
+    if count != entry.params:
+        raise AssertionError(f"cut model has {count:,} parameters, the entry's shapes say {entry.params:,}")
+    _write_step(entry.workdir, cut, entry.config, {"pretrained": pretrained, "classes": list(classes)})
+    return {"classes": list(classes), "params": count}
 
 
 def build_layer_transfer(entry: Entry, pretrained: str, key: jax.Array, probe_steps: int = 50) -> dict:
@@ -317,12 +390,14 @@ def build_layer_transfer(entry: Entry, pretrained: str, key: jax.Array, probe_st
 
 def build(entries: Sequence[Entry], learngene: str, pretrained: str = "", seed: int = 0,
           probe_steps: int = 50) -> dict[str, dict]:
-    """Writes what each entry starts from: the KIND model itself, the inherited blocks of Heur-LG and
-    Auto-LG (Laptop-Diff's start is its own config's). Returns a record per entry."""
+    """Writes what each entry starts from: the KIND and Trad. PT models themselves, the inherited blocks of
+    Heur-LG and Auto-LG (Laptop-Diff starts from Trad. PT by its config). Returns a record per entry."""
     records = {}
     for i, entry in enumerate(entries):
         if entry.name == "kind":
             records[entry.name] = build_kind(entry, learngene)
+        elif entry.name == "trad_pt":
+            records[entry.name] = build_trad_pt(entry, pretrained)
         elif entry.name in ("heur_lg", "auto_lg"):
             records[entry.name] = build_layer_transfer(entry, pretrained, jax.random.fold_in(jax.random.key(seed), i),
                                                        probe_steps)
@@ -365,7 +440,8 @@ def main(argv: list[str]) -> None:
     print(markdown(entries))
     print(f"Wrote {os.path.join(f.workdir, 'table1.json')}: each entry's config and workdir. The entries with "
           f"extra steps train from there (kindjax.train.trainer.train(ConfigDict(config), workdir)); then "
-          f"evaluate every entry against one reference batch of its classes.")
+          f"evaluate every entry against one reference batch of its classes (python -m kindjax.sweep "
+          f"--experiment table1 does all of it, pre-trainings included).")
 
 
 if __name__ == "__main__":
@@ -382,6 +458,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_blocks", 0, "Blocks Heur-/Auto-LG inherit (0: half the matched depth).")
     flags.DEFINE_integer("probe_steps", 50, "Auto-LG's fine-tuning steps before the CKA probe.")
     flags.DEFINE_integer("seed", 0, "Key of the block selection and of Auto-LG's probe.")
-    flags.DEFINE_list("entries", ["kind", "heur_lg", "auto_lg", "laptop_diff"], f"Entries to build, of {list(ENTRIES)}.")
+    flags.DEFINE_list("entries", list(ENTRIES), f"Entries to build, of {list(ENTRIES)} (laptop_diff builds trad_pt, "
+                      f"its source).")
     flags.mark_flags_as_required(["learngene", "workdir"])
     cli.run(main, "variable_size")

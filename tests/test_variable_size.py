@@ -145,9 +145,13 @@ def test_layer_transfer_baselines_inherit_the_blocks_they_chose(runs):
 def test_laptop_diff_plugs_into_the_growth_baselines(runs):
     kind, kind_dir, _, dense_dir, root = runs
     learngene, tailor = vs.kind_size(kind)
-    [entry] = vs.table1_entries(kind_dir, str(root / "ld"), pretrained=dense_dir, size=learngene + tailor,
-                                entries=("laptop_diff",))
-    assert entry.config.model.depth < 4
+    trad_pt, entry = vs.table1_entries(kind_dir, str(root / "ld"), pretrained=dense_dir, size=learngene + tailor,
+                                       steps=30, entries=("laptop_diff",))
+    assert trad_pt.name == "trad_pt" and trad_pt.train_steps == trad_pt.config.train.num_steps == 0
+    assert entry.config.model.depth < 4 and entry.train_steps == entry.config.train.num_steps == 30
+    # Pruned from and distilled by Trad. PT: the dense DiT on the entry's classes, so the labels agree.
+    assert entry.config.init.grow_from == entry.config.train.distill.teacher == trad_pt.workdir
+    assert entry.config.model.num_classes == trad_pt.config.model.num_classes == 1
 
 
 def test_runs_on_different_classes_are_refused_naming_each_difference():

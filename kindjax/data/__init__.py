@@ -2,8 +2,8 @@
 
 Training sources (:func:`make_dataset`) implement :class:`TrainingSource`: a step's batch is a
 pure function of ``(seed, step)`` (resumable), and each process reads only its own rows.
-Image sources (:func:`open_image_source`: ImageNet through TFDS, folders of class sub-folders)
-implement :class:`ImageSource`: random access to preprocessed images, e.g. for latent encoding.
+Image sources (:func:`open_image_source`: ImageNet through TFDS, folders of class sub-folders, the
+digits as uint8 RGB, e.g. for a reference batch) implement :class:`ImageSource`: random access to preprocessed images, e.g. for latent encoding.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import ml_collections
 from kindjax.config import ConfigError
 from kindjax.data import folder, imagenet, latents
 from kindjax.data.decode import center_crop_arr
-from kindjax.data.digits import load_digits
+from kindjax.data.digits import DigitImages, load_digits
 from kindjax.data.images import ImageSource
 from kindjax.data.pipeline import ArrayDataset, Batches, TrainingSource, subset
 
 DATA_SOURCES = ("digits", "folder", "latents", "imagenet")
-IMAGE_SOURCES = ("imagenet", "folder")
+IMAGE_SOURCES = ("imagenet", "folder", "digits")
 
 
 def make_dataset(config: ml_collections.ConfigDict) -> TrainingSource:
@@ -59,9 +59,11 @@ def make_dataset(config: ml_collections.ConfigDict) -> TrainingSource:
 
 
 def open_image_source(config: ml_collections.ConfigDict) -> ImageSource:
-    """The image source named by ``config.data.name`` ("imagenet" or "folder") at
-    ``config.data.image_size``, with the class selection of ``config.data``."""
+    """The image source named by ``config.data.name`` ("imagenet" or "folder" at
+    ``config.data.image_size``; "digits" at 8×8), with the class selection of ``config.data``."""
     name = config.data.name
+    if name == "digits":
+        return DigitImages(tuple(config.data.classes))
     if name == "imagenet":
         return imagenet.open_imagenet(config)
     if name == "folder":

@@ -40,6 +40,34 @@ def load_digits(classes: Sequence[int] = ()) -> ArrayDataset:
     return subset(dataset, classes) if len(classes) else dataset
 
 
+class DigitImages:
+    """The digits of ``classes`` (all when empty; relabelled ``0..k-1`` as in :func:`load_digits`) as an
+    :class:`kindjax.data.images.ImageSource`: uint8 RGB ``(8, 8, 3)``, ``round(127.5·(x + 1))`` of the
+    training pixels ``x`` (how the evaluation rounds samples) repeated to three channels. The digits have
+    no validation split and their own size: ``data.split`` and ``data.image_size`` do not apply."""
+
+    def __init__(self, classes: Sequence[int] = ()):
+        dataset = load_digits(classes)
+        pixels = np.clip(np.round((dataset.images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        self._images = np.repeat(pixels, 3, axis=-1)
+        self._labels = dataset.labels
+        self.num_classes = dataset.num_classes
+        self.class_names = dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def label(self, index: int) -> int:
+        return int(self._labels[index])
+
+    def image(self, index: int) -> np.ndarray:
+        return self._images[index]
+
+    @property
+    def num_skipped(self) -> int:
+        return 0
+
+
 def split_train_test(dataset: ArrayDataset, seed: int = 0,
                      test_fraction: float = 0.2) -> tuple[ArrayDataset, ArrayDataset]:
     """Stratified split: ``round(test_fraction · n_c)`` random examples of class ``c`` go to test.

@@ -1,5 +1,5 @@
 """The sweep's experiments (:class:`kindjax.sweep.grid.Experiment`): ``digits`` and ``kind_tables``
-(and ``fine_depths``, :mod:`kindjax.sweep.fine_depths`).
+(and ``fine_depths``, :mod:`kindjax.sweep.fine_depths`; ``table1``, :mod:`kindjax.sweep.table1`).
 
 ``digits`` (a KIND digits config with ``transfer.classes``, e.g. ``configs/kind_digits.py``):
 pre-train a dense DiT and the config's KIND DiT on ``data.classes`` (``train.num_steps``, same
@@ -25,7 +25,6 @@ pooled references — the aggregation the paper's numbers imply, see the README)
 from __future__ import annotations
 
 import json
-import time
 from typing import Callable
 
 import jax
@@ -39,28 +38,14 @@ from kindjax.data.class_groups import kind_tasks
 from kindjax.evaluation.digits_report import evaluate_digits
 from kindjax.methods import METHODS, config_sizes, method_config
 from kindjax.sweep import tables
+from kindjax.sweep.common import adm_report, dense, pretrain_runs
 from kindjax.sweep.fine_depths import FINE_DEPTHS
 from kindjax.sweep.grid import Experiment, Run, Scores
+from kindjax.sweep.table1 import TABLE1
 from kindjax.transfer.kind import novel_task
 
 #: Runs that train a dense DiT from scratch on the novel classes (no transfer).
 SCRATCH = {"scratch_adaln_zero": "zero", "scratch_adaln_gaussian": "gaussian"}
-
-
-def _dense(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    c = config.copy_and_resolve_references()
-    c.model.linear = ml_collections.ConfigDict(dict(kind="dense"))
-    return c
-
-
-def pretrain_runs(config: ml_collections.ConfigDict, workdir: str) -> list[Run]:
-    """The dense and the KIND pre-training on the config's classes (same data, steps and optimiser)."""
-    kind = config.copy_and_resolve_references()
-    kind.job = "train"
-    kind.transfer.classes = ()
-    root = epath.Path(workdir) / "pretrain"
-    return [Run(dict(role="prerequisite", method=name), str(root / name), c)
-            for name, c in (("dense", _dense(kind)), ("kind", kind))]
 
 
 # ----------------------------------------------------------------------------------------- digits
@@ -98,7 +83,7 @@ def digits_runs(config: ml_collections.ConfigDict, workdir: str, options: dict) 
             for seed in range(options.get("seeds", 3)):
                 base = config.copy_and_resolve_references()
                 base.transfer.classes = classes
-                base = _dense(novel_task(base, seed))
+                base = dense(novel_task(base, seed))
                 base.train.checkpoint_every = min(base.train.checkpoint_every, base.train.num_steps)
                 base.train.sample_every = base.train.num_steps
                 if name in SCRATCH:
@@ -286,42 +271,11 @@ def kind_tables_runs(config: ml_collections.ConfigDict, workdir: str, options: d
     return runs
 
 
-def task_reference(run: Run, log: Callable[[str], None] = print) -> str:
-    """The reference batch of the run's task (``run.extra["reference"]``, module doc); written here
-    (process 0) from the task's validation images when it is missing."""
-    path = epath.Path(run.extra["reference"])
-    if not path.exists() and jax.process_index() == 0:
-        from kindjax.evaluation.reference import write_reference_batch
-
-        c = run.config.copy_and_resolve_references()
-        c.data.split = "validation"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        write_reference_batch(c, str(tmp), 0, c.eval.seed, log)
-        tmp.rename(path)
-    while not path.exists():   # the other processes of a multi-host run: process 0 writes it
-        time.sleep(5)
-    return str(path)
-
-
 def kind_score(run: Run, metrics: dict) -> Scores:
-    """ADM metrics of the run against its task's reference (``eval_<step>.json``, reused when it was
-    computed against the same reference with as many samples), its trainable parameters and training
-    GFLOP per image (``account.json``, computed once)."""
-    from kindjax.evaluation.pipeline import evaluate
-
+    """ADM metrics of the run against its task's reference (:func:`kindjax.sweep.common.adm_report`),
+    its trainable parameters and training GFLOP per image (``account.json``, computed once)."""
     del metrics   # the training stage of kind_tables reports nothing to tabulate
-    reference = task_reference(run)
-    step = run.config.train.num_steps
-    report_path = epath.Path(run.workdir) / f"eval_{step}.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    evaluated = report.get("config", {}).get("eval", {})
-    if (evaluated.get("reference") != reference or evaluated.get("num_samples") != run.config.eval.num_samples
-            or not report.get("reference_features")):
-        c = run.config.copy_and_resolve_references()
-        c.eval.reference = reference
-        evaluate(c, run.workdir, step)
-        report = json.loads(report_path.read_text())
+    report = adm_report(run)
     account_path = epath.Path(run.workdir) / "account.json"
     if not account_path.exists():
         trainable, _, _, train_flops = account(run.config)
@@ -382,7 +336,7 @@ def kind_tables_write(runs: list[Run], scores: dict[str, Scores], workdir: str) 
 
 KIND_TABLES = Experiment("kind_tables", kind_tables_runs, None, kind_score, kind_tables_write)
 
-EXPERIMENTS = {e.name: e for e in (DIGITS, KIND_TABLES, FINE_DEPTHS)}
+EXPERIMENTS = {e.name: e for e in (DIGITS, KIND_TABLES, FINE_DEPTHS, TABLE1)}
 
 
 def experiment_for(config: ml_collections.ConfigDict, name: str = "") -> Experiment:

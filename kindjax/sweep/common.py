@@ -1,0 +1,70 @@
+"""What several sweep experiments share: the two pre-trainings, a task's reference batch, and the ADM
+report of a finished run against it (``python -m kindjax.evaluate``'s pipeline)."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import jax
+import ml_collections
+from etils import epath
+
+from kindjax.sweep.grid import Run
+
+
+def dense(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with dense linear layers."""
+    c = config.copy_and_resolve_references()
+    c.model.linear = ml_collections.ConfigDict(dict(kind="dense"))
+    return c
+
+
+def pretrain_runs(config: ml_collections.ConfigDict, workdir: str) -> list[Run]:
+    """The dense and the KIND pre-training on the config's classes (same data, steps and optimiser)."""
+    kind = config.copy_and_resolve_references()
+    kind.job = "train"
+    kind.transfer.classes = ()
+    root = epath.Path(workdir) / "pretrain"
+    return [Run(dict(role="prerequisite", method=name), str(root / name), c)
+            for name, c in (("dense", dense(kind)), ("kind", kind))]
+
+
+def task_reference(run: Run, log: Callable[[str], None] = print) -> str:
+    """The reference batch of the run's task (``run.extra["reference"]``); written here (process 0)
+    from the task's validation images (every image of its classes; the digits have no validation
+    split: every digit of the classes) when it is missing."""
+    path = epath.Path(run.extra["reference"])
+    if not path.exists() and jax.process_index() == 0:
+        from kindjax.evaluation.reference import write_reference_batch
+
+        c = run.config.copy_and_resolve_references()
+        c.data.split = "validation"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        write_reference_batch(c, str(tmp), 0, c.eval.seed, log)
+        tmp.rename(path)
+    while not path.exists():   # the other processes of a multi-host run: process 0 writes it
+        time.sleep(5)
+    return str(path)
+
+
+def adm_report(run: Run) -> dict:
+    """The ADM metrics (FID, sFID, IS, precision, recall) of the run's EMA samples at its last step
+    against its task's reference (:func:`task_reference`), by :func:`kindjax.evaluation.pipeline.evaluate`:
+    ``eval_<step>.json`` (``metrics``, and ``features`` / ``reference_features`` files), reused when it
+    was computed against the same reference with as many samples."""
+    from kindjax.evaluation.pipeline import evaluate
+
+    reference = task_reference(run)
+    step = run.config.train.num_steps
+    report_path = epath.Path(run.workdir) / f"eval_{step}.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    evaluated = report.get("config", {}).get("eval", {})
+    if (evaluated.get("reference") != reference or evaluated.get("num_samples") != run.config.eval.num_samples
+            or not report.get("reference_features")):
+        c = run.config.copy_and_resolve_references()
+        c.eval.reference = reference
+        evaluate(c, run.workdir, step)
+        report = json.loads(report_path.read_text())
+    return report
