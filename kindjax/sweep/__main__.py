@@ -16,7 +16,7 @@ from absl import flags
 from kindjax import cli
 from kindjax.distributed import initialize
 from kindjax.methods import METHODS
-from kindjax.sweep.experiments import experiment_for
+from kindjax.sweep.registry import experiment_for
 from kindjax.sweep.grid import parse_shard, sweep
 
 

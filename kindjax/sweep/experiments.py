@@ -39,7 +39,6 @@ from kindjax.data.class_groups import kind_tasks
 from kindjax.evaluation.digits_report import evaluate_digits
 from kindjax.methods import METHODS, config_sizes, method_config
 from kindjax.sweep import tables
-from kindjax.sweep.fine_depths import FINE_DEPTHS
 from kindjax.sweep.grid import Experiment, Run, Scores
 from kindjax.transfer.kind import novel_task
 
@@ -381,21 +380,3 @@ def kind_tables_write(runs: list[Run], scores: dict[str, Scores], workdir: str) 
 
 
 KIND_TABLES = Experiment("kind_tables", kind_tables_runs, None, kind_score, kind_tables_write)
-
-EXPERIMENTS = {e.name: e for e in (DIGITS, KIND_TABLES, FINE_DEPTHS)}
-
-
-def experiment_for(config: ml_collections.ConfigDict, name: str = "") -> Experiment:
-    """``--experiment`` if given, else from the config: digits data → ``digits`` (``fine_depths`` for a
-    FINE model); ``data.grouping='kind'``
-    → ``kind_tables``."""
-    if name:
-        if name not in EXPERIMENTS:
-            raise ValueError(f"--experiment={name!r}: use one of {sorted(EXPERIMENTS)}")
-        return EXPERIMENTS[name]
-    if config.data.name == "digits":
-        return FINE_DEPTHS if config.model.linear.kind == "fine" else DIGITS
-    if config.data.grouping == "kind":
-        return KIND_TABLES
-    raise ValueError(f"no experiment fits this config (data.name={config.data.name!r}, data.grouping="
-                     f"{config.data.grouping!r}); give --experiment, one of {sorted(EXPERIMENTS)}")
