@@ -165,13 +165,13 @@ def write_folder(root, images: np.ndarray, folders) -> str:
 
 def pretrain(folder: str, linear: ml_collections.ConfigDict, workdir: str) -> None:
     """A 2-step pre-training on the digits folder (7 classes), RGB 8×8."""
-    from kindjax.run import stage
+    from kindjax.train.trainer import train
 
     c = tiny_config()
     c.model.update(hidden_size=32, num_heads=2, num_classes=7, in_channels=3, linear=linear)
     c.data.update(name="folder", root=folder, image_size=8)
     c.train.update(num_steps=2, checkpoint_every=2, batch_size=8)
-    assert stage(c, workdir, None) is not None
+    train(c, workdir)
 
 
 @pytest.mark.slow   # 2 pre-trainings, 4 runs, 4 evaluations with 2048-dim Fréchet distances (~2–3 min of CPU)

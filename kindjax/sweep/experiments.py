@@ -1,5 +1,6 @@
 """The sweep's experiments (:class:`kindjax.sweep.grid.Experiment`): ``digits`` and ``kind_tables``
-(and ``fine_depths``, :mod:`kindjax.sweep.fine_depths`).
+(others: ``fine_depths``, :mod:`kindjax.sweep.fine_depths`; ``domain_shift``, :mod:`kindjax.sweep.domain_shift`,
+which reuses ``kind_tables``' task configs and scorer; all by name: :mod:`kindjax.sweep.registry`).
 
 ``digits`` (a KIND digits config with ``transfer.classes``, e.g. ``configs/kind_digits.py``):
 pre-train a dense DiT and the config's KIND DiT on ``data.classes`` (``train.num_steps``, same
@@ -287,7 +288,8 @@ def kind_tables_runs(config: ml_collections.ConfigDict, workdir: str, options: d
 
 def task_reference(run: Run, log: Callable[[str], None] = print) -> str:
     """The reference batch of the run's task (``run.extra["reference"]``, module doc); written here
-    (process 0) from the task's validation images when it is missing."""
+    (process 0) from the task's validation images when it is missing (an image folder, ``domain_shift``'s
+    data, has no split: all its images)."""
     path = epath.Path(run.extra["reference"])
     if not path.exists() and jax.process_index() == 0:
         from kindjax.evaluation.reference import write_reference_batch
