@@ -20,6 +20,7 @@ BAD_INPUTS = [
     ("kindjax.sweep", ["--config", "configs/kind_digits.py", "--workdir", "{tmp}", "--methods", "kind,nope"],
      "unknown methods ['nope']"),
     ("kindjax.sweep", ["--config", "configs/kind_digits.py", "--workdir", "{tmp}", "--shard", "2/2"], "need 0 ≤ i < n"),
+    ("kindjax.sweep", ["--config", "configs/kind_domain_shift.py:,L", "--workdir", "{tmp}"], "data.root is not set"),
     ("kindjax.accounting", ["--config", "configs/kind_digits.py", "--methods", "nope"], "unknown methods ['nope']"),
     ("kindjax.accounting", ["--config", "configs/kind_digits.py", "--clases", "3"], "Unknown command line flag"),
     ("kindjax.variable_size", ["--learngene", "{tmp}/none", "--workdir", "{tmp}/out", "--size", "1M"],
