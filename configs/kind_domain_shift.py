@@ -20,6 +20,10 @@ folder and ``data.latents`` to its encoded latents (:mod:`configs.downstream_dat
 Steps: the paper gives none for Table 3; Table 7's 50K (every downstream method) is used.
 Evaluation: FDD (``eval.dinov2_weights``; DINOv2 ViT-L/14, dgm-eval's default, ``eval.dinov2_model``)
 against the folder's real images (``python -m kindjax.evaluate --reference_out``).
+
+The whole table is one sweep (:mod:`kindjax.sweep.domain_shift`): give the spec without a data set,
+``configs/kind_domain_shift.py:,L`` (``:,B,classes=4``; no spec: DiT-B, one class), and the data sets with
+``--tasks``. The config is the same for every data set (the data set only names the folder).
 """
 from configs.downstream_data import DATASETS, folder_data, parse_spec
 from configs.imagenet_dit import KIND_TRANSFER_STEPS, imagenet_config, kind_imagenet_config
@@ -37,8 +41,9 @@ def get_config(spec: str = "celebahq"):
     from kindjax.archs import resolve_dims
     from kindjax.methods import METHODS, matched_sizes, method_config
 
-    dataset, chosen, classes = parse_spec(spec, tuple(DATASETS), {"method": tuple(METHODS), "arch": tuple(ARCHS)},
-                                          {"method": "kind", "arch": "B"}, "configs/kind_domain_shift.py:mri,lora,L")
+    # "" (e.g. ":,L"): no data set, the sweep's config (python -m kindjax.sweep --tasks names the data sets).
+    _, chosen, classes = parse_spec(spec, (*DATASETS, ""), {"method": tuple(METHODS), "arch": tuple(ARCHS)},
+                                    {"method": "kind", "arch": "B"}, "configs/kind_domain_shift.py:mri,lora,L")
     arch, method = chosen["arch"], chosen["method"]
     pretrain = kind_imagenet_config(arch, n_tailor=ARCHS[arch])     # its N_G, N_T: the learngene's shapes
     linear, dims = pretrain.model.linear, resolve_dims(pretrain.model)

@@ -22,6 +22,7 @@ BAD_INPUTS = [
     ("kindjax.sweep", ["--config", "configs/kind_digits.py", "--workdir", "{tmp}", "--shard", "2/2"], "need 0 ≤ i < n"),
     ("kindjax.sweep", ["--config", "configs/kind_digits.py", "--workdir", "{tmp}", "--experiment", "table1",
                        "--sizes", "1k"], "--sizes 1k: --size 1,000 is below the smallest KIND model"),
+    ("kindjax.sweep", ["--config", "configs/kind_domain_shift.py:,L", "--workdir", "{tmp}"], "data.root is not set"),
     ("kindjax.accounting", ["--config", "configs/kind_digits.py", "--methods", "nope"], "unknown methods ['nope']"),
     ("kindjax.accounting", ["--config", "configs/kind_digits.py", "--clases", "3"], "Unknown command line flag"),
     ("kindjax.variable_size", ["--learngene", "{tmp}/none", "--workdir", "{tmp}/out", "--size", "1M"],

@@ -16,7 +16,8 @@ from kindjax.layers.kind import kind_config
 from kindjax.methods import KIND_OFT_BLOCKS, METHODS
 from kindjax.run import finished
 from kindjax.sweep import experiments, grid, tables
-from kindjax.sweep.experiments import DIGITS, KIND_TABLES, SCRATCH, experiment_for
+from kindjax.sweep.experiments import DIGITS, KIND_TABLES, SCRATCH
+from kindjax.sweep.registry import experiment_for
 
 KIND_B = os.path.join(ROOT, "configs", "kind_dit_b.py")
 
@@ -332,7 +333,7 @@ def test_fine_depths_grid_lists_every_initialiser_at_every_depth(tmp_path):
     from kindjax.sweep.fine_depths import FINE_DEPTHS, INITIALISERS
 
     from kindjax.config import validate
-    from kindjax.sweep.experiments import experiment_for
+    from kindjax.sweep.registry import experiment_for
     from kindjax.sweep.grid import check_grid
 
     config = tiny_fine_config()

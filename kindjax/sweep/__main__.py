@@ -3,9 +3,11 @@
 in its own workdir under ``DIR`` (:mod:`kindjax.sweep.grid`).  A rerun skips finished runs and resumes an interrupted one.
 
 - ``--experiment``: ``digits``, ``kind_tables`` (:mod:`kindjax.sweep.experiments`), ``fine_depths``
-  (:mod:`kindjax.sweep.fine_depths`, ``--depths``) or ``table1`` (:mod:`kindjax.sweep.table1`, ``--sizes``,
-  ``--steps``: KIND Table 1); default: from the config (digits data → ``digits``,
-  or ``fine_depths`` for a FINE model; ``data.grouping='kind'`` → ``kind_tables``).
+  (:mod:`kindjax.sweep.fine_depths`, ``--depths``), ``table1`` (:mod:`kindjax.sweep.table1`, ``--sizes``,
+  ``--steps``: KIND Table 1) or ``domain_shift`` (:mod:`kindjax.sweep.domain_shift`, KIND Table 3); default:
+  from the config (:func:`kindjax.sweep.registry.experiment_for`: digits data → ``digits``, or
+  ``fine_depths`` for a FINE model; ``data.grouping='kind'`` → ``kind_tables``; KIND on an image folder →
+  ``domain_shift``).
 - ``--shard i/n``: run ``k`` of the grid belongs to shard ``k mod n``; the pre-trainings come first
   (shards 0 and 1 run them) and a shard waits, polling every ``--poll_seconds``, for the runs it needs.
   The shard that finds every run finished writes the tables; ``--tables_only`` rebuilds them.
@@ -17,7 +19,7 @@ from absl import flags
 from kindjax import cli
 from kindjax.distributed import initialize
 from kindjax.methods import METHODS
-from kindjax.sweep.experiments import experiment_for
+from kindjax.sweep.registry import experiment_for
 from kindjax.sweep.grid import parse_shard, sweep
 
 

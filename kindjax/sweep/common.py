@@ -33,7 +33,8 @@ def pretrain_runs(config: ml_collections.ConfigDict, workdir: str) -> list[Run]:
 def task_reference(run: Run, log: Callable[[str], None] = print) -> str:
     """The reference batch of the run's task (``run.extra["reference"]``); written here (process 0)
     from the task's validation images (every image of its classes; the digits have no validation
-    split: every digit of the classes) when it is missing."""
+    split: every digit of the classes; an image folder, ``domain_shift``'s data: all its images) when it
+    is missing."""
     path = epath.Path(run.extra["reference"])
     if not path.exists() and jax.process_index() == 0:
         from kindjax.evaluation.reference import write_reference_batch

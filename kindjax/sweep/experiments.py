@@ -1,5 +1,7 @@
 """The sweep's experiments (:class:`kindjax.sweep.grid.Experiment`): ``digits`` and ``kind_tables``
-(and ``fine_depths``, :mod:`kindjax.sweep.fine_depths`; ``table1``, :mod:`kindjax.sweep.table1`).
+(others: ``fine_depths``, :mod:`kindjax.sweep.fine_depths`; ``table1``, :mod:`kindjax.sweep.table1`;
+``domain_shift``, :mod:`kindjax.sweep.domain_shift`, which reuses ``kind_tables``' task configs and scorer;
+all by name: :mod:`kindjax.sweep.registry`).
 
 ``digits`` (a KIND digits config with ``transfer.classes``, e.g. ``configs/kind_digits.py``):
 pre-train a dense DiT and the config's KIND DiT on ``data.classes`` (``train.num_steps``, same
@@ -39,9 +41,7 @@ from kindjax.evaluation.digits_report import evaluate_digits
 from kindjax.methods import METHODS, config_sizes, method_config
 from kindjax.sweep import tables
 from kindjax.sweep.common import adm_report, dense, pretrain_runs
-from kindjax.sweep.fine_depths import FINE_DEPTHS
 from kindjax.sweep.grid import Experiment, Run, Scores
-from kindjax.sweep.table1 import TABLE1
 from kindjax.transfer.kind import novel_task
 
 #: Runs that train a dense DiT from scratch on the novel classes (no transfer).
@@ -335,21 +335,3 @@ def kind_tables_write(runs: list[Run], scores: dict[str, Scores], workdir: str) 
 
 
 KIND_TABLES = Experiment("kind_tables", kind_tables_runs, None, kind_score, kind_tables_write)
-
-EXPERIMENTS = {e.name: e for e in (DIGITS, KIND_TABLES, FINE_DEPTHS, TABLE1)}
-
-
-def experiment_for(config: ml_collections.ConfigDict, name: str = "") -> Experiment:
-    """``--experiment`` if given, else from the config: digits data → ``digits`` (``fine_depths`` for a
-    FINE model); ``data.grouping='kind'``
-    → ``kind_tables``."""
-    if name:
-        if name not in EXPERIMENTS:
-            raise ValueError(f"--experiment={name!r}: use one of {sorted(EXPERIMENTS)}")
-        return EXPERIMENTS[name]
-    if config.data.name == "digits":
-        return FINE_DEPTHS if config.model.linear.kind == "fine" else DIGITS
-    if config.data.grouping == "kind":
-        return KIND_TABLES
-    raise ValueError(f"no experiment fits this config (data.name={config.data.name!r}, data.grouping="
-                     f"{config.data.grouping!r}); give --experiment, one of {sorted(EXPERIMENTS)}")

@@ -145,12 +145,6 @@ def table1_prepare(run: Run) -> None:
         build_layer_transfer(entry, run.extra["pretrained"], key, run.extra["probe_steps"])
 
 
-def no_figures(trainer, state) -> dict:
-    """The training stage's evaluation: none (the runs are scored by :func:`table1_score`)."""
-    del trainer, state
-    return {}
-
-
 def table1_score(run: Run, metrics: dict) -> Scores:
     """The ADM metrics of the entry against its size's reference, its stored parameters and extra steps."""
     del metrics
@@ -187,4 +181,4 @@ def table1_write(runs: list[Run], scores: dict[str, Scores], workdir: str) -> li
     return rows
 
 
-TABLE1 = Experiment("table1", table1_runs, no_figures, table1_score, table1_write, table1_prepare, ENTRIES)
+TABLE1 = Experiment("table1", table1_runs, None, table1_score, table1_write, table1_prepare, ENTRIES)

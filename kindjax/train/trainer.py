@@ -310,7 +310,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     (never non-finite state: see :class:`Guard`; a damaged checkpoint is set aside and the newest
     good one resumed, :func:`kindjax.checkpoints.restore_verified`); logs every
     ``log_every`` steps; writes a sample grid every ``sample_every`` steps and at the
-    end; then runs ``evaluate`` (if given) and writes its figures to ``metrics.json``.
+    end; then runs ``evaluate`` (if given) and writes the last step and its figures to ``metrics.json``.
     ``dataset``: the data source if the caller already opened it (else it is opened here).
     """
     tc = config.train
@@ -394,12 +394,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             return state
         path = sample_grid(trainer, state, step, logger)
         logger.text(f"Sample grid: {path}")
+        results = {}
         if evaluate is not None:
             results = evaluate(trainer, state)
             logger.scalars(step, {f"eval/{k}": v for k, v in results.items()}, console=False)
             logger.text("Evaluation: " + json.dumps(results))
-            if jax.process_index() == 0:
-                write_json(as_path(workdir) / "metrics.json", {"step": step, **results})
+        if jax.process_index() == 0:   # the run is complete (what kindjax.run.finished reads)
+            write_json(as_path(workdir) / "metrics.json", {"step": step, **results})
     finally:
         batches.close()
         preemption.restore()
