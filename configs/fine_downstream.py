@@ -14,7 +14,7 @@ and Pokémon 20K. The model:
   pre-training workdir. Only ``model.linear`` and ``init.fine_learngene`` are FINE-specific here.
 - ``dense``: a plain DiT (from scratch, or ``--config.init.pretrained=DIR``).
 
-Table 8's drop path 0.1 is set as ``model.drop_path`` where the config schema has that key.
+Table 8's drop path 0.1 is ``model.drop_path``.
 """
 from configs.downstream_data import DATASETS, folder_data, parse_spec
 from configs.imagenet_dit import imagenet_config
@@ -34,8 +34,7 @@ def get_config(spec: str = "celebahq"):
     config = folder_data(imagenet_config(arch), classes)
     config.train.update(batch_size=64, num_steps=DATASETS[dataset].fine_steps)
     config.optim.update(lr=1e-4, weight_decay=0.0)
-    if "drop_path" in config.model:
-        config.model.drop_path = DOWNSTREAM_DROP_PATH
+    config.model.drop_path = DOWNSTREAM_DROP_PATH
     if chosen["model"] == "fine":
         config.model.linear = fine_config(rank=FINE_RANK[arch])
     return config

@@ -174,8 +174,7 @@ def test_fine_downstream_configs_have_table8_settings():
                 assert config.model.linear.kind == model
                 if model == "fine":
                     assert config.model.linear.rank == {"B": 100, "L": 148}[arch]
-                if "drop_path" in config.model:
-                    assert config.model.drop_path == 0.1
+                assert config.model.drop_path == 0.1
     for arch in ("B", "L"):
         for model in ("fine", "dense"):
             abstract_params(build_model(fine.get_config(f"pokemon,{arch},{model}")))
