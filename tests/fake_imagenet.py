@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.resources
 import io
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 from PIL import Image
@@ -25,11 +25,11 @@ def validation_labels() -> list[str]:
 
 def fake_manual_dir(path, rng: np.random.Generator,
                     train: Mapping[str, int] = {"n01440764": 2, "n02085620": 2, "n15075141": 2},
-                    val: Sequence[int] = (1, 2, 3)) -> dict[str, bytes]:
+                    val: int = 3) -> dict[str, bytes]:
     """``ILSVRC2012_img_train.tar`` of per-synset tars (``train[s]`` JPEGs of synset ``s``, the i-th
-    ``(21 + i) × 34``) and ``ILSVRC2012_img_val.tar`` of ``ILSVRC2012_val_{i:08d}.JPEG`` for ``i`` in
-    ``val`` (30 × 18; TFDS labels them with line ``i`` of :func:`validation_labels`).  Returns
-    ``file name → JPEG bytes``."""
+    ``(21 + i) × 34``) and ``ILSVRC2012_img_val.tar`` of ``ILSVRC2012_val_{i:08d}.JPEG``, ``i = 1..val``
+    (30 × 18).  TFDS labels the k-th validation file in sorted order with line k of
+    :func:`validation_labels`, so file ``i`` gets line ``i``.  Returns ``file name → JPEG bytes``."""
     path.mkdir()
     originals = {}
 
@@ -47,7 +47,7 @@ def fake_manual_dir(path, rng: np.random.Generator,
                     add(per_synset, f"{s}_{i}.JPEG", data)
             add(train_tar, f"{s}.tar", inner.getvalue())
     with tarfile.open(path / "ILSVRC2012_img_val.tar", "w") as val_tar:
-        for i in val:
+        for i in range(1, val + 1):
             originals[name := f"ILSVRC2012_val_{i:08d}.JPEG"] = data = jpeg(rng, 30, 18)
             add(val_tar, name, data)
     return originals

@@ -37,7 +37,8 @@ from kindjax.accounting import account, parameter_counts
 from kindjax.config import ConfigError
 from kindjax.data.class_groups import kind_tasks
 from kindjax.evaluation.digits_report import evaluate_digits
-from kindjax.methods import METHODS, config_sizes, method_config
+from kindjax.archs import resolve_dims
+from kindjax.methods import METHODS, Sizes, config_sizes, kind_task_sizes, method_config
 from kindjax.sweep import tables
 from kindjax.sweep.fine_depths import FINE_DEPTHS
 from kindjax.sweep.grid import Experiment, Run, Scores
@@ -235,14 +236,26 @@ def config_file(path: str) -> Callable[[str], ml_collections.ConfigDict]:
     return module.get_config
 
 
+def task_sizes(config: ml_collections.ConfigDict, task: str) -> Sizes:
+    """Table 7's sizes of ``task`` on the pre-training config's model: its ``N_G``, ``N_T``, width and depth."""
+    dims = resolve_dims(config.model)
+    return kind_task_sizes(task, config.model.linear.n_learngene, config.model.linear.n_tailor, dims.hidden_size,
+                           dims.depth)[1]
+
+
 def kind_task_config(config: ml_collections.ConfigDict, get_config: Callable[[str], ml_collections.ConfigDict],
                      task: str, method: str, seed: int, sources: dict[str, str]) -> ml_collections.ConfigDict:
     """Task ``task`` with ``method`` as the config file gives it (``get_config("task_K,method")``), with
-    the sweep config's overrides of that file's pre-training config applied, ``transfer.num_steps``
-    steps, seed ``seed``, started from ``sources``."""
+    the sweep config's overrides of that file's pre-training config applied, the method's sizes
+    (:func:`task_sizes`) from the sweep config's model (so a model resized on the command line gets
+    a learngene and adapters that fit it), ``transfer.num_steps`` steps, seed ``seed``, started from
+    ``sources``."""
     c = get_config(f"{task},{method}")
     for key, value in overrides(config, get_config("")).items():
         set_key(c, key, value)
+    lr = c.optim.lr   # the config file's, which may differ from the method's default (SVDiff on DiT-L)
+    c = method_config(c, method, task_sizes(config, task))
+    c.optim.lr = lr
     c.train.num_steps = config.transfer.num_steps
     c.train.seed = c.data.seed = seed
     if method in ("kind", "ablation_3"):
@@ -284,6 +297,14 @@ def kind_tables_runs(config: ml_collections.ConfigDict, workdir: str, options: d
                                 str(epath.Path(workdir) / task / method / f"seed_{seed}"), c, (need,),
                                 dict(reference=reference)))
     return runs
+
+
+def no_training_metrics(trainer, state) -> dict:
+    """The evaluate hook of a ``kind_tables`` training run: no figures (the run is scored by
+    :func:`kind_score` after training), but the trainer then writes ``metrics.json``, which marks the
+    run finished (:func:`kindjax.run.stage`)."""
+    del trainer, state
+    return {}
 
 
 def task_reference(run: Run, log: Callable[[str], None] = print) -> str:
@@ -380,7 +401,7 @@ def kind_tables_write(runs: list[Run], scores: dict[str, Scores], workdir: str) 
     return dict(table2=pooled, table2_task_mean=mean, table8=per_task)
 
 
-KIND_TABLES = Experiment("kind_tables", kind_tables_runs, None, kind_score, kind_tables_write)
+KIND_TABLES = Experiment("kind_tables", kind_tables_runs, no_training_metrics, kind_score, kind_tables_write)
 
 EXPERIMENTS = {e.name: e for e in (DIGITS, KIND_TABLES, FINE_DEPTHS)}
 
