@@ -70,7 +70,7 @@ def sweep_config(imagenet, inception: str = ""):
                    adaln_init="gaussian")
     c.model.linear.update(n_learngene=3, n_tailor=1)
     c.vae.weights = imagenet.vae
-    c.optim.warmup_steps = 0
+    c.optim.update(warmup_steps=0, lr=0.05)   # the pre-trainings' (tasks keep their methods'): the two models differ
     c.train.update(batch_size=8, num_steps=2, ema_decay=0.0, log_every=1, checkpoint_every=2, sample_every=2)
     c.transfer.num_steps = 2
     c.sample.update(num_steps=2)
@@ -97,7 +97,8 @@ def sorted_pairs(images: np.ndarray, labels: np.ndarray) -> list[tuple[int, byte
 
 def test_kind_tables_grid_reads_the_fake_imagenet_and_writes_the_references(imagenet, tmp_path):
     """Every run of the grid passes the sweep's start-up check (model fits, data opens) and trains on
-    exactly its classes' latents; each task's reference batch is its validation images, no other."""
+    exactly its classes' latents; each task's reference batch is its validation images, no other; a
+    pre-training run finishes (the sweep can go on to the runs that need it)."""
     assert imagenet.index["num_examples"] == sum(imagenet.train.values())
     runs = KIND_TABLES.runs(sweep_config(imagenet), str(tmp_path), OPTIONS)
     grid.check_grid(runs)
@@ -123,6 +124,10 @@ def test_kind_tables_grid_reads_the_fake_imagenet_and_writes_the_references(imag
         assert 0 < len(images) < NUM_VAL
         with np.load(path) as f:
             assert sorted_pairs(f["arr_0"], f["arr_1"]) == sorted_pairs(images, labels)   # TFDS's record order
+    # The dense pre-training (the cheapest run) trains and is then finished for the sweep.
+    metrics = grid.timed_stage(runs[0], KIND_TABLES.train_evaluate)
+    assert metrics is not None and metrics["wall_seconds"] > 0
+    assert grid.finished_runs(runs[:1])[runs[0].workdir] == {"step": 2}
 
 
 def fid_float64(samples: np.ndarray, reference: np.ndarray) -> float:
@@ -136,7 +141,7 @@ def fid_float64(samples: np.ndarray, reference: np.ndarray) -> float:
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + (ca ** 2).sum() / n1 + (cb ** 2).sum() / n2 - 2 * trace_sqrt)
 
 
-@pytest.mark.slow   # ~11 min on 2 busy CPU cores: 6 trainings (the 157-class KIND compiles for ~2 min), 4 evaluations
+@pytest.mark.slow   # ~8 min on 2 shared CPU cores: 6 trainings (the 157-class KIND compiles ~1.5 min), 4 evaluations
 def test_kind_tables_sweep_end_to_end_on_fake_imagenet(imagenet, tmp_path, monkeypatch):
     """Pre-training, 2 tasks × {kind, lora}, references, ADM evaluation (random Inception), Table 2
     pooled over the tasks (= a float64 FID of the runs' concatenated features), its task mean and
@@ -151,7 +156,8 @@ def test_kind_tables_sweep_end_to_end_on_fake_imagenet(imagenet, tmp_path, monke
     config, workdir = sweep_config(imagenet, str(tmp_path / "inception.npz")), str(tmp_path / "sweep")
     out = grid.sweep(KIND_TABLES, config, workdir, OPTIONS, log=print)
     runs = KIND_TABLES.runs(config, workdir, OPTIONS)
-    assert all(m is not None for m in grid.finished_runs(runs).values())
+    done = grid.finished_runs(runs)
+    assert [r.workdir for r in runs if done[r.workdir] is None] == []
     reports, samples = {}, {}
     for r in runs[2:]:
         reports[r.workdir] = report = json.loads(open(os.path.join(r.workdir, "eval_2.json")).read())
