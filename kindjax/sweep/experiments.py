@@ -13,7 +13,8 @@ and ``table_per_task.md/.csv``.
 ``kind_tables`` (a KIND ImageNet pre-training config, ``configs/kind_dit_b.py`` / ``kind_dit_l.py``):
 pre-train the KIND DiT and a dense DiT on the training classes, then the 18 tasks of KIND Table 9 ×
 methods × seeds (the config file's task configs, ``get_config("task_K,METHOD")``, with the
-overrides given to the sweep's config file applied to each, and ``transfer.num_steps`` steps: 50K).  Each
+overrides given to the sweep's config file applied to each, the methods' sizes from the sweep config's
+model, and ``transfer.num_steps`` steps: 50K).  Each
 run is scored by ``python -m kindjax.evaluate``'s pipeline against its task's reference batch:
 ``eval.reference`` with ``{task}`` replaced by the task, or by default ``DIR/references/<task>.npz``,
 which the sweep writes from the task's ImageNet **validation** images (every image, ADM centre crop)
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -34,10 +35,10 @@ import numpy as np
 from etils import epath
 
 from kindjax.accounting import account, parameter_counts
+from kindjax.archs import resolve_dims
 from kindjax.config import ConfigError
 from kindjax.data.class_groups import kind_tasks
 from kindjax.evaluation.digits_report import evaluate_digits
-from kindjax.archs import resolve_dims
 from kindjax.methods import METHODS, Sizes, config_sizes, kind_task_sizes, method_config
 from kindjax.sweep import tables
 from kindjax.sweep.fine_depths import FINE_DEPTHS
@@ -299,7 +300,7 @@ def kind_tables_runs(config: ml_collections.ConfigDict, workdir: str, options: d
     return runs
 
 
-def no_training_metrics(trainer, state) -> dict:
+def no_training_metrics(trainer: Any, state: dict) -> dict:
     """The evaluate hook of a ``kind_tables`` training run: no figures (the run is scored by
     :func:`kind_score` after training), but the trainer then writes ``metrics.json``, which marks the
     run finished (:func:`kindjax.run.stage`)."""
