@@ -5,7 +5,6 @@ import io
 import os
 import subprocess
 import sys
-import tarfile
 import warnings
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_png
+from fake_imagenet import fake_manual_dir, jpeg, validation_labels
 from kindjax.config import ConfigError, base_config
 from kindjax.data import ArrayDataset, make_dataset, open_image_source, subset
 from kindjax.data.class_groups import imagenet_synsets, select_classes
@@ -225,17 +225,11 @@ def test_make_dataset_imagenet_says_encode_first_and_latents_is_delegated(monkey
 
 # --- ImageNet ---------------------------------------------------------------------------------
 
-def _jpeg(rng, height, width):
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
 def test_imagenet_source_selection_labels_and_corrupt_records(tmp_path):
     rng = np.random.default_rng(5)
     synsets = imagenet_synsets()
     base = [synsets.index(s) for s in ("n02085620", "n01440764", "n02086240", "n15075141", "n01440764")]
-    records = [{"image": _jpeg(rng, 20 + i, 31), "label": b, "file_name": f"{synsets[b]}_{i}.JPEG".encode()}
+    records = [{"image": jpeg(rng, 20 + i, 31), "label": b, "file_name": f"{synsets[b]}_{i}.JPEG".encode()}
                for i, b in enumerate(base)]
     records[3]["image"] = b"not a jpeg"
     cache = str(tmp_path / "labels.npy")
@@ -260,33 +254,6 @@ def _imagenet_config(root, manual_dir="", **data):
     return c
 
 
-def _fake_manual_dir(path, rng):
-    """ILSVRC2012_img_train.tar of per-synset tars and ILSVRC2012_img_val.tar of ILSVRC2012_val_*.JPEG
-    (TFDS labels these by sorted name with validation_labels.txt's lines)."""
-    path.mkdir()
-    originals = {}
-
-    def add(tar, name, data):
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
-    synsets = ("n01440764", "n02085620", "n15075141")
-    with tarfile.open(path / "ILSVRC2012_img_train.tar", "w") as train:
-        for s in synsets:
-            inner = io.BytesIO()
-            with tarfile.open(fileobj=inner, mode="w") as per_synset:
-                for i in range(2):
-                    originals[f"{s}_{i}.JPEG"] = data = _jpeg(rng, 21 + i, 34)
-                    add(per_synset, f"{s}_{i}.JPEG", data)
-            add(train, f"{s}.tar", inner.getvalue())
-    with tarfile.open(path / "ILSVRC2012_img_val.tar", "w") as val:
-        for i in range(1, 4):
-            originals[name := f"ILSVRC2012_val_{i:08d}.JPEG"] = data = _jpeg(rng, 30, 18)
-            add(val, name, data)
-    return originals
-
-
 def test_imagenet_not_prepared_errors(tmp_path):
     with pytest.raises(ConfigError, match="data.root is empty"):
         open_image_source(_imagenet_config(""))
@@ -300,7 +267,7 @@ def test_imagenet_not_prepared_errors(tmp_path):
 def test_imagenet_prepare_without_tensorflow_names_the_install(tmp_path):
     if importlib.util.find_spec("tensorflow") is not None:
         pytest.skip("TensorFlow is installed here")
-    _fake_manual_dir(tmp_path / "manual", np.random.default_rng(0))
+    fake_manual_dir(tmp_path / "manual", np.random.default_rng(0))
     with pytest.raises(ConfigError, match="pip install tensorflow-cpu"):
         open_image_source(_imagenet_config(tmp_path / "tfds", tmp_path / "manual"))
 
@@ -308,7 +275,7 @@ def test_imagenet_prepare_without_tensorflow_names_the_install(tmp_path):
 def test_imagenet_tfds_prepare_then_read(tmp_path):
     """The real TFDS imagenet2012 builder on a tiny fake manual dir (preparing needs TensorFlow)."""
     pytest.importorskip("tensorflow", reason="preparing TFDS imagenet2012 needs tensorflow-cpu")
-    originals = _fake_manual_dir(tmp_path / "manual", np.random.default_rng(11))
+    originals = fake_manual_dir(tmp_path / "manual", np.random.default_rng(11))
     config = _imagenet_config(tmp_path / "tfds", tmp_path / "manual")
     train = open_image_source(config)
     synsets = imagenet_synsets()
@@ -318,11 +285,9 @@ def test_imagenet_tfds_prepare_then_read(tmp_path):
         assert synsets[train.label(i)] == name.split("_")[0]
         expected = center_crop_arr(Image.open(io.BytesIO(originals[name])), 16)
         np.testing.assert_array_equal(train.image(i), expected)
-    validation_labels = (importlib.resources.files("tensorflow_datasets") / "datasets" / "imagenet2012"
-                         / "validation_labels.txt").read_text().split()
     val = open_image_source(_imagenet_config(tmp_path / "tfds", split="validation"))
     by_name = {val.records[i]["file_name"].decode(): synsets[val.label(i)] for i in range(len(val))}
-    assert by_name == {f"ILSVRC2012_val_{i:08d}.JPEG": validation_labels[i - 1] for i in range(1, 4)}
+    assert by_name == {f"ILSVRC2012_val_{i:08d}.JPEG": validation_labels()[i - 1] for i in range(1, 4)}
     # grouping + task + classes: task_15 holds the dog superclass and not the fish one.
     task = open_image_source(_imagenet_config(tmp_path / "tfds", grouping="kind", task="task_15"))
     dog = task.class_names.index("n02084071")

@@ -15,7 +15,8 @@ and ``table_per_task.md/.csv``.
 ``kind_tables`` (a KIND ImageNet pre-training config, ``configs/kind_dit_b.py`` / ``kind_dit_l.py``):
 pre-train the KIND DiT and a dense DiT on the training classes, then the 18 tasks of KIND Table 9 ×
 methods × seeds (the config file's task configs, ``get_config("task_K,METHOD")``, with the
-overrides given to the sweep's config file applied to each, and ``transfer.num_steps`` steps: 50K).  Each
+overrides given to the sweep's config file applied to each, the methods' sizes from the sweep config's
+model, and ``transfer.num_steps`` steps: 50K).  Each
 run is scored by ``python -m kindjax.evaluate``'s pipeline against its task's reference batch:
 ``eval.reference`` with ``{task}`` replaced by the task, or by default ``DIR/references/<task>.npz``,
 which the sweep writes from the task's ImageNet **validation** images (every image, ADM centre crop)
@@ -35,10 +36,11 @@ import numpy as np
 from etils import epath
 
 from kindjax.accounting import account, parameter_counts
+from kindjax.archs import resolve_dims
 from kindjax.config import ConfigError
 from kindjax.data.class_groups import kind_tasks
 from kindjax.evaluation.digits_report import evaluate_digits
-from kindjax.methods import METHODS, config_sizes, method_config
+from kindjax.methods import METHODS, Sizes, config_sizes, kind_task_sizes, method_config
 from kindjax.sweep import tables
 from kindjax.sweep.common import adm_report, dense, pretrain_runs
 from kindjax.sweep.grid import Experiment, Run, Scores
@@ -220,14 +222,26 @@ def config_file(path: str) -> Callable[[str], ml_collections.ConfigDict]:
     return module.get_config
 
 
+def task_sizes(config: ml_collections.ConfigDict, task: str) -> Sizes:
+    """Table 7's sizes of ``task`` on the pre-training config's model: its ``N_G``, ``N_T``, width and depth."""
+    dims = resolve_dims(config.model)
+    return kind_task_sizes(task, config.model.linear.n_learngene, config.model.linear.n_tailor, dims.hidden_size,
+                           dims.depth)[1]
+
+
 def kind_task_config(config: ml_collections.ConfigDict, get_config: Callable[[str], ml_collections.ConfigDict],
                      task: str, method: str, seed: int, sources: dict[str, str]) -> ml_collections.ConfigDict:
     """Task ``task`` with ``method`` as the config file gives it (``get_config("task_K,method")``), with
-    the sweep config's overrides of that file's pre-training config applied, ``transfer.num_steps``
-    steps, seed ``seed``, started from ``sources``."""
+    the sweep config's overrides of that file's pre-training config applied, the method's sizes
+    (:func:`task_sizes`) from the sweep config's model (so a model resized on the command line gets
+    a learngene and adapters that fit it), ``transfer.num_steps`` steps, seed ``seed``, started from
+    ``sources``."""
     c = get_config(f"{task},{method}")
     for key, value in overrides(config, get_config("")).items():
         set_key(c, key, value)
+    lr = c.optim.lr   # the config file's, which may differ from the method's default (SVDiff on DiT-L)
+    c = method_config(c, method, task_sizes(config, task))
+    c.optim.lr = lr
     c.train.num_steps = config.transfer.num_steps
     c.train.seed = c.data.seed = seed
     if method in ("kind", "ablation_3"):
