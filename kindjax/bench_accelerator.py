@@ -198,7 +198,7 @@ class StepCase:
         """Mean seconds of ``steps`` steps dispatched back to back (timed to the last one's end)."""
         start = time.perf_counter()
         for _ in range(steps):
-            self.state, metrics = self.step(self.state, self.batch)
+            self.state, metrics = self.step(self.state, self.batch, self.trainer.teacher_params)
         jax.block_until_ready((self.state, metrics))
         return (time.perf_counter() - start) / steps
 
