@@ -49,8 +49,8 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "configs/kind_digits.py (digits) or configs/kind_dit_b.py / "
                                     "kind_dit_l.py (kind_tables).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Output folder: one sub-folder per run, and the tables.")
-    flags.DEFINE_string("experiment", "", "digits, kind_tables, fine_depths or table1 (default: chosen from the "
-                        "config).")
+    flags.DEFINE_string("experiment", "", "digits, kind_tables, fine_depths, table1 or domain_shift (default: "
+                        "chosen from the config).")
     flags.DEFINE_string("shard", "0/1", "i/n: run shard i of n (run k of the grid is in shard k mod n).")
     flags.DEFINE_list("methods", [], "Methods (default: all of kindjax.methods; fine_depths: its initialisers).")
     flags.DEFINE_list("tasks", [], "kind_tables: task_1..task_18 (default: all); digits: digit groups such as "

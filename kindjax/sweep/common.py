@@ -10,6 +10,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from kindjax.config import ConfigError
 from kindjax.sweep.grid import Run
 
 
@@ -28,6 +29,22 @@ def pretrain_runs(config: ml_collections.ConfigDict, workdir: str) -> list[Run]:
     root = epath.Path(workdir) / "pretrain"
     return [Run(dict(role="prerequisite", method=name), str(root / name), c)
             for name, c in (("dense", dense(kind)), ("kind", kind))]
+
+
+def reference_path(pattern: str, workdir: str, task: str) -> str:
+    """The reference batch of ``task``: ``pattern`` (``eval.reference``) with ``{task}`` replaced by the
+    task, or by default ``workdir/references/<task>.npz`` (written by :func:`task_reference`)."""
+    return pattern.replace("{task}", task) if pattern else str(epath.Path(workdir) / "references" / f"{task}.npz")
+
+
+def check_reference_pattern(pattern: str, workdir: str, unit: str, example: str) -> None:
+    """Refuses an ``eval.reference`` without ``{task}``: one file would score every ``unit`` of the grid
+    (``example``: one of their names), each of which has its own reference batch."""
+    if pattern and "{task}" not in pattern:
+        raise ConfigError(f"eval.reference={pattern!r}: the sweep scores each {unit} against its own reference batch; "
+                          f"give a pattern with {{task}}, which becomes the {unit}'s name (e.g. refs/{{task}}.npz → "
+                          f"refs/{example}.npz), or leave it empty ({workdir}/references/<{unit}>.npz, written from "
+                          f"the validation images)")
 
 
 def task_reference(run: Run, log: Callable[[str], None] = print) -> str:

@@ -37,6 +37,7 @@ from kindjax import checkpoints
 from kindjax.config import ConfigError, differences
 from kindjax.methods import METHODS, config_sizes, method_config
 from kindjax.sweep import tables
+from kindjax.sweep.common import reference_path
 from kindjax.sweep.experiments import config_file, kind_score, overrides, set_key
 from kindjax.sweep.grid import Experiment, Run, Scores
 from kindjax.train.trainer import origin
@@ -164,8 +165,7 @@ def domain_shift_runs(config: ml_collections.ConfigDict, workdir: str, options: 
         check_source(run_config(datasets[0], PROBES[source], 0), source)
     runs = []
     for dataset in datasets:
-        reference = config.eval.reference.replace("{task}", dataset) or str(
-            epath.Path(workdir) / "references" / f"{dataset}.npz")
+        reference = reference_path(config.eval.reference, workdir, dataset)
         for method in methods:
             for seed in range(options.get("seeds", 1)):
                 runs.append(Run(dict(task=dataset, method=method, seed=seed),

@@ -37,12 +37,11 @@ from etils import epath
 
 from kindjax.accounting import account, parameter_counts
 from kindjax.archs import resolve_dims
-from kindjax.config import ConfigError
 from kindjax.data.class_groups import kind_tasks
 from kindjax.evaluation.digits_report import evaluate_digits
 from kindjax.methods import METHODS, Sizes, config_sizes, kind_task_sizes, method_config
 from kindjax.sweep import tables
-from kindjax.sweep.common import adm_report, dense, pretrain_runs
+from kindjax.sweep.common import adm_report, check_reference_pattern, dense, pretrain_runs, reference_path
 from kindjax.sweep.grid import Experiment, Run, Scores
 from kindjax.transfer.kind import novel_task
 
@@ -264,16 +263,12 @@ def kind_tables_runs(config: ml_collections.ConfigDict, workdir: str, options: d
         raise ValueError("the kind_tables experiment builds each task's config from the config file: give "
                          "options['config_file'] (the command line's --config)")
     get_config = config_file(options["config_file"])
-    pattern = config.eval.reference
-    if pattern and "{task}" not in pattern:
-        raise ConfigError(f"eval.reference={pattern!r}: the sweep scores each task against its own reference "
-                          f"batch; give a pattern with {{task}} (e.g. refs/{{task}}.npz) or leave it empty "
-                          f"({workdir}/references/<task>.npz, written from the validation images)")
+    check_reference_pattern(config.eval.reference, workdir, "task", names[0])
     pre = pretrain_runs(config, workdir)
     sources = {r.labels["method"]: r.workdir for r in pre}
     runs = list(pre)
     for task in names:
-        reference = pattern.format(task=task) if pattern else str(epath.Path(workdir) / "references" / f"{task}.npz")
+        reference = reference_path(config.eval.reference, workdir, task)
         for method in tuple(options.get("methods") or METHODS):
             for seed in range(options.get("seeds", 1)):
                 c = kind_task_config(config, get_config, task, method, seed, sources)
