@@ -388,20 +388,39 @@ def build_layer_transfer(entry: Entry, pretrained: str, key: jax.Array, probe_st
     return record
 
 
+def written(entry: Entry) -> bool:
+    """Whether what ``entry`` starts from is written: the step-0 checkpoint of a 0-step entry, the
+    inherited blocks of Heur-/Auto-LG; Laptop-Diff's start is another entry's (always True)."""
+    if entry.name in ("kind", "trad_pt"):
+        try:
+            checkpoints.locate(entry.workdir)
+        except FileNotFoundError:
+            return False
+        return True
+    if entry.name in ("heur_lg", "auto_lg"):
+        return epath.Path(entry.config.init.pretrained).exists()
+    return True
+
+
+def build_entry(entry: Entry, learngene: str, pretrained: str, key: jax.Array, probe_steps: int = 50) -> dict:
+    """Writes what ``entry`` starts from: the KIND or Trad. PT model itself, Heur-/Auto-LG's inherited
+    blocks (Laptop-Diff starts from Trad. PT by its config: nothing). Returns its record."""
+    if entry.name == "kind":
+        return build_kind(entry, learngene)
+    if entry.name == "trad_pt":
+        return build_trad_pt(entry, pretrained)
+    if entry.name in ("heur_lg", "auto_lg"):
+        return build_layer_transfer(entry, pretrained, key, probe_steps)
+    return {}
+
+
 def build(entries: Sequence[Entry], learngene: str, pretrained: str = "", seed: int = 0,
           probe_steps: int = 50) -> dict[str, dict]:
-    """Writes what each entry starts from: the KIND and Trad. PT models themselves, the inherited blocks of
-    Heur-LG and Auto-LG (Laptop-Diff starts from Trad. PT by its config). Returns a record per entry."""
-    records = {}
-    for i, entry in enumerate(entries):
-        if entry.name == "kind":
-            records[entry.name] = build_kind(entry, learngene)
-        elif entry.name == "trad_pt":
-            records[entry.name] = build_trad_pt(entry, pretrained)
-        elif entry.name in ("heur_lg", "auto_lg"):
-            records[entry.name] = build_layer_transfer(entry, pretrained, jax.random.fold_in(jax.random.key(seed), i),
-                                                       probe_steps)
-    return records
+    """Writes what each entry starts from (:func:`build_entry`; entry ``i``'s key is ``seed`` folded
+    with ``i``). Returns the records of the entries that start from something written."""
+    records = {entry.name: build_entry(entry, learngene, pretrained, jax.random.fold_in(jax.random.key(seed), i),
+                                       probe_steps) for i, entry in enumerate(entries)}
+    return {name: record for name, record in records.items() if record}
 
 
 def markdown(entries: Sequence[Entry]) -> str:

@@ -35,13 +35,11 @@ import jax
 import ml_collections
 from etils import epath
 
-from kindjax import checkpoints
-from kindjax.config import ConfigError
 from kindjax.sweep import tables
-from kindjax.sweep.common import adm_report, pretrain_runs
+from kindjax.sweep.common import adm_report, check_reference_pattern, pretrain_runs, reference_path
 from kindjax.sweep.grid import Experiment, Run, Scores
-from kindjax.variable_size import (ENTRIES, TABLE1_STEPS, Entry, build_kind, build_layer_transfer, build_trad_pt,
-                                   kind_size, parse_size, table1_configs)
+from kindjax.variable_size import (ENTRIES, TABLE1_STEPS, Entry, build_entry, kind_size, parse_size, table1_configs,
+                                   written)
 
 #: Table 1's row names.
 NAMES = {"trad_pt": "Trad. PT", "heur_lg": "Heur-LG", "laptop_diff": "Laptop-diff", "auto_lg": "Auto-LG",
@@ -79,17 +77,14 @@ def table1_runs(config: ml_collections.ConfigDict, workdir: str, options: dict) 
     unknown = sorted(set(methods) - set(ENTRIES))
     if unknown:
         raise ValueError(f"unknown entries {unknown} for table1; choose from {list(ENTRIES)}")
-    pattern = config.eval.reference
-    if pattern and "{task}" not in pattern:
-        raise ConfigError(f"eval.reference={pattern!r}: the sweep scores each size against the reference batch of "
-                          f"its classes; give a pattern with {{task}} (it becomes size_<S>, e.g. refs/{{task}}.npz) "
-                          f"or leave it empty ({workdir}/references/size_<S>.npz, written from the validation images)")
     steps = options.get("steps") or TABLE1_STEPS
     dense, kind = pretrain_runs(config, workdir)
     runs = [dense, kind]
-    for label, size in sizes(kind.config, tuple(options.get("sizes", ()))):
+    chosen = sizes(kind.config, tuple(options.get("sizes", ())))
+    check_reference_pattern(config.eval.reference, workdir, "size", f"size_{chosen[0][0]}")
+    for label, size in chosen:
         task = f"size_{label}"
-        reference = pattern.format(task=task) if pattern else str(epath.Path(workdir) / "references" / f"{task}.npz")
+        reference = reference_path(config.eval.reference, workdir, task)
         for seed in range(options.get("seeds", 1)):
             out = str(epath.Path(workdir) / task / f"seed_{seed}")
             try:
@@ -121,28 +116,16 @@ def entry_run(entry: Entry, size: str, seed: int, eval_seed: int, in_table: bool
     return Run(labels, entry.workdir, c, needs, extra)
 
 
-def _has_checkpoint(workdir: str) -> bool:
-    try:
-        checkpoints.locate(workdir)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def table1_prepare(run: Run) -> None:
-    """Writes what an entry starts from, unless it is there (a resumed sweep calls this again): the KIND
-    and Trad. PT models (step-0 checkpoints), Heur-/Auto-LG's inherited blocks (their ``init.pretrained``)."""
+    """Writes what an entry starts from (:func:`kindjax.variable_size.build_entry`) unless it is there
+    (:func:`kindjax.variable_size.written`; a resumed sweep calls this again)."""
     if "size" not in run.labels:   # the pre-trainings start from nothing
         return
     name = run.labels["method"]
     entry = Entry(name, run.config, run.workdir, run.config.train.num_steps, run.extra["params"])
-    if name == "kind" and not _has_checkpoint(run.workdir):
-        build_kind(entry, run.extra["learngene"])
-    elif name == "trad_pt" and not _has_checkpoint(run.workdir):
-        build_trad_pt(entry, run.extra["pretrained"])
-    elif name in ("heur_lg", "auto_lg") and not epath.Path(run.config.init.pretrained).exists():
+    if not written(entry):
         key = jax.random.fold_in(jax.random.key(run.labels["seed"]), ENTRIES.index(name))
-        build_layer_transfer(entry, run.extra["pretrained"], key, run.extra["probe_steps"])
+        build_entry(entry, run.extra["learngene"], run.extra["pretrained"], key, run.extra["probe_steps"])
 
 
 def table1_score(run: Run, metrics: dict) -> Scores:
