@@ -123,12 +123,16 @@ def wall_time(run: Run) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def timed_stage(run: Run, train_evaluate: Callable | None) -> dict | None:
-    """:func:`kindjax.run.stage` plus its wall time, kept in ``wall.json`` so reruns report it."""
+def timed_stage(run: Run, train_evaluate: Callable | None,
+                prepare: Callable[[Run], None] | None = None) -> dict | None:
+    """:func:`kindjax.run.stage` plus its wall time, kept in ``wall.json`` so reruns report it;
+    ``prepare(run)`` (:attr:`Experiment.prepare`) first when the run is not finished."""
     path = epath.Path(run.workdir) / "wall.json"
     done = finished(run.workdir, run.config)
     if done is not None and path.exists():
         return {**done, **wall_time(run)}
+    if done is None and prepare is not None:
+        prepare(run)
     start = time.time()
     metrics = stage(run.config, run.workdir, train_evaluate)
     if metrics is None:
@@ -172,9 +176,7 @@ def sweep(experiment: Experiment, config: ml_collections.ConfigDict, workdir: st
         for k, run in enumerate(mine, 1):
             wait_for(run, runs, n, poll_seconds, log)
             log(f"[{k}/{len(mine)}] {run.name()}: {run.config.train.num_steps} steps → {run.workdir}")
-            if experiment.prepare is not None and finished(run.workdir, run.config) is None:
-                experiment.prepare(run)
-            metrics = timed_stage(run, experiment.train_evaluate)
+            metrics = timed_stage(run, experiment.train_evaluate, experiment.prepare)
             if metrics is None:
                 log("Stopped before the end; rerun the same command to resume.")
                 return None
