@@ -6,7 +6,7 @@ Nothing is downloaded: the user points ``data.root`` at a folder of class sub-fo
 sorted by diagnosis) has one sub-folder per class and ``classes=N``. The models are the 256² latent
 DiTs, so the folder is encoded once to SD-VAE latents and training reads those:
 
-    python -m kindjax.encode --config CONFIG --config.data.root=FOLDER --vae VAE_DIR --out LATENTS
+    python -m kindjax.tools.encode --config CONFIG --config.data.root=FOLDER --vae VAE_DIR --out LATENTS
     python -m kindjax.main --config CONFIG --config.data.root=FOLDER --config.data.latents=LATENTS ...
 
 ``metric``: what FINE reports on the set: FID for natural images, FDD (DINOv2, ``eval.dinov2_weights``)

@@ -6,10 +6,10 @@ modulation; ``model.linear.layout="paper"``) are each ``W_l = U · diag(σ_l) ·
 "sigma share", read as the rank: 100 for DiT-B's 768, 148 for DiT-L's 1024).  The trained
 ``fine_bases`` are the learngene: ``--config.job=fine_init --config.init.fine_learngene=WORKDIR
 --config.model.depth=6 --config.init.fine_sigma=trained`` initialises a DiT of another depth
-(Σ-only stage, then normal training; ``kindjax.run``, ``kindjax.transfer.fine``).
+(Σ-only stage, then normal training; ``kindjax.train.stages``, ``kindjax.papers.fine.transfer``).
 """
 from configs.dit_digits import get_config as dit_digits_config
-from kindjax.layers.fine import fine_config
+from kindjax.papers.fine.layer import fine_config
 
 
 def get_config():

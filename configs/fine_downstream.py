@@ -26,7 +26,7 @@ DOWNSTREAM_DROP_PATH = 0.1
 
 
 def get_config(spec: str = "celebahq"):
-    from kindjax.layers.fine import fine_config
+    from kindjax.papers.fine.layer import fine_config
 
     dataset, chosen, classes = parse_spec(spec, tuple(DATASETS), {"arch": tuple(FINE_RANK), "model": ("fine", "dense")},
                                           {"arch": "B", "model": "fine"}, "configs/fine_downstream.py:church,L")

@@ -2,7 +2,7 @@
 
 FINE pre-training (supplementary Table 7): AdamW, lr 1e-4, weight decay 0, batch 64, 300K steps,
 drop path 0.5, class dropout 0.1, "sigma share" B 100 / L 148 (read as the shared rank r,
-:mod:`kindjax.layers.fine`), SD-VAE ft-EMA latents; bf16 compute as the other ImageNet configs.
+:mod:`kindjax.papers.fine.layer`), SD-VAE ft-EMA latents; bf16 compute as the other ImageNet configs.
 Initialisation of the depth variants (main text, Table 1, per ``papers/fine_main_notes.md``):
 targets L4, L6, L8, L10, L12 at the learngene's width, trained 100K steps after initialisation.
 """
@@ -10,7 +10,7 @@ import ml_collections
 
 from configs.imagenet_dit import imagenet_config
 from kindjax.archs import DIT_ARCHS
-from kindjax.layers.fine import fine_config
+from kindjax.papers.fine.layer import fine_config
 
 #: Supplementary Table 7's "sigma share", read as the shared rank r.
 FINE_RANK = {"B": 100, "L": 148}

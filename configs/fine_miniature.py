@@ -1,5 +1,5 @@
 """FINE's Table 1 in miniature on the embedded digits (``python -m kindjax.sweep``, experiment
-``fine_depths``, :mod:`kindjax.sweep.fine_depths`), sized for a 2-core CPU.
+``fine_depths``, :mod:`kindjax.papers.fine.experiments.depths`), sized for a 2-core CPU.
 
 The sources (FINE, dense and TLEG DiTs of ``configs/fine_digits.py``: depth 4, hidden 128, FINE
 rank 32, all ten digits) pre-train ``train.num_steps`` = 1,200 steps at batch 64 (the default

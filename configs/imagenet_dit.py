@@ -35,18 +35,18 @@ def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
       300K steps (§4.2);
     - ``"task_K"``: KIND on downstream task K (Table 9): the frozen learngene of ``init.learngene``
       (set it to the pre-training workdir) with fresh tailors, lr 1e-3, 50K steps (Table 7);
-    - ``"task_K,METHOD"``: a baseline of :data:`kindjax.methods.METHODS` on task K at Table 7's
-      size (:func:`kindjax.methods.kind_task_sizes`: rank ``N_T·c``, LoHa ``⌊N_T·c/2⌋``, Table 7's
+    - ``"task_K,METHOD"``: a baseline of :data:`kindjax.papers.kind.methods.METHODS` on task K at Table 7's
+      size (:func:`kindjax.papers.kind.methods.kind_task_sizes`: rank ``N_T·c``, LoHa ``⌊N_T·c/2⌋``, Table 7's
       OFT blocks); set ``init.pretrained`` to a dense DiT run.
 
     ``N_T`` is the paper's; ``N_G`` fills the rank to the hidden size, ``N_cls·N_T + N_G = hidden``
     with ``N_cls`` the training classes of the shipped tables. The paper has 150 classes (B: N_G 318,
     L: 424); the tables as extracted give 157, hence N_G 297 (B) and 396 (L): see
-    :mod:`kindjax.data.class_groups`.
+    :mod:`kindjax.papers.kind.classes`.
     """
-    from kindjax.data.class_groups import kind_pretrain_classes, kind_tasks
-    from kindjax.layers.kind import kind_config
-    from kindjax.methods import METHODS, kind_task_sizes, method_config
+    from kindjax.papers.kind.classes import kind_pretrain_classes, kind_tasks
+    from kindjax.papers.kind.layer import kind_config
+    from kindjax.papers.kind.methods import METHODS, kind_task_sizes, method_config
     from kindjax.archs import DIT_ARCHS
 
     hidden, depth, _ = DIT_ARCHS[arch]

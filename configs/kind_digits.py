@@ -8,7 +8,7 @@ recombined_accuracy (learngene + tailors of digits 0, 3, 6 only), novel_accuracy
 novel_frechet_distance.
 """
 from configs.dit_digits import get_config as dit_digits_config
-from kindjax.layers.kind import kind_config
+from kindjax.papers.kind.layer import kind_config
 
 
 def get_config():

@@ -12,16 +12,16 @@ folder and ``data.latents`` to its encoded latents (:mod:`configs.downstream_dat
   guidance's label dropout (10%) turns into the null class use the frozen learngene alone and so update
   nothing. Sampling with CFG then extrapolates from the learngene-only prediction towards the one with
   the tailor: the tailor is the whole domain-specific part.
-- a baseline of :data:`TABLE3_METHODS` (or any of :data:`kindjax.methods.METHODS`) from a dense DiT
-  (``init.pretrained``), at KIND's matched size (:func:`kindjax.methods.matched_sizes`: rank
+- a baseline of :data:`TABLE3_METHODS` (or any of :data:`kindjax.papers.kind.methods.METHODS`) from a dense DiT
+  (``init.pretrained``), at KIND's matched size (:func:`kindjax.papers.kind.methods.matched_sizes`: rank
   ``N·N_T`` for ``N`` classes, LoHa half of it, OFT blocks of 32 channels as peft's default since
   Table 7's block numbers are per ImageNet task), with Table 7's learning rates and batch sizes.
 
 Steps: the paper gives none for Table 3; Table 7's 50K (every downstream method) is used.
 Evaluation: FDD (``eval.dinov2_weights``; DINOv2 ViT-L/14, dgm-eval's default, ``eval.dinov2_model``)
-against the folder's real images (``python -m kindjax.evaluate --reference_out``).
+against the folder's real images (``python -m kindjax.evaluation --reference_out``).
 
-The whole table is one sweep (:mod:`kindjax.sweep.domain_shift`): give the spec without a data set,
+The whole table is one sweep (:mod:`kindjax.papers.kind.experiments.domain_shift`): give the spec without a data set,
 ``configs/kind_domain_shift.py:,L`` (``:,B,classes=4``; no spec: DiT-B, one class), and the data sets with
 ``--tasks``. The config is the same for every data set (the data set only names the folder).
 """
@@ -39,7 +39,7 @@ ARCHS = {"B": 3, "L": 4}   # arch → KIND's N_T (Table 6)
 
 def get_config(spec: str = "celebahq"):
     from kindjax.archs import resolve_dims
-    from kindjax.methods import METHODS, matched_sizes, method_config
+    from kindjax.papers.kind.methods import METHODS, matched_sizes, method_config
 
     # "" (e.g. ":,L"): no data set, the sweep's config (python -m kindjax.sweep --tasks names the data sets).
     _, chosen, classes = parse_spec(spec, (*DATASETS, ""), {"method": tuple(METHODS), "arch": tuple(ARCHS)},

@@ -2,15 +2,19 @@
 
 Config files (``configs/*.py``) start from :func:`base_config` and override.
 :func:`validate` refuses unknown keys and impossible settings with a message that
-names the key and the fix, before anything is compiled.
+names the key and the fix, before anything is compiled.  A package outside the core adds
+its own keys and checks as an :class:`Extension` (:data:`EXTENSIONS`, filled on import:
+:mod:`kindjax.registry`).
 """
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import ml_collections
 
 from kindjax.archs import resolve_dims
+from kindjax.registry import Registry
 
 #: ``model.attention``: how attention is computed (:mod:`kindjax.models.attention`).
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
@@ -20,12 +24,39 @@ REMAT_POLICIES = ("none", "block", "dots_saveable")
 #: "vitl14" is the FDD reference tool's default (dgm-eval, Stein et al. 2023: ``DINOv2Encoder`` loads
 #: ``dinov2_vitl14`` when no ``--arch`` is given); "any" takes the weights directory's network unchecked.
 DINOV2_MODELS = ("vits14", "vitb14", "vitl14", "any")
-#: ``init.grow``: FINE's baselines as initialisers of a dense DiT of any depth (:mod:`kindjax.transfer.growth`).
-GROWTH = ("scratch", "mimetic", "share", "tleg", "ligo", "prune")
-#: The ``init.grow`` starts that read a pre-trained source (``init.grow_from``).
-GROWTH_FROM_SOURCE = ("share", "tleg", "ligo", "prune")
-#: ``init.fine_sigma``: how a FINE initialisation sets the new layers' Σ (:mod:`kindjax.transfer.fine`).
-FINE_SIGMA = ("identical", "linear", "random", "trained", "copy")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with the key at fault and the fix in the message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Extension:
+    """Keys a package adds to the schema and their checks.
+
+    ``defaults``: dotted key → default (``"init.learngene": ""``; a whole new section as a dict);
+    ``starts``: the ``init`` keys among them that name a checkpoint to start from (at most one start
+    may be set; :func:`start_keys`); ``validate(config)``: raises :class:`ConfigError` on an
+    impossible setting of those keys; ``unrecorded``: its sections that do not change what a training
+    stage produces (left out of a stage's fingerprint, :func:`kindjax.train.stages.fingerprint`).
+    """
+
+    defaults: Mapping[str, Any]
+    starts: tuple[str, ...] = ()
+    validate: Callable[[ml_collections.ConfigDict], None] | None = None
+    unrecorded: tuple[str, ...] = ()
+
+
+#: The packages' :class:`Extension` s by name.
+EXTENSIONS: Registry[Extension] = Registry("config extension")
+
+#: The core's ``init`` key that names a checkpoint to start from (:mod:`kindjax.transfer.pretrained`).
+CORE_STARTS = ("pretrained",)
+
+
+def start_keys() -> tuple[str, ...]:
+    """Every ``init`` key that names a checkpoint to start from: the core's and the extensions'."""
+    return CORE_STARTS + tuple(k for e in EXTENSIONS.values() for k in e.starts)
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -58,10 +89,24 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """All sections with their defaults (the paper's DiT training settings where they apply)."""
+    """All sections with their defaults (the paper's DiT training settings where they apply), the
+    packages' :data:`EXTENSIONS` included."""
+    config = core_config()
+    for extension in EXTENSIONS.values():
+        for key, default in extension.defaults.items():
+            *sections, name = key.split(".")
+            parent = config
+            for section in sections:
+                parent = parent[section]
+            parent[name] = ml_collections.ConfigDict(default) if isinstance(default, dict) else default
+    return config
+
+
+def core_config() -> ml_collections.ConfigDict:
+    """The core's sections and keys with their defaults."""
     return ml_collections.ConfigDict(dict(
-        job="train",              # "train", "kind_transfer" (pre-train, then transfer) or "fine_init"
-                                  # (FINE's Σ-only stage, then normal training; kindjax.run)
+        job="train",              # the job kindjax.main runs: "train", or one a package registers
+                                  # (kindjax.train.stages.JOBS)
         model=model_config(),
         diffusion=dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02),
         data=dict(
@@ -73,10 +118,11 @@ def base_config() -> ml_collections.ConfigDict:
             split="train",        # imagenet: the TFDS split ("train", "validation", "train[:10%]", …)
             manual_dir="",        # imagenet: folder with ILSVRC2012_img_{train,val}.tar, to prepare TFDS once
             image_size=256,       # side of the centre-cropped images (folder in make_dataset: model.image_size)
-            grouping="",          # "" (the data set's classes) or "kind" (ImageNet merged into KIND's classes)
-            task="",              # grouping "kind": "" (all), "pretrain", or "task_1".."task_18"
+            grouping="",          # "" (the data set's classes) or a registered grouping of ImageNet's classes
+                                  # (kindjax.data.class_groups.GROUPINGS)
+            task="",              # a grouping's task: "" (all its classes) or one of its tasks
             random_flip=True,     # data.name="folder": mirror each batch row with probability 1/2
-            latents="",           # latent shards of this source (python -m kindjax.encode): train on them
+            latents="",           # latent shards of this source (python -m kindjax.tools.encode): train on them
             # Latents (kindjax.data.latents): the data order's streams (0: the largest divisor of the batch
             # size ≤ 64; each process reads only its streams' shards), threads preparing batches, steps
             # placed on the devices ahead, bad shards ("error" or "skip": drop and count them), start-up
@@ -102,42 +148,13 @@ def base_config() -> ml_collections.ConfigDict:
             # teacher (a training workdir, EMA weights) is frozen and outside the optimizer.
             distill=dict(teacher="", weight=1.0),
         ),
-        # Start from a pre-trained learngene (a workdir, step dir or sliced checkpoint);
-        # tailors and the new classes' label rows are drawn fresh (kindjax.transfer).
-        init=dict(learngene="",
-                  # Start from a pre-trained DiT (dense or KIND; kindjax.transfer.init_from_pretrained):
-                  # shared leaves copied, linear kernels from its dense kernel or learngene.
-                  pretrained="",
+        # Start from a pre-trained DiT (dense, or the learngene part of a factorised one;
+        # kindjax.transfer.pretrained): shared leaves copied, linear kernels from its dense kernel.
+        init=dict(pretrained="",
                   blocks=(),            # copy only these DiT blocks (() = all); see select
-                  select="",            # "heur_lg" / "auto_lg": choose num_blocks blocks (kindjax.layer_selection)
+                  select="",            # "heur_lg" / "auto_lg": choose num_blocks blocks (kindjax.transfer.layer_selection)
                   num_blocks=0,
-                  svd_components=0,     # >0: each kernel cut to this many random singular components (ablation #1)
-                  # FINE: a FINE checkpoint whose shared U, V initialise this FINE model of any
-                  # depth/width/rank (kindjax.transfer.fine.init_from_fine_learngene).
-                  fine_learngene="",
-                  # FINE's baselines (kindjax.transfer.growth): a dense DiT of this config's depth initialised
-                  # by "scratch" (He), "mimetic", "share", "tleg", "ligo" or "prune" from grow_from.
-                  grow="",
-                  grow_from="",         # source workdir (share, prune: dense/KIND; tleg: kind='tleg'; ligo)
-                  grow_blocks=(),       # share/prune: source block of each target block (() = default map)
-                  # How the new model's per-layer Σ are set (kindjax.transfer.fine, FINE Table 5):
-                  # "identical" (every layer the source's mean Σ), "linear" (the source's first-to-last Σ
-                  # interpolated over depth), "random", "trained" (random, then the Σ-only stage of
-                  # job="fine_init"), "copy" (the source's own Σ_l; same depth).
-                  fine_sigma="identical",
-                  sigma_steps=300,      # job="fine_init": steps of the Σ-only stage (U, V and the rest frozen)
-                  sigma_lr=1e-3,        # its learning rate
-                  sigma_batches=50,     # its data: the first sigma_batches batches of the data order, cycled
-                                        # (0: the whole training data)
-                  materialize=True,     # job="fine_init": train on as a dense DiT (W = U·Σ·Vᵀ built once), or
-                                        # False: keep U, Σ, V factorized (all of them train)
-                  # "w/o Factorize" (FINE Table 4): with init.pretrained (a dense DiT), block l' of this
-                  # dense model of depth L' takes source block round(l'·(L−1)/(L'−1)), every main matrix
-                  # cut to its own top svd_rank singular components; 0: off.
-                  svd_rank=0),
-        # job="kind_transfer": after pre-training on data.classes, transfer the learngene
-        # (frozen) to `classes` with fresh tailors, and recombine `recombine_classes`.
-        transfer=dict(classes=(), num_steps=1000, lr=1e-3, recombine_classes=()),
+                  svd_components=0),    # >0: each kernel cut to this many random singular components
         mesh=dict(data=-1, fsdp=1,    # -1: all remaining devices
                   dcn_data=1),        # slices (TPU multislice) or nodes (GPU) the data axis spans: the
                                       # outer part of `data` crosses the slow network (kindjax.sharding)
@@ -146,7 +163,7 @@ def base_config() -> ml_collections.ConfigDict:
                     # CFG on "all" ε channels, or on the first N ("3": the original DiT code, whose
                     # published FIDs used it; the ImageNet latent configs' default).
                     guidance_channels="all"),
-        # python -m kindjax.evaluate: samples as an ADM .npz, then FID/sFID/IS/precision/recall
+        # python -m kindjax.evaluation: samples as an ADM .npz, then FID/sFID/IS/precision/recall
         # (kindjax.evaluation.adm) against `reference`, an ADM reference .npz.
         eval=dict(num_samples=500, batch_size=250,
                   seed=0,                 # sampling noise; labels are i % num_classes
@@ -157,7 +174,7 @@ def base_config() -> ml_collections.ConfigDict:
                   dinov2_weights="",      # set: also FDD (Fréchet distance of DINOv2 features)
                   dinov2_model="vitl14",  # the DINOv2 those weights must be (DINOV2_MODELS; dgm-eval's default)
                   feature_dtype="float32"),  # compute dtype of the Inception and DINOv2 forward passes
-        # SD-VAE latents (kindjax.encode writes them, data.name="latents" reads them from data.root).
+        # SD-VAE latents (kindjax.tools.encode writes them, data.name="latents" reads them from data.root).
         vae=dict(weights="",            # diffusers AutoencoderKL directory (config.json + safetensors)
                  scale=0.18215,         # training latents are scale·(mean + std·ε)
                  encode_batch_size=64,  # images per device step of the encode (a multiple of the devices)
@@ -167,10 +184,6 @@ def base_config() -> ml_collections.ConfigDict:
                  prefetch=2,            # local batches prepared ahead by the latent loader's thread
                  compute_dtype="float32"),  # compute dtype of the VAE's encode/decode (params stay float32)
     ))
-
-
-class ConfigError(ValueError):
-    """A config that cannot run, with the key at fault and the fix in the message."""
 
 
 def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
@@ -222,7 +235,8 @@ def differences(before: Mapping, after: Mapping, labels: tuple[str, str] = ("", 
     return found
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raises :class:`ConfigError` with ``message`` unless ``ok``."""
     if not ok:
         raise ConfigError(message)
 
@@ -233,126 +247,78 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     ``model.linear`` keys are the chosen variant's and are checked when the model is traced.
     """
     unknown = sorted(_flat_keys(config) - _flat_keys(base_config()))
-    _require(not unknown, f"unknown config keys {unknown}; the known keys and their defaults are in "
+    require(not unknown, f"unknown config keys {unknown}; the known keys and their defaults are in "
                           f"kindjax/config.py (a typo?)")
     wrong = _wrong_types(config, base_config())
-    _require(not wrong, "; ".join(wrong))
+    require(not wrong, "; ".join(wrong))
     m, t, o = config.model, config.train, config.optim
-    _require(m.arch in ("", "S", "B", "L", "XL"), f"model.arch={m.arch!r}: use '', 'S', 'B', 'L' or 'XL'")
+    require(m.arch in ("", "S", "B", "L", "XL"), f"model.arch={m.arch!r}: use '', 'S', 'B', 'L' or 'XL'")
     dims = resolve_dims(m)
-    _require(dims.hidden_size % dims.num_heads == 0,
+    require(dims.hidden_size % dims.num_heads == 0,
              f"the hidden size {dims.hidden_size} is not divisible by the {dims.num_heads} heads "
              f"(model.hidden_size / model.num_heads)")
-    _require(m.image_size % m.patch_size == 0,
+    require(m.image_size % m.patch_size == 0,
              f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
-    _require(m.adaln_init in ("zero", "gaussian"), f"model.adaln_init={m.adaln_init!r}: use 'zero' or 'gaussian'")
-    _require(len(m.adaln_std) in (1, 3), f"model.adaln_std={tuple(m.adaln_std)}: give 1 std or 3 (α, γ, β)")
-    _require(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
-    _require(m.attention in ATTENTION_IMPLEMENTATIONS,
+    require(m.adaln_init in ("zero", "gaussian"), f"model.adaln_init={m.adaln_init!r}: use 'zero' or 'gaussian'")
+    require(len(m.adaln_std) in (1, 3), f"model.adaln_std={tuple(m.adaln_std)}: give 1 std or 3 (α, γ, β)")
+    require(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
+    require(m.attention in ATTENTION_IMPLEMENTATIONS,
              f"model.attention={m.attention!r}: use one of {list(ATTENTION_IMPLEMENTATIONS)}")
-    _require(m.attention != "cudnn" or m.dtype == "bfloat16",
+    require(m.attention != "cudnn" or m.dtype == "bfloat16",
              "model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN flash attention takes bf16/fp16)")
-    _require(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: use one of {list(REMAT_POLICIES)}")
+    require(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: use one of {list(REMAT_POLICIES)}")
     for key in ("vae.compute_dtype", "eval.feature_dtype"):
         section, name = key.split(".")
-        _require(config[section][name] in ("float32", "bfloat16"),
+        require(config[section][name] in ("float32", "bfloat16"),
                  f"{key}={config[section][name]!r}: use 'float32' or 'bfloat16'")
-    _require(config.eval.dinov2_model in DINOV2_MODELS,
+    require(config.eval.dinov2_model in DINOV2_MODELS,
              f"eval.dinov2_model={config.eval.dinov2_model!r}: use one of {list(DINOV2_MODELS)} ('vitl14', "
              f"ViT-L/14, is the FDD reference dgm-eval's default; 'vitg14' is not supported: SwiGLU MLP)")
-    _require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout={m.class_dropout} must be in [0, 1)")
-    _require(t.batch_size > 0 and t.batch_size % num_devices == 0,
+    require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout={m.class_dropout} must be in [0, 1)")
+    require(t.batch_size > 0 and t.batch_size % num_devices == 0,
              f"train.batch_size={t.batch_size} is not divisible by the {num_devices} devices of the mesh "
              f"(data×fsdp); use a multiple of {num_devices}")
-    _require(config.mesh.dcn_data >= 1 and (config.mesh.data == -1 or config.mesh.data % config.mesh.dcn_data == 0),
+    require(config.mesh.dcn_data >= 1 and (config.mesh.data == -1 or config.mesh.data % config.mesh.dcn_data == 0),
              f"mesh.dcn_data={config.mesh.dcn_data} must be ≥ 1 and divide mesh.data={config.mesh.data} "
              f"(the number of slices or nodes)")
-    _require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
-    _require(t.num_steps >= 0, f"train.num_steps={t.num_steps} must be ≥ 0 (0: nothing is trained, the workdir's "
-                               f"step-0 checkpoint is the model, e.g. a recombined KIND model)")
+    require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+    require(t.num_steps >= 0, f"train.num_steps={t.num_steps} must be ≥ 0 (0: nothing is trained, the workdir's "
+                               f"step-0 checkpoint is the model, e.g. one assembled from parts of another)")
     for key in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints"):
-        _require(t[key] > 0, f"train.{key}={t[key]} must be positive")
-    _require(t.max_nonfinite_steps >= 0, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be ≥ 0")
-    _require(o.lr > 0, f"optim.lr={o.lr} must be positive")
-    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be ≥ 0")
-    _require(config.sample.sampler in ("ddpm", "ddim"),
+        require(t[key] > 0, f"train.{key}={t[key]} must be positive")
+    require(t.max_nonfinite_steps >= 0, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be ≥ 0")
+    require(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be ≥ 0")
+    require(config.sample.sampler in ("ddpm", "ddim"),
              f"sample.sampler={config.sample.sampler!r}: use 'ddpm' or 'ddim'")
     g = str(config.sample.guidance_channels)
-    _require(g == "all" or (g.isdigit() and 1 <= int(g) <= m.in_channels),
+    require(g == "all" or (g.isdigit() and 1 <= int(g) <= m.in_channels),
              f"sample.guidance_channels={g!r}: use 'all', or the number of leading channels to guide, "
              f"1..model.in_channels={m.in_channels} ('3' as the original DiT)")
     d = config.data
-    _require(d.bad_shards in ("error", "skip"), f"data.bad_shards={d.bad_shards!r}: use 'error' or 'skip'")
-    _require(d.verify_latents in ("sizes", "full"), f"data.verify_latents={d.verify_latents!r}: use 'sizes' or 'full'")
+    require(d.bad_shards in ("error", "skip"), f"data.bad_shards={d.bad_shards!r}: use 'error' or 'skip'")
+    require(d.verify_latents in ("sizes", "full"), f"data.verify_latents={d.verify_latents!r}: use 'sizes' or 'full'")
     for key, low in (("streams", 0), ("workers", 1), ("device_prefetch", 1)):
-        _require(d[key] >= low, f"data.{key}={d[key]} must be ≥ {low}")
-    _require(0 < config.sample.num_steps <= config.diffusion.num_timesteps,
+        require(d[key] >= low, f"data.{key}={d[key]} must be ≥ {low}")
+    require(0 < config.sample.num_steps <= config.diffusion.num_timesteps,
              f"sample.num_steps={config.sample.num_steps} must be in [1, diffusion.num_timesteps="
              f"{config.diffusion.num_timesteps}]")
-    _require(config.job in ("train", "kind_transfer", "fine_init"),
-             f"job={config.job!r}: use 'train', 'kind_transfer' or 'fine_init'")
-    _require(0.0 <= m.drop_path < 1.0, f"model.drop_path={m.drop_path} must be in [0, 1)")
+    require(0.0 <= m.drop_path < 1.0, f"model.drop_path={m.drop_path} must be in [0, 1)")
     i = config.init
-    starts = [k for k in ("learngene", "pretrained", "fine_learngene", "grow_from") if i[k]]
-    _require(len(starts) <= 1, f"init.{' and init.'.join(starts)} are different starts: set one of them")
-    if i.grow or i.grow_from or i.grow_blocks:
-        _require(i.grow in GROWTH, f"init.grow={i.grow!r}: use one of {list(GROWTH)} (init.grow_from and "
-                                   f"init.grow_blocks need it)")
-        _require(not starts or starts == ["grow_from"],
-                 f"init.grow and init.{starts[0] if starts else ''} are different starts: set one of them")
-        _require(bool(i.grow_from) == (i.grow in GROWTH_FROM_SOURCE),
-                 f"init.grow={i.grow!r} needs init.grow_from (the pre-trained source workdir)"
-                 if i.grow in GROWTH_FROM_SOURCE else f"init.grow={i.grow!r} reads no source: clear init.grow_from")
-        _require(not i.grow_blocks or i.grow in ("share", "prune"),
-                 f"init.grow_blocks maps target blocks to source blocks for init.grow='share' or 'prune', "
-                 f"not {i.grow!r}")
-        kinds = ("dense", "ligo") if i.grow == "ligo" else ("dense",)
-        _require(m.linear.kind in kinds, f"init.grow={i.grow!r} initialises a model.linear.kind in {list(kinds)}, "
-                                         f"got {m.linear.kind!r}")
-    if m.linear.kind in ("tleg", "ligo"):
-        _require(not m.scan_blocks, f"model.linear.kind={m.linear.kind!r} reads each block's index from its "
-                                    f"name: set model.scan_blocks=False")
-    if m.linear.kind == "ligo":
-        _require(i.grow == "ligo", "model.linear.kind='ligo' learns growth coefficients over a pre-trained "
-                                   "DiT's layers: set init.grow='ligo' and init.grow_from=<that workdir>")
+    starts = [k for k in start_keys() if i[k]]
+    require(len(starts) <= 1, f"init.{' and init.'.join(starts)} are different starts: set one of them")
     dist = t.distill
-    _require(dist.weight >= 0, f"train.distill.weight={dist.weight} must be ≥ 0")
-    _require(not dist.teacher or dist.weight > 0,
+    require(dist.weight >= 0, f"train.distill.weight={dist.weight} must be ≥ 0")
+    require(not dist.teacher or dist.weight > 0,
              "train.distill.teacher is set but train.distill.weight=0: give a positive weight or clear the teacher")
     if i.select or i.blocks or i.svd_components:
-        _require(bool(i.pretrained), "init.select / init.blocks / init.svd_components need init.pretrained "
+        require(bool(i.pretrained), "init.select / init.blocks / init.svd_components need init.pretrained "
                                      "(the pre-trained DiT to copy from)")
-    _require(i.fine_sigma in FINE_SIGMA, f"init.fine_sigma={i.fine_sigma!r}: use one of {list(FINE_SIGMA)}")
-    if config.job == "fine_init":
-        _require(bool(i.fine_learngene), "job='fine_init' needs init.fine_learngene (a FINE pre-training workdir)")
-        _require(i.fine_sigma != "copy", "job='fine_init' sets the new layers' Σ: init.fine_sigma='copy' is for "
-                                         "a train job continuing a model of the same depth")
-        _require(i.sigma_steps > 0 and i.sigma_lr > 0 and i.sigma_batches >= 0,
-                 f"init.sigma_steps={i.sigma_steps} and init.sigma_lr={i.sigma_lr} must be positive, "
-                 f"init.sigma_batches={i.sigma_batches} ≥ 0")
-    elif i.fine_learngene:
-        _require(i.fine_sigma != "trained", "init.fine_sigma='trained' is the Σ-only stage of job='fine_init'; "
-                                            "set job='fine_init', or another init.fine_sigma")
-    _require(i.svd_rank >= 0, f"init.svd_rank={i.svd_rank} must be ≥ 0 (0: off)")
-    if i.svd_rank:
-        _require(bool(i.pretrained) and m.linear.kind == "dense" and not (i.select or i.blocks or i.svd_components),
-                 "init.svd_rank ('w/o Factorize') needs init.pretrained (a dense DiT), model.linear.kind='dense' "
-                 "and no init.select / init.blocks / init.svd_components")
-    if config.job == "kind_transfer" or config.train.freeze_learngene or config.init.learngene:
-        _require(m.linear.kind == "kind", f"job={config.job!r} / train.freeze_learngene / init.learngene need "
-                                          f"a KIND model (model.linear.kind='kind'), got {m.linear.kind!r}")
-    if config.train.freeze_learngene:
-        _require(bool(i.learngene), "train.freeze_learngene would freeze a randomly initialised learngene: set "
-                                    "init.learngene to a KIND pre-training workdir (or a sliced learngene)")
-    if config.job == "kind_transfer":
-        _require(len(config.transfer.classes) > 0, "job='kind_transfer' needs transfer.classes (the novel classes)")
-        overlap = set(config.transfer.classes) & set(config.data.classes)
-        _require(not overlap, f"transfer.classes {sorted(overlap)} are also pre-training classes (data.classes)")
-        _require(set(config.transfer.recombine_classes) <= set(range(m.num_classes)),
-                 f"transfer.recombine_classes={tuple(config.transfer.recombine_classes)} must be model "
-                 f"classes 0..{m.num_classes - 1}")
     classes = tuple(config.data.classes)
     if classes:
-        _require(len(classes) == m.num_classes,
+        require(len(classes) == m.num_classes,
                  f"data.classes has {len(classes)} classes but model.num_classes={m.num_classes}; "
                  f"set model.num_classes={len(classes)}")
+    for extension in EXTENSIONS.values():
+        if extension.validate is not None:
+            extension.validate(config)

@@ -18,7 +18,7 @@ def main(argv: list[str]) -> None:
     from kindjax.distributed import initialize
 
     initialize()
-    from kindjax.run import run
+    from kindjax.train.stages import run
 
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The device check for a lent GPU: `python -m kindjax.bench --suite accelerator` on one GPU, in
+# The device check for a lent GPU: `python -m kindjax.tools.bench --suite accelerator` on one GPU, in
 # under 8 minutes (the bench is stopped at 400 s; its log keeps every figure measured by then).
-#   launch/device_check.sh OUTDIR [--accel_* flags of kindjax.bench]
+#   launch/device_check.sh OUTDIR [--accel_* flags of kindjax.tools.bench]
 # Writes to OUTDIR: accelerator.json (the figures), bench.log, environment.txt (nvidia-smi, the
 # jax/cuDNN packages, JAX's devices), attention.log (kindjax.models.attention.check_against_xla('cudnn'), where
 # that function exists), summary.txt. Exit status: the bench's (1 if JAX is not on the GPU).
@@ -41,7 +41,7 @@ else
   echo "skipped: kindjax.models.attention has no check_against_xla()" > "$OUT/attention.log"
 fi
 
-timeout 400 "$PY" -m kindjax.bench --suite accelerator "$@" > "$OUT/bench.log" 2>&1
+timeout 400 "$PY" -m kindjax.tools.bench --suite accelerator "$@" > "$OUT/bench.log" 2>&1
 rc=$?
 if ! tail -n 1 "$OUT/bench.log" | "$PY" -c "
 import json, sys

@@ -1,7 +1,7 @@
 """The accounting command: parameters and FLOPs from shapes."""
 from conftest import tiny_config
-from kindjax.accounting import account, accounts, markdown
-from kindjax.methods import Sizes
+from kindjax.papers.kind.accounting import account, accounts, markdown
+from kindjax.papers.kind.methods import Sizes
 
 
 def wide_config():

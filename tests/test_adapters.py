@@ -272,7 +272,7 @@ def test_fresh_layer_equals_dense(kind, oft):
     """At init (after from_dense for the data-dependent kinds) the output is the dense x·W + b."""
     model_config = ml_collections.ConfigDict(dict(arch="", hidden_size=16, depth=1, num_heads=2, mlp_ratio=1.5,
                                                   linear=adapter_config(kind, **oft)))
-    layer = VARIANTS[kind](model_config)("q", D_OUT, "q")
+    layer = VARIANTS[kind].build(model_config)("q", D_OUT, "q")
     x = jax.random.normal(jax.random.key(7), (2, 3, D_IN))
     fresh = layer.init(jax.random.key(8), x)["params"]
     key_w, key_b = jax.random.split(jax.random.key(9))

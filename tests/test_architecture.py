@@ -46,7 +46,7 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_walk_sees_the_package():
     g = graph()
-    assert {"kindjax.models.dit", "kindjax.train.trainer", "kindjax.layers.kind"} <= set(g)
+    assert {"kindjax.models.dit", "kindjax.train.trainer", "kindjax.papers.kind.layer"} <= set(g)
     assert "kindjax.layers" in g["kindjax.models.dit"]
 
 
@@ -104,7 +104,7 @@ def reachable(start: str) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("module", ["kindjax.sample", "kindjax.evaluate", "kindjax.evaluation.pipeline",
+@pytest.mark.parametrize("module", ["kindjax.diffusion.generate", "kindjax.evaluation.__main__", "kindjax.evaluation.pipeline",
                                     "kindjax.evaluation.adm",
                                     "kindjax.evaluation.inception", "kindjax.evaluation.dinov2"])
 def test_sampling_and_evaluation_never_import_the_trainer(module):
@@ -117,3 +117,47 @@ def test_the_trainer_names_no_method():
     found = [(p.name, i + 1, line.strip()) for p in sorted((ROOT / "train").glob("*.py"))
              for i, line in enumerate(p.read_text().splitlines()) if words.search(line)]
     assert not found, found
+
+
+# ------------------------------------------------------------------ the core and the paper packages
+
+def is_core(name: str) -> bool:
+    """Everything outside ``kindjax.papers`` and ``kindjax.tools``."""
+    return not name.startswith(("kindjax.papers", "kindjax.tools"))
+
+
+def test_the_core_imports_no_paper_package():
+    found = sorted((name, m) for name in MODULES if is_core(name) for m, _ in imports(name)
+                   if m.startswith("kindjax.papers") or m.startswith("kindjax.tools"))
+    assert not found, f"core modules importing papers/ or tools/: {found}"
+
+
+#: A paper's name (KIND, FINE) or its method, job and key names (``kind="kind"``, ``== "fine"``,
+#: ``kind_transfer``, ``init.fine_sigma`` …); "kind" and "fine" as English words or as the key
+#: ``model.linear.kind`` ("fine-tuning", ``linear.get("kind")``) are not.
+PAPER_WORDS = re.compile(r"\b(KIND|FINE)\b|[\"']fine[\"']|(==|!=|\bkind=|\bgrouping=)\s*[\"']kind[\"']"
+                         r"|\b(kind|fine)_(?!tun)\w+|\w+_(kind|fine)\b")
+
+
+def paper_words(text: str) -> list[str]:
+    return [m.group(0) for m in PAPER_WORDS.finditer(text)]
+
+
+def test_paper_words_are_recognised():
+    """The checker sees a paper's name and its identifiers, not the English words."""
+    assert paper_words('KIND and FINE; kind="kind"; job="kind_transfer"; init.fine_sigma; is_fine; x == "kind"') == \
+        ["KIND", "FINE", 'kind="kind"', "kind_transfer", "fine_sigma", "is_fine", '== "kind"']
+    assert paper_words('model.linear.kind picks the kind of layer; fine-tuning, fine_tune, kindjax; '
+                       'linear.get("kind")') == []
+
+
+def test_the_core_names_no_paper():
+    """The core speaks of learngenes, tailors and class gates (the vocabulary), never of KIND or FINE."""
+    found = [(name, i + 1, line.strip()) for name, path in MODULES.items() if is_core(name)
+             for i, line in enumerate(path.read_text().splitlines()) if paper_words(line)]
+    assert not found, "\n".join(f"{n}:{i}: {line}" for n, i, line in found)
+
+
+def test_at_most_eight_loose_modules():
+    loose = sorted(p.name for p in ROOT.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert len(loose) <= 8, loose

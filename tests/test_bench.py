@@ -10,7 +10,8 @@ import jax
 import pytest
 from absl import flags
 
-from kindjax import bench, bench_accelerator
+from kindjax.tools import bench
+from kindjax.tools import bench_accelerator
 from kindjax.models.dit import abstract_params
 
 TINY_ARGV = ["--arch", "", "--hidden_size", "32", "--depth", "1", "--num_heads", "2", "--image_size", "8",
@@ -21,7 +22,7 @@ TINY = bench.Options(arch="", hidden_size=32, depth=1, num_heads=2, image_size=8
 
 
 def parsed(argv: list[str]) -> bench.Options:
-    """The options of the command line ``python -m kindjax.bench *argv``, on flags of its own."""
+    """The options of the command line ``python -m kindjax.tools.bench *argv``, on flags of its own."""
     flag_values = flags.FlagValues()
     bench.define_flags(flag_values)
     flag_values(["bench", *argv])
@@ -63,7 +64,7 @@ def test_forward_flops_count_every_matmul():
     assert 2 * macs <= flops <= 1.2 * 2 * macs
 
 
-# --- python -m kindjax.bench --suite accelerator (kindjax.bench_accelerator) ---
+# --- python -m kindjax.tools.bench --suite accelerator (kindjax.tools.bench_accelerator) ---
 
 def parsed_accelerator(argv: list[str]) -> tuple[str, bench_accelerator.Options]:
     flag_values = flags.FlagValues()

@@ -1,10 +1,10 @@
-"""``python -m kindjax.bench --suite loader``: the figures, and the simulated processes' checks."""
+"""``python -m kindjax.tools.bench --suite loader``: the figures, and the simulated processes' checks."""
 import json
 import subprocess
 import sys
 
 from conftest import ROOT
-from kindjax import bench_loader
+from kindjax.tools import bench_loader
 
 
 def test_loader_benchmark_checks_the_processes_rows(tmp_path):
@@ -31,7 +31,7 @@ def test_loader_benchmark_checks_the_processes_rows(tmp_path):
 
 
 def test_suite_flag_runs_the_loader_benchmark(tmp_path, single_device_env):
-    done = subprocess.run([sys.executable, "-m", "kindjax.bench", "--suite", "loader", "--loader_images", "300",
+    done = subprocess.run([sys.executable, "-m", "kindjax.tools.bench", "--suite", "loader", "--loader_images", "300",
                            "--loader_batch", "16", "--loader_steps", "2", "--loader_rounds", "1",
                            "--loader_processes", "1", "--loader_dir", str(tmp_path / "d")],
                           cwd=ROOT, env=single_device_env, capture_output=True, text=True)

@@ -12,7 +12,7 @@ from kindjax import checkpoints
 from kindjax import params as param_rules
 from kindjax.checkpoints.slicing import slice_checkpoint
 from kindjax.config import ConfigError
-from kindjax.layers.kind import kind_config
+from kindjax.papers.kind.layer import kind_config
 
 
 def tree(seed):

@@ -6,6 +6,7 @@ import pytest
 
 from kindjax.config import ConfigError
 from kindjax.data import class_groups as cg
+from kindjax.papers.kind import classes as kc
 
 # Task sizes: Table 7 gives LoRA rank 3·c for DiT-B (and SVDiff ⌈1.5·c⌉) for task #k with c classes.
 LORA_RANKS_DIT_B = (21, 39, 54, 60, 69, 72, 78, 78, 78, 84, 84, 87, 90, 90, 93, 99, 102, 105)
@@ -24,53 +25,53 @@ def test_synsets_are_tfds_label_order():
 
 def test_superclasses_are_disjoint_groups_of_real_synsets():
     synsets = set(cg.imagenet_synsets())
-    groups = cg.kind_superclasses()
+    groups = kc.kind_superclasses()
     members = [m for ms in groups.values() for m in ms]
     assert set(members) <= synsets
     assert len(members) == len(set(members)), "a synset is in two superclasses"
     assert not set(groups) & synsets, "a superclass id is itself an ImageNet class"
     assert all(len(ms) >= 2 for ms in groups.values())
-    merged = cg.kind_merged_class()
+    merged = kc.kind_merged_class()
     for superclass, ms in groups.items():
         assert {merged[m] for m in ms} == {superclass}
 
 
 def test_tasks_partition_the_novel_classes_with_table_sizes():
-    tasks = cg.kind_tasks()
+    tasks = kc.kind_tasks()
     assert list(tasks) == [f"task_{k}" for k in range(1, 19)]
     assert tuple(len(classes) for classes in tasks.values()) == TASK_SIZES
     assert all(7 <= len(classes) <= 35 for classes in tasks.values())   # "c ∈ [7, 35]"
     novel = [c for classes in tasks.values() for c in classes]
     assert len(novel) == len(set(novel)) == 461                         # "461 novel classes"
-    assert set(novel) <= set(cg.kind_classes()), "a task class is neither a synset nor a superclass"
+    assert set(novel) <= set(kc.kind_classes()), "a task class is neither a synset nor a superclass"
     # The two repaired ids of the text extraction.
     assert "n03995372" in tasks["task_10"] and "n02790996" in tasks["task_18"]
 
 
 def test_pretrain_classes_are_the_complement_of_the_tasks():
-    novel = {c for classes in cg.kind_tasks().values() for c in classes}
-    pretrain = cg.kind_pretrain_classes()
+    novel = {c for classes in kc.kind_tasks().values() for c in classes}
+    pretrain = kc.kind_pretrain_classes()
     assert not novel & set(pretrain)
-    assert novel | set(pretrain) == set(cg.kind_classes())
-    groups = cg.kind_superclasses()
+    assert novel | set(pretrain) == set(kc.kind_classes())
+    groups = kc.kind_superclasses()
     expected = 1000 - sum(len(ms) for ms in groups.values()) + len(groups)
-    assert len(cg.kind_classes()) == expected == len(set(cg.kind_merged_class().values()))
+    assert len(kc.kind_classes()) == expected == len(set(kc.kind_merged_class().values()))
 
 
 @pytest.mark.xfail(strict=True, reason="Tables 10-11 as extracted merge 458 synsets into 76 superclasses: "
                                        "618 classes (157 pre-training), not the paper's 611 (150)")
 def test_class_counts_as_the_paper_states():
-    assert len(cg.kind_classes()) == 611
-    assert len(cg.kind_pretrain_classes()) == 150
+    assert len(kc.kind_classes()) == 611
+    assert len(kc.kind_pretrain_classes()) == 150
 
 
 def _naive_selection(base, grouping, task, classes):
     """Oracle: label of each base name by direct lookup in the raw tables."""
     if grouping == "kind":
-        to_group = {m: g for g, ms in cg.kind_superclasses().items() for m in ms}
+        to_group = {m: g for g, ms in kc.kind_superclasses().items() for m in ms}
         keys = [to_group.get(b, b) for b in base]
-        names = list(cg.kind_tasks()[task]) if task.startswith("task") else (
-            list(cg.kind_pretrain_classes()) if task == "pretrain" else sorted(set(to_group.values())
+        names = list(kc.kind_tasks()[task]) if task.startswith("task") else (
+            list(kc.kind_pretrain_classes()) if task == "pretrain" else sorted(set(to_group.values())
                                                                                | (set(cg.imagenet_synsets()) - set(to_group))))
     else:
         keys, names = list(base), list(base)
@@ -93,9 +94,9 @@ def test_select_classes_matches_naive_lookup(grouping, task, classes):
 def test_kind_grouping_merges_dog_breeds():
     synsets = cg.imagenet_synsets()
     selection = cg.select_classes(synsets, "kind", "task_15")
-    dogs = [synsets.index(s) for s in cg.kind_superclasses()["n02084071"]]
+    dogs = [synsets.index(s) for s in kc.kind_superclasses()["n02084071"]]
     assert len(dogs) == 116
-    assert set(selection.base_to_label[dogs]) == {cg.kind_tasks()["task_15"].index("n02084071")}
+    assert set(selection.base_to_label[dogs]) == {kc.kind_tasks()["task_15"].index("n02084071")}
     assert (selection.base_to_label >= 0).sum() > 31 and not selection.keeps_all
 
 

@@ -10,9 +10,10 @@ import pytest
 from conftest import ROOT
 from kindjax.config import ConfigError
 from kindjax.data import class_groups as cg
+from kindjax.papers.kind import classes as kc
 from kindjax.archs import DIT_ARCHS
 from kindjax.models.dit import abstract_params, build_model
-from kindjax.run import check
+from kindjax.train.stages import check
 
 
 def load(name):
@@ -41,7 +42,7 @@ def test_imagenet_configs_have_the_paper_settings_and_name_the_missing_data(name
 def test_kind_imagenet_configs_pretrain_on_the_kind_split_and_fill_the_rank(name, hidden, paper_n_learngene,
                                                                              n_tailor):
     config = load(name)
-    linear, n_cls = config.model.linear, len(cg.kind_pretrain_classes())
+    linear, n_cls = config.model.linear, len(kc.kind_pretrain_classes())
     assert (config.data.grouping, config.data.task) == ("kind", "pretrain")
     assert config.train.num_steps == 300_000            # §4.2 (Table 6's 200K is an override)
     assert load(f"dit_{name[-1]}").train.num_steps == 400_000   # plain DiT keeps DiT's 400K
@@ -62,7 +63,7 @@ def test_kind_imagenet_task_specs_select_the_task_and_the_method(name):
 
     get_config = importlib.import_module(f"configs.{name}").get_config
     pretrain = get_config()
-    for k, classes in enumerate(cg.kind_tasks().values(), start=1):
+    for k, classes in enumerate(kc.kind_tasks().values(), start=1):
         config = get_config(f"task_{k}")
         assert (config.data.task, config.model.num_classes) == (f"task_{k}", len(classes))
         assert config.model.linear.n_learngene == pretrain.model.linear.n_learngene
@@ -77,7 +78,7 @@ def test_kind_imagenet_task_specs_select_the_task_and_the_method(name):
         check(config)
 
     lora = get_config("task_5,lora")
-    rank = len(cg.kind_tasks()["task_5"]) * pretrain.model.linear.n_tailor
+    rank = len(kc.kind_tasks()["task_5"]) * pretrain.model.linear.n_tailor
     assert (lora.model.linear.kind, lora.model.linear.rank, lora.train.batch_size) == ("lora", rank, 512)
     oft = get_config("task_1,oft")
     assert (oft.model.linear.kind, oft.model.linear.r, oft.optim.lr) == ("oft", 21, 1e-4)
@@ -113,7 +114,7 @@ def test_kind_domain_shift_configs_build_for_every_table3_cell():
     import importlib
 
     from configs.downstream_data import DATASETS
-    from kindjax.methods import METHODS
+    from kindjax.papers.kind.methods import METHODS
     from kindjax import params as param_rules
 
     shift = importlib.import_module("configs.kind_domain_shift")

@@ -11,7 +11,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import kindjax  # noqa: E402
 from kindjax.config import validate  # noqa: E402
-from kindjax.convert import dit_config_from_diffusers, dit_params_from_diffusers  # noqa: E402
+from kindjax.tools.convert import dit_config_from_diffusers, dit_params_from_diffusers  # noqa: E402
 
 #: Two small DiTs with learned sigma; the second has a large norm_eps so that the
 #: MLP LayerNorm's eps (norm_eps, unlike the 1e-6 of the other norms) is visible.
@@ -138,7 +138,7 @@ def original_reference(seed: int = 3) -> "diffusers.DiTTransformer2DModel":
 
 
 def test_original_checkpoint_matches_diffusers_with_the_original_timestep_embedding():
-    from kindjax.convert import dit_config_from_original, dit_params_from_original
+    from kindjax.tools.convert import dit_config_from_original, dit_params_from_original
 
     reference = original_reference()
     state = original_state_dict(reference)
@@ -163,25 +163,25 @@ def test_original_checkpoint_matches_diffusers_with_the_original_timestep_embedd
 
 
 def test_convert_command_writes_a_checkpoint_that_loads_as_pretrained(tmp_path):
-    """``python -m kindjax.convert`` on a ``.pt`` file: the checkpoint reads back (EMA and raw weights)
+    """``python -m kindjax.tools.convert`` on a ``.pt`` file: the checkpoint reads back (EMA and raw weights)
     with the original settings in its config, and its model reproduces the reference."""
     import subprocess
     import sys
 
     from conftest import ROOT
-    from kindjax.learngene import load_params
+    from kindjax.checkpoints.learngene import load_params
 
     reference = original_reference()
     torch.save(original_state_dict(reference), tmp_path / "dit.pt")
     workdir = tmp_path / "converted"
-    command = [sys.executable, "-m", "kindjax.convert", "--src", str(tmp_path / "dit.pt"),
+    command = [sys.executable, "-m", "kindjax.tools.convert", "--src", str(tmp_path / "dit.pt"),
                "--config", "configs/dit_digits.py", "--workdir", str(workdir)]
     failed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0
     assert "not a DiT size" in failed.stderr and "--num_heads" in failed.stderr
     done = subprocess.run(command + ["--num_heads", "2"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "--config.model.timestep_freq_shift=0.0" in done.stdout and "kindjax.evaluate" in done.stdout
+    assert "--config.model.timestep_freq_shift=0.0" in done.stdout and "kindjax.evaluation.__main__" in done.stdout
     params, config = load_params(workdir)
     raw, _ = load_params(workdir, ema=False)
     assert config.model.timestep_freq_shift == 0.0 and config.model.in_channels == 4

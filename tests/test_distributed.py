@@ -171,8 +171,8 @@ def test_cpu_fallback_warning_names_the_install():
 
 
 def test_training_start_warns_when_a_gpu_sits_idle(monkeypatch, capsys, tmp_path):
-    """kindjax.run.run (what python -m kindjax.main runs) prints the warning first."""
-    from kindjax import run
+    """kindjax.train.stages.run (what python -m kindjax.main runs) prints the warning first."""
+    from kindjax.train import stages as run
 
     monkeypatch.setattr(distributed, "visible_accelerators", lambda root="/": GPU_NODE)
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)

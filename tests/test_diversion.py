@@ -10,9 +10,9 @@ import scipy.stats
 from PIL import Image
 
 from conftest import tiny_config
-from kindjax.analyze import analyze
-from kindjax.evaluation.diversion import learngene_only, prediction_statistics, without_tailors
-from kindjax.layers.kind import KINDLinear, kind_config
+from kindjax.papers.kind.analyze import analyze
+from kindjax.papers.kind.diversion import learngene_only, prediction_statistics, without_tailors
+from kindjax.papers.kind.layer import KINDLinear, kind_config
 from kindjax.train.trainer import train
 
 

@@ -1,4 +1,4 @@
-"""``python -m kindjax.evaluate`` end to end on a tiny digits model with a random-weight Inception."""
+"""``python -m kindjax.evaluation`` end to end on a tiny digits model with a random-weight Inception."""
 import glob
 import json
 import os
@@ -134,11 +134,11 @@ def test_refusals_before_sampling(setup, tmp_path):
 
 def test_cli_refuses_missing_reference(setup, single_device_env):
     _, workdir, _ = setup
-    out = subprocess.run([sys.executable, "-m", "kindjax.evaluate", "--config",
+    out = subprocess.run([sys.executable, "-m", "kindjax.evaluation.__main__", "--config",
                           os.path.join(ROOT, "configs/dit_digits.py"), "--workdir", workdir],
                          env=single_device_env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0
-    assert "kindjax.evaluate: eval.reference is not set" in out.stderr
+    assert "kindjax.evaluation.__main__: eval.reference is not set" in out.stderr
 
 
 def test_latent_samples_are_decoded_by_the_vae(tmp_path):

@@ -28,9 +28,10 @@ from kindjax.checkpoints.slicing import slice_checkpoint
 from kindjax.config import ConfigError
 from kindjax.data import make_dataset
 from kindjax.data.pipeline import StepBatches
-from kindjax.run import finished, run_kind_transfer, set_aside_stale_transfer, stage
+from kindjax.papers.kind.jobs import run_kind_transfer
+from kindjax.train.stages import finished, set_aside_stale, stage
 from kindjax.train.trainer import TEACHER, NonFiniteLoss, Trainer, origin, train
-from kindjax.transfer import transfer_config
+from kindjax.papers.kind.transfer import transfer_config
 from test_trainer import tb_scalars, wait_for
 
 
@@ -278,7 +279,7 @@ def test_stale_stages_rerun_or_are_refused(tmp_path, capsys):
         pre_config.job = "train"
         pre = stage(pre_config, pre_dir, evaluate_nothing)
         tr_config = transfer_config(c, pre_dir)
-        set_aside_stale_transfer(tr_config, tr_dir)
+        set_aside_stale(tr_config, tr_dir)
         return pre, stage(tr_config, tr_dir, evaluate_nothing)
 
     stages(config)
@@ -385,8 +386,8 @@ def test_class_with_no_readable_image_is_refused(tmp_path):
 
 
 def test_slicing_a_learngene_from_a_dense_workdir_is_refused(trained, tmp_path):
-    with pytest.raises(ValueError, match=r"holds a 'dense' DiT \(model.linear.kind='dense'\), not a KIND one: it has "
-                                         r"no learngene"):
+    with pytest.raises(ValueError, match=r"holds a 'dense' DiT \(model.linear.kind='dense'\), whose layers have no "
+                                         r"tailors: it has no learngene"):
         slice_checkpoint(trained[1], str(tmp_path / "lg"), "learngene")
     assert not (tmp_path / "lg").exists()
 

@@ -12,12 +12,12 @@ import pytest
 from conftest import tiny_config
 from kindjax import params as param_rules
 from kindjax.config import ConfigError
-from kindjax.transfer import fine as fine_transfer
-from kindjax.transfer.fine import (extract_fine_learngene, init_from_config, init_from_fine_learngene, is_fine_learngene,
+from kindjax.papers.fine import transfer as fine_transfer
+from kindjax.papers.fine.transfer import (extract_fine_learngene, init_from_config, init_from_fine_learngene, is_fine_learngene,
                                    is_layer_sigma, layer_sigmas, load_fine_learngene, materialize, mean_sigma)
 from kindjax.layers.dense import DenseLinear
-from kindjax.layers.fine import LAYOUTS, FineLinear, fine_config, init_bases
-from kindjax.layers.kind import init_sigma
+from kindjax.papers.fine.layer import LAYOUTS, FineLinear, fine_config, init_bases
+from kindjax.layers.svd import init_sigma
 from kindjax.models.dit import build_model
 from kindjax.models.dit import init_params
 from kindjax.train.trainer import Trainer, train
@@ -369,9 +369,9 @@ def test_saved_learngene_initialises_a_deeper_model_and_a_materialized_dense_one
 
 
 def test_sigma_only_update_rule_keeps_u_v_and_the_rest_bit_identical(tmp_path):
-    """The Σ-only stage's ``train.trainable`` (:data:`kindjax.run.SIGMA_ONLY`): after steps, U, V and every
+    """The Σ-only stage's ``train.trainable`` (:data:`kindjax.papers.fine.jobs.SIGMA_ONLY`): after steps, U, V and every
     non-Σ leaf are bit-identical, and Σ moved (random non-trivial start: every leaf perturbed)."""
-    from kindjax.run import SIGMA_ONLY
+    from kindjax.papers.fine.jobs import SIGMA_ONLY
     from kindjax.train.trainer import state_from_params
 
     config = fine_model_config(depth=2)
@@ -390,7 +390,7 @@ def test_sigma_only_update_rule_keeps_u_v_and_the_rest_bit_identical(tmp_path):
 
 
 def test_fine_init_job_stage_configs(tmp_path):
-    from kindjax.run import SIGMA_ONLY, fine_init_configs
+    from kindjax.papers.fine.jobs import SIGMA_ONLY, fine_init_configs
 
     config = fine_model_config(depth=5)
     config.job = "fine_init"
@@ -412,8 +412,8 @@ def test_fine_init_job_stage_configs(tmp_path):
 def test_fine_init_job_trains_only_sigma_then_everything(tmp_path):
     """job="fine_init": the Σ-only stage keeps U, V (and every other leaf) bit-identical while Σ moves;
     then the materialized dense model trains (all leaves), starting from the Σ stage's result."""
-    from kindjax.learngene import load_params
-    from kindjax.run import run_fine_init
+    from kindjax.checkpoints.learngene import load_params
+    from kindjax.papers.fine.jobs import run_fine_init
 
     source_dir = str(tmp_path / "source")
     config = fine_model_config(hidden=32, depth=2, rank=8)

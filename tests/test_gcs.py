@@ -33,11 +33,11 @@ from kindjax.checkpoints.slicing import slice_checkpoint
 from kindjax.data.folder import open_folder
 from kindjax.data.latents import LatentDataset, read_index
 from kindjax.evaluation import adm
-from kindjax.layers.kind import kind_config
-from kindjax.learngene import load_learngene
-from kindjax.paths import as_path
+from kindjax.papers.kind.layer import kind_config
+from kindjax.checkpoints.learngene import load_learngene
+from kindjax.io.paths import as_path
 from kindjax.config import ConfigError
-from kindjax.run import check_workdir, run
+from kindjax.train.stages import check_workdir, run
 
 RUN = "gs://bucket/run"
 
@@ -185,7 +185,7 @@ def test_reference_batch_round_trips_through_gcs(bucket):
 
 def test_latents_encode_to_and_train_from_gcs(bucket, tmp_path):
     from test_latents import SHARD, BATCH, TinySource, tiny_vae
-    from kindjax.encode import encode_shards, write_index
+    from kindjax.tools.encode import encode_shards, write_index
 
     kw = dict(shard_size=SHARD, batch_size=BATCH, flips=True, source_info={"name": "tiny"}, dtype="float16",
               log=lambda s: None)

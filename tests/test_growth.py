@@ -1,4 +1,4 @@
-"""FINE's baselines as initialisers of a variable-depth dense DiT (kindjax.transfer.growth), the TLEG
+"""FINE's baselines as initialisers of a variable-depth dense DiT (kindjax.papers.fine.growth), the TLEG
 and LiGO layer variants, and the trainer's output distillation."""
 import functools
 
@@ -14,11 +14,11 @@ from kindjax import checkpoints
 from kindjax import params as param_rules
 from kindjax.config import ConfigError, validate
 from kindjax.diffusion import GaussianDiffusion, denoising_loss, noisy_inputs, training_losses
-from kindjax.layers.ligo import SOURCE, ligo_config, stretch_blocks
-from kindjax.learngene import load_params
+from kindjax.papers.fine.ligo import SOURCE, ligo_config, stretch_blocks
+from kindjax.checkpoints.learngene import load_params
 from kindjax.models.dit import build_model, drop_labels, init_params
 from kindjax.train.trainer import Trainer, train
-from kindjax.transfer.growth import (MIMETIC, copy_from, grow_config, grow_init, he_init, layer_paths, ligo_materialize,
+from kindjax.papers.fine.growth import (MIMETIC, copy_from, grow_config, grow_init, he_init, layer_paths, ligo_materialize,
                                      ligo_stacks, mimetic_init, prune_blocks, prune_distill_config, remap_blocks,
                                      tleg_expand)
 

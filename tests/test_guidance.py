@@ -6,12 +6,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-import kindjax.sample
+import kindjax.diffusion.generate
 from conftest import tiny_config
 from kindjax.config import ConfigError, validate
 from kindjax.diffusion import GaussianDiffusion, classifier_free_guidance, sample
 from kindjax.models.dit import build_model
-from kindjax.sample import generate
+from kindjax.diffusion.generate import generate
 
 B, C, S, NULL = 3, 4, 5, 10
 
@@ -103,7 +103,7 @@ def test_generate_passes_sample_guidance_channels_to_the_sampler(monkeypatch, va
         seen.update(kwargs)
         return jnp.zeros(shape)
 
-    monkeypatch.setattr(kindjax.sample, "run_sampler", recording_sampler)
+    monkeypatch.setattr(kindjax.diffusion.generate, "run_sampler", recording_sampler)
     config = tiny_latent_config(value)
     model = build_model(config)
     generate(model, {}, GaussianDiffusion.from_config(config.diffusion), jax.random.key(0), np.array([1, 2]),
@@ -111,7 +111,7 @@ def test_generate_passes_sample_guidance_channels_to_the_sampler(monkeypatch, va
     assert seen["guidance_channels"] == want and seen["cfg_scale"] == 4.0
     saved_before_the_key = config.sample.to_dict()
     del saved_before_the_key["guidance_channels"]
-    assert kindjax.sample.guidance_channels(ml_collections.ConfigDict(saved_before_the_key)) is None
+    assert kindjax.diffusion.generate.guidance_channels(ml_collections.ConfigDict(saved_before_the_key)) is None
 
 
 @pytest.mark.parametrize("value, match", [("5", r"sample.guidance_channels='5'.*1..model.in_channels=4"),

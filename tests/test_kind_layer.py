@@ -11,8 +11,8 @@ import pytest
 import kindjax
 from kindjax.config import model_config
 from kindjax.layers.dense import DenseLinear
-from kindjax.layers.kind import (KINDLinear, check_rank, kind_config, kind_linear,
-                                 learngene_product, naive_kind_linear)
+from kindjax.layers.svd import svd_product
+from kindjax.papers.kind.layer import KINDLinear, check_rank, kind_config, kind_linear, naive_kind_linear
 
 N_CLS, N_T, N_G = 4, 3, 5
 D_IN, D_OUT = 24, 40
@@ -234,7 +234,7 @@ def test_dit_naive_formulation_matches_gated_and_bad_formulation_is_refused():
     (16, 16, 12, 64, True),     # N_G above d_in·d_out/(d_in + d_out) = 8, many rows: build W_G
     (16, 16, 12, 4, False),     # above it, but too few rows to pay for building W_G
     (16, 64, 4, 64, False)])    # N_G below 12.8: the two thin products
-def test_learngene_product_both_associations(d_in, d_out, n_g, rows, builds_w_g):
+def test_svd_product_both_associations(d_in, d_out, n_g, rows, builds_w_g):
     with jax.enable_x64(True):
         kv, ks, ku, kx = jax.random.split(jax.random.key(10), 4)
         learngene = {"V": jax.random.normal(kv, (d_in, n_g), jnp.float64),
@@ -242,8 +242,8 @@ def test_learngene_product_both_associations(d_in, d_out, n_g, rows, builds_w_g)
                      "U": jax.random.normal(ku, (d_out, n_g), jnp.float64)}
         x = jax.random.normal(kx, (2, rows // 2, d_in), jnp.float64)
         want = x @ (learngene["V"] * learngene["sigma"]) @ learngene["U"].T
-        assert rel_err(learngene_product(x, learngene, jnp.float64), want) <= 1e-10
-        jaxpr = jax.make_jaxpr(learngene_product, static_argnums=2)(x, learngene, jnp.float64)
+        assert rel_err(svd_product(x, learngene, jnp.float64), want) <= 1e-10
+        jaxpr = jax.make_jaxpr(svd_product, static_argnums=2)(x, learngene, jnp.float64)
         shapes = {tuple(v.aval.shape) for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"
                   for v in eqn.outvars}
         assert ((d_in, d_out) in shapes) == builds_w_g, shapes

@@ -5,8 +5,8 @@ import pytest
 
 from conftest import tiny_config
 from kindjax import params as param_rules
-from kindjax.layers.kind import kind_config
-from kindjax.transfer import transfer_config
+from kindjax.papers.kind.layer import kind_config
+from kindjax.papers.kind.transfer import transfer_config
 from kindjax.train.trainer import Trainer, train
 
 

@@ -1,4 +1,4 @@
-"""Latent encoding (kindjax.encode) and the sharded, per-process, prefetching latent loader (kindjax.data.latents)."""
+"""Latent encoding (kindjax.tools.encode) and the sharded, per-process, prefetching latent loader (kindjax.data.latents)."""
 import json
 import os
 import shlex
@@ -16,7 +16,7 @@ import pytest
 from kindjax.config import ConfigError, base_config
 from kindjax.data.latents import NOISE_STREAM, LatentDataset, open_latents, read_index
 from kindjax.data.pipeline import DeviceBatches, batch_indices, flip_draws, note_process_count, stream_indices
-from kindjax.encode import encode_shards, stored_moments, write_index
+from kindjax.tools.encode import encode_shards, stored_moments, write_index
 from kindjax.sharding import batch_sharding, make_mesh
 from kindjax.models.vae import AutoencoderKL, PretrainedVAE
 
@@ -465,7 +465,7 @@ def test_missing_or_corrupt_latents_are_clear_errors(encoded, tmp_path):
 
 
 def test_command_encodes_a_folder_with_a_diffusers_vae(tmp_path, single_device_env):
-    """``python -m kindjax.encode`` end to end: a folder of PNGs, a tiny diffusers VAE directory."""
+    """``python -m kindjax.tools.encode`` end to end: a folder of PNGs, a tiny diffusers VAE directory."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from PIL import Image
@@ -483,7 +483,7 @@ def test_command_encodes_a_folder_with_a_diffusers_vae(tmp_path, single_device_e
                 tmp_path / "images" / name / f"{i}.png")
     (tmp_path / "images" / "dog" / "broken.png").write_bytes(b"not a png")
     out = str(tmp_path / "latents")
-    command = [sys.executable, "-m", "kindjax.encode", "--config", "configs/dit_digits.py", "--out", out,
+    command = [sys.executable, "-m", "kindjax.tools.encode", "--config", "configs/dit_digits.py", "--out", out,
                "--config.data.name=folder", f"--config.data.root={tmp_path / 'images'}",
                "--config.data.image_size=16", "--config.data.classes=(1,)",
                "--config.vae.encode_batch_size=2", "--config.vae.shard_size=3"]
@@ -510,7 +510,7 @@ def test_command_encodes_a_folder_with_a_diffusers_vae(tmp_path, single_device_e
         f.truncate(os.path.getsize(shard) - 10)
     message = one_line_error(c, "shard_00001.moments.npy is truncated")
     command = message.split("; rerun ", 1)[1].split(" to re-encode it", 1)[0]
-    assert command.startswith(f"cd {shlex.quote(root)} && python -m kindjax.encode --config configs/dit_digits.py")
+    assert command.startswith(f"cd {shlex.quote(root)} && python -m kindjax.tools.encode --config configs/dit_digits.py")
     repaired = subprocess.run(["bash", "-c", command.replace("python", shlex.quote(sys.executable), 1)],
                               env=single_device_env, capture_output=True, text=True)
     assert repaired.returncode == 0, repaired.stderr[-3000:]

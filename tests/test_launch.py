@@ -294,7 +294,7 @@ def test_device_check_plumbing(tmp_path, last_line, bench_rc, want_rc):
     kept as accelerator.json, the bench's exit status returned, a run without figures an error."""
     fake = tmp_path / "python"
     fake.write_text(f'''#!/bin/sh
-if [ "$1" = "-m" ] && [ "$2" = "kindjax.bench" ]; then
+if [ "$1" = "-m" ] && [ "$2" = "kindjax.tools.bench" ]; then
   echo "$@" > {tmp_path}/bench_args; echo "measuring"; echo '{last_line}'; exit {bench_rc}
 fi
 exec {sys.executable} "$@"
@@ -305,7 +305,7 @@ exec {sys.executable} "$@"
                             env=check_env(KINDJAX_CHECK_PLATFORM="cpu", PYTHON=str(fake)), capture_output=True,
                             timeout=300)
     assert result.returncode == want_rc, result.stdout + result.stderr
-    assert (tmp_path / "bench_args").read_text().split() == ["-m", "kindjax.bench", "--suite", "accelerator",
+    assert (tmp_path / "bench_args").read_text().split() == ["-m", "kindjax.tools.bench", "--suite", "accelerator",
                                                              "--accel_steps", "3"]
     assert (out / "bench.log").read_text().splitlines() == ["measuring", last_line]
     assert f"bench exit {want_rc}" in (out / "summary.txt").read_text()

@@ -16,7 +16,7 @@ from conftest import ROOT, read_names, tiny_config
 from kindjax import assemble, build_model, checkpoints, load_learngene, load_tailors
 from kindjax import params as param_rules
 from kindjax.checkpoints.slicing import slice_checkpoint
-from kindjax.layers.kind import kind_config
+from kindjax.papers.kind.layer import kind_config
 from kindjax.train.trainer import train
 
 CLASSES = (7, 0, 3)
@@ -94,7 +94,7 @@ def test_each_part_reads_only_its_arrays(run, monkeypatch):
 
 
 def cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "kindjax.slice", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "kindjax.tools.slice", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True)
 
 
@@ -204,5 +204,5 @@ def test_errors(run, tmp_path):
     with pytest.raises(ValueError, match="has no tailors \\(model.linear.kind='dense'\\)"):
         load_tailors(tmp_path / "dense", [0])
     # A dense DiT has no learngene: refused, naming what the workdir holds (issue 16).
-    with pytest.raises(ValueError, match="holds a 'dense' DiT \\(model.linear.kind='dense'\\), not a KIND one"):
+    with pytest.raises(ValueError, match="holds a 'dense' DiT \\(model.linear.kind='dense'\\), whose layers have no tailors"):
         load_learngene(tmp_path / "dense")

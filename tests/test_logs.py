@@ -9,8 +9,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, tiny_config
-from kindjax import logs
-from kindjax.logs import RunLogger, duration
+from kindjax.io import logs
+from kindjax.io.logs import RunLogger, duration
 
 
 @pytest.mark.parametrize("seconds, text", [(0, "0s"), (37.4, "37s"), (60, "1m00s"), (245, "4m05s"),
@@ -83,7 +83,7 @@ def test_event_files_read_back_without_tensorflow(tmp_path):
     code = f"""
 import sys
 import numpy as np
-from kindjax.logs import RunLogger
+from kindjax.io.logs import RunLogger
 logger = RunLogger({str(tmp_path)!r}, 3)
 for step in (1, 2, 3):
     logger.scalars(step, {{"loss": 1.0 / step}}, console=False)

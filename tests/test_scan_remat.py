@@ -95,9 +95,9 @@ def test_scan_model_captures_each_block_output():
 
 @pytest.mark.slow   # two train-step compiles
 def test_remat_lowers_the_step_memory_by_xla_analysis():
-    """kindjax.footprint on a small step: recomputing each block keeps fewer temporaries than keeping
+    """kindjax.tools.footprint on a small step: recomputing each block keeps fewer temporaries than keeping
     every activation, and the parameters (arguments) do not change with the setting."""
-    from kindjax.footprint import footprint
+    from kindjax.tools.footprint import footprint
 
     config = tiny_config()
     config.model.update(depth=3, hidden_size=64, num_heads=2)

@@ -10,13 +10,15 @@ import scipy.linalg
 
 from conftest import ROOT, tiny_config
 from kindjax.config import validate
-from kindjax.data.class_groups import kind_tasks
+from kindjax.papers.kind.classes import kind_tasks
 from kindjax.evaluation.pooled import pooled_metrics, save_features
-from kindjax.layers.kind import kind_config
-from kindjax.methods import KIND_OFT_BLOCKS, METHODS
-from kindjax.run import finished
-from kindjax.sweep import experiments, grid, tables
-from kindjax.sweep.experiments import DIGITS, KIND_TABLES, SCRATCH
+from kindjax.papers.kind.layer import kind_config
+from kindjax.papers.kind.methods import KIND_OFT_BLOCKS, METHODS
+from kindjax.train.stages import finished
+from kindjax.sweep import grid, tables
+from kindjax.papers.kind import facts
+from kindjax.papers.kind.experiments import tables as experiments
+from kindjax.papers.kind.experiments.tables import DIGITS, KIND_TABLES, SCRATCH
 from kindjax.sweep.registry import experiment_for
 
 KIND_B = os.path.join(ROOT, "configs", "kind_dit_b.py")
@@ -292,7 +294,7 @@ def test_the_paper_table2_fid_is_not_a_mean_over_table8_tasks():
     """KIND Table 2's FID of every method (DiT-B and -L) is below the smallest of its 18 per-task FIDs in
     Table 8, so no mean over tasks (plain or weighted by classes) gives it; it is 30–55% of the mean."""
     sizes = [len(c) for c in kind_tasks().values()]
-    rows = tables.paper_aggregation(sizes)
+    rows = facts.paper_aggregation(sizes)
     assert len(rows) == 20 and {r["arch"] for r in rows} == {"B", "L"}
     for r in rows:
         assert r["table2"] < r["min"] <= r["class_weighted_mean"] and r["table2"] < r["min"] <= r["mean"]
@@ -330,7 +332,7 @@ def test_fine_depths_grid_lists_every_initialiser_at_every_depth(tmp_path):
     """The FINE miniature's grid: 3 sources, then per (depth, initialiser, seed) one table run (plus the
     Σ-only stage of FINE and LiGO's coefficient run before it); prune only below the source's depth;
     every config valid, every run after the runs it needs."""
-    from kindjax.sweep.fine_depths import FINE_DEPTHS, INITIALISERS
+    from kindjax.papers.fine.experiments.depths import FINE_DEPTHS, INITIALISERS
 
     from kindjax.config import validate
     from kindjax.sweep.registry import experiment_for
@@ -360,7 +362,7 @@ def test_fine_depths_grid_lists_every_initialiser_at_every_depth(tmp_path):
 def test_fine_depths_miniature_runs_end_to_end(tmp_path):
     """The whole miniature on a tiny grid (depths 1 and 3 from a 2-block source, one seed): every run
     trains, and the tables hold a figure for each (depth, initialiser)."""
-    from kindjax.sweep.fine_depths import FINE_DEPTHS
+    from kindjax.papers.fine.experiments.depths import FINE_DEPTHS
     from kindjax.sweep.grid import sweep
 
     rows = sweep(FINE_DEPTHS, tiny_fine_config(), str(tmp_path), dict(depths=(1, 3), seeds=1), log=print)

@@ -10,9 +10,10 @@ from ml_collections import config_flags
 
 from conftest import ROOT, tiny_config, write_png
 from kindjax.config import ConfigError, validate
-from kindjax.methods import METHODS
-from kindjax.sweep import domain_shift, grid
-from kindjax.sweep.domain_shift import DOMAIN_SHIFT, ROWS, TABLE3_DATASETS, TABLE3_METHODS
+from kindjax.papers.kind.methods import METHODS
+from kindjax.sweep import grid
+from kindjax.papers.kind.experiments import domain_shift
+from kindjax.papers.kind.experiments.domain_shift import DOMAIN_SHIFT, ROWS, TABLE3_DATASETS, TABLE3_METHODS
 from kindjax.sweep.registry import experiment_for
 
 SHIFT = os.path.join(ROOT, "configs", "kind_domain_shift.py")
@@ -181,7 +182,7 @@ def test_tiny_table3_end_to_end(tmp_path, monkeypatch, capsys):
 
     from kindjax.data.digits import load_digits
     from kindjax.evaluation import inception
-    from kindjax.layers.kind import kind_config
+    from kindjax.papers.kind.layer import kind_config
     from kindjax.sweep.grid import sweep
     from test_evaluate import tiny_dinov2
     from test_inception import random_fid_inception
@@ -222,7 +223,7 @@ def test_tiny_table3_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
     # A rerun trains and evaluates nothing again.
-    monkeypatch.setattr("kindjax.run.train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr("kindjax.train.stages.train", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setattr("kindjax.evaluation.pipeline.evaluate", lambda *a, **k: pytest.fail("evaluated again"))
     again = sweep(experiment_for(config), config, workdir, options)
     assert again == out and (tmp_path / "W" / "table3.md").read_text() == text

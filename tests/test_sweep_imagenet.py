@@ -1,5 +1,5 @@
 """The sweep's ``kind_tables`` experiment on its real path, tiny: a fake ImageNet (the ILSVRC 2012 tars)
-prepared by TFDS's ``imagenet2012`` builder, encoded to latents by ``kindjax.encode`` with a tiny random
+prepared by TFDS's ``imagenet2012`` builder, encoded to latents by ``kindjax.tools.encode`` with a tiny random
 diffusers VAE, KIND's class grouping, ``configs/kind_dit_b.py`` shrunk by command-line-style overrides,
 pre-training, two tasks × {kind, lora}, reference batches from the validation images, ADM evaluation
 with a random-weight Inception, and the pooled tables."""
@@ -15,10 +15,11 @@ from PIL import Image
 from conftest import ROOT
 from fake_imagenet import fake_manual_dir, validation_labels
 from kindjax.data import center_crop_arr
-from kindjax.data.class_groups import kind_merged_class, kind_pretrain_classes, kind_superclasses, kind_tasks
-from kindjax.run import check
-from kindjax.sweep import common, experiments, grid
-from kindjax.sweep.experiments import KIND_TABLES
+from kindjax.papers.kind.classes import kind_merged_class, kind_pretrain_classes, kind_superclasses, kind_tasks
+from kindjax.train.stages import check
+from kindjax.sweep import common, grid
+from kindjax.papers.kind.experiments import tables as experiments
+from kindjax.papers.kind.experiments.tables import KIND_TABLES
 
 pytest.importorskip("tensorflow", reason="preparing TFDS imagenet2012 needs tensorflow-cpu")
 
@@ -40,7 +41,7 @@ def imagenet(tmp_path_factory):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from configs.kind_dit_b import get_config
-    from kindjax.encode import encode
+    from kindjax.tools.encode import encode
 
     root = tmp_path_factory.mktemp("imagenet")
     train = {member(c): 1 for c in kind_pretrain_classes()}

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from kindjax import variable_size as vs
+from kindjax.papers.kind import sizes as vs
 from kindjax.config import ConfigError, validate
 from kindjax.data.digits import DigitImages, load_digits
-from kindjax.layers.kind import kind_config
+from kindjax.papers.kind.layer import kind_config
 from kindjax.models.dit import build_model
-from kindjax.run import finished, stage
+from kindjax.train.stages import finished, stage
 from kindjax.sweep import grid
-from kindjax.sweep.table1 import TABLE1, steps_text
+from kindjax.papers.kind.experiments.table1 import TABLE1, steps_text
 
 KIND_B = os.path.join(ROOT, "configs", "kind_dit_b.py")
 
@@ -67,7 +67,7 @@ def test_dit_b_grid_entries_sizes_steps_and_needs(tmp_path):
 
 
 def test_trad_pt_cut_model_is_the_dense_model_on_its_classes(tmp_path):
-    from kindjax.learngene import load_params
+    from kindjax.checkpoints.learngene import load_params
     from test_variable_size import pretrain_config, saved_run
 
     dense = pretrain_config(kind_config(1, 1))

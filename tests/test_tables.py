@@ -16,10 +16,10 @@ import time
 import pytest
 
 from conftest import ROOT
-from kindjax import accounting
+from kindjax.papers.kind import accounting
 from kindjax.archs import DIT_ARCHS
 from kindjax.config import validate
-from kindjax.methods import METHODS
+from kindjax.papers.kind.methods import METHODS
 
 # KIND Table 7, per task #1..#18: the rank r of LoRA / PiSSA / DoRA (= N_cls·N_T), LoHa's rank
 # (the rows that are half of it) and OFT's block number (both archs).
@@ -151,7 +151,7 @@ def test_accounting_averages_over_the_18_tasks_match_table2(arch):
 
 def test_accounting_command_prints_the_task_averages():
     out = subprocess.run(
-        [sys.executable, "-m", "kindjax.accounting", "--config", "configs/kind_dit_b.py", "--kind_tasks",
+        [sys.executable, "-m", "kindjax.papers.kind.accounting", "--config", "configs/kind_dit_b.py", "--kind_tasks",
          "--methods", "lora", "--n_learngene", "318", "--n_tailor", "3"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

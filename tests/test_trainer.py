@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import ROOT, tiny_config, tiny_overrides
 from kindjax.config import ConfigError
-from kindjax.run import check
+from kindjax.train.stages import check
 from kindjax.train.trainer import Trainer
 
 

@@ -10,9 +10,9 @@ from conftest import tiny_config
 from kindjax import params as param_rules
 from kindjax.config import ConfigError, validate
 from kindjax.transfer.layer_selection import linear_cka
-from kindjax.layers.kind import kind_config, ungated_kind_linear
-from kindjax.learngene import load_params
-from kindjax.methods import METHODS, Sizes, method_config
+from kindjax.papers.kind.layer import kind_config, ungated_kind_linear
+from kindjax.checkpoints.learngene import load_params
+from kindjax.papers.kind.methods import METHODS, Sizes, method_config
 from kindjax.models.dit import init_params
 from kindjax.train.trainer import Trainer, train
 from kindjax.transfer.pretrained import dense_kernel, init_from_pretrained, random_svd_backbone

@@ -1,4 +1,4 @@
-"""KIND Table 1 (kindjax.variable_size): the recombined model has the chosen size and the full model's
+"""KIND Table 1 (kindjax.papers.kind.sizes): the recombined model has the chosen size and the full model's
 outputs on its classes; Heur-/Auto-LG land within half a block of that size and inherit what they chose."""
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,8 @@ import pytest
 
 from kindjax import checkpoints
 from kindjax import params as param_rules
-from kindjax import variable_size as vs
-from kindjax.layers.kind import kind_config
+from kindjax.papers.kind import sizes as vs
+from kindjax.papers.kind.layer import kind_config
 from kindjax.models.dit import abstract_params, build_model, init_params
 
 
@@ -49,9 +49,9 @@ def runs(tmp_path_factory):
 
 
 def test_recombined_model_has_the_size_and_the_full_models_outputs(runs):
-    from kindjax.accounting import parameter_counts
+    from kindjax.papers.kind.accounting import parameter_counts
     from kindjax.evaluation.pipeline import restore_ema_params
-    from kindjax.learngene import load_params
+    from kindjax.checkpoints.learngene import load_params
     from kindjax.sharding import make_mesh
 
     kind, kind_dir, _, _, root = runs
@@ -73,7 +73,7 @@ def test_recombined_model_has_the_size_and_the_full_models_outputs(runs):
     record = vs.build([entry], kind_dir)["kind"]
     assert record == {"classes": [5, 1], "params": target}
 
-    # Read back as `python -m kindjax.evaluate` reads a run, and compare with the full model.
+    # Read back as `python -m kindjax.evaluation` reads a run, and compare with the full model.
     assembled, step = restore_ema_params(entry.config, entry.workdir, make_mesh(-1, 1))
     assert step == 0 and param_rules.count(assembled) == target
     full_params, _ = load_params(kind_dir)
@@ -118,8 +118,8 @@ def test_layer_transfer_baselines_land_within_half_a_block_of_the_size(runs):
 
 @pytest.mark.slow   # Heur-LG's gradients and Auto-LG's probe on the digits (~30 s of compiles)
 def test_layer_transfer_baselines_inherit_the_blocks_they_chose(runs):
-    from kindjax.learngene import load_params
-    from kindjax.run import check
+    from kindjax.checkpoints.learngene import load_params
+    from kindjax.train.stages import check
     from kindjax.transfer import initial_params
 
     _, kind_dir, _, dense_dir, _ = runs

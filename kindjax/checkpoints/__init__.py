@@ -3,7 +3,7 @@
 :mod:`.training`: the train state of ``WORKDIR/checkpoints/<step>/`` (save, restore, resume checks);
 :mod:`.layout`: locating any checkpoint directory and reading its metadata and arrays (host numpy);
 :mod:`.slicing`: writing the learngene or some tailors as a standalone checkpoint (import it as
-``kindjax.checkpoints.slicing``: it reads through :mod:`kindjax.learngene`, which imports this package).
+``kindjax.checkpoints.slicing``: it reads through :mod:`kindjax.checkpoints.learngene`, which imports this package).
 """
 from kindjax.checkpoints.layout import (CHECKPOINTS, META, PARTS, Located, Source, check_part, config_of, locate,
                                         read_meta, restore_item, restore_leaves, source)

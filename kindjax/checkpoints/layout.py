@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
-from kindjax.paths import as_path
+from kindjax.io.paths import as_path
 
 #: The JSON item of every checkpoint (step, config; a sliced one adds its part and source).
 META = "meta"
@@ -91,7 +91,7 @@ def locate(path: epath.PathLike, step: int | None = None) -> Located:
         raise FileNotFoundError(
             f"{directory} holds no kindjax checkpoint: expected a training workdir (with "
             f"checkpoints/<step>/), a step directory (with meta/ and params/), or a directory "
-            f"written by python -m kindjax.slice")
+            f"written by python -m kindjax.tools.slice")
     if step is not None and step != located.meta["step"]:
         raise ValueError(f"{directory} holds step {located.meta['step']} only, not step {step}")
     return located

@@ -3,7 +3,7 @@
 A sliced directory holds two Orbax items: ``learngene`` or ``tailors`` (the part's PyTree) and
 ``meta`` (JSON: the part, the classes, the step, the source, the size and the full config).
 It is read by :func:`kindjax.load_learngene` / :func:`kindjax.load_tailors`; the command line
-is ``python -m kindjax.slice``.
+is ``python -m kindjax.tools.slice``.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from etils import epath
 from kindjax import params as param_rules
 from kindjax.checkpoints.layout import META, PARTS
 from kindjax.checkpoints.training import config_json
-from kindjax.paths import as_path, disk_bytes
-from kindjax.learngene import load_learngene, load_tailors
+from kindjax.io.paths import as_path, disk_bytes
+from kindjax.checkpoints.learngene import load_learngene, load_tailors
 
 
 def _is_replaceable(out: epath.Path) -> bool:

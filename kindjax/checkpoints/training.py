@@ -28,7 +28,7 @@ from etils import epath
 
 from kindjax.checkpoints.layout import CHECKPOINTS, META, read_meta
 from kindjax.config import ConfigError, differences, model_config
-from kindjax.paths import as_path
+from kindjax.io.paths import as_path
 
 STATE_ITEMS = ("params", "ema_params", "opt_state")
 #: Where :func:`restore_verified` moves a step that does not read or verify (``WORKDIR/set_aside``).

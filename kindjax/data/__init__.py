@@ -26,7 +26,7 @@ def make_dataset(config: ml_collections.ConfigDict) -> TrainingSource:
     "digits": embedded; "folder": the images of ``data.root`` in memory at
     ``model.image_size`` (pixel space, 3 channels); "latents": pre-encoded SD-VAE latents
     (:func:`kindjax.data.latents.open_latents`). ImageNet is trained on its latents: with
-    ``data.latents`` set (the folder ``python -m kindjax.encode`` wrote from this config's
+    ``data.latents`` set (the folder ``python -m kindjax.tools.encode`` wrote from this config's
     image source), any source trains on its latents.
     """
     name = config.data.name
@@ -40,7 +40,7 @@ def make_dataset(config: ml_collections.ConfigDict) -> TrainingSource:
         if config.model.in_channels != 3:
             raise ConfigError(f"config.data.name='folder' gives RGB images but model.in_channels="
                               f"{config.model.in_channels}; set model.in_channels=3, or, for a latent model, "
-                              f"encode the folder once (python -m kindjax.encode --config CONFIG --vae VAE_DIR "
+                              f"encode the folder once (python -m kindjax.tools.encode --config CONFIG --vae VAE_DIR "
                               f"--out LATENT_DIR) and set data.latents=LATENT_DIR")
         dataset = folder.load_folder_dataset(config)
         if dataset.num_classes != config.model.num_classes:
@@ -52,7 +52,7 @@ def make_dataset(config: ml_collections.ConfigDict) -> TrainingSource:
     if name == "imagenet":
         raise ConfigError("config.data.name='imagenet' needs ImageNet-1K encoded to SD-VAE latents: it is an "
                           "image source, and ImageNet is trained in latent space. Encode it first with "
-                          "`python -m kindjax.encode --config CONFIG --vae VAE_DIR --out LATENT_DIR` "
+                          "`python -m kindjax.tools.encode --config CONFIG --vae VAE_DIR --out LATENT_DIR` "
                           "with this config, then train with --config.data.latents=LATENT_DIR; "
                           "without ImageNet, train on the embedded digits: --config configs/default.py")
     raise ConfigError(f"config.data.name={name!r} is not a known data source; use one of {DATA_SOURCES}")

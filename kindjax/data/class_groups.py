@@ -1,77 +1,51 @@
-"""The class tables of KIND (ICML 2025, Appendix A.3) and the class selection of a config.
+"""The class selection of a config: a data set's own classes, or ImageNet's merged by a grouping.
 
-Data files in ``tables/`` beside this module:
-
-- ``imagenet_synsets.txt``: the 1000 ImageNet-1K synsets in TFDS's label order
-  (``tfds.builder("imagenet2012").info.features["label"].names``).
-- ``superclasses.tsv`` (Tables 10, 11): synsets merged into a WordNet superclass.
-- ``tasks.tsv`` (Table 9): the merged classes of the 18 downstream tasks.
-
-Grouping ``"kind"`` maps each ImageNet synset to a merged class: its superclass if it is
-listed in ``superclasses.tsv``, else itself. Merged classes are numbered in sorted
-synset order. The tasks' classes are the novel classes; the other merged classes are
-the pre-training classes (task ``"pretrain"``).
+``tables/imagenet_synsets.txt`` beside this module holds the 1000 ImageNet-1K synsets in TFDS's
+label order (``tfds.builder("imagenet2012").info.features["label"].names``).  A package registers
+a :class:`Grouping` (:data:`GROUPINGS`) that merges them into its own classes and tasks.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import importlib.resources
-import re
 from collections.abc import Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 
 from kindjax.config import ConfigError
-
-GROUPINGS = ("", "kind")
-NUM_KIND_TASKS = 18
-_TASK_PATTERN = re.compile(r"task_(\d+)$")
+from kindjax.registry import Registry
 
 
-def _table_lines(filename: str) -> list[list[str]]:
-    text = (importlib.resources.files("kindjax") / "data" / "tables" / filename).read_text()
+def table_lines(package: str, *path: str) -> list[list[str]]:
+    """The tab-separated rows of a data file shipped in ``package`` (``#`` lines and blanks skipped)."""
+    text = importlib.resources.files(package).joinpath(*path).read_text()
     return [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
 
 
 @functools.cache
 def imagenet_synsets() -> tuple[str, ...]:
     """The 1000 ImageNet-1K synsets; index = TFDS ``imagenet2012`` label."""
-    return tuple(row[0] for row in _table_lines("imagenet_synsets.txt"))
+    return tuple(row[0] for row in table_lines("kindjax.data", "tables", "imagenet_synsets.txt"))
 
 
-@functools.cache
-def kind_superclasses() -> dict[str, tuple[str, ...]]:
-    """Superclass synset → the ImageNet synsets merged into it (Tables 10, 11)."""
-    return {row[0]: tuple(row[1].split()) for row in _table_lines("superclasses.tsv")}
+@dataclasses.dataclass(frozen=True)
+class Grouping:
+    """A relabelling of ImageNet-1K's classes (``config.data.grouping``).
+
+    ``merged_class()``: synset → its merged class (a name); ``classes()``: every merged class, in label
+    order; ``task_classes(task)``: the classes of ``config.data.task`` (ConfigError naming the tasks
+    for an unknown one); ``what``: one phrase for messages ("ImageNet merged into … classes")."""
+
+    merged_class: Callable[[], Mapping[str, str]]
+    classes: Callable[[], tuple[str, ...]]
+    task_classes: Callable[[str], tuple[str, ...]]
+    what: str
 
 
-@functools.cache
-def kind_tasks() -> dict[str, tuple[str, ...]]:
-    """``"task_1"``…``"task_18"`` → the task's merged classes, in Table 9's order."""
-    return {row[0]: tuple(row[1].split()) for row in _table_lines("tasks.tsv")}
-
-
-@functools.cache
-def kind_merged_class() -> dict[str, str]:
-    """ImageNet synset → its merged class (a superclass, or the synset itself)."""
-    merged = {synset: synset for synset in imagenet_synsets()}
-    for superclass, members in kind_superclasses().items():
-        merged.update({member: superclass for member in members})
-    return merged
-
-
-@functools.cache
-def kind_classes() -> tuple[str, ...]:
-    """All merged classes, sorted: the label space of grouping ``"kind"``."""
-    return tuple(sorted(set(kind_merged_class().values())))
-
-
-@functools.cache
-def kind_pretrain_classes() -> tuple[str, ...]:
-    """The merged classes in no task (sorted): KIND's pre-training classes."""
-    novel = {c for classes in kind_tasks().values() for c in classes}
-    return tuple(c for c in kind_classes() if c not in novel)
+#: ``config.data.grouping`` → :class:`Grouping` ("" keeps a data set's own classes).
+GROUPINGS: Registry[Grouping] = Registry("class grouping", key="config.data.grouping")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,44 +69,34 @@ class ClassSelection:
         return bool(np.all(self.base_to_label >= 0))
 
 
-def _task_classes(task: str) -> tuple[str, ...]:
-    if task == "pretrain":
-        return kind_pretrain_classes()
-    tasks = kind_tasks()
-    if task not in tasks:
-        match = _TASK_PATTERN.match(task)
-        detail = (f"there are tasks task_1..task_{NUM_KIND_TASKS}" if match
-                  else "use 'pretrain' or 'task_1'..'task_18'")
-        raise ConfigError(f"config.data.task={task!r} is not a KIND task: {detail}")
-    return tasks[task]
-
-
 def select_classes(base_names: Sequence[str], grouping: str = "", task: str = "",
                    classes: Sequence[int] = ()) -> ClassSelection:
     """The label of each base class under ``grouping``, then ``task``, then ``classes``.
 
-    ``grouping=""`` keeps the base classes; ``"kind"`` merges ImageNet synsets into the
-    KIND classes. ``task`` ("pretrain", "task_1".."task_18"; needs grouping "kind") keeps
-    its classes, relabelled ``0..n-1`` in its order. ``classes`` then keeps those
+    ``grouping=""`` keeps the base classes; a registered grouping (:data:`GROUPINGS`) merges ImageNet
+    synsets into its classes. ``task`` (one of the grouping's) keeps its classes, relabelled
+    ``0..n-1`` in its order. ``classes`` then keeps those
     labels, class ``classes[j]`` relabelled ``j``.
     """
     base_names = tuple(base_names)
-    if grouping not in GROUPINGS:
-        raise ConfigError(f"config.data.grouping={grouping!r}: use one of {GROUPINGS} "
-                          f"('' keeps the data set's classes, 'kind' merges ImageNet into KIND's classes)")
     if grouping == "":
         if task:
-            raise ConfigError(f"config.data.task={task!r} selects KIND classes: set config.data.grouping='kind'")
+            raise ConfigError(f"config.data.task={task!r} selects a task of a class grouping: set "
+                              f"config.data.grouping (one of {sorted(GROUPINGS)})")
         names = base_names
         base_to_name = np.arange(len(base_names))
     else:
-        merged = kind_merged_class()
+        if grouping not in GROUPINGS:
+            raise ConfigError(f"config.data.grouping={grouping!r}: use '' (the data set's classes) or one of "
+                              f"{sorted(GROUPINGS)}")
+        group = GROUPINGS[grouping]
+        merged = group.merged_class()
         unknown = [name for name in base_names if name not in merged]
         if unknown:
-            raise ConfigError(f"config.data.grouping='kind' needs ImageNet synset class names, but "
+            raise ConfigError(f"config.data.grouping={grouping!r} needs ImageNet synset class names, but "
                               f"{unknown[:5]} (of {len(unknown)}) are not ImageNet-1K synsets; "
                               f"use config.data.grouping='' for other data")
-        names = _task_classes(task) if task else kind_classes()
+        names = group.task_classes(task) if task else group.classes()
         position = {name: j for j, name in enumerate(names)}
         base_to_name = np.array([position.get(merged[name], -1) for name in base_names], dtype=np.int64)
     relabel = np.arange(len(names))

@@ -18,7 +18,7 @@ from kindjax.config import ConfigError
 from kindjax.data.class_groups import ClassSelection, select_classes
 from kindjax.data.decode import SkipLog, check_index, decode_image
 from kindjax.data.pipeline import ArrayDataset
-from kindjax.paths import as_path, is_uri
+from kindjax.io.paths import as_path, is_uri
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 

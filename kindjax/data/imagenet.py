@@ -29,7 +29,7 @@ import numpy as np
 from kindjax.config import ConfigError
 from kindjax.data.class_groups import ClassSelection, imagenet_synsets, select_classes
 from kindjax.data.decode import SkipLog, check_index, decode_image
-from kindjax.paths import as_path, load_npy, save_npy
+from kindjax.io.paths import as_path, load_npy, save_npy
 
 TFDS_NAME = "imagenet2012"
 _LABEL_CHUNK = 1024

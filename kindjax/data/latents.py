@@ -1,4 +1,4 @@
-"""SD-VAE latents written by ``python -m kindjax.encode``: a sharded, per-process, prefetching data set.
+"""SD-VAE latents written by ``python -m kindjax.tools.encode``: a sharded, per-process, prefetching data set.
 
 Batching follows :func:`kindjax.data.pipeline.batch_indices` with ``G`` streams (``data.streams``):
 step ``s``'s global batch is a pure function of ``(seed, s, G)``, and process ``p`` of ``P`` computes
@@ -39,7 +39,7 @@ import numpy as np
 
 from kindjax.config import ConfigError
 from kindjax.data.class_groups import select_classes
-from kindjax.paths import as_path, is_uri, load_npy, read_json
+from kindjax.io.paths import as_path, is_uri, load_npy, read_json
 from kindjax.data.pipeline import Batch, Batches, batch_indices, flip_draws, local_rows, stream_part
 
 INDEX_NAME = "index.json"
@@ -95,13 +95,13 @@ def shard_problem(root: str, name: str, count: int, views: int, latent_shape: Se
 
 
 def repair_command(root: str) -> str:
-    """The ``python -m kindjax.encode`` command that last wrote ``root`` (kept in its plan): rerun, it
+    """The ``python -m kindjax.tools.encode`` command that last wrote ``root`` (kept in its plan): rerun, it
     re-encodes missing or damaged shards and rewrites the index."""
     try:
         command = read_json(os.path.join(root, PLAN_NAME)).get("command")
     except (OSError, ValueError):
         command = None
-    return command or f"python -m kindjax.encode --config CONFIG --vae VAE_DIR --out {shlex.quote(root)} (as encoded)"
+    return command or f"python -m kindjax.tools.encode --config CONFIG --vae VAE_DIR --out {shlex.quote(root)} (as encoded)"
 
 
 @functools.partial(jax.jit, static_argnames="scale")
@@ -355,7 +355,7 @@ def read_index(root: str) -> dict:
     path = os.path.join(root, INDEX_NAME)
     if not as_path(path).exists():
         raise ConfigError(f"no {INDEX_NAME} in data.root={root!r}: encode the images first with "
-                          f"python -m kindjax.encode --config CONFIG --vae VAE_DIR --out {root or 'LATENT_DIR'} "
+                          f"python -m kindjax.tools.encode --config CONFIG --vae VAE_DIR --out {root or 'LATENT_DIR'} "
                           f"(an unfinished encode has no index yet: rerun the same command to finish it)")
     try:
         index = read_json(path)
@@ -381,7 +381,7 @@ def open_latents(config: ml_collections.ConfigDict, log: Callable[[str], None] =
     ``bad_shards``/``verify_latents`` say; checks the latents fit ``config.model``."""
     root = config.data.root
     if not root:
-        raise ConfigError("data.name='latents' needs data.root, the --out directory of python -m kindjax.encode")
+        raise ConfigError("data.name='latents' needs data.root, the --out directory of python -m kindjax.tools.encode")
     d = config.data
     dataset = LatentDataset(root, read_index(root), grouping=d.grouping, task=d.task, classes=tuple(d.classes),
                             scale=config.vae.scale, random_flip=d.random_flip, prefetch_depth=config.vae.prefetch,

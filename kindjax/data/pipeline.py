@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from kindjax.paths import as_path, read_json, write_json
+from kindjax.io.paths import as_path, read_json, write_json
 
 #: Third seed word of the flip draws, so they never share a stream with the permutations.
 FLIP_STREAM = 1

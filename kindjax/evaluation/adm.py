@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kindjax.evaluation.frechet import feature_statistics, frechet_distance
-from kindjax.paths import as_path
+from kindjax.io.paths import as_path
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 

@@ -47,7 +47,7 @@ from safetensors.numpy import load
 from kindjax.config import ConfigError
 from kindjax.evaluation.frechet import feature_statistics, frechet_distance
 from kindjax import sharding
-from kindjax.paths import as_path, read_json
+from kindjax.io.paths import as_path, read_json
 
 #: ``eval.dinov2_model`` → (hidden size, layers, heads) of the torch-hub DINOv2 of that name and its
 #: transformers checkpoint.  ViT-g/14 (``vitg14``, ``facebook/dinov2-giant``) has a SwiGLU MLP: not supported.

@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from kindjax import cli, sharding
-from kindjax.paths import as_path
+from kindjax.io.paths import as_path
 
 INCEPTION_SIZE = 299
 NUM_LOGITS = 1008

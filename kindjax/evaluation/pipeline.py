@@ -1,4 +1,4 @@
-"""ADM-style evaluation of a trained model (the work of ``python -m kindjax.evaluate``):
+"""ADM-style evaluation of a trained model (the work of ``python -m kindjax.evaluation``):
 
 
 Started by a launcher on several hosts (as ``launch/`` starts training), every process runs the same
@@ -40,10 +40,10 @@ from kindjax.evaluation import adm
 from kindjax.evaluation.inception import PREPROCESSING, inception_features, load_inception
 from kindjax.evaluation.pooled import save_features
 from kindjax.models.dit import abstract_params, build_model
-from kindjax.sample import generate
+from kindjax.diffusion.generate import generate
 from kindjax import sharding
-from kindjax.logs import RunLogger, to_uint8
-from kindjax.paths import as_path, read_json, write_json
+from kindjax.io.logs import RunLogger, to_uint8
+from kindjax.io.paths import as_path, read_json, write_json
 
 PROGRESS_UPDATES = 20  # sampling is split into about this many chunks, each reported
 LATENT_FACTOR = 8      # image side / latent side of the SD-VAE (names the sample file before decoding)

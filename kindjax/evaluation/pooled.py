@@ -1,6 +1,6 @@
-"""ADM metrics of samples pooled over several runs (e.g. one method's runs on the 18 KIND tasks).
+"""ADM metrics of samples pooled over several runs (e.g. one method's runs on the tasks of a sweep).
 
-``python -m kindjax.evaluate`` keeps each run's Inception features (``features_<step>.npz``: the
+``python -m kindjax.evaluation`` keeps each run's Inception features (``features_<step>.npz``: the
 samples' ``pool_3``, ``spatial`` and ``logits_unbiased``) and its reference batch's
 (``reference_features_<step>.npz``).  The pooled metrics concatenate the runs' sample features and
 their references' features, then compute FID, sFID, IS, precision and recall on the union, as if one

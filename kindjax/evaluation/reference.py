@@ -1,9 +1,9 @@
 """A reference batch of real images for any class subset of an image source, in ADM's format.
 
 The images of ``config.data`` (ImageNet through TFDS or a folder; ``data.split``,
-``data.grouping``/``data.task``/``data.classes`` select e.g. one KIND task's classes) with
+``data.grouping``/``data.task``/``data.classes`` select e.g. one task's classes) with
 ADM's centre crop at ``data.image_size``: ``arr_0`` uint8 ``(N, S, S, 3)``, ``arr_1`` the
-labels.  ``python -m kindjax.evaluate --reference_out FILE`` writes it; ``eval.reference=FILE``
+labels.  ``python -m kindjax.evaluation --reference_out FILE`` writes it; ``eval.reference=FILE``
 then evaluates a run against it (its Inception statistics are computed from ``arr_0``).
 """
 from __future__ import annotations

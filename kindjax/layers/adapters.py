@@ -40,8 +40,8 @@ import ml_collections
 import numpy as np
 
 from kindjax.config import ConfigError
-from kindjax.layers.base import LinearFactory, check_linear_keys, positive_int
-from kindjax.layers.kind import matrix_shapes
+from kindjax.layers.base import VARIANT_KEY, LinearFactory, check_linear_keys, positive_int
+from kindjax.layers.svd import matrix_shapes
 
 
 _LOW_RANK = {"rank": 8, "alpha": 8.0}
@@ -69,13 +69,13 @@ def adapter_settings(linear_config: Mapping) -> dict[str, Any]:
     ``r · oft_block_size = d_in``); giving only ``r`` drops the default block size.
     Raises :class:`~kindjax.config.ConfigError` naming the key and the fix.
     """
-    kind = linear_config.get("kind")
+    kind = linear_config.get(VARIANT_KEY)
     if kind not in DEFAULTS:
         raise ConfigError(f"config.model.linear.kind={kind!r} is not an adapter kind; "
                           f"use one of {sorted(DEFAULTS)}")
     defaults = DEFAULTS[kind]
-    given = {k: v for k, v in linear_config.items() if k != "kind"}
-    check_linear_keys(linear_config, ("kind", *defaults), kind)
+    given = {k: v for k, v in linear_config.items() if k != VARIANT_KEY}
+    check_linear_keys(linear_config, (VARIANT_KEY, *defaults), kind)
     settings = {**defaults, **given}
     if kind == "oft":
         if "r" in given and "oft_block_size" not in given:
@@ -464,9 +464,5 @@ def _adapter_factory(kind: str) -> Callable[[ml_collections.ConfigDict], LinearF
 
 _LOW_RANK_LAYERS = {"lora": LoRALinear, "dora": DoRALinear, "pissa": PiSSALinear, "loha": LoHaLinear}
 
-lora_factory = _adapter_factory("lora")
-dora_factory = _adapter_factory("dora")
-pissa_factory = _adapter_factory("pissa")
-oft_factory = _adapter_factory("oft")
-loha_factory = _adapter_factory("loha")
-svdiff_factory = _adapter_factory("svdiff")
+#: ``kind → build(model_config) → factory`` for the adapter kinds (registered by :mod:`kindjax.layers`).
+FACTORIES = {kind: _adapter_factory(kind) for kind in FROM_DENSE}

@@ -8,6 +8,9 @@ import flax.linen as nn
 
 from kindjax.config import ConfigError
 
+#: The key of ``config.model.linear`` that names the variant (:data:`kindjax.layers.VARIANTS`).
+VARIANT_KEY = "kind"
+
 #: Roles a factory may ask the DiT to build as one matrix (``fused_roles``): ``"qkv"`` (one
 #: ``d → 3d`` matrix whose output is split into q, k, v) and ``"adaln"`` (the block's adaLN
 #: modulation ``d → 6d``, otherwise a plain dense layer of the DiT).

@@ -1,8 +1,8 @@
 """DiT (Peebles & Xie 2023) with adaLN-Zero / adaLN-Gaussian blocks, in Flax Linen.
 
 Images are NHWC.  The six main matrices of every block come from an injected
-linear factory (``kindjax.layers``), so KIND, FINE and the PEFT baselines reuse
-this one backbone; parameters a variant shares across blocks (FINE's ``U``, ``V``)
+linear factory (``kindjax.layers``), so the papers' decomposed layers and the PEFT baselines reuse
+this one backbone; parameters a variant shares across blocks (shared bases ``U``, ``V``)
 are built once at the top level (``kindjax.layers.SharedParams``) and lent to every
 block.  ``model.apply(params, x, t, y)`` returns ``(B, H, W, C_out)``
 with ``C_out = 2·C`` when the variance is learned (ε first, then the variance
@@ -135,7 +135,7 @@ def remat_policy(remat: str) -> Callable | None:
 
 class Attention(nn.Module):
     """Multi-head self-attention with separate q, k, v and output matrices (or one fused ``qkv``
-    matrix ``d → 3d`` split into q, k, v, when the linear variant declares it: FINE); ``attention``
+    matrix ``d → 3d`` split into q, k, v, when the linear variant declares it); ``attention``
     is the implementation of ``softmax(q·kᵀ/√h)·v`` (:mod:`kindjax.models.attention`)."""
 
     hidden_size: int

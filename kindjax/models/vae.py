@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kindjax.paths import as_path, read_json
+from kindjax.io.paths import as_path, read_json
 
 #: The diffusers config of ``stabilityai/sd-vae-ft-ema`` (and ``-ft-mse``): the architecture keys.
 SD_VAE_CONFIG: dict[str, Any] = dict(

@@ -1,5 +1,5 @@
-"""What several sweep experiments share: the two pre-trainings, a task's reference batch, and the ADM
-report of a finished run against it (``python -m kindjax.evaluate``'s pipeline)."""
+"""What several sweep experiments share: a task's reference batch, and the ADM report of a finished run
+against it (``python -m kindjax.evaluation``'s pipeline)."""
 from __future__ import annotations
 
 import json
@@ -7,28 +7,10 @@ import time
 from typing import Callable
 
 import jax
-import ml_collections
 from etils import epath
 
 from kindjax.config import ConfigError
 from kindjax.sweep.grid import Run
-
-
-def dense(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config`` with dense linear layers."""
-    c = config.copy_and_resolve_references()
-    c.model.linear = ml_collections.ConfigDict(dict(kind="dense"))
-    return c
-
-
-def pretrain_runs(config: ml_collections.ConfigDict, workdir: str) -> list[Run]:
-    """The dense and the KIND pre-training on the config's classes (same data, steps and optimiser)."""
-    kind = config.copy_and_resolve_references()
-    kind.job = "train"
-    kind.transfer.classes = ()
-    root = epath.Path(workdir) / "pretrain"
-    return [Run(dict(role="prerequisite", method=name), str(root / name), c)
-            for name, c in (("dense", dense(kind)), ("kind", kind))]
 
 
 def reference_path(pattern: str, workdir: str, task: str) -> str:

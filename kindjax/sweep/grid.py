@@ -23,7 +23,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from kindjax.run import check, finished, stage
+from kindjax.train.stages import check, finished, stage
 
 Scores = dict[str, float]
 
@@ -52,12 +52,13 @@ class Run:
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """``runs(config, workdir, options)``: the grid, prerequisites first; ``train_evaluate``: the
-    evaluate hook of training (:func:`kindjax.run.stage`), or None; ``score(run, metrics)``: the
+    evaluate hook of training (:func:`kindjax.train.stages.stage`), or None; ``score(run, metrics)``: the
     table metrics of a finished run (``metrics``: what its training stage reported), cached by the
     experiment; ``write_tables(runs, scores, workdir)``: the table layouts; ``prepare(run)``, or None:
     writes what an unfinished run starts from once the runs it needs are finished (e.g. a model
     assembled from a pre-training), called before each attempt, so it must skip what it already wrote;
-    ``methods``: the names ``--methods`` may give (empty: :data:`kindjax.methods.METHODS`)."""
+    ``methods``: the names ``--methods`` may give; ``selects(config)``, or None: this is the experiment
+    of a config when ``--experiment`` is not given."""
 
     name: str
     runs: Callable[[ml_collections.ConfigDict, str, dict], list[Run]]
@@ -66,6 +67,7 @@ class Experiment:
     write_tables: Callable[[list[Run], dict[str, Scores], str], Any]
     prepare: Callable[[Run], None] | None = None
     methods: tuple[str, ...] = ()
+    selects: Callable[[ml_collections.ConfigDict], bool] | None = None
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -102,7 +104,7 @@ def check_grid(runs: list[Run]) -> None:
 
 
 def is_finished(run: Run, by_workdir: dict[str, Run]) -> dict | None:
-    """The training metrics of ``run`` if it finished (:func:`kindjax.run.finished`), else None."""
+    """The training metrics of ``run`` if it finished (:func:`kindjax.train.stages.finished`), else None."""
     if any(is_finished(by_workdir[n], by_workdir) is None for n in run.needs):
         return None
     return finished(run.workdir, run.config)
@@ -125,7 +127,7 @@ def wall_time(run: Run) -> dict:
 
 def timed_stage(run: Run, train_evaluate: Callable | None,
                 prepare: Callable[[Run], None] | None = None) -> dict | None:
-    """:func:`kindjax.run.stage` plus its wall time, kept in ``wall.json`` so reruns report it;
+    """:func:`kindjax.train.stages.stage` plus its wall time, kept in ``wall.json`` so reruns report it;
     ``prepare(run)`` (:attr:`Experiment.prepare`) first when the run is not finished."""
     path = epath.Path(run.workdir) / "wall.json"
     done = finished(run.workdir, run.config)

@@ -1,34 +1,29 @@
-"""The sweep's experiments by name, and the one chosen for a config (``python -m kindjax.sweep``).
-
-A module of its own because experiments build on each other's helpers (``domain_shift`` on
-``kind_tables``', ``table1`` on ``common``): the registry imports them all, none imports the registry.
-"""
+"""The sweep's experiments by name (:data:`EXPERIMENTS`, filled by the packages that define them), and
+the one chosen for a config (``python -m kindjax.sweep``)."""
 from __future__ import annotations
 
 import ml_collections
 
-from kindjax.sweep.domain_shift import DOMAIN_SHIFT
-from kindjax.sweep.experiments import DIGITS, KIND_TABLES
-from kindjax.sweep.fine_depths import FINE_DEPTHS
+from kindjax.registry import Registry
 from kindjax.sweep.grid import Experiment
-from kindjax.sweep.table1 import TABLE1
 
-EXPERIMENTS = {e.name: e for e in (DIGITS, KIND_TABLES, FINE_DEPTHS, TABLE1, DOMAIN_SHIFT)}
+#: ``--experiment`` → :class:`kindjax.sweep.grid.Experiment`.
+EXPERIMENTS: Registry[Experiment] = Registry("sweep experiment", key="--experiment")
+
+
+def register_experiment(experiment: Experiment) -> Experiment:
+    """Adds ``experiment`` under its name."""
+    return EXPERIMENTS.register(experiment.name, experiment)
 
 
 def experiment_for(config: ml_collections.ConfigDict, name: str = "") -> Experiment:
-    """``--experiment`` if given, else from the config: digits data → ``digits`` (``fine_depths`` for a
-    FINE model); ``data.grouping='kind'`` → ``kind_tables``; KIND layers on an image folder →
-    ``domain_shift``."""
+    """``--experiment`` if given, else the one experiment whose ``selects(config)`` is true."""
     if name:
-        if name not in EXPERIMENTS:
-            raise ValueError(f"--experiment={name!r}: use one of {sorted(EXPERIMENTS)}")
         return EXPERIMENTS[name]
-    if config.data.name == "digits":
-        return FINE_DEPTHS if config.model.linear.kind == "fine" else DIGITS
-    if config.data.grouping == "kind":
-        return KIND_TABLES
-    if config.data.name == "folder" and config.model.linear.kind == "kind":
-        return DOMAIN_SHIFT
-    raise ValueError(f"no experiment fits this config (data.name={config.data.name!r}, data.grouping="
-                     f"{config.data.grouping!r}); give --experiment, one of {sorted(EXPERIMENTS)}")
+    fitting = [e for e in EXPERIMENTS.values() if e.selects is not None and e.selects(config)]
+    if len(fitting) != 1:
+        which = f"{len(fitting)} fit it ({[e.name for e in fitting]})" if fitting else "none fits it"
+        raise ValueError(f"no one experiment is chosen by this config (data.name={config.data.name!r}, data.grouping="
+                         f"{config.data.grouping!r}, model.linear.kind={config.model.linear.kind!r}): {which}; give "
+                         f"--experiment, one of {sorted(EXPERIMENTS)}")
+    return fitting[0]

@@ -2,16 +2,14 @@
 
 Rows are dicts; a metric ``m`` of a row is ``row[m]`` (mean) and ``row[m + "_std"]`` (std over seeds).
 
-- :func:`per_task`: one row per (task, method): mean ± std over seeds (the KIND paper's Table 8 layout).
+- :func:`per_task`: one row per (task, method): mean ± std over seeds.
 - :func:`task_mean`: one row per method: for each seed the plain mean over tasks, then mean ± std over
-  seeds (with one task: the per-task row).
-- The KIND paper's Table 2 FID is *not* a mean over tasks of Table 8 (:func:`paper_aggregation`): the
-  sweep's Table 2 pools each method's samples over the tasks (:mod:`kindjax.evaluation.pooled`).
+  seeds (with one task: the per-task row).  (Pooling each method's samples over the tasks is the
+  other aggregation: :mod:`kindjax.evaluation.pooled`.)
 """
 from __future__ import annotations
 
 import csv
-import importlib.resources
 import io
 from typing import Sequence
 
@@ -114,29 +112,3 @@ def plot_against_parameters(rows: list[dict], x: str, metrics: Sequence[tuple[st
     with path.open("wb") as f:
         fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-
-
-def paper_fid_tables() -> dict[tuple[str, str], tuple[float, np.ndarray]]:
-    """``(arch, method) → (Table 2 FID, Table 8 FIDs of the 18 tasks)`` from
-    ``kindjax/data/tables/kind_fid_tables.tsv`` (KIND paper, Tables 2 and 8)."""
-    text = (importlib.resources.files("kindjax") / "data" / "tables" / "kind_fid_tables.tsv").read_text()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            arch, method, table2, *tasks = line.split("\t")
-            out[(arch, method)] = (float(table2), np.asarray(tasks, np.float64))
-    return out
-
-
-def paper_aggregation(task_sizes: Sequence[int]) -> list[dict]:
-    """For each (arch, method) of the paper: Table 2's FID against the plain mean of Table 8's per-task
-    FIDs, the mean weighted by the tasks' class counts (pooled samples with a fixed number per class
-    would weight so), and the smallest per-task FID.  Any weighted mean of per-task FIDs lies between
-    their min and max; a Table 2 FID below the min can only come from scoring pooled samples."""
-    weights = np.asarray(task_sizes, np.float64)
-    rows = []
-    for (arch, method), (table2, tasks) in paper_fid_tables().items():
-        rows.append(dict(arch=arch, method=method, table2=table2, mean=float(tasks.mean()),
-                         class_weighted_mean=float(np.average(tasks, weights=weights)), min=float(tasks.min()),
-                         ratio=table2 / float(tasks.mean())))
-    return rows

@@ -21,17 +21,17 @@ import numpy as np
 import optax
 
 from kindjax import checkpoints
-from kindjax.config import ConfigError
+from kindjax.config import ConfigError, start_keys
 from kindjax import params as param_rules
 from kindjax.data import Batches, TrainingSource, make_dataset
 from kindjax.data.pipeline import DeviceBatches, note_process_count
 from kindjax.diffusion import GaussianDiffusion, denoising_loss, noisy_inputs
 from kindjax.models.dit import DiT, build_model, drop_labels, init_params
-from kindjax.paths import as_path, write_bytes, write_json
-from kindjax.sample import generate
-from kindjax.transfer import STARTS, initial_params, load_teacher, starts_from_checkpoint
+from kindjax.io.paths import as_path, write_bytes, write_json
+from kindjax.diffusion.generate import generate
+from kindjax.transfer import initial_params, load_teacher, starts_from_checkpoint
 from kindjax import sharding
-from kindjax.logs import RunLogger, image_grid, png_bytes, to_uint8
+from kindjax.io.logs import RunLogger, image_grid, png_bytes, to_uint8
 from kindjax.train.optimizer import learning_rate, make_optimizer
 
 State = dict[str, Any]
@@ -266,11 +266,11 @@ TEACHER = "train.distill.teacher"
 
 
 def origin(config: ml_collections.ConfigDict) -> dict[str, dict]:
-    """What the run is made from: for each ``init`` path that is set (:data:`kindjax.transfer.STARTS`)
+    """What the run is made from: for each ``init`` path that is set (:func:`kindjax.config.start_keys`)
     and for the teacher ``train.distill.teacher`` when one is set (key :data:`TEACHER`; no key without
     one), the checkpoint and the step it resolves to now; refuses a path that holds no checkpoint."""
     distill = config.train.get("distill")   # absent from configs saved before train.distill existed
-    paths = {**{key: config.init.get(key, "") for key in STARTS}, TEACHER: distill.teacher if distill else ""}
+    paths = {**{key: config.init.get(key, "") for key in start_keys()}, TEACHER: distill.teacher if distill else ""}
     found = {}
     for key, path in paths.items():
         if path:
@@ -399,7 +399,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             results = evaluate(trainer, state)
             logger.scalars(step, {f"eval/{k}": v for k, v in results.items()}, console=False)
             logger.text("Evaluation: " + json.dumps(results))
-        if jax.process_index() == 0:   # the run is complete (what kindjax.run.finished reads)
+        if jax.process_index() == 0:   # the run is complete (what kindjax.train.stages.finished reads)
             write_json(as_path(workdir) / "metrics.json", {"step": step, **results})
     finally:
         batches.close()

@@ -1,6 +1,6 @@
 """Which DiT blocks a layer-transfer learngene inherits: Heur-LG and Auto-LG.
 
-Both baselines of the KIND paper transfer whole layers of a model pre-trained the
+Both are learngene baselines that transfer whole layers of a model pre-trained the
 usual way, re-initialise the others, and train everything (``init.pretrained`` with
 ``init.select``).  They differ in how the ``k = init.num_blocks`` blocks are chosen:
 

@@ -2,12 +2,12 @@
 
 Every leaf
 whose path and shape the new model shares is copied; a linear layer's kernel comes
-from the source's dense kernel or KIND learngene (``W = V_G diag(σ_G) U_Gᵀ``),
-optionally cut to ``init.svd_components`` random singular components (KIND's
-ablation #1); ``init.blocks`` limits the copy to some DiT blocks (the layer-transfer
+from the source's dense kernel or the learngene part of a factorised layer
+(``W = V_G diag(σ_G) U_Gᵀ``), optionally cut to ``init.svd_components`` random singular
+components (an ablation of the learngene: random components instead of learnt ones); ``init.blocks`` limits the copy to some DiT blocks (the layer-transfer
 learngenes Heur-LG and Auto-LG, :mod:`kindjax.transfer.layer_selection`); the new classes get
 fresh label rows; finally the variant's data-dependent initialisation
-(``kindjax.layers.FROM_DENSE``: PiSSA's and SVDiff's SVD, DoRA's magnitude) runs on
+(``Variant.from_dense`` of :mod:`kindjax.layers`: PiSSA's and SVDiff's SVD, DoRA's magnitude) runs on
 every linear layer.
 """
 from __future__ import annotations
@@ -22,24 +22,26 @@ from flax import traverse_util
 
 from kindjax import params as param_rules
 from kindjax.config import ConfigError
-from kindjax.layers import FROM_DENSE, ROLES
-from kindjax.learngene import load_params
+from kindjax.layers import ROLES, VARIANTS
+from kindjax.checkpoints.learngene import load_params
+from kindjax.models.dit import DiT, build_model
 from kindjax.transfer.layer_selection import select_blocks
 
 def dense_kernel(node: Mapping[str, Any]) -> np.ndarray:
     """The ``(d_in, d_out)`` kernel a pre-trained linear layer computes with: its ``kernel``,
-    or a KIND layer's learngene product ``V_G diag(σ_G) U_Gᵀ`` (tailors left out)."""
+    or a factorised layer's learngene product ``V_G diag(σ_G) U_Gᵀ`` (tailors left out)."""
     if "kernel" in node:
         return np.asarray(node["kernel"], np.float32)
     if "learngene" in node:
         g = {k: np.asarray(v, np.float64) for k, v in node["learngene"].items()}
         return ((g["V"] * g["sigma"]) @ g["U"].T).astype(np.float32)
     raise ConfigError(f"cannot read a dense kernel from a pre-trained layer with leaves {sorted(node)}; "
-                      f"init.pretrained needs a dense or KIND checkpoint")
+                      f"init.pretrained needs a dense checkpoint, or one whose layers have a learngene part")
 
 
 def random_svd_backbone(kernel: np.ndarray, n_components: int, key: jax.Array) -> np.ndarray:
-    """KIND ablation #1: ``W = P diag(s) Qᵀ`` keeps ``N_G`` singular components drawn at random,
+    """``W = P diag(s) Qᵀ`` cut to ``N_G`` singular components drawn at random (a learngene of random
+    components, the ablation of a learnt one),
     ``W_I = P[:, I] diag(s_I) Q[:, I]ᵀ`` with ``I`` a uniform ``N_G``-subset of ``0..r-1``."""
     p, s, qt = np.linalg.svd(np.asarray(kernel, np.float64), full_matrices=False)
     if not 0 < n_components <= s.size:
@@ -94,7 +96,7 @@ def init_from_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any]
                               f"must have the same hidden size, depth, patch size and channels")
         out[path] = jnp.asarray(value, leaf.dtype)
     params = traverse_util.unflatten_dict(out)
-    adapt = FROM_DENSE.get(config.model.linear.kind)
+    adapt = VARIANTS[config.model.linear.kind].from_dense
     if adapt is None:
         return params
     return param_rules.map_layers(params, lambda name, node: name in ROLES and "kernel" in node,
@@ -115,3 +117,14 @@ def pretrained_init(config: ml_collections.ConfigDict, fresh: Mapping[str, Any],
         config = config.copy_and_resolve_references()
         config.init.blocks = select_blocks(config, pretrained, source_config, transferred, jax.random.fold_in(key, 7))
     return init_from_pretrained(fresh, pretrained, key, config)
+
+
+def load_teacher(config: ml_collections.ConfigDict) -> tuple[DiT, dict]:
+    """``(model, EMA params)`` of ``train.distill.teacher``; refuses a teacher whose inputs or classes differ."""
+    path = config.train.distill.teacher
+    params, teacher_config = load_params(path)
+    for key in ("image_size", "in_channels", "num_classes"):
+        if teacher_config.model[key] != config.model[key]:
+            raise ConfigError(f"train.distill.teacher={path!r} has model.{key}={teacher_config.model[key]}, this "
+                              f"model {config.model[key]}: the teacher must see the same inputs and classes")
+    return build_model(teacher_config), params

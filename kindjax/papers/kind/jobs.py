@@ -1,0 +1,40 @@
+"""KIND's job ``kind_transfer`` (``python -m kindjax.main`` with ``job="kind_transfer"``): KIND
+pre-training under the class gate (``WORKDIR/pretrain``), then transfer of the frozen learngene to
+the novel classes ``transfer.classes`` with fresh tailors (``WORKDIR/transfer``); the figures of
+both in ``WORKDIR/metrics.json``.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from kindjax.io.paths import as_path, write_json
+from kindjax.papers.kind.digits_report import evaluate_kind_digits
+from kindjax.evaluation.digits_report import evaluate_digits
+from kindjax.papers.kind.transfer import transfer_config
+from kindjax.train.stages import check, check_workdir, set_aside_stale, stage
+
+
+def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+    pre_dir, tr_dir = os.path.join(workdir, "pretrain"), os.path.join(workdir, "transfer")
+    pre_config = config.copy_and_resolve_references()
+    pre_config.job = "train"
+    tr_config = transfer_config(config, pre_dir)
+    pre_data, tr_data = check(pre_config), check(tr_config, starts=False)
+    check_workdir(pre_config, pre_dir)
+    check_workdir(tr_config, tr_dir)
+    pre = stage(pre_config, pre_dir, evaluate_kind_digits, pre_data)
+    if pre is not None:
+        set_aside_stale(tr_config, tr_dir)
+    novel = stage(tr_config, tr_dir, evaluate_digits, tr_data) if pre is not None else None
+    if novel is None:
+        print("Stopped before the end; rerun the same command to resume.", flush=True)
+        return None
+    report = {k: v for k, v in pre.items() if k != "step"}
+    report.update(novel_accuracy=novel["sample_accuracy"], novel_frechet_distance=novel["frechet_distance"])
+    if jax.process_index() == 0:
+        write_json(as_path(workdir) / "metrics.json", report)
+    print("KIND on the digits:\n" + "\n".join(f"  {k:30s} {v:.4f}" for k, v in report.items()), flush=True)
+    return report

@@ -1,0 +1,226 @@
+"""KIND: a linear layer decomposed into a learngene and per-class tailors.
+
+Every matrix is ``W = U · diag(σ) · Vᵀ`` (``U`` of shape ``(d_out, r)``, ``V`` of
+shape ``(d_in, r)``) with ``r = N_cls·N_T + N_G`` components: ``N_G`` learngene
+components shared by all classes and one tailor of ``N_T`` components per class.
+A sample of class ``c`` uses ``W_c = U_G diag(σ_G) V_Gᵀ + U_T[c] diag(σ_T[c]) V_T[c]ᵀ``
+(the class gate); the null class ``c = N_cls`` of classifier-free guidance uses the
+learngene alone.  Gradients therefore reach only the learngene and the tailors of
+the classes present in a batch.
+
+Parameter tree of one layer (a path says what a leaf is: a ``tailors`` component
+means a tailor leaf whose leading axis is the class; everything else is learngene)::
+
+    learngene/U      (d_out, N_G)          tailors/U      (N_cls, d_out, N_T)
+    learngene/sigma  (N_G,)                tailors/sigma  (N_cls, N_T)
+    learngene/V      (d_in, N_G)           tailors/V      (N_cls, d_in, N_T)
+    bias             (d_out,)
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from kindjax.archs import resolve_dims
+from kindjax.layers.base import LinearFactory, check_linear_keys, one_of, positive_int
+from kindjax.layers.svd import extend_orthonormal, init_sigma, matrix_shapes, svd_product
+
+
+#: Keys of ``config.model.linear`` for ``kind="kind"``; ``N_cls`` is ``model.num_classes``.
+CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "formulation")
+
+#: ``config.model.linear.formulation``: how the class gate is computed.  ``gated`` is the
+#: efficient form; ``naive`` materialises one full-rank weight per sample (same values,
+#: about twice the FLOPs or more; a reference and benchmark baseline).  ``ungated`` is
+#: KIND's ablation #3: every sample uses every tailor (no class gate).
+FORMULATIONS = ("gated", "naive", "ungated")
+
+
+def kind_config(n_learngene: int, n_tailor: int, formulation: str = "gated") -> ml_collections.ConfigDict:
+    """``config.model.linear`` for KIND with ``N_G`` and ``N_T`` (``N_cls`` = ``model.num_classes``)."""
+    return ml_collections.ConfigDict(dict(kind="kind", n_learngene=n_learngene, n_tailor=n_tailor,
+                                          formulation=formulation))
+
+
+def kind_formulation(linear_config: Mapping) -> str:
+    """``config.model.linear.formulation`` (default ``"gated"``), checked against :data:`FORMULATIONS`."""
+    return one_of(linear_config, "formulation", "gated", FORMULATIONS, "kind")
+
+
+def is_class_gated(linear_config: Mapping) -> bool:
+    """A sample of class ``c`` reaches only the learngene and tailor ``c`` (not ablation #3)."""
+    return kind_formulation(linear_config) != "ungated"
+
+
+def kind_sizes(model_config: Mapping) -> tuple[int, int, int]:
+    """``(N_cls, N_T, N_G)``: ``model.num_classes`` and ``model.linear``'s sizes, each a positive int."""
+    linear_config = model_config["linear"]
+    if "n_classes" in linear_config:
+        raise ValueError("config.model.linear.n_classes is not a key: KIND has one tailor per class of "
+                         "model.num_classes; remove n_classes and set model.num_classes")
+    check_linear_keys(linear_config, CONFIG_KEYS, "kind")
+    return (model_config["num_classes"], positive_int(linear_config, "n_tailor", "kind"),
+            positive_int(linear_config, "n_learngene", "kind"))
+
+
+def _check_fits(d_in: int, d_out: int, n_classes: int, n_tailor: int, n_learngene: int,
+                role: str) -> int:
+    """The rank ``r = N_cls·N_T + N_G``; ValueError if ``r > min(d_in, d_out)``."""
+    rank = n_classes * n_tailor + n_learngene
+    if rank > min(d_in, d_out):
+        raise ValueError(
+            f"KIND rank does not fit matrix {role!r} (d_in={d_in}, d_out={d_out}): "
+            f"r = N_cls·N_T + N_G = {n_classes}·{n_tailor} + {n_learngene} = {rank} > "
+            f"min(d_in, d_out) = {min(d_in, d_out)}. Lower config.model.linear.n_tailor or "
+            f"n_learngene, or widen the model.")
+    return rank
+
+
+def check_rank(d_in: int, d_out: int, model_config: Mapping, role: str) -> int:
+    """Validates that ``r = N_cls·N_T + N_G ≤ min(d_in, d_out)`` for one matrix; returns ``r``."""
+    n_classes, n_tailor, n_learngene = kind_sizes(model_config)
+    return _check_fits(d_in, d_out, n_classes, n_tailor, n_learngene, role)
+
+
+def init_learngene(key: jax.Array, d_in: int, d_out: int, n_learngene: int,
+                   sigma: float) -> dict[str, jax.Array]:
+    """Learngene factors: ``U_G``, ``V_G`` random with orthonormal columns, ``σ_G = sigma``."""
+    key_u, key_v = jax.random.split(key)
+    return {"U": extend_orthonormal(key_u, jnp.zeros((d_out, 0)), n_learngene),
+            "sigma": jnp.full((n_learngene,), sigma, jnp.float32),
+            "V": extend_orthonormal(key_v, jnp.zeros((d_in, 0)), n_learngene)}
+
+
+def init_tailors(key: jax.Array, learngene: Mapping[str, jax.Array], n_classes: int,
+                 n_tailor: int, sigma: float) -> dict[str, jax.Array]:
+    """Tailor factors, orthonormal to each other and to ``learngene``; ``σ_T = sigma``.
+
+    Class ``c`` owns components ``c·N_T … (c+1)·N_T - 1`` of the ``N_cls·N_T``
+    tailor columns (KIND eq. 6).  Also the fresh tailors of a transferred learngene.
+    """
+    key_u, key_v = jax.random.split(key)
+
+    def per_class(columns: jax.Array) -> jax.Array:
+        return columns.reshape(columns.shape[0], n_classes, n_tailor).transpose(1, 0, 2)
+
+    total = n_classes * n_tailor
+    return {"U": per_class(extend_orthonormal(key_u, learngene["U"], total)),
+            "sigma": jnp.full((n_classes, n_tailor), sigma, jnp.float32),
+            "V": per_class(extend_orthonormal(key_v, learngene["V"], total))}
+
+
+def kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
+                tailors: Mapping[str, jax.Array], bias: jax.Array,
+                dtype: jnp.dtype | None = None) -> jax.Array:
+    """Class-gated product, efficient form, for ``x`` of shape ``(B, ..., d_in)``.
+
+    ``out_b = x_b·W_G + ((x_b·V_T[c_b]) ⊙ σ_T[c_b]·[y_b < N_cls])·U_T[c_b]ᵀ + b`` with
+    ``W_G = V_G diag(σ_G) U_Gᵀ`` shared by the whole batch (:func:`learngene_product`)
+    and ``c_b = clip(y_b, 0, N_cls - 1)``: the null class ``y_b = N_cls`` gets no
+    tailor.  No weight is built per sample.  Computes in ``dtype`` (default ``x.dtype``).
+    """
+    dtype = dtype or x.dtype
+    n_classes = tailors["sigma"].shape[0]
+    c = jnp.clip(y, 0, n_classes - 1)
+    gate = jnp.where((y < n_classes)[:, None], tailors["sigma"][c], 0.0)
+    gate = jnp.expand_dims(gate, tuple(range(1, x.ndim - 1)))
+    x = x.astype(dtype)
+    h = jnp.einsum("b...i,bik->b...k", x, tailors["V"][c].astype(dtype)) * gate.astype(dtype)
+    tailor = jnp.einsum("b...k,bok->b...o", h, tailors["U"][c].astype(dtype))
+    return svd_product(x, learngene, dtype) + tailor + bias.astype(dtype)
+
+
+def naive_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
+                      tailors: Mapping[str, jax.Array], bias: jax.Array,
+                      dtype: jnp.dtype | None = None) -> jax.Array:
+    """Class-gated product, naive form: the same values as :func:`kind_linear`.
+
+    Materialises every sample's full-rank masked weight ``W_b = V diag(σ ⊙ m_{y_b}) Uᵀ``
+    (``(B, d_in, d_out)``, over all ``r`` components; ``m_c`` keeps the learngene and
+    tailor ``c``, the null class keeps the learngene alone) in the parameter dtype,
+    then applies it with one batched product (everything in ``dtype``).
+    """
+    dtype = dtype or x.dtype
+    n_classes, n_tailor = tailors["sigma"].shape
+
+    def columns(factor: jax.Array) -> jax.Array:   # (N_cls, d, N_T) → (d, N_cls·N_T), class-major
+        return factor.transpose(1, 0, 2).reshape(factor.shape[1], -1)
+
+    u = jnp.concatenate([learngene["U"], columns(tailors["U"])], axis=1)
+    v = jnp.concatenate([learngene["V"], columns(tailors["V"])], axis=1)
+    owner = jnp.repeat(jnp.arange(n_classes), n_tailor)
+    mask = jnp.concatenate([jnp.ones((y.shape[0], learngene["sigma"].shape[0]), bool),
+                            owner[None, :] == y[:, None]], axis=1)
+    sigma = jnp.concatenate([learngene["sigma"], tailors["sigma"].reshape(-1)])
+    weights = jnp.einsum("ir,br,or->bio", v.astype(dtype), jnp.where(mask, sigma, 0.0).astype(dtype),
+                         u.astype(dtype))
+    out = jnp.einsum("b...i,bio->b...o", x.astype(dtype), weights)
+    return out + bias.astype(dtype)
+
+
+def ungated_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
+                        tailors: Mapping[str, jax.Array], bias: jax.Array,
+                        dtype: jnp.dtype | None = None) -> jax.Array:
+    """Without the class gate (KIND ablation #3): ``out = x·(W_G + Σ_c V_T[c] diag(σ_T[c]) U_T[c]ᵀ) + b``
+    for every sample, the tailors acting as one low-rank adapter of rank ``N_cls·N_T``."""
+    del y
+    dtype = dtype or x.dtype
+    x = x.astype(dtype)
+    h = jnp.einsum("...i,cik->...ck", x, tailors["V"].astype(dtype)) * tailors["sigma"].astype(dtype)
+    tailor = jnp.einsum("...ck,cok->...o", h, tailors["U"].astype(dtype))
+    return svd_product(x, learngene, dtype) + tailor + bias.astype(dtype)
+
+
+_APPLY = {"gated": kind_linear, "naive": naive_kind_linear, "ungated": ungated_kind_linear}
+
+
+class KINDLinear(nn.Module):
+    """KIND layer ``out = x·W_yᵀ + b``, ``W_y = U_G diag(σ_G) V_Gᵀ + U_T[y] diag(σ_T[y]) V_T[y]ᵀ``.
+
+    Initialisation (``k = N_G + N_T`` components used by a conditioned sample):
+    ``[U_G | U_T]`` and ``[V_G | V_T]`` are the first ``r`` columns of Haar-random
+    orthogonal matrices (one joint QR each), every ``σ = sqrt(2·d_in·d_out / ((d_in +
+    d_out)·k))`` and ``b = 0``, so ``‖W_c‖_F²`` equals the expected value for a
+    xavier-uniform dense matrix and the output variance of a class-conditioned
+    sample matches the dense DiT layer's, ``2·d_in/(d_in + d_out)·Var(x)``.  The null
+    class keeps ``N_G/k`` of that variance.  (KIND only says "randomly initialize".)
+    """
+
+    features: int
+    n_classes: int
+    n_tailor: int
+    n_learngene: int
+    role: str = "linear"
+    formulation: str = "gated"
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        if self.formulation not in _APPLY:
+            raise ValueError(f"KINDLinear formulation={self.formulation!r}: use one of {list(_APPLY)}")
+        d_in, d_out = x.shape[-1], self.features
+        _check_fits(d_in, d_out, self.n_classes, self.n_tailor, self.n_learngene, self.role)
+        sigma = init_sigma(d_in, d_out, self.n_learngene + self.n_tailor)
+        learngene = self.param("learngene", init_learngene, d_in, d_out, self.n_learngene, sigma)
+        tailors = self.param("tailors", init_tailors, learngene, self.n_classes, self.n_tailor, sigma)
+        bias = self.param("bias", nn.initializers.zeros, (d_out,))
+        return _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype)
+
+
+def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
+    """KIND layers for all six matrices, one tailor per class of ``model.num_classes``;
+    refuses ranks that do not fit."""
+    n_classes, n_tailor, n_learngene = kind_sizes(model_config)
+    formulation = kind_formulation(model_config.linear)
+    for role, (d_in, d_out) in matrix_shapes(model_config).items():
+        check_rank(d_in, d_out, model_config, role)
+
+    def make(role: str, features: int, name: str, shared: None = None) -> nn.Module:
+        return KINDLinear(features=features, n_classes=n_classes, n_tailor=n_tailor,
+                          n_learngene=n_learngene, role=role, formulation=formulation, name=name)
+
+    return make
