@@ -5,7 +5,8 @@ Three kinds of directory hold weights:
   ``step``: one ``<step>/`` directory of it (items ``params``, ``ema_params``, ``opt_state``, ``meta``);
   ``sliced``: written by :func:`kindjax.checkpoints.slicing.slice_checkpoint`, items ``learngene``
   or ``tailors`` (one of :data:`PARTS`) and ``meta``.
-Every ``meta`` item is JSON with at least ``step`` and the full ``config``.  Arrays are read by
+Every ``meta`` item is JSON with at least ``step``, the full ``config`` and the ``checksums`` of its
+arrays (:mod:`.integrity`; checked on every read).  Arrays are read by
 Orbax partial restores into host numpy arrays: only the requested leaves are read, and the
 devices (or sharding) that wrote them are not needed.
 """
@@ -21,6 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from kindjax.checkpoints.integrity import verify
 from kindjax.io.paths import as_path
 
 #: The JSON item of every checkpoint (step, config; a sliced one adds its part and source).
@@ -139,5 +141,7 @@ def restore_leaves(item_dir: epath.PathLike, keep: Callable[[tuple], bool] = _ev
 
 def restore_item(located: Located, item: str, keep: Callable[[tuple], bool] = _everything) -> dict[str, Any]:
     """:func:`restore_leaves` of item ``item`` (``params``, ``ema_params``, or a part of
-    :data:`PARTS`) of ``located``."""
-    return restore_leaves(located.directory / item, keep)
+    :data:`PARTS`) of ``located``, verified against the checksums of its ``meta``
+    (:func:`kindjax.checkpoints.integrity.verify`: a mismatch is a one-line refusal).  Every read of
+    weights outside training goes through here."""
+    return verify(located.meta, item, restore_leaves(located.directory / item, keep), str(located.directory))

@@ -1,7 +1,8 @@
 """The sliced layout: the learngene, or the tailors of some classes, as a standalone checkpoint.
 
 A sliced directory holds two Orbax items: ``learngene`` or ``tailors`` (the part's PyTree) and
-``meta`` (JSON: the part, the classes, the step, the source, the size and the full config).
+``meta`` (JSON: the part, the classes, the step, the source, the size, the full config and the
+part's checksums, verified on every read).
 It is read by :func:`kindjax.load_learngene` / :func:`kindjax.load_tailors`; the command line
 is ``python -m kindjax.tools.slice``.
 """
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from kindjax import params as param_rules
+from kindjax.checkpoints.integrity import tree_checksums
 from kindjax.checkpoints.layout import META, PARTS
 from kindjax.checkpoints.training import config_json
 from kindjax.io.paths import as_path, disk_bytes
@@ -55,7 +57,8 @@ def slice_checkpoint(path: str | os.PathLike, out: str | os.PathLike, part: str,
             "source": {"path": source.path, "checkpoint": source.checkpoint, "item": source.item},
             "size": {"arrays": len(leaves), "parameters": param_rules.count(bundle.params),
                      "bytes": sum(int(np.asarray(x).nbytes) for x in leaves)},
-            "config": config_json(bundle.config)}
+            "config": config_json(bundle.config),
+            "checksums": tree_checksums({part: bundle.params})[0]}
     ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(out, args=ocp.args.Composite(**{
         part: ocp.args.PyTreeSave(bundle.params), META: ocp.args.JsonSave(meta)}), force=force)
     return meta

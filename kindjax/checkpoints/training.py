@@ -16,16 +16,17 @@ a step that does not is reported in one line and moved to ``WORKDIR/set_aside/<s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from kindjax.checkpoints.integrity import CheckpointError, differing, tree_checksums, verify
 from kindjax.checkpoints.layout import CHECKPOINTS, META, read_meta
 from kindjax.config import ConfigError, differences, model_config
 from kindjax.io.paths import as_path
@@ -33,10 +34,6 @@ from kindjax.io.paths import as_path
 STATE_ITEMS = ("params", "ema_params", "opt_state")
 #: Where :func:`restore_verified` moves a step that does not read or verify (``WORKDIR/set_aside``).
 SET_ASIDE = "set_aside"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be written or read, with what is left and the fix in the message."""
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict:
@@ -62,46 +59,10 @@ def rotate(mngr: ocp.CheckpointManager, keep: int) -> None:
         mngr.delete(step)
 
 
-def _leaf_checksums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(h1, h2, finite)`` of one array: with ``b_i`` its bits as uint32 and ``i`` the flat index,
-    ``h1 = Σ b_i·(2i+1)`` and ``h2 = Σ (b_i ⊕ 2654435761·i)·(2i+1)²``, both mod 2³² (integer sums:
-    the same under any sharding).  A flipped bit ``k`` changes ``h1`` by ``±2^k·(2i+1) ≠ 0``."""
-    x = jnp.asarray(x)
-    if x.dtype == jnp.bool_:
-        bits = x.astype(jnp.uint32)
-    else:
-        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
-    index = jnp.zeros(x.shape, jnp.uint32)
-    stride = 1
-    for d in reversed(range(x.ndim)):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2 ** 32)
-        stride *= x.shape[d]
-    odd = 2 * index + 1
-    h1 = jnp.sum(bits * odd, dtype=jnp.uint32)
-    h2 = jnp.sum((bits ^ (index * jnp.uint32(2654435761))) * odd * odd, dtype=jnp.uint32)
-    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-    return h1, h2, finite
-
-
-@jax.jit
-def _checksums(leaves: list[jax.Array]) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
-    return [_leaf_checksums(x) for x in leaves]
-
-
 def checksums(state: dict) -> tuple[dict[str, dict[str, list[int]]], bool]:
-    """``{item: {key path: [h1, h2]}}`` of the :data:`STATE_ITEMS` of ``state`` (computed where the
-    arrays live; only the sums come to the host), and whether every float in them is finite."""
-    paths = {name: jax.tree_util.tree_leaves_with_path(state[name]) for name in STATE_ITEMS}
-    sums = iter(jax.device_get(_checksums([x for name in STATE_ITEMS for _, x in paths[name]])))
-    table: dict[str, dict[str, list[int]]] = {}
-    finite = True
-    for name in STATE_ITEMS:
-        table[name] = {}
-        for path, _ in paths[name]:
-            h1, h2, ok = next(sums)
-            table[name][jax.tree_util.keystr(path)] = [int(h1), int(h2)]
-            finite = finite and bool(ok)
-    return table, finite
+    """``{item: {key path: [h1, h2]}}`` of the :data:`STATE_ITEMS` of ``state`` and whether every
+    float in them is finite (:func:`kindjax.checkpoints.integrity.tree_checksums`)."""
+    return tree_checksums({name: state[name] for name in STATE_ITEMS})
 
 
 def save(mngr: ocp.CheckpointManager, state: dict, config: ml_collections.ConfigDict,
@@ -137,12 +98,45 @@ def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, dire
             f"or run with the config that wrote it.")
 
 
+def portable(origin: dict, workdir: epath.PathLike) -> dict:
+    """``origin`` (``{key: {path, step}}``) with each path that lies inside the directory holding
+    ``workdir`` (the job's or the sweep's workdir, whose stages are its sub-directories) written
+    relative to it, so a finished workdir moved or copied as a whole keeps its origin; other paths
+    stay absolute.  Idempotent: a path already relative is kept."""
+    base = str(as_path(workdir).parent).rstrip("/") + "/"
+    out = {}
+    for key, entry in origin.items():
+        path = str(entry["path"])
+        out[key] = {**entry, "path": path[len(base):] if path.startswith(base) else path}
+    return out
+
+
+def comparable(saved: dict, now: dict, workdir: epath.PathLike) -> tuple[dict, dict]:
+    """Two origins of ``workdir`` as they compare: :func:`portable`, and an entry's ``weights`` digest
+    left out of both where the saved one (recorded before digests were) has none."""
+    saved, now = portable(saved, workdir), portable(now, workdir)
+    for key in set(saved) & set(now):
+        if "weights" not in saved[key]:
+            now[key] = {k: v for k, v in now[key].items() if k != "weights"}
+    return saved, now
+
+
+def weights_digest(meta: dict) -> str | None:
+    """A short digest of the checksums a checkpoint's ``meta`` records: which weights it holds (a
+    stage trained again to the same step holds others); None for one written before checksums."""
+    if "checksums" not in meta:
+        return None
+    return hashlib.sha256(json.dumps(meta["checksums"], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def check_same_origin(saved: dict | None, now: dict, directory: str) -> None:
     """Refuses to resume a run that started from, or distilled from, another checkpoint (another path,
-    or another step of it) than the config resolves to now (``origin``; its keys are ``init`` keys, or
-    whole config paths such as ``train.distill.teacher``)."""
+    or another step of it, or other weights at that step) than the config resolves to now (``origin``;
+    its keys are ``init`` keys, or whole config paths such as ``train.distill.teacher``), compared as
+    :func:`comparable` records of ``directory``."""
     if not saved:
         return
+    saved, now = comparable(saved, now, directory)
     diffs = [d for key in sorted(set(saved) | set(now))
              for d in differences({key: saved.get(key)}, {key: now.get(key)}, ("checkpoint ", "now "),
                                   "" if "." in key else "init.")]
@@ -224,8 +218,7 @@ def restore_verified(mngr: ocp.CheckpointManager, abstract_state: dict,
             problem = problem or "its metadata does not read on another process"
         if _all_processes(problem is None) and "checksums" in meta:
             table, finite = checksums(state)
-            changed = [f"{item}{path}" for item in STATE_ITEMS for path, sums in table[item].items()
-                       if meta["checksums"].get(item, {}).get(path) != sums]
+            changed = [path for item in STATE_ITEMS for path in differing(meta, item, table[item])]
             if changed:
                 problem = f"its arrays differ from their checksums ({', '.join(changed[:3])})"
             elif not finite:
@@ -256,8 +249,9 @@ def restore_state_item(workdir: str, item: str, target: Any, config: ml_collecti
                               f"give the workdir of a training run")
         if step not in mngr.all_steps():
             raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(mngr.all_steps())}")
-        check_same_model(read_meta(mngr, step)["config"], config, workdir)
+        meta = read_meta(mngr, step)
+        check_same_model(meta["config"], config, workdir)
         restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
-        return restored[item], step
+        return verify(meta, item, restored[item], f"{workdir} step {step}"), step
     finally:
         mngr.close()
