@@ -2,7 +2,10 @@
 
 A *stage* is one training run in its own workdir, fingerprinted by what it is made from
 (:func:`fingerprint`): a rerun reuses a stage that finished with the same fingerprint
-(:func:`finished`), resumes an interrupted one, and refuses a workdir of another model.  A *job*
+(:func:`finished`), resumes an interrupted one, trains a finished one on to more steps, evaluates
+one again under new sampling or evaluation settings, and moves aside one trained with other settings
+(another learning rate, seed, start, fewer steps, …) to train the stage afresh
+(:func:`set_aside_changed`); a workdir of another model is refused.  A *job*
 (:data:`JOBS`, ``config.job``) chains stages: the core's ``train`` is one stage (then the data
 set's evaluation); packages register jobs of several stages (e.g. pre-training, then a transfer).
 """
@@ -15,7 +18,7 @@ import ml_collections
 
 from kindjax import checkpoints
 from kindjax.checkpoints import config_json
-from kindjax.config import EXTENSIONS, ConfigError, differences, validate
+from kindjax.config import EXTENSIONS, ConfigError, base_config, differences, start_keys, validate
 from kindjax.distributed import warn_if_cpu_fallback
 from kindjax.data import make_dataset
 from kindjax.evaluation.digits_report import evaluate_digits
@@ -51,58 +54,143 @@ def check(config: ml_collections.ConfigDict, starts: bool = True):
 #: Settings that do not change what a stage produces (left out of its fingerprint; a package adds
 #: its own sections as :attr:`kindjax.config.Extension.unrecorded`).
 UNRECORDED = {"job": None, "mesh": None,
-              "train": ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "max_nonfinite_steps"),
+              "train": ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "max_nonfinite_steps",
+                        "max_update_ratio"),
+              "data": ("workers", "device_prefetch", "verify_latents"),
               "vae": ("encode_batch_size", "prefetch")}
+#: Fingerprint sections that change a stage's figures but not its weights: a finished stage is
+#: evaluated again under new ones, not trained again.
+EVALUATION = ("sample", "eval")
+
+
+def recorded(c: dict) -> dict:
+    """The config JSON ``c`` without its :data:`UNRECORDED` settings, nor the paths of its starts and
+    teacher (``init.<start>``, ``train.distill.teacher``: the fingerprint's ``origin`` records what they
+    resolve to, relative to the workdir where they lie beside it)."""
+    c = dict(c)
+    starts = start_keys()
+    unrecorded = {**UNRECORDED, **{section: None for e in EXTENSIONS.values() for section in e.unrecorded}}
+    for section, keys in unrecorded.items():
+        if keys is None:
+            c.pop(section, None)
+        elif section in c:
+            c[section] = {k: v for k, v in c[section].items() if k not in keys}
+    if "init" in c:
+        c["init"] = {k: v for k, v in c["init"].items() if k not in starts}
+    if "distill" in c.get("train", {}):
+        c["train"] = {**c["train"], "distill": {k: v for k, v in c["train"]["distill"].items() if k != "teacher"}}
+    return c
 
 
 def fingerprint(config: ml_collections.ConfigDict, start: dict) -> dict:
     """What a stage is made from: its config (model, data, optimizer, steps, sampling and
     evaluation; not :data:`UNRECORDED`) and ``start`` (:func:`kindjax.train.trainer.origin`: the
     checkpoint and step each ``init`` path, and a distillation teacher, resolved to)."""
-    c = config_json(config)
-    unrecorded = {**UNRECORDED, **{section: None for e in EXTENSIONS.values() for section in e.unrecorded}}
-    for section, keys in unrecorded.items():
-        if keys is None:
-            c.pop(section, None)
-        else:
-            c[section] = {k: v for k, v in c[section].items() if k not in keys}
-    return {**c, "origin": start}
+    return {**recorded(config_json(config)), "origin": start}
+
+
+def comparable(saved: dict, now: dict, workdir: str) -> tuple[dict, dict]:
+    """A fingerprint recorded in ``workdir`` (perhaps before a setting became unrecorded, with absolute
+    origin paths or without weight digests) and ``now``, as they compare
+    (:func:`kindjax.checkpoints.comparable`)."""
+    then_origin, now_origin = checkpoints.comparable(saved.get("origin") or {}, now["origin"], workdir)
+    return {**recorded(saved), "origin": then_origin}, {**now, "origin": now_origin}
 
 
 def finished(workdir: str, config: ml_collections.ConfigDict, start: dict | None = None) -> dict | None:
     """The metrics of a stage that already ran to ``config.train.num_steps`` with the same
-    :func:`fingerprint` (so a rerun reuses it); None otherwise (it is run: resumed, or refused
-    when its checkpoint is of another model or start)."""
+    :func:`fingerprint` (so a rerun reuses it); None otherwise (it is run: resumed, evaluated again,
+    or set aside and trained afresh, :func:`stage`)."""
     path = as_path(workdir) / "metrics.json"
     if not path.exists():
         return None
     metrics = read_json(path)
-    now = fingerprint(config, origin(config) if start is None else start)
-    if metrics.get("step") == config.train.num_steps and metrics.get("fingerprint") == now:
+    now = fingerprint(config, origin(config, workdir) if start is None else start)
+    then, now = comparable(metrics.get("fingerprint", {}), now, workdir)
+    if metrics.get("step") == config.train.num_steps and then == now:
         return {k: v for k, v in metrics.items() if k != "fingerprint"}
     return None
+
+
+def saved_fingerprint(meta: dict) -> dict:
+    """The :func:`fingerprint` of the run that wrote a checkpoint (``meta``: its config, keys the schema
+    gained since then at their defaults, and its origin)."""
+    return fingerprint(ml_collections.ConfigDict(_with_defaults(config_json(base_config()), meta["config"])),
+                       meta.get("origin") or {})
+
+
+def _with_defaults(defaults: dict, saved: dict) -> dict:
+    return {**defaults, **{k: _with_defaults(defaults[k], v) if isinstance(v, dict) and isinstance(
+        defaults.get(k), dict) else v for k, v in saved.items()}}
+
+
+def _weights(fp: dict) -> dict:
+    """What a checkpoint's weights are a function of, up to its step: a fingerprint without its
+    :data:`EVALUATION` sections and ``train.num_steps`` (a stage trained on is the same run, longer)."""
+    out = {k: v for k, v in fp.items() if k not in EVALUATION}
+    out["train"] = {k: v for k, v in out["train"].items() if k != "num_steps"}
+    return out
+
+
+def set_aside_changed(config: ml_collections.ConfigDict, workdir: str, now: dict) -> None:
+    """Before a stage runs: moves ``workdir`` aside (``<workdir>.from_step_<s>`` when only the step of
+    its start changed, else ``<workdir>.stale``; numbered when taken; ``SET_ASIDE.txt`` inside says why)
+    when its latest checkpoint was trained with other settings than ``now`` or past
+    ``train.num_steps``, so the stage trains afresh: a checkpoint is resumed only by the run it belongs
+    to, trained on to more steps, or evaluated again under new :data:`EVALUATION` settings."""
+    meta = latest_meta(workdir)
+    if meta is None:
+        return
+    then, now = comparable(saved_fingerprint(meta), now, workdir)
+    changed = differences(_weights(then), _weights(now))
+    step = int(meta["step"])
+    if step > config.train.num_steps:
+        changed.append(f"train.num_steps: trained {step} vs {config.train.num_steps}")
+    done = (as_path(workdir) / "metrics.json").exists()
+    if not changed:
+        more = step < config.train.num_steps and done
+        if done or more:
+            what = f"training it on to step {config.train.num_steps}" if more else "evaluating it again"
+            diffs = differences(then, now)
+            how = f"with other settings ({'; '.join(diffs[:4])})" if diffs else "without a recorded fingerprint"
+            print(f"{workdir} finished at step {step} {how}; {what}.", flush=True)
+        return
+    only_start = all(d.startswith("origin.") and (".step:" in d or ".weights:" in d) for d in changed)
+    suffix = "from_step_" + "_".join(str(v["step"]) for v in then["origin"].values()) if only_start else "stale"
+    target, n = f"{workdir}.{suffix}", 1
+    while as_path(target).exists():
+        target, n = f"{workdir}.{suffix}.{n}", n + 1
+    reason = f"{workdir} was trained with other settings ({'; '.join(changed[:4])})"
+    if jax.process_index() == 0:
+        as_path(workdir).rename(as_path(target))
+        (as_path(target) / "SET_ASIDE.txt").write_text(reason + "\n")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("kindjax stale stage")
+    print(f"{reason}; moved it to {target} and training it afresh.", flush=True)
 
 
 def stage(config: ml_collections.ConfigDict, workdir: str, evaluate, dataset=None) -> dict | None:
     """Runs one training stage unless it already finished with the same :func:`fingerprint`; its
     metrics (with the fingerprint recorded in ``metrics.json``), or None if it was stopped
-    (SIGTERM/SIGINT: the checkpoint is saved and rerunning the command resumes).
-    ``dataset``: the stage's data source when :func:`check` already opened it.  A stage of
-    ``train.num_steps=0`` trains nothing: its model is the step-0 checkpoint something else wrote
-    to ``workdir`` (e.g. a model assembled from another's parts), checked against the config and
-    recorded finished."""
-    start = origin(config)
+    (SIGTERM/SIGINT/SIGHUP: the checkpoint is saved and rerunning the command resumes).  A workdir
+    trained with other settings is moved aside first and the stage trained afresh
+    (:func:`set_aside_changed`).  ``dataset``: the stage's data source when :func:`check` already
+    opened it.  A stage of ``train.num_steps=0`` trains nothing: its model is the step-0 checkpoint
+    something else wrote to ``workdir`` (e.g. a model assembled from another's parts), checked
+    against the config and recorded finished."""
+    start = origin(config, workdir)
     metrics = finished(workdir, config, start)
     if metrics is not None:
+        print(f"{workdir} finished with these settings: reusing it ({as_path(workdir) / 'metrics.json'}).", flush=True)
         return metrics
     now = fingerprint(config, start)
-    path = as_path(workdir) / "metrics.json"
-    if path.exists():
-        changed = differences(read_json(path).get("fingerprint", {}), now)
-        print(f"{workdir} finished with other settings ({'; '.join(changed[:4])}); running it again.", flush=True)
     if config.train.num_steps == 0:
         return written_model(config, workdir, now)
+    set_aside_changed(config, workdir, now)
     train(config, workdir, evaluate=evaluate, dataset=dataset)
+    path = as_path(workdir) / "metrics.json"
     if not path.exists():
         return None
     metrics = read_json(path)
@@ -132,49 +220,29 @@ def written_model(config: ml_collections.ConfigDict, workdir: str, now: dict) ->
     return metrics
 
 
+def latest_meta(workdir: str) -> dict | None:
+    """The metadata of ``workdir``'s latest checkpoint; None when it holds none, or the latest does not
+    read (a damaged step is the trainer's to set aside)."""
+    if not (as_path(workdir) / checkpoints.CHECKPOINTS).is_dir():
+        return None
+    try:
+        return checkpoints.locate(workdir).meta
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses, before anything runs, a workdir whose latest checkpoint is of another model."""
-    if not (as_path(workdir) / checkpoints.CHECKPOINTS).is_dir():
-        return
-    try:
-        meta = checkpoints.locate(workdir).meta
-    except Exception:  # noqa: BLE001 — a damaged latest step is handled (set aside) by the trainer
-        return
-    checkpoints.check_same_model(meta["config"], config, workdir)
-
-
-def set_aside_stale(tr_config: ml_collections.ConfigDict, tr_dir: str) -> None:
-    """Moves ``tr_dir`` aside (``<tr_dir>.from_step_<s>``) when its run started from another step of
-    the earlier stage than the one its ``init`` resolves to now, so the later stage is run again."""
-    if not (as_path(tr_dir) / checkpoints.CHECKPOINTS).is_dir():
-        return
-    try:
-        saved = checkpoints.locate(tr_dir).meta.get("origin")
-    except Exception:  # noqa: BLE001
-        return
-    now = origin(tr_config)
-    if not saved or saved == now:
-        return
-    steps = "_".join(str(v["step"]) for v in saved.values())
-    target = f"{tr_dir}.from_step_{steps}"
-    n = 1
-    while as_path(target).exists():
-        target, n = f"{tr_dir}.from_step_{steps}.{n}", n + 1
-    if jax.process_index() == 0:
-        as_path(tr_dir).rename(as_path(target))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("kindjax stale transfer")
-    print(f"{tr_dir} was trained from another step of its start ({'; '.join(differences(saved, now))}); "
-          f"moved it to {target} and training it again.", flush=True)
+    meta = latest_meta(workdir)
+    if meta is not None:
+        checkpoints.check_same_model(meta["config"], config, workdir)
 
 
 def train_job(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Job ``train``: one stage in ``workdir``, then the data set's evaluation (the digits have one)."""
+    """Job ``train``: one stage (:func:`stage`) in ``workdir``, then the data set's evaluation (the digits have one)."""
     dataset = check(config)
     check_workdir(config, workdir)
-    train(config, workdir, evaluate=evaluate_digits if config.data.name == "digits" else None, dataset=dataset)
+    stage(config, workdir, evaluate_digits if config.data.name == "digits" else None, dataset)
 
 
 #: ``config.job`` → ``job(config, workdir)``.

@@ -14,7 +14,7 @@ from kindjax.config import ConfigError
 from kindjax.evaluation.digits_report import evaluate_digits
 from kindjax.io.paths import as_path, write_json
 from kindjax.papers.fine.transfer import LimitedData
-from kindjax.train.stages import check, check_workdir, set_aside_stale, stage
+from kindjax.train.stages import check, check_workdir, stage
 
 
 #: ``train.trainable`` of FINE's Σ-only stage: every layer's Σ, nothing else.
@@ -62,7 +62,6 @@ def run_fine_init(config: ml_collections.ConfigDict, workdir: str) -> dict | Non
         if stage(sigma_config, sigma_dir, lambda trainer, state: {}, limited) is None:
             print("Stopped before the end; rerun the same command to resume.", flush=True)
             return None
-        set_aside_stale(main_config, main_dir)
     else:
         main_data = check(main_config)
         check_workdir(main_config, main_dir)

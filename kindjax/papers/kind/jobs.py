@@ -14,7 +14,7 @@ from kindjax.io.paths import as_path, write_json
 from kindjax.papers.kind.digits_report import evaluate_kind_digits
 from kindjax.evaluation.digits_report import evaluate_digits
 from kindjax.papers.kind.transfer import transfer_config
-from kindjax.train.stages import check, check_workdir, set_aside_stale, stage
+from kindjax.train.stages import check, check_workdir, stage
 
 
 def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -26,8 +26,6 @@ def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict |
     check_workdir(pre_config, pre_dir)
     check_workdir(tr_config, tr_dir)
     pre = stage(pre_config, pre_dir, evaluate_kind_digits, pre_data)
-    if pre is not None:
-        set_aside_stale(tr_config, tr_dir)
     novel = stage(tr_config, tr_dir, evaluate_digits, tr_data) if pre is not None else None
     if novel is None:
         print("Stopped before the end; rerun the same command to resume.", flush=True)
