@@ -59,8 +59,8 @@ def init_from_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any]
                          config: ml_collections.ConfigDict) -> dict:
     """``fresh`` parameters of the new model initialised from ``pretrained`` (see the module doc).
 
-    Copies leaves of the same path and shape (a shape clash is a ConfigError naming the
-    leaf), the label table's null row, and linear kernels (:func:`dense_kernel`, or
+    Refuses a source of another depth (blocks would stay random or be dropped).  Copies leaves of
+    the same path and shape (a shape clash is a ConfigError naming the leaf), the label table's null row, and linear kernels (:func:`dense_kernel`, or
     :func:`random_svd_backbone` with ``init.svd_components > 0``); keeps the fresh value
     for leaves the source lacks (adapters, the new classes' label rows) and, when
     ``init.blocks`` is not empty, for every block not listed.
@@ -69,9 +69,15 @@ def init_from_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any]
     blocks = set(init.blocks) if init.blocks else None
     nested = param_rules.as_dict(pretrained)
     source = traverse_util.flatten_dict(nested)
+    fresh_flat = traverse_util.flatten_dict(param_rules.as_dict(fresh))
+    depths = [len({_block(k) for k in tree if _block(k) is not None}) for tree in (source, fresh_flat)]
+    if depths[0] != depths[1]:
+        raise ConfigError(f"init.pretrained={init.pretrained!r} is a DiT of {depths[0]} blocks, this model has "
+                          f"{depths[1]}: blocks would be left random or dropped. Set model.depth={depths[0]}, or start "
+                          f"a DiT of another depth with a growth rule (init.grow)")
     layers = {k[:j + 1] for k in source for j, name in enumerate(k) if name in ROLES}
     out = {}
-    for i, (path, leaf) in enumerate(traverse_util.flatten_dict(param_rules.as_dict(fresh)).items()):
+    for i, (path, leaf) in enumerate(fresh_flat.items()):
         block = _block(path)
         if blocks is not None and block is not None and block not in blocks:
             out[path] = leaf
