@@ -15,9 +15,10 @@ The loader delivers the moments in their stored dtype (float16, bfloat16 or floa
 ids; ε is drawn where the moments are placed (:func:`draw_latents`: on the accelerator in training,
 the same function on the host for :meth:`LatentDataset.local_batch`), so both give the same batch.
 
-Start-up checks (every shard, from file headers and sizes; nothing is read as garbage): a missing,
-truncated or wrong-shape shard, or one whose moments were non-finite when encoded, is named in a
-one-line :class:`ConfigError` with the command that repairs it (or skipped and counted with
+Start-up checks (every shard, from file headers and sizes, and its labels; nothing is read as
+garbage): a missing, truncated or wrong-shape shard, one whose moments were non-finite when encoded,
+or one with a label outside the index's classes, is named in a one-line :class:`ConfigError` with
+the command that repairs it (:func:`repair_command`) (or skipped and counted with
 ``data.bad_shards="skip"``); an index that disagrees with its shards is refused;
 ``data.verify_latents="full"`` also scans this process's shards for NaN/Inf.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import queue
+import re
 import shlex
 import threading
 from collections.abc import Callable, Sequence
@@ -56,6 +58,11 @@ MAX_AUTO_STREAMS = 64
 def file_dtype(name: str) -> np.dtype:
     """The dtype of a ``.moments.npy`` file holding moments of dtype ``name`` (bfloat16: uint16 bits)."""
     return np.dtype(np.uint16) if name == "bfloat16" else MOMENT_DTYPES[name]
+
+
+def shard_number(name: str) -> int:
+    """``k`` of the shard named ``shard_<k>``."""
+    return int(name.rsplit("_", 1)[1])
 
 
 def npy_problem(path: str, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
@@ -94,14 +101,32 @@ def shard_problem(root: str, name: str, count: int, views: int, latent_shape: Se
     return None
 
 
-def repair_command(root: str) -> str:
-    """The ``python -m kindjax.tools.encode`` command that last wrote ``root`` (kept in its plan): rerun, it
-    re-encodes missing or damaged shards and rewrites the index."""
+#: The overrides a repair command repeats from the encode's invocation (anything else is dropped).
+OVERRIDE = re.compile(r"--config\.[A-Za-z0-9_.]+=.*", re.DOTALL)
+
+
+def repair_command(root: str, redo: Sequence[int] = ()) -> str:
+    """The ``python -m kindjax.tools.encode`` command that repairs ``root``: the invocation the encode
+    recorded in its plan (working directory, config file, ``--config.*`` overrides, VAE, dtype), every
+    field shell-quoted and ``--out`` the directory itself, so a plan from elsewhere can name no other
+    command; ``redo``: shards to encode again whatever their files say (``--redo``).  A rerun
+    re-encodes missing, damaged or non-finite shards and rewrites the index."""
     try:
-        command = read_json(os.path.join(root, PLAN_NAME)).get("command")
-    except (OSError, ValueError):
-        command = None
-    return command or f"python -m kindjax.tools.encode --config CONFIG --vae VAE_DIR --out {shlex.quote(root)} (as encoded)"
+        call = read_json(os.path.join(root, PLAN_NAME)).get("invocation") or {}
+    except (OSError, ValueError, AttributeError):
+        call = {}
+    call = call if isinstance(call, dict) else {}
+    text = lambda key: call.get(key) if isinstance(call.get(key), str) and call.get(key) else None   # noqa: E731
+    words = ["python", "-m", "kindjax.tools.encode", "--config", text("config") or "CONFIG"]
+    words += ["--vae", text("vae") or "VAE_DIR", "--out", root]
+    if text("dtype"):
+        words += ["--dtype", text("dtype")]
+    overrides = call.get("overrides") if isinstance(call.get("overrides"), list) else []
+    words += [o for o in overrides if isinstance(o, str) and OVERRIDE.fullmatch(o)]
+    if redo:
+        words.append("--redo=" + ",".join(str(int(k)) for k in redo))
+    command = shlex.join(words)
+    return f"cd {shlex.quote(text('cwd'))} && {command}" if text("cwd") else command
 
 
 @functools.partial(jax.jit, static_argnames="scale")
@@ -143,11 +168,10 @@ class LatentDataset:
             raise ConfigError(f"the latents in {root} hold no mirrored views (encoded with vae.flips=False); "
                               f"set data.random_flip=False, or re-encode with vae.flips=True")
         self.random_flip = random_flip
-        shards = self._checked_shards(bad_shards)
+        shards, shard_labels = self._checked_shards(bad_shards)
         self._names = [s["name"] for s in shards]
         self._starts = np.cumsum([0] + [s["count"] for s in shards])
-        labels = np.concatenate([load_npy(os.path.join(root, f"{n}.labels.npy")) for n in self._names]
-                                or [np.zeros(0, np.int32)])
+        labels = np.concatenate([shard_labels[n] for n in self._names] or [np.zeros(0, np.int32)])
         selection = select_classes(index["class_names"], grouping, task, classes)
         labels = selection.base_to_label[labels]
         self.positions = np.flatnonzero(labels >= 0)
@@ -156,10 +180,11 @@ class LatentDataset:
         self._moments: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def _checked_shards(self, bad_shards: str) -> list[dict]:
-        """The index's non-empty shards that pass the start-up checks (module docstring)."""
-        index, root, fix = self.index, self.root, repair_command(self.root)
-        shards, bad = [], []
+    def _checked_shards(self, bad_shards: str) -> tuple[list[dict], dict[str, np.ndarray]]:
+        """The index's non-empty shards that pass the start-up checks (module docstring), and their
+        labels (each a class of the index)."""
+        index, root = self.index, self.root
+        shards, bad, labels = [], [], {}
         for s in index["shards"]:
             info_path = os.path.join(root, s["name"] + ".json")
             if as_path(info_path).exists():
@@ -167,16 +192,24 @@ class LatentDataset:
                 if info.get("count") != s["count"]:
                     raise ConfigError(f"{os.path.join(root, INDEX_NAME)} does not match its shards: {s['name']} "
                                       f"holds {info.get('count')} examples, the index says {s['count']}; rerun "
-                                      f"{fix} to rewrite the index")
+                                      f"{repair_command(root)} to rewrite the index")
             if s["count"] == 0:
                 continue
             problem = shard_problem(root, s["name"], s["count"], int(index["views"]), self.latent_shape, self.dtype)
             if problem is None and s.get("finite") is False:
                 problem = (f"{os.path.join(root, s['name'] + '.moments.npy')} holds NaN or Inf moments (found "
                            f"when it was encoded: the VAE gave non-finite values)")
+            if problem is None:
+                path = os.path.join(root, s["name"] + ".labels.npy")
+                labels[s["name"]] = load_npy(path)
+                out = labels[s["name"]][(labels[s["name"]] < 0) | (labels[s["name"]] >= int(index["num_classes"]))]
+                if out.size:
+                    problem = (f"{path} holds {out.size} labels outside the {index['num_classes']} classes of the "
+                               f"index (e.g. {int(out[0])})")
             (bad if problem else shards).append((s, problem))
         if bad and bad_shards == "error":
             more = f" (and {len(bad) - 1} more bad shards)" if len(bad) > 1 else ""
+            fix = repair_command(root, [shard_number(s["name"]) for s, _ in bad])
             raise ConfigError(f"latent shard {bad[0][1]}{more}; rerun {fix} to re-encode it, or set "
                               f"data.bad_shards=skip to train without it")
         if bad:
@@ -184,7 +217,7 @@ class LatentDataset:
             self.log(f"latents: skipping {len(bad)} bad shards ({lost} examples; data.bad_shards=skip): "
                      + "; ".join(p for _, p in bad))
         self.skipped_shards = [s["name"] for s, _ in bad]
-        return [s for s, _ in shards]
+        return [s for s, _ in shards], labels
 
     def _shard(self, k: int) -> np.ndarray:
         """Shard ``k``'s moments in their stored dtype (opened on first use): a memory map of a local
@@ -277,8 +310,9 @@ class LatentDataset:
                 if not np.isfinite(array[lo:lo + chunk]).all():
                     path = os.path.join(self.root, self._names[k] + ".moments.npy")
                     raise ConfigError(f"latent shard {path} holds NaN or Inf moments; rerun "
-                                      f"{repair_command(self.root)} after deleting {path} to re-encode it, or "
-                                      f"set data.bad_shards=skip and data.verify_latents=sizes to train without it")
+                                      f"{repair_command(self.root, [shard_number(self._names[k])])} to re-encode "
+                                      f"it, or set data.bad_shards=skip and data.verify_latents=sizes to train "
+                                      f"without it")
 
     def batches(self, start_step: int, batch_size: int, seed: int, process_index: int = 0,
                 process_count: int = 1, depth: int | None = None, workers: int | None = None) -> Prefetcher:

@@ -10,13 +10,16 @@ is encoded to q(z|x) = N(mean, std²) and the moments are kept, so training draw
 z = mean + std·ε every step; with ``config.vae.flips`` the mirrored image's moments are kept
 too and training picks one view per example.  ``--dtype`` (``config.vae.dtype``, default float16:
 half of float32's disk; bfloat16; float32) is the precision the moments are stored at.  Rerunning the
-same command resumes and repairs: a shard is kept only when its JSON exists and its ``.npy`` files
-match it (header and size); a missing, truncated or wrong-shape shard is encoded again.
+same command resumes and repairs: a shard is kept only when its JSON exists, its ``.npy`` files
+match it (header and size), its moments were finite and its labels are classes of the plan; a
+missing, truncated, wrong-shape, non-finite or mislabelled shard is encoded again, and so is every
+shard ``--redo`` names (damage only a read finds, such as NaN written into a shard after its encode).
 
 Output directory:
 
 - ``encode.json``: the plan (source size, shard size, views, dtype, VAE, source); a rerun must match
-  it; it also keeps the command of the latest run, which the loader's errors name as the repair;
+  it; it also keeps the invocation of the latest run (working directory, config file, ``--config.*``
+  overrides, VAE, dtype), from which the loader's errors build the repair;
 - ``shard_NNNNN.moments.npy``: ``(n, views, 2, h, w, c)`` in the plan's dtype (bfloat16 as its uint16
   bits); axis 2 is (mean, std), view 0 the image and view 1 its horizontal mirror;
 - ``shard_NNNNN.labels.npy``: int32 ``(n,)``;
@@ -34,7 +37,6 @@ import collections
 import concurrent.futures
 import json
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,7 +55,7 @@ from kindjax.data import ImageSource, open_image_source
 from kindjax.data.latents import INDEX_FORMAT, INDEX_NAME, MOMENT_DTYPES, PLAN_NAME, shard_problem
 from kindjax.distributed import initialize
 from kindjax.models.vae import AutoencoderKL, PretrainedVAE, load_vae
-from kindjax.io.paths import as_path, read_json
+from kindjax.io.paths import as_path, load_npy, read_json
 from kindjax.sharding import batch_sharding, make_mesh, replicated
 
 def shard_name(k: int) -> str:
@@ -158,20 +160,23 @@ def _plan(source: ImageSource, vae: PretrainedVAE, shard_size: int, flips: bool,
         vae=dict(scaling_factor=vae.scaling_factor, config=vae.config), vae_path=vae.path, source=source_info)))
 
 
+#: Plan keys a rerun may change: where the VAE lies and how the encode was invoked.
+UNPLANNED = ("vae_path", "invocation", "command")
+
+
 def start_plan(out_dir: str, plan: dict) -> None:
     """Writes the plan of a new encode, or checks that the one in ``out_dir`` is the same (the VAE's
-    location and the command may change, its config may not; a plan without ``dtype`` is float32) and
-    records this run's command."""
+    location and the invocation may change, its config may not; a plan without ``dtype`` is float32)
+    and records this run's invocation."""
     as_path(out_dir).mkdir(parents=True, exist_ok=True)
     path = os.path.join(out_dir, PLAN_NAME)
     if as_path(path).exists():
         old = {"dtype": "float32"} | read_json(path)
-        differ = sorted(k for k in set(old) | set(plan) if k not in ("vae_path", "command")
-                        and old.get(k) != plan.get(k))
+        differ = sorted(k for k in set(old) | set(plan) if k not in UNPLANNED and old.get(k) != plan.get(k))
         if differ:
             raise ConfigError(f"{out_dir} holds an encode with other settings ({', '.join(differ)} differ); "
                               f"choose a new --out, or delete {out_dir} to start over")
-        plan = {k: old[k] for k in ("command",) if k in old} | plan
+        plan = {k: old[k] for k in ("invocation",) if k in old} | plan
     _save_json(path, plan)
 
 
@@ -185,6 +190,15 @@ def shard_done(out_dir: str, k: int, plan: dict) -> bool:
         return as_path(os.path.join(out_dir, shard_name(k) + ".labels.npy")).exists()
     return shard_problem(out_dir, shard_name(k), info["count"], plan["views"], info["latent_shape"],
                          plan.get("dtype", "float32")) is None
+
+
+def shard_sound(out_dir: str, k: int, plan: dict) -> bool:
+    """Finished shard ``k`` holds what the loader takes: its moments were finite when encoded and its
+    labels are classes of the plan (a rerun encodes it again otherwise)."""
+    if read_json(os.path.join(out_dir, shard_name(k) + ".json")).get("finite") is False:
+        return False
+    labels = load_npy(os.path.join(out_dir, shard_name(k) + ".labels.npy"))
+    return bool(((labels >= 0) & (labels < plan["num_classes"])).all())
 
 
 def write_shard(out_dir: str, k: int, moments: np.ndarray, labels: np.ndarray, skipped: list[int],
@@ -207,14 +221,17 @@ def write_shard(out_dir: str, k: int, moments: np.ndarray, labels: np.ndarray, s
 
 
 def encode_shards(source: ImageSource, vae: PretrainedVAE, out_dir: str, *, shard_size: int, batch_size: int,
-                  flips: bool, source_info: dict, dtype: str = "float16", command: str = "",
-                  mesh: Mesh | None = None, process_index: int = 0, process_count: int = 1,
-                  log: Callable[[str], None] = print) -> list[int]:
-    """Encodes this process's unfinished or damaged shards of ``source`` into ``out_dir`` (moments stored at
-    ``dtype``); returns the shards it encoded.
+                  flips: bool, source_info: dict, dtype: str = "float16", invocation: dict | None = None,
+                  redo: Sequence[int] = (), mesh: Mesh | None = None, process_index: int = 0,
+                  process_count: int = 1, log: Callable[[str], None] = print) -> list[int]:
+    """Encodes this process's unfinished, damaged or ``redo`` shards of ``source`` into ``out_dir``
+    (moments stored at ``dtype``); returns the shards it encoded.
 
-    ``batch_size`` images per device call, split over ``mesh`` (default: all local devices); ``command``:
-    this run's shell command, recorded in the plan as the repair the loader's errors name.
+    ``batch_size`` images per device call, split over ``mesh`` (default: all local devices);
+    ``invocation``: how this run was started (working directory, config file, overrides, VAE,
+    dtype), recorded in the plan, from which the loader builds the repair its errors name
+    (:func:`kindjax.data.latents.repair_command`); ``redo``: shards to encode again even where their
+    files check out (damage found by reading them, e.g. NaN written into a shard after its encode).
     """
     if dtype not in MOMENT_DTYPES:
         raise ConfigError(f"--dtype={dtype!r} is not a moment dtype; use one of {sorted(MOMENT_DTYPES)}")
@@ -225,8 +242,13 @@ def encode_shards(source: ImageSource, vae: PretrainedVAE, out_dir: str, *, shar
     if shard_size <= 0:
         raise ConfigError(f"vae.shard_size={shard_size} must be positive")
     plan = _plan(source, vae, shard_size, flips, source_info, dtype)
-    start_plan(out_dir, plan | ({"command": command} if command else {}))
-    mine = [k for k in range(process_index, plan["num_shards"], process_count) if not shard_done(out_dir, k, plan)]
+    wrong = sorted(k for k in redo if not 0 <= k < plan["num_shards"])
+    if wrong:
+        raise ConfigError(f"--redo={','.join(map(str, redo))}: shards {wrong} do not exist; the encode has shards "
+                          f"0..{plan['num_shards'] - 1}")
+    start_plan(out_dir, plan | ({"invocation": invocation} if invocation else {}))
+    mine = [k for k in range(process_index, plan["num_shards"], process_count)
+            if k in redo or not shard_done(out_dir, k, plan) or not shard_sound(out_dir, k, plan)]
     todo = sum(min(len(source), (k + 1) * shard_size) - k * shard_size for k in mine)
     log(f"kindjax.tools.encode: {len(mine)} shards ({todo} images) to encode into {out_dir} on {mesh.size} devices")
     encode = make_encode_fn(vae, mesh, flips)
@@ -274,10 +296,10 @@ def write_index(out_dir: str) -> dict:
     return index
 
 
-def encode(config: Any, vae_path: str, out_dir: str, dtype: str = "", command: str = "",
-           log: Callable[[str], None] = print) -> dict | None:
-    """The whole command: encodes this process's shards at ``dtype`` (default ``config.vae.dtype``);
-    process 0 then writes and returns the index."""
+def encode(config: Any, vae_path: str, out_dir: str, dtype: str = "", invocation: dict | None = None,
+           redo: Sequence[int] = (), log: Callable[[str], None] = print) -> dict | None:
+    """The whole command: encodes this process's shards at ``dtype`` (default ``config.vae.dtype``;
+    ``invocation`` and ``redo`` as in :func:`encode_shards`); process 0 then writes and returns the index."""
     path = vae_path or config.vae.weights
     if not path:
         raise ConfigError("no VAE given: pass --vae DIR (a diffusers AutoencoderKL directory, e.g. a local "
@@ -293,8 +315,8 @@ def encode(config: Any, vae_path: str, out_dir: str, dtype: str = "", command: s
     source = open_image_source(source_config)
     encode_shards(source, vae, out_dir, shard_size=config.vae.shard_size,
                   batch_size=config.vae.encode_batch_size, flips=config.vae.flips,
-                  source_info=source_config.data.to_dict(), dtype=dtype or config.vae.dtype, command=command,
-                  process_index=jax.process_index(),
+                  source_info=source_config.data.to_dict(), dtype=dtype or config.vae.dtype,
+                  invocation=invocation and {**invocation, "vae": path}, redo=redo, process_index=jax.process_index(),
                   process_count=jax.process_count(), log=log)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("kindjax.tools.encode: shards finished")
@@ -310,8 +332,14 @@ def main(argv: list[str]) -> None:
     """Encodes the images of ``--config`` with ``--vae`` into ``--out``."""
     del argv
     initialize()
-    encode(flags.FLAGS.config, flags.FLAGS.vae, flags.FLAGS.out, flags.FLAGS.dtype,
-           command=f"cd {shlex.quote(os.getcwd())} && python -m kindjax.tools.encode {shlex.join(sys.argv[1:])}")
+    f = flags.FLAGS
+    try:
+        redo = sorted({int(k) for k in f.redo or ()})
+    except ValueError:
+        raise ConfigError(f"--redo={','.join(f.redo)}: give shard numbers, e.g. --redo=3,7") from None
+    invocation = {"cwd": os.getcwd(), "config": f["config"].config_filename, "dtype": f.dtype,
+                  "overrides": [a for a in sys.argv[1:] if a.startswith("--config.") and "=" in a]}
+    encode(f.config, f.vae, f.out, f.dtype, invocation=invocation, redo=redo)
 
 
 if __name__ == "__main__":
@@ -323,5 +351,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", None, "Directory for the latent shards and index.json.")
     flags.DEFINE_enum("dtype", "", ["", "float16", "bfloat16", "float32"],
                       "Stored precision of the moments (default config.vae.dtype, float16).")
+    flags.DEFINE_list("redo", None, "Shard numbers to encode again even where their files check out (the loader "
+                      "names them: damage found by reading a shard).")
     flags.mark_flags_as_required(["config", "out"])
     cli.run(main, "encode")
