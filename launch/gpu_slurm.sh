@@ -6,12 +6,20 @@
 #   KINDJAX_MODULE=kindjax.sweep sbatch --array=0-3 launch/gpu_slurm.sh configs/kind_dit_b.py /shared/sweep_b
 #     (a sweep in 4 shards, one array task each; see the README)
 # Run from the repository (on a file system every node sees). The venv ($KINDJAX_VENV, default
-# ./.venv) is created and `pip install -e '.[cuda]'` run on first use; KINDJAX_EXTRA=cuda13 for
-# CUDA 13 drivers. For a multi-node run, add --config.mesh.dcn_data=<nodes> to keep FSDP traffic
-# inside a node. Site NCCL settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) are passed through.
+# ./.venv) is created and `pip install -e '.[cuda]'` run on first use, under a lock ($KINDJAX_VENV.lock,
+# flock): the tasks of an array sweep start together and would race to build it; the first builds,
+# the others wait and find it ready. KINDJAX_EXTRA=cuda13 for CUDA 13 drivers. For a multi-node run,
+# add --config.mesh.dcn_data=<nodes> to keep FSDP traffic inside a node. Site NCCL settings
+# (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) are passed through.
+# CPUs: --exclusive gives the job whole nodes, and each task gets its share of the node's cores
+# (srun --cpus-per-task = SLURM_CPUS_ON_NODE / tasks per node, or KINDJAX_CPUS_PER_TASK): the data
+# loader's threads and XLA's host work need them, and since SLURM 22.05 srun does not inherit
+# sbatch's --cpus-per-task. On a cluster that shares nodes, submit with --no-exclusive (or
+# --exclusive=user) and set KINDJAX_CPUS_PER_TASK.
 #SBATCH --job-name=kindjax
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
+#SBATCH --exclusive
 #SBATCH --signal=TERM@120
 # --signal: SLURM sends SIGTERM to every task 2 minutes before the time limit; kindjax saves a
 # checkpoint and exits, and resubmitting the same command resumes.
@@ -27,11 +35,15 @@ cd "$REPO"
 # The environment: kindjax importable and a CUDA jaxlib plugin, else set up once (here, on the
 # first node; the venv is on the shared file system).
 READY='import importlib.util as u, sys; sys.exit(0 if u.find_spec("kindjax") and (u.find_spec("jax_cuda12_plugin") or u.find_spec("jax_cuda13_plugin")) else 1)'
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-if ! "$VENV/bin/python" -c "$READY"; then
-  "$VENV/bin/python" -m pip install -q -e ".[$EXTRA]"
-  "$VENV/bin/python" -c "$READY" || { echo "gpu_slurm.sh: $VENV has no CUDA jaxlib after pip install -e '.[$EXTRA]'" >&2; exit 1; }
-fi
+mkdir -p "$(dirname "$VENV")"
+(
+  flock 9   # one builder at a time (released when this subshell ends, also if it is killed)
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  if ! "$VENV/bin/python" -c "$READY"; then
+    "$VENV/bin/python" -m pip install -q -e ".[$EXTRA]"
+    "$VENV/bin/python" -c "$READY" || { echo "gpu_slurm.sh: $VENV has no CUDA jaxlib after pip install -e '.[$EXTRA]'" >&2; exit 1; }
+  fi
+) 9> "$VENV.lock"
 
 # XLA: overlap collectives with compute (latency-hiding scheduler, pipelined and combined
 # collectives); JAX takes 90% of each GPU's memory (its default is 75%). Flags the user set come first.
@@ -59,4 +71,6 @@ SHARD=()
 if [ "$MODULE" = kindjax.sweep ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
   SHARD=(--shard "$((SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0}))/${SLURM_ARRAY_TASK_COUNT:?SLURM_ARRAY_TASK_COUNT is not set}")
 fi
-srun --kill-on-bad-exit=1 "$VENV/bin/python" -m "$MODULE" --config "$CONFIG" --workdir "$WORKDIR" ${SHARD[@]+"${SHARD[@]}"} "$@"
+TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-8}
+CPUS_PER_TASK=${KINDJAX_CPUS_PER_TASK:-$(( ${SLURM_CPUS_ON_NODE:-$TASKS_PER_NODE} / TASKS_PER_NODE ))}
+srun --kill-on-bad-exit=1 --cpus-per-task="$((CPUS_PER_TASK > 0 ? CPUS_PER_TASK : 1))" "$VENV/bin/python" -m "$MODULE" --config "$CONFIG" --workdir "$WORKDIR" ${SHARD[@]+"${SHARD[@]}"} "$@"
