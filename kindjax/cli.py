@@ -6,11 +6,13 @@ command takes a config), and errors printed as one line.
         cli.run(main, "encode")
 
 Every failure ends as one line ``kindjax.<name>: message`` with exit status 1 (Ctrl-C outside
-the training loop: 130).  The traceback is printed only with ``--debug`` or ``KINDJAX_DEBUG=1``.
+the training loop: 130), without the tracebacks background threads would add (:class:`HeldErrors`).
+The traceback is printed only with ``--debug`` or ``KINDJAX_DEBUG=1``.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable, NoReturn
 
@@ -35,6 +37,7 @@ def run(main: Callable[[list[str]], object], name: str) -> None:
 
     def guarded(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
+        held = None if debugging() else HeldErrors()
         try:
             main(argv)
         except KeyboardInterrupt:
@@ -48,8 +51,45 @@ def run(main: Callable[[list[str]], object], name: str) -> None:
                 _exit(name, _one_line(str(e)) or type(e).__name__)
             _exit(name, f"{type(e).__name__}: {_one_line(str(e))} (a bug? rerun with --debug or "
                         f"{DEBUG_ENV}=1 for the traceback)")
+        if held is not None:
+            held.release()
 
     app.run(guarded, flags_parser=lambda argv: parse_flags(argv, name))
+
+
+class HeldErrors:
+    """Holds back, while a command runs, the errors its background threads report on their own: Orbax's
+    error logs (each with a traceback: a failed asynchronous write reports itself in four threads)
+    and exceptions Python cannot raise anywhere (the write's callbacks after its event loop closed).
+    A command that then fails says what failed in its one line, and they are dropped; one that
+    succeeds prints them at the end (:meth:`release`), so nothing is lost.  ``--debug`` shows them
+    as they come."""
+
+    def __init__(self):
+        import logging as py_logging
+
+        self.texts: list[str] = []
+        self._logger = py_logging.getLogger("absl")
+        self._formatter = py_logging.Formatter()
+        self._logger.addFilter(self._hold_log)
+        self._unraisable = sys.unraisablehook
+        sys.unraisablehook = self._hold_unraisable
+
+    def _hold_log(self, record) -> bool:
+        if record.levelno >= 40 and "orbax" in record.pathname:   # ERROR and above, from Orbax
+            self.texts.append(self._formatter.format(record))
+            return False
+        return True
+
+    def _hold_unraisable(self, unraisable) -> None:
+        self.texts.append(f"{unraisable.exc_type.__name__}: {unraisable.exc_value}")
+
+    def release(self) -> None:
+        """Stops holding and prints what was held (to stderr)."""
+        self._logger.removeFilter(self._hold_log)
+        sys.unraisablehook = self._unraisable
+        for text in self.texts:
+            print(text, file=sys.stderr)
 
 
 def parse_flags(argv: list[str], name: str) -> list[str]:
@@ -87,22 +127,36 @@ def parse_flags(argv: list[str], name: str) -> list[str]:
     return rest
 
 
+def _key_error(error: BaseException) -> tuple[str, str | None]:
+    """The key an ml_collections ``KeyError``/``AttributeError`` names (its message is the repr of a
+    ``KeyError``, perhaps nested in another error) and the near key it suggests, if any."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    named = re.search(r"""["']([^"'\s]+)["']""", text)
+    near = re.search(r'Did you mean "([^"]+)"', text)
+    return (named[1] if named else text.strip("'\""), near[1] if near else None)
+
+
 def unknown_key_message(argv: list[str], error: BaseException) -> str:
-    """The override in ``argv`` that names a key the config does not have, and the keys that
-    exist there (from :func:`kindjax.config.base_config`)."""
+    """The override in ``argv`` that names a key the config does not have, and the key it was
+    probably meant to be, or the keys that exist there (from :func:`kindjax.config.base_config`)."""
     from kindjax.config import base_config
 
-    missing = str(error).strip("'\"")
+    missing, near = _key_error(error)
     for arg in argv[1:]:
         flag, _, _ = arg.lstrip("-").partition("=")
         head, _, key = flag.partition(".")
         if not key or missing not in key.split("."):
             continue
+        where = key.rpartition(".")[0] or head
+        if near:
+            meant = ".".join(near if part == missing else part for part in flag.split("."))
+            return f"--{flag}: no config key {key!r}; did you mean --{meant}? (the schema is in kindjax/config.py)"
         parent = base_config()
         for part in key.split(".")[:-1]:
             parent = parent.get(part) if hasattr(parent, "get") else None
         known = sorted(parent.keys()) if hasattr(parent, "keys") else []
-        where = key.rpartition(".")[0] or head
         return (f"--{flag}: no config key {key!r}; {where} has {known} (the schema and its defaults are "
                 f"in kindjax/config.py)")
     return f"unknown config key {missing!r} (the schema and its defaults are in kindjax/config.py)"

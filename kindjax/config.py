@@ -143,7 +143,9 @@ def core_config() -> ml_collections.ConfigDict:
             trainable=(".*",),    # regexes on parameter paths; the rest is frozen
             freeze_learngene=False,  # keep the learngene bundle (kindjax.params) bit-identical
             max_nonfinite_steps=0,   # steps with a non-finite loss or grad norm skipped (not applied) before
-                                     # the run stops; 0: the first one stops it (README: Reliability)
+                                     # the run stops; 0: the first one stops it (docs/reliability.md)
+            max_update_ratio=1.0,    # an update with ‖Δθ‖ > this·‖θ‖ explodes: not applied, and the run stops
+                                     # as on NaN, whatever max_nonfinite_steps says; 0: no limit
             # Output distillation: loss += weight·mean‖ε_student − ε_teacher‖² on the same x_t, t, y; the
             # teacher (a training workdir, EMA weights) is frozen and outside the optimizer.
             distill=dict(teacher="", weight=1.0),
@@ -287,6 +289,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for key in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints"):
         require(t[key] > 0, f"train.{key}={t[key]} must be positive")
     require(t.max_nonfinite_steps >= 0, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be ≥ 0")
+    require(t.max_update_ratio >= 0, f"train.max_update_ratio={t.max_update_ratio} must be ≥ 0 (0: no limit)")
     require(o.lr > 0, f"optim.lr={o.lr} must be positive")
     require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be ≥ 0")
     require(config.sample.sampler in ("ddpm", "ddim"),

@@ -17,6 +17,10 @@ of the environment variables and of the accelerators the machine has (:class:`Ac
   fault this module fixes); ``--gpus-per-task`` (SLURM binds the GPUs) takes every GPU it sees.
 - Open MPI (``mpirun``): as SLURM, with ``OMPI_COMM_WORLD_LOCAL_RANK`` / ``_LOCAL_SIZE``.
 - otherwise one process: no call.
+
+On a Google Compute Engine VM (TPU or GPU), :func:`watch_gce_events` turns a host-maintenance event
+that will stop the VM, or a preemption notice, from the metadata server into SIGTERM for this
+process, so training saves and exits as on any SIGTERM (the same step on every process).
 """
 from __future__ import annotations
 
@@ -24,8 +28,12 @@ import dataclasses
 import glob
 import os
 import re
+import signal
 import sys
-from typing import Any, Mapping
+import threading
+import urllib.error
+import urllib.request
+from typing import Any, Callable, Mapping
 
 #: PCI vendor id of Google (TPU chips), as ``/sys/bus/pci/devices/*/vendor`` spells it.
 GOOGLE_PCI_VENDOR = "0x1ae0"
@@ -161,3 +169,62 @@ def warn_if_cpu_fallback() -> str | None:
     if message:
         print(message, file=sys.stderr, flush=True)
     return message
+
+
+#: The metadata values that mean "this VM stops soon" (``instance/<key>``); live migration
+#: (``MIGRATE_ON_HOST_MAINTENANCE``) keeps the VM and its processes running.
+GCE_STOPS = {"maintenance-event": ("TERMINATE_ON_HOST_MAINTENANCE",), "preempted": ("TRUE",)}
+
+
+def on_gce(env: Mapping[str, str] = os.environ, root: str = "/") -> str | None:
+    """The metadata server of this Google Compute Engine VM (``host[:port]``), or None off GCE: the
+    VM's DMI product name says "Google Compute Engine"; ``GCE_METADATA_HOST`` (google-auth's variable)
+    names another server, or the one to use anywhere."""
+    if env.get("GCE_METADATA_HOST"):
+        return env["GCE_METADATA_HOST"]
+    try:
+        with open(os.path.join(root, "sys", "class", "dmi", "id", "product_name")) as f:
+            return "metadata.google.internal" if f.read().strip() == "Google Compute Engine" else None
+    except OSError:
+        return None
+
+
+def _watch(host: str, key: str, notify: Callable[[str], None], stop: threading.Event, poll_s: float) -> None:
+    """Long-polls ``instance/<key>`` (``wait_for_change`` with the last ETag) until it holds one of
+    :data:`GCE_STOPS` or ``stop`` is set; an unreachable server is asked again after ``poll_s``."""
+    etag = "0"
+    while not stop.is_set():
+        url = (f"http://{host}/computeMetadata/v1/instance/{key}?wait_for_change=true&last_etag={etag}"
+               f"&timeout_sec={max(1, int(poll_s))}")
+        try:
+            request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+            with urllib.request.urlopen(request, timeout=poll_s + 5) as response:
+                value, etag = response.read().decode().strip(), response.headers.get("ETag", etag)
+        except (OSError, urllib.error.URLError, ValueError):
+            stop.wait(poll_s)
+            continue
+        if value in GCE_STOPS[key] and not stop.is_set():
+            notify(f"GCE {key}: {value}")
+            return
+
+
+def watch_gce_events(notify: Callable[[str], None] | None = None, poll_s: float = 60.0,
+                     env: Mapping[str, str] = os.environ, root: str = "/") -> threading.Event | None:
+    """On a GCE VM (:func:`on_gce`), daemon threads that watch ``instance/maintenance-event`` and
+    ``instance/preempted``; when one says the VM stops (:data:`GCE_STOPS`), ``notify(what)`` (default:
+    print one line and send this process SIGTERM, which the trainer, or JAX's preemption service in
+    a job of several processes, turns into a checkpoint of the same step everywhere).  Returns the
+    event that ends the watch (None off GCE)."""
+    host = on_gce(env, root)
+    if host is None:
+        return None
+
+    def sigterm(what: str) -> None:
+        print(f"{what}: this VM stops soon; stopping as on SIGTERM.", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stop = threading.Event()
+    for key in GCE_STOPS:
+        threading.Thread(target=_watch, args=(host, key, notify or sigterm, stop, poll_s), daemon=True,
+                         name=f"kindjax-gce-{key}").start()
+    return stop

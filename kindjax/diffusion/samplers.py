@@ -69,10 +69,16 @@ def ddim_step(d: GaussianDiffusion, model_output: jax.Array, x: jax.Array, t: ja
     return mean + _nonzero_mask(t, n) * sigma * noise
 
 
+def initial_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``x_T ~ N(0, I)`` of :func:`sample` with ``key``."""
+    return jax.random.normal(jax.random.split(key)[0], shape, jnp.float32)
+
+
 def sample(denoise_fn: DenoiseFn, d: GaussianDiffusion, key: jax.Array, shape: tuple[int, ...], y: jax.Array, *,
            method: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0, null_class: int | None = None,
            guidance_channels: int | None = None, learn_sigma: bool = True, clip_denoised: bool = False,
-           eta: float = 0.0) -> jax.Array:
+           eta: float = 0.0, start: jax.Array | int = 0, stop: jax.Array | int | None = None,
+           x: jax.Array | None = None) -> jax.Array:
     """Draw ``x_0`` of NHWC ``shape`` from ``x_T ~ N(0, I)`` with ``num_steps`` respaced steps of ``d``.
 
     ``method`` is ``"ddpm"`` (ancestral, learned or fixed-small variance) or ``"ddim"``
@@ -81,6 +87,11 @@ def sample(denoise_fn: DenoiseFn, d: GaussianDiffusion, key: jax.Array, shape: t
     :func:`classifier_free_guidance`). ``method``, ``num_steps``, ``cfg_scale``, ``null_class``,
     ``guidance_channels``, ``learn_sigma`` and ``clip_denoised`` are static; ``key`` and ``y`` may
     be traced.
+
+    ``start``, ``stop``, ``x`` (may be traced): only the reverse steps ``start ≤ i < stop`` (of
+    ``0..num_steps−1``), from ``x``, the state after step ``start − 1`` (``x_T`` of
+    :func:`initial_noise` for ``start = 0``); step ``i``'s noise is ``fold_in(k, i)``, so a run split
+    into such segments draws the same ``x_0`` (a sampling that is stopped and resumed).
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
@@ -93,7 +104,7 @@ def sample(denoise_fn: DenoiseFn, d: GaussianDiffusion, key: jax.Array, shape: t
         model = denoise_fn
     timestep_map = jnp.asarray(sd.timestep_map, dtype=jnp.int32)
     steps = sd.num_timesteps
-    init_key, loop_key = jax.random.split(key)
+    loop_key = jax.random.split(key)[1]
 
     def body(i: jax.Array, x: jax.Array) -> jax.Array:
         t = jnp.full((shape[0],), steps - 1 - i, dtype=jnp.int32)
@@ -103,4 +114,5 @@ def sample(denoise_fn: DenoiseFn, d: GaussianDiffusion, key: jax.Array, shape: t
             return ddpm_step(sd, out, x, t, step_key, learn_sigma=learn_sigma, clip_denoised=clip_denoised)
         return ddim_step(sd, out, x, t, step_key, learn_sigma=learn_sigma, clip_denoised=clip_denoised, eta=eta)
 
-    return jax.lax.fori_loop(0, steps, body, jax.random.normal(init_key, shape, jnp.float32))
+    x0 = initial_noise(key, shape) if x is None else x
+    return jax.lax.fori_loop(start, steps if stop is None else stop, body, x0)

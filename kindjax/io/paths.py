@@ -76,3 +76,17 @@ def disk_bytes(path: epath.PathLike) -> int:
             else:
                 total += child.stat().length
     return total
+
+
+def unwritable(directory: epath.PathLike) -> str | None:
+    """Why ``directory`` (made if missing) cannot take new files, or None when it can: a probe file
+    is written there and removed (a read-only mount, missing permissions, a file in the way)."""
+    path = as_path(directory)
+    probe = path / f".kindjax-write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None

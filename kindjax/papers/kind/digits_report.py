@@ -35,7 +35,8 @@ def evaluate_kind_digits(trainer: Any, state: dict) -> dict[str, float]:
     unguided = cfg.sample.copy_and_resolve_references()
     unguided.cfg_scale = 1.0
     images = generate(model, state["ema_params"], trainer.diffusion, key,
-                      np.full(n, model.num_classes, np.int32), unguided, cfg.eval.batch_size, trainer.mesh)
+                      np.full(n, model.num_classes, np.int32), unguided, cfg.eval.batch_size, trainer.mesh,
+                      progress=trainer.progress)
     report["learngene_only_entropy"] = evaluator().class_distribution_entropy(images, classes)
     report["learngene_only_sample_entropy"] = evaluator().normalized_prediction_entropy(images, classes)
 
@@ -45,7 +46,7 @@ def evaluate_kind_digits(trainer: Any, state: dict) -> dict[str, float]:
         labels = balanced_labels(n, len(kept))
         digits = np.asarray(classes)[np.asarray(kept)][labels]
         images = generate(assembled.model, assembled.params, trainer.diffusion, jax.random.fold_in(key, 1),
-                          labels, cfg.sample, cfg.eval.batch_size, trainer.mesh)
+                          labels, cfg.sample, cfg.eval.batch_size, trainer.mesh, progress=trainer.progress)
         report["recombined_accuracy"] = evaluator().evaluate(images, digits)["sample_accuracy"]
         full = trainer.sample(state["ema_params"], jax.random.fold_in(key, 2), np.asarray(kept)[labels])
         report["full_accuracy_on_recombined"] = evaluator().evaluate(full, digits)["sample_accuracy"]
