@@ -29,7 +29,7 @@ from kindjax.config import ConfigError
 from kindjax.data import make_dataset
 from kindjax.data.pipeline import StepBatches
 from kindjax.papers.kind.jobs import run_kind_transfer
-from kindjax.train.stages import finished, set_aside_stale, stage
+from kindjax.train.stages import finished, stage
 from kindjax.train.trainer import TEACHER, NonFiniteLoss, Trainer, origin, train
 from kindjax.papers.kind.transfer import transfer_config
 from test_trainer import tb_scalars, wait_for
@@ -74,23 +74,32 @@ def truncate(workdir):
         f.truncate(os.path.getsize(path) // 3)
 
 
-def flip_bit(workdir):
-    """Flips one bit of the largest params file where it still reads but changes a weight (the files
-    are zstd frames; a flip in a stored literal decodes silently, as on the issue's disk)."""
-    item = os.path.join(step_dir(workdir, 8), "params")
-    before = jax.tree.leaves(checkpoints.restore_leaves(item))
-    path = largest_array_file(workdir, 8)
-    original = open(path, "rb").read()
-    for at in range(len(original) // 2, len(original), 101):
-        data = bytearray(original)
-        data[at] ^= 0x40
-        open(path, "wb").write(bytes(data))
-        try:
-            after = jax.tree.leaves(checkpoints.restore_leaves(item))
-        except Exception:  # noqa: BLE001 — this flip broke the frame; try another byte
-            continue
-        if sum(int((a != b).sum()) for a, b in zip(after, before)) == 1:
-            return
+def flip_bit(workdir, item="params"):
+    """Flips one bit of the largest ``item`` file of step 8 where it still reads but changes a weight
+    (the files are zstd frames; a flip in a stored literal decodes silently, as on the issue's disk)."""
+    flip_bit_in(os.path.join(step_dir(workdir, 8), item))
+
+
+def flip_bit_in(item, wanted=lambda path: True):
+    """Flips one bit of an array file of the Orbax item directory ``item`` so that exactly one weight
+    changes, in a leaf whose key path satisfies ``wanted``, and the item still reads; returns that path."""
+    before = jax.tree_util.tree_flatten_with_path(checkpoints.restore_leaves(item))[0]
+    d = os.path.join(item, "ocdbt.process_0", "d")
+    for path in sorted((os.path.join(d, f) for f in os.listdir(d)), key=os.path.getsize, reverse=True):
+        original = open(path, "rb").read()
+        for at in range(len(original) // 2, len(original), 101):
+            data = bytearray(original)
+            data[at] ^= 0x40
+            open(path, "wb").write(bytes(data))
+            try:
+                after = jax.tree.leaves(checkpoints.restore_leaves(item))
+            except Exception:  # noqa: BLE001 — this flip broke the frame; try another byte
+                continue
+            changed = [(jax.tree_util.keystr(k), int((a != b).sum())) for (k, b), a in zip(before, after)]
+            changed = [(k, n) for k, n in changed if n]
+            if len(changed) == 1 and changed[0][1] == 1 and wanted(changed[0][0]):
+                return changed[0][0]
+        open(path, "wb").write(original)
     raise AssertionError("no flip that reads and changes one weight")
 
 
@@ -132,6 +141,140 @@ def test_no_checkpoint_left_stops_saying_so(trained, tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, checkpoints.SET_ASIDE))) == ["4", "8"]
 
 
+def flip_sign_in(item, wanted):
+    """Rewrites the Orbax item directory ``item`` with the sign bit of one weight flipped, in the first
+    leaf whose key path satisfies ``wanted``, its checkpoint's metadata (and checksums) unchanged: the
+    damage the issue found in a sliced learngene; returns that leaf's path."""
+    tree = checkpoints.restore_leaves(item)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    at = next(i for i, (path, _) in enumerate(leaves) if wanted(jax.tree_util.keystr(path)))
+    values = [np.array(leaf) for _, leaf in leaves]
+    values[at].view(np.uint32).flat[0] ^= np.uint32(1 << 31)
+    ocp.PyTreeCheckpointer().save(item, jax.tree_util.tree_unflatten(treedef, values), force=True)
+    return jax.tree_util.keystr(leaves[at][0])
+
+
+@pytest.fixture(scope="module")
+def trained_kind(tmp_path_factory):
+    """A tiny KIND DiT, 2 steps (checkpoint 2): a workdir with a learngene and tailors."""
+    config = tiny_kind_job()
+    config.job = "train"
+    workdir = str(tmp_path_factory.mktemp("kind") / "run")
+    train(config, workdir)
+    return config, workdir
+
+
+def damaged_read(reader, says):
+    """``reader()`` refuses in one line naming the damaged leaf and the fix."""
+    with pytest.raises(checkpoints.CheckpointError) as raised:
+        reader()
+    message = str(raised.value)
+    assert "\n" not in message and f"is damaged: {says}" in message, message
+    assert "differs from its checksum (a flipped bit or a bad copy); nothing was loaded. Copy it again" in message
+    return message
+
+
+def test_every_read_outside_training_verifies_its_checksums(trained, trained_kind, tmp_path):
+    """One flipped bit in the EMA weights a reader reads: init.pretrained, a distillation teacher, the
+    evaluation, load_learngene, init.learngene, kindjax.tools.slice and a sliced learngene each refuse
+    in one line (before, a weight changed sign silently, rc 0), and write nothing."""
+    from kindjax.checkpoints.learngene import load_learngene, load_params
+    from kindjax.evaluation.pipeline import restore_ema_params
+    from kindjax import params as param_rules
+    from kindjax import sharding
+
+    config, _, _ = trained
+    dense = copy_of(trained, tmp_path)
+    flipped = flip_bit_in(os.path.join(step_dir(dense, 8), "ema_params"))
+    damaged_read(lambda: load_params(dense), f"ema_params{flipped}")
+    assert load_params(dense, step=4)   # another step reads
+    start = config.copy_and_resolve_references()
+    start.init.pretrained = dense
+    damaged_read(lambda: train(start, str(tmp_path / "started")), "ema_params")
+    teacher = config.copy_and_resolve_references()
+    teacher.train.distill.update(teacher=dense, weight=0.5)
+    damaged_read(lambda: train(teacher, str(tmp_path / "student")), "ema_params")
+    assert not (tmp_path / "started").exists() and not (tmp_path / "student").exists()
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    damaged_read(lambda: restore_ema_params(config, dense, mesh), f"ema_params{flipped}")
+
+    kind_config, kind = trained_kind
+    sliced = str(tmp_path / "sliced")
+    slice_checkpoint(kind, sliced, "learngene")   # from the undamaged workdir
+    kind_copy = str(tmp_path / "kind")
+    shutil.copytree(kind, kind_copy)
+    in_learngene = flip_sign_in(os.path.join(step_dir(kind_copy, 2), "ema_params"),
+                                lambda path: "['learngene']" in path)
+    damaged_read(lambda: load_learngene(kind_copy), f"ema_params{in_learngene}")
+    damaged_read(lambda: slice_checkpoint(kind_copy, str(tmp_path / "lg"), "learngene"), "ema_params")
+    assert not (tmp_path / "lg").exists()
+    good = load_learngene(sliced)
+    flipped = flip_sign_in(os.path.join(sliced, "learngene"), lambda path: "['learngene']" in path)
+    damaged_read(lambda: load_learngene(sliced), f"learngene{flipped}")
+    transfer = transfer_config(kind_config, sliced)
+    damaged_read(lambda: train(transfer, str(tmp_path / "transfer")), "learngene")
+    assert not (tmp_path / "transfer").exists()
+    assert param_rules.count(good.params) > 0
+
+
+def test_a_pretrained_dit_of_another_depth_is_refused_and_nothing_is_written(trained, tmp_path):
+    """init.pretrained from a 2-block DiT into a 1-block one: refused in one line naming the fix
+    (missing blocks stayed random, extra ones were dropped, silently); the new workdir is not made
+    (a failed start once left empty checkpoints/ and tensorboard/ behind)."""
+    config, source, _ = trained
+    c = config.copy_and_resolve_references()
+    c.model.depth = 1
+    c.init.pretrained = source
+    with pytest.raises(ConfigError) as raised:
+        train(c, str(tmp_path / "run"))
+    message = str(raised.value)
+    assert "\n" not in message and message == (
+        f"init.pretrained={source!r} is a DiT of 2 blocks, this model has 1: blocks would be left random or "
+        f"dropped. Set model.depth=2, or start a DiT of another depth with a growth rule (init.grow)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A function making a read-only view of a directory: a read-only bind mount (as root, whom file
+    modes do not stop), else a directory without write permission."""
+    mounts = []
+
+    def view(source: str) -> str:
+        target = str(tmp_path / f"ro{len(mounts)}")
+        os.makedirs(target)
+        if os.geteuid() == 0:
+            subprocess.run(["mount", "--bind", "-o", "ro", source, target], check=True)
+            mounts.append(target)
+            return target
+        os.rmdir(target)
+        shutil.copytree(source, target)
+        for d, _, _ in os.walk(target):
+            os.chmod(d, 0o555)
+        return target
+
+    yield view
+    for target in mounts:
+        subprocess.run(["umount", target], check=True)
+
+
+def test_a_read_only_workdir_is_one_line_naming_the_fix(trained, tmp_path, read_only):
+    """A finished run resumed for more steps in a read-only workdir, and a new run under a read-only
+    directory: one line that names the workdir and the fix (it was "OSError … (a bug?)"); nothing changes."""
+    config, _, _ = trained
+    view = read_only(copy_of(trained, tmp_path))
+    c = config.copy_and_resolve_references()
+    c.train.num_steps = 12
+    before = files_of(view)
+    for workdir in (view, os.path.join(view, "new")):
+        with pytest.raises(ConfigError) as raised:
+            train(c, workdir)
+        message = str(raised.value)
+        assert "\n" not in message and message.startswith(f"--workdir {workdir} is not writable (")
+        assert "give a workdir you can write to, or fix its permissions" in message
+    assert files_of(view) == before
+
+
 def test_checksums_see_one_flipped_bit_anywhere():
     """The checksum of a random array changes for a flipped bit at any of 20 random places."""
     rng = np.random.default_rng(0)
@@ -145,17 +288,46 @@ def test_checksums_see_one_flipped_bit_anywhere():
         assert flipped["params"]["['w']"][0] != base["params"]["['w']"][0]
 
 
-def test_nan_from_a_high_learning_rate_stops_and_keeps_the_finite_checkpoint(trained, tmp_path):
+@pytest.mark.parametrize("skips", [0, 1000])
+def test_an_exploding_update_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path, skips):
+    """optim.lr=1e6: the first update would move the weights by ~10⁷× their norm.  It is not applied,
+    and the run stops in one line naming the last good checkpoint, even where non-finite steps may
+    be skipped (train.max_nonfinite_steps=1000: the steps after such an update are NaN, and skipping
+    them once saved finite but exploded weights, 586 for 0.41)."""
+    config, workdir, _ = trained
+    workdir = copy_of(trained, tmp_path)
+    good = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(
+        checkpoints.restore_leaves(os.path.join(step_dir(workdir, 8), "params"))))
+    c = config.copy_and_resolve_references()
+    c.optim.lr = 1e6
+    c.train.update(num_steps=400, checkpoint_every=2, keep_checkpoints=1, max_nonfinite_steps=skips)
+    with pytest.raises(NonFiniteLoss) as raised:
+        train(c, workdir)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("step 9: the update would move the parameters by "), message
+    assert "× their norm (train.max_update_ratio=1.0" in message and "optim.lr=1000000.0" in message
+    assert "the last finite checkpoint is step 8" in message and "lower optim.lr" in message
+    saved = checkpoints.manager(os.path.join(workdir, "checkpoints"), read_only=True)
+    assert saved.all_steps() == [4, 8]   # nothing saved after the explosion
+    params = checkpoints.restore_leaves(os.path.join(step_dir(workdir, 8), "params"))
+    assert max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(params)) == good
+    saved.close()
+
+
+def test_nan_stops_and_keeps_the_finite_checkpoint(trained, tmp_path):
+    """A NaN loss (the update limit off, so a learning rate of 10 explodes to NaN): the run stops in
+    one line naming the last finite checkpoint; everything saved is finite."""
     config, _, _ = trained
     workdir = copy_of(trained, tmp_path)
     c = config.copy_and_resolve_references()
     c.optim.lr = 1e6
-    c.train.update(num_steps=400, checkpoint_every=2, keep_checkpoints=1)
+    c.train.update(num_steps=400, checkpoint_every=2, keep_checkpoints=1, max_update_ratio=0.0)
     with pytest.raises(NonFiniteLoss) as raised:
         train(c, workdir)
     message = str(raised.value)
     assert "\n" not in message
     bad = int(message.split("step ")[1].split(":")[0])
+    assert "the loss is" in message
     saved = checkpoints.manager(os.path.join(workdir, "checkpoints"), read_only=True)
     last = saved.latest_step()
     steps = saved.all_steps()
@@ -256,14 +428,59 @@ def test_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(trained, tmp_
     assert_trees_close(state["params"], reference["params"])
 
 
+def test_a_full_disk_on_the_command_line_is_one_line(trained, small_disk, single_device_env):
+    """The command line on a disk that holds one checkpoint: one line naming the step whose write
+    failed, the cause and the newest complete checkpoint; none of the 4 tracebacks Orbax's write
+    threads log, nor the ~230 lines after them (they are held back, and dropped once the run fails)."""
+    if small_disk is None:
+        pytest.skip("mounting a small tmpfs needs root; the in-process test above checks the message")
+    workdir = os.path.join(small_disk, "run")
+    out = subprocess.run(main_cli(workdir, "--config.model.hidden_size=64", "--config.train.keep_checkpoints=2"),
+                         cwd=ROOT, env=single_device_env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kindjax.main: writing step 8 to {workdir}/checkpoints failed ("), \
+        out.stderr
+    assert "No space left on device" in lines[0] and "the newest complete checkpoint is step 4" in lines[0]
+    assert "Traceback" not in out.stdout and "Error" not in out.stdout
+
+
+def test_a_stopped_sampling_resumes_to_the_same_images(tmp_path):
+    """Sampling with progress, stopped in its second batch and called again: the finished batch is
+    read back, the stopped one resumes from its saved state, and the images are those of a sampling
+    never stopped (bit for bit); the same as one without segments, up to float rounding."""
+    from kindjax.diffusion import GaussianDiffusion
+    from kindjax.diffusion.generate import SamplingProgress, SamplingStopped, generate
+    from kindjax.models.dit import build_model, init_params
+
+    config = tiny_config()
+    model = build_model(config)
+    params = init_params(jax.random.key(0), model)
+    diffusion = GaussianDiffusion.from_config(config.diffusion)
+    labels, key = np.arange(20) % 11, jax.random.key(3)
+
+    def draw(directory, asks):
+        asks = iter(asks)
+        progress = SamplingProgress(str(directory), "test", lambda: next(asks, False), segment=1)
+        return generate(model, params, diffusion, key, labels, config.sample, 8, progress=progress)
+
+    with pytest.raises(SamplingStopped, match="stopped at reverse step 2/4 of batch 1"):
+        draw(tmp_path / "stopped", [False, False, False, False, True])
+    saved = sorted(p.name for p in (tmp_path / "stopped").rglob("*.npz"))
+    assert saved == ["batch_000000.npz", "batch_000001.npz"]
+    resumed = draw(tmp_path / "stopped", [])
+    whole = draw(tmp_path / "whole", [])
+    np.testing.assert_array_equal(resumed, whole)
+    unsplit = generate(model, params, diffusion, key, labels, config.sample, 8)
+    np.testing.assert_allclose(whole, unsplit, rtol=1e-5, atol=1e-5)
+
+
 def evaluate_nothing(trainer, state):
     return {"sample_accuracy": 0.0, "frechet_distance": 0.0}
 
 
-def test_stale_stages_rerun_or_are_refused(tmp_path, capsys):
-    """The two stages of a KIND transfer job: a finished stage is reused only with the same
-    fingerprint; more pre-training steps rerun the transfer from the new learngene (the old one is
-    moved aside); another model is refused before anything runs."""
+def tiny_kind_job():
+    """configs/kind_digits.py shrunk to 2 + 2 steps of a 1-block KIND DiT."""
     from configs.kind_digits import get_config
 
     config = get_config()
@@ -272,37 +489,131 @@ def test_stale_stages_rerun_or_are_refused(tmp_path, capsys):
     config.train.update(batch_size=16, num_steps=2, log_every=1, checkpoint_every=2, sample_every=1000)
     config.transfer.num_steps = 2
     config.sample.update(num_steps=2, grid_per_class=1)
-    pre_dir, tr_dir = str(tmp_path / "pretrain"), str(tmp_path / "transfer")
+    return config
 
-    def stages(c):
-        pre_config = c.copy_and_resolve_references()
-        pre_config.job = "train"
-        pre = stage(pre_config, pre_dir, evaluate_nothing)
-        tr_config = transfer_config(c, pre_dir)
-        set_aside_stale(tr_config, tr_dir)
-        return pre, stage(tr_config, tr_dir, evaluate_nothing)
 
-    stages(config)
+def run_stages(config, root):
+    """The two stages of the KIND transfer job (kindjax.papers.kind.jobs) in ``root``, scored by nothing."""
+    pre_dir = os.path.join(root, "pretrain")
+    pre_config = config.copy_and_resolve_references()
+    pre_config.job = "train"
+    pre = stage(pre_config, pre_dir, evaluate_nothing)
+    return pre, stage(transfer_config(config, pre_dir), os.path.join(root, "transfer"), evaluate_nothing)
+
+
+def saved_params(workdir, step):
+    return checkpoints.restore_leaves(os.path.join(step_dir(workdir, step), "params"))
+
+
+def test_stale_stages_train_on_rerun_or_are_refused(tmp_path, capsys):
+    """The two stages of a KIND transfer job: a finished stage is reused only with the same
+    fingerprint; more pre-training steps train it on and rerun the transfer from the new learngene
+    (the old one is moved aside); a job moved as a whole is reused; another model is refused before
+    anything runs."""
+    config = tiny_kind_job()
+    root = str(tmp_path / "job")
+    pre_dir, tr_dir = os.path.join(root, "pretrain"), os.path.join(root, "transfer")
+    run_stages(config, root)
     first = json.load(open(os.path.join(tr_dir, "metrics.json")))
-    assert first["fingerprint"]["origin"] == {"learngene": {"path": pre_dir, "step": 2}}
+    digest = checkpoints.weights_digest(checkpoints.locate(pre_dir).meta)
+    assert first["fingerprint"]["origin"] == {"learngene": {"path": "pretrain", "step": 2, "weights": digest}}
     capsys.readouterr()
-    stages(config)   # reused: nothing trained
-    assert "Resumed" not in capsys.readouterr().out
+    run_stages(config, root)   # reused: nothing trained
+    out = capsys.readouterr().out
+    assert "Resumed" not in out and "Fresh run" not in out and out.count("reusing it") == 2, out
 
     config.train.num_steps = 3
-    stages(config)
+    run_stages(config, root)
     out = capsys.readouterr().out
-    assert f"{pre_dir} finished with other settings (train.num_steps: 2 vs 3)" in out
-    assert f"moved it to {tr_dir}.from_step_2 and training the transfer again" in out
+    assert f"{pre_dir} finished at step 2 with other settings (train.num_steps: 2 vs 3); training it on to step 3." \
+        in out and f"Resumed from {pre_dir} at step 2." in out, out
+    assert f"moved it to {tr_dir}.from_step_2 and training it afresh" in out
     assert json.load(open(os.path.join(tr_dir, "metrics.json")))["fingerprint"]["origin"]["learngene"]["step"] == 3
     assert json.load(open(os.path.join(tr_dir + ".from_step_2", "metrics.json"))) == first
+    assert "origin.learngene.step: 2 vs 3" in open(os.path.join(tr_dir + ".from_step_2", "SET_ASIDE.txt")).read()
 
-    before = sorted(os.listdir(tmp_path))
+    moved = str(tmp_path / "moved")   # the finished job moved as a whole: its origin is recorded relative to it
+    os.rename(root, moved)
+    run_stages(config, moved)
+    out = capsys.readouterr().out
+    assert "Resumed" not in out and "Fresh run" not in out and out.count("reusing it") == 2, out
+
+    before = sorted(os.listdir(moved))
     config.model.hidden_size = 64
     with pytest.raises(ConfigError, match=r"pretrain holds a checkpoint of a different model "
                                           r"\(model.hidden_size: checkpoint 32 vs config 64\)"):
-        run_kind_transfer(config, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == before
+        run_kind_transfer(config, moved)
+    assert sorted(os.listdir(moved)) == before
+
+
+@pytest.fixture(scope="module")
+def kind_job(tmp_path_factory):
+    """The tiny KIND job, finished (copied per test: its origins are relative, so a copy is reused)."""
+    root = str(tmp_path_factory.mktemp("kind_job") / "job")
+    run_stages(tiny_kind_job(), root)
+    return root
+
+
+@pytest.mark.parametrize("key, value, transfer_aside", [("optim.lr", 0.01, "from_step_2"), ("train.seed", 1, "stale"),
+                                                        ("transfer.lr", 0.01, "stale")])
+def test_a_changed_setting_trains_afresh_and_keeps_the_old_stage(kind_job, tmp_path, capsys, key, value,
+                                                                 transfer_aside):
+    """The issue's repro: the KIND job, then the same with another learning rate (or seed, or transfer
+    learning rate).  The stage that setting changes is moved aside whole (nothing lost) and trained
+    afresh: its weights are those of a fresh run with the new setting, and its metrics.json records
+    the new setting only then.  A pre-training trained afresh also retrains the transfer made from it
+    (moved to ``.from_step_2`` when only its start changed)."""
+    config = tiny_kind_job()
+    root = str(tmp_path / "job")
+    shutil.copytree(kind_job, root)
+    pre_dir, tr_dir = os.path.join(root, "pretrain"), os.path.join(root, "transfer")
+    old = {d: files_of(d) for d in (pre_dir, tr_dir)}
+    section, name = key.split(".")
+    changed = config.copy_and_resolve_references()
+    changed[section][name] = value
+    capsys.readouterr()
+    run_stages(changed, root)
+    out = capsys.readouterr().out
+    again = section != "transfer"    # transfer.lr is the transfer stage's optim.lr
+    first_dir = pre_dir if again else tr_dir
+    assert f"{first_dir} was trained with other settings ({key if again else 'optim.lr'}: " in out, out
+    assert f"moved it to {first_dir}.stale and training it afresh." in out
+    assert f"Fresh run in {first_dir}" in out and f"Resumed from {first_dir}" not in out
+    assert f"moved it to {tr_dir}.{transfer_aside} and training it afresh." in out and f"Fresh run in {tr_dir}" in out
+    if not again:   # the pre-training is reused untouched
+        assert f"{pre_dir} finished with these settings: reusing it" in out and files_of(pre_dir) == old[pre_dir]
+    for d, aside in ((pre_dir, pre_dir + ".stale"), (tr_dir, f"{tr_dir}.{transfer_aside}")):
+        if d == tr_dir or again:
+            assert {k: v for k, v in files_of(aside).items() if k != "SET_ASIDE.txt"} == old[d]   # nothing lost
+    metrics = json.load(open(os.path.join(first_dir, "metrics.json")))
+    assert metrics["fingerprint"][section if again else "optim"][name if again else "lr"] == value
+    # Trained afresh: the weights of a fresh run with the new setting.
+    if again:
+        fresh = changed.copy_and_resolve_references()
+        fresh.job = "train"
+    else:
+        fresh = transfer_config(changed, pre_dir)
+    reference = host(train(fresh, str(tmp_path / "reference")))
+    assert_trees_close(saved_params(first_dir, 2), reference["params"])
+
+
+def test_fewer_steps_train_afresh_and_finish(trained, tmp_path, capsys):
+    """A stage finished at 8 steps, rerun with train.num_steps=4: moved aside and trained afresh to 4
+    steps (the 8-step run's step-4 weights), recorded finished; the rerun reuses it."""
+    config, _, _ = trained
+    workdir = copy_of(trained, tmp_path)
+    c = config.copy_and_resolve_references()
+    c.train.num_steps = 4
+    metrics = stage(c, workdir, evaluate_nothing)
+    out = capsys.readouterr().out
+    assert f"{workdir} was trained with other settings (train.num_steps: trained 8 vs 4); moved it to " \
+           f"{workdir}.stale and training it afresh." in out, out
+    assert metrics is not None and metrics["step"] == 4 and finished(workdir, c) == metrics
+    assert json.load(open(os.path.join(workdir, "metrics.json")))["fingerprint"]["train"]["num_steps"] == 4
+    assert_trees_close(saved_params(workdir, 4), saved_params(workdir + ".stale", 4))
+    assert sorted(os.listdir(os.path.join(workdir + ".stale", "checkpoints"))) == ["4", "8"]
+    assert stage(c, workdir, evaluate_nothing) == metrics
+    assert "reusing it" in capsys.readouterr().out
 
 
 def test_a_resume_from_another_start_is_refused(tmp_path):
@@ -314,8 +625,7 @@ def test_a_resume_from_another_start_is_refused(tmp_path):
     train(config, str(tmp_path / "b"))
     config.init.pretrained = str(tmp_path / "a2")
     with pytest.raises(ConfigError, match=r"holds a run that started from, or distilled from, another checkpoint "
-                                          r"\(init.pretrained.path: "
-                                          rf"checkpoint '{tmp_path / 'a'}' vs now '{tmp_path / 'a2'}'\)"):
+                                          r"\(init.pretrained.path: checkpoint 'a' vs now 'a2'\)"):
         train(config, str(tmp_path / "b"))
 
 
@@ -328,8 +638,9 @@ def files_of(root: str) -> dict[str, bytes]:
 def test_another_teacher_is_refused_and_a_finished_stage_is_not_reused(trained, tmp_path):
     """A distilled run's origin records its teacher (``train.distill.teacher``: path and step).  With the
     same teacher the stage resumes and is then reused; once the teacher holds a later step, or another
-    workdir is named, the stage is not reused and resuming its checkpoints is refused (as another
-    ``init`` start is), its files unchanged.  Without a teacher the origin has no teacher key, so the
+    workdir is named, the stage is not reused (the stage engine trains it afresh, as any changed
+    setting) and the trainer refuses to resume its checkpoints (as another ``init`` start), its files
+    unchanged.  Without a teacher the origin has no teacher key, so the
     checkpoints and fingerprints written before the key existed compare equal."""
     config, _, state = trained
     teacher = copy_of(trained, tmp_path)
@@ -340,7 +651,9 @@ def test_another_teacher_is_refused_and_a_finished_stage_is_not_reused(trained, 
     distilled = config.copy_and_resolve_references()
     distilled.train.distill.update(teacher=teacher, weight=0.5)
     start = origin(distilled)
-    assert start == {TEACHER: {"path": teacher, "step": 4}} and origin(config) == {}
+    digest = checkpoints.weights_digest(checkpoints.locate(teacher).meta)
+    assert start == {TEACHER: {"path": teacher, "step": 4, "weights": digest}} and origin(config) == {}
+    assert origin(distilled, str(tmp_path / "student")) == {TEACHER: {"path": "run", "step": 4, "weights": digest}}
 
     student = str(tmp_path / "student")   # a distilled run stopped at its last step, saved as train() saves it
     mngr = checkpoints.manager(os.path.join(student, checkpoints.CHECKPOINTS))
@@ -349,17 +662,17 @@ def test_another_teacher_is_refused_and_a_finished_stage_is_not_reused(trained, 
     mngr.close()
     metrics = stage(distilled, student, evaluate_nothing)   # resumed at step 8: the same teacher
     assert metrics is not None and finished(student, distilled) == metrics
-    assert json.load(open(os.path.join(student, "metrics.json")))["fingerprint"]["origin"] == start
+    assert json.load(open(os.path.join(student, "metrics.json")))["fingerprint"]["origin"] == origin(distilled, student)
     kept = files_of(os.path.join(student, checkpoints.CHECKPOINTS))
 
     os.rename(later, os.path.join(teacher, checkpoints.CHECKPOINTS, "8"))   # the teacher trained further
     assert finished(student, distilled) is None
     with pytest.raises(ConfigError, match=r"distilled from, another checkpoint \(train.distill.teacher.step: "
-                                          r"checkpoint 4 vs now 8\)"):
-        stage(distilled, student, evaluate_nothing)
+                                          r"checkpoint 4 vs now 8; train.distill.teacher.weights: "):
+        train(distilled, student)
     distilled.train.distill.teacher = other
     assert finished(student, distilled) is None
-    with pytest.raises(ConfigError, match=rf"train.distill.teacher.path: checkpoint '{teacher}' vs now '{other}'; "
+    with pytest.raises(ConfigError, match=r"train.distill.teacher.path: checkpoint 'run' vs now 'other'; "
                                           r"train.distill.teacher.step: checkpoint 4 vs now 8"):
         train(distilled, student)
     assert files_of(os.path.join(student, checkpoints.CHECKPOINTS)) == kept
@@ -401,6 +714,8 @@ def main_cli(workdir, *extra, config="configs/dit_digits.py"):
 
 BAD_CONFIGS = [
     ("dit", ["--config.train.nosuch=1"], "--config.train.nosuch: no config key 'train.nosuch'; train has ['batch_size',"),
+    ("dit", ["--config.train.num_stepz=3"], "--config.train.num_stepz: no config key 'train.num_stepz'; did you mean "
+                                            "--config.train.num_steps? (the schema is in kindjax/config.py)"),
     ("dit", ["--config.train.trainable=3"], "train.trainable=(3,) must hold str values"),
     ("dit", ["--config.train.num_steps=1.5"], "flag --config.train.num_steps=1.5: invalid literal for int()"),
     ("kind", ["--config.model.linear.n_learngene=500"], "KIND rank does not fit matrix"),
@@ -418,6 +733,7 @@ def test_bad_config_is_one_line_and_writes_nothing(config, extra, says, tmp_path
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1, out.stderr
     assert lines[0].startswith("kindjax.main: ") and says.format(tmp=tmp_path) in lines[0], lines[0]
+    assert "\\" not in lines[0] and "(a bug?" not in lines[0]   # nothing escaped, nothing unexplained
     assert not workdir.exists()
 
 
@@ -428,17 +744,125 @@ def test_debug_shows_the_traceback(tmp_path, single_device_env):
     assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr
 
 
-def test_sigint_saves_and_exits_like_sigterm(tmp_path, single_device_env):
+@pytest.mark.parametrize("sig, name", [(signal.SIGINT, "SIGINT (Ctrl-C)"),
+                                       (signal.SIGHUP, "SIGHUP (terminal or ssh session closed)")])
+def test_sigint_and_sighup_save_and_exit_like_sigterm(tmp_path, single_device_env, sig, name):
+    """Ctrl-C, and the hang-up of a dropped ssh session (once the end of an unsaved run), save the
+    current step and exit 0."""
     env, workdir = single_device_env, tmp_path / "run"
     proc = subprocess.Popen(main_cli(workdir, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000"),
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: len(tb_scalars(workdir)) >= 3, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    assert "SIGINT (Ctrl-C): saving step" in out and "Traceback" not in out
-    saved = int(out.split("SIGINT (Ctrl-C): saving step ")[1].split()[0])
+    assert f"{name}: saving step" in out and "Traceback" not in out
+    saved = int(out.split(f"{name}: saving step ")[1].split()[0])
     assert os.listdir(workdir / "checkpoints") == [str(saved)] and saved >= 3
+
+
+class FakeMetadata:
+    """A GCE metadata server on localhost: ``instance/<key>`` with ``wait_for_change`` and ETags (a
+    waiting request is answered when the value changes); ``set(key, value)`` changes it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.values = {"maintenance-event": "NONE", "preempted": "FALSE"}
+        self.etags = {k: 1 for k in self.values}
+        self.changed = threading.Condition()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                from urllib.parse import parse_qs, urlparse
+
+                url = urlparse(self.path)
+                key = url.path.rsplit("/", 1)[-1]
+                query = parse_qs(url.query)
+                if self.headers.get("Metadata-Flavor") != "Google" or key not in server.values:
+                    self.send_error(403 if key in server.values else 404)
+                    return
+                last = query.get("last_etag", ["0"])[0]
+                with server.changed:
+                    server.changed.wait_for(lambda: str(server.etags[key]) != last,
+                                            timeout=float(query.get("timeout_sec", ["60"])[0]))
+                    value, etag = server.values[key], server.etags[key]
+                body = value.encode()
+                self.send_response(200)
+                self.send_header("ETag", str(etag))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def set(self, key, value):
+        with self.changed:
+            self.values[key], self.etags[key] = value, self.etags[key] + 1
+            self.changed.notify_all()
+
+    def close(self):
+        self.set("preempted", "FALSE")   # wakes the waiting requests
+        self.httpd.shutdown()
+
+
+def test_a_gce_maintenance_event_saves_and_exits_like_sigterm(tmp_path, single_device_env):
+    """On a GCE VM the metadata server announces host maintenance that stops the VM: the run saves
+    its current step and exits 0, as on SIGTERM (which, on several processes, JAX's preemption sync
+    turns into the same step everywhere); live migration alone changes nothing."""
+    metadata = FakeMetadata()
+    env, workdir = {**single_device_env, "GCE_METADATA_HOST": metadata.host}, tmp_path / "run"
+    try:
+        proc = subprocess.Popen(main_cli(workdir, "--config.train.num_steps=100000",
+                                         "--config.train.checkpoint_every=100000"),
+                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: len(tb_scalars(workdir)) >= 3, proc)
+        metadata.set("maintenance-event", "MIGRATE_ON_HOST_MAINTENANCE")
+        seen = len(tb_scalars(workdir))
+        wait_for(lambda: len(tb_scalars(workdir)) >= seen + 3, proc)   # still training
+        metadata.set("maintenance-event", "TERMINATE_ON_HOST_MAINTENANCE")
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        metadata.close()
+    assert proc.returncode == 0, out
+    assert "GCE maintenance-event: TERMINATE_ON_HOST_MAINTENANCE: this VM stops soon; stopping as on SIGTERM." in out
+    saved = int(out.split("SIGTERM: saving step ")[1].split()[0])
+    assert os.listdir(workdir / "checkpoints") == [str(saved)] and saved >= seen + 3
+
+
+def test_sigterm_during_the_evaluation_saves_its_samples_and_the_rerun_resumes(tmp_path, single_device_env):
+    """SIGTERM once the final evaluation samples: the samples drawn so far are saved and the run exits 0
+    within seconds (it ignored SIGTERM for the whole evaluation, 36 s); the rerun trains nothing,
+    resumes the evaluation from them and records the run finished."""
+    env, workdir = single_device_env, tmp_path / "run"
+    evaluation = ["--config.eval.num_samples=160", "--config.eval.batch_size=16", "--config.sample.num_steps=400"]
+    proc = subprocess.Popen(main_cli(workdir, *evaluation), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    progress = workdir / "evaluation_progress" / "8"
+    wait_for(lambda: progress.exists() and any(progress.rglob("batch_*.npz")), proc)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    waited = time.time() - sent
+    assert proc.returncode == 0, out
+    assert "A stop request: the evaluation saved its samples so far in" in out and "rerun the same command" in out
+    assert waited < 30, waited   # a segment of 10 reverse steps of one batch, not the whole evaluation
+    assert not (workdir / "metrics.json").exists()
+    kept = sorted(p.name for p in progress.rglob("batch_*.npz"))
+    assert kept
+    out = subprocess.run(main_cli(workdir, *evaluation), env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=600).stdout
+    assert "Resumed from" in out and "at step 8." in out and "Evaluation: " in out, out
+    metrics = json.load(open(workdir / "metrics.json"))
+    assert metrics["step"] == 8 and "frechet_distance" in metrics
+    assert not (workdir / "evaluation_progress").exists()
 
 
 SECOND_CTRL_C = """

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kindjax.config import ConfigError, base_config
-from kindjax.data.latents import NOISE_STREAM, LatentDataset, open_latents, read_index
+from kindjax.data.latents import NOISE_STREAM, LatentDataset, open_latents, read_index, repair_command
 from kindjax.data.pipeline import DeviceBatches, batch_indices, flip_draws, note_process_count, stream_indices
 from kindjax.tools.encode import encode_shards, stored_moments, write_index
 from kindjax.sharding import batch_sharding, make_mesh
@@ -410,8 +410,61 @@ def test_nan_latents_are_refused_naming_the_shard(encoded, tmp_path):
     dataset.batches(0, BATCH, 0, process_index=0, process_count=2).close()   # process 0 never reads shard 4
     with pytest.raises(ConfigError, match="shard_00004.moments.npy holds NaN or Inf"):
         dataset.batches(0, BATCH, 0, process_index=1, process_count=2)
-    with pytest.raises(ConfigError, match="shard_00004.moments.npy holds NaN or Inf"):
+    with pytest.raises(ConfigError, match="shard_00004.moments.npy holds NaN or Inf") as error:
         dataset.batches(0, BATCH, 0)
+    # The repair it names re-encodes exactly that shard (its files check out, so only --redo finds it).
+    assert "--redo=4 to re-encode it" in str(error.value)
+    assert encode_into(copy, dtype="float32", redo=[4]) == [4]
+    write_index(str(copy))
+    repaired = open_latents(latent_config(str(copy), verify_latents="full"), log=lambda s: None)
+    repaired.batches(0, BATCH, 0).close()
+    np.testing.assert_array_equal(stored(str(copy))[0], stored(root)[0])
+
+
+def test_a_label_outside_the_classes_is_named_and_repaired(encoded, tmp_path):
+    """A label no class of the index has (written into a shard after its encode) is named at start-up
+    with the repair, which re-encodes that shard; before, it was an IndexError (a bug?)."""
+    root, _ = encoded
+    copy = tmp_path / "labels"
+    shutil.copytree(root, copy)
+    labels = np.load(copy / "shard_00002.labels.npy")
+    labels[1] = 7
+    np.save(copy / "shard_00002.labels.npy", labels)
+    message = one_line_error(latent_config(str(copy)), r"latent shard .*shard_00002.labels.npy holds 1 labels outside "
+                                                      r"the 3 classes of the index \(e.g. 7\); rerun .*--redo=2 to "
+                                                      r"re-encode it, or set data.bad_shards=skip")
+    assert "IndexError" not in message
+    skipping = open_latents(latent_config(str(copy), bad_shards="skip"), log=lambda s: None)
+    assert skipping.skipped_shards == ["shard_00002"]
+    assert encode_into(copy, dtype="float32") == [2]   # a plain rerun finds it too
+    write_index(str(copy))
+    np.testing.assert_array_equal(stored(str(copy))[1], stored(root)[1])
+    assert len(open_latents(latent_config(str(copy)))) == 20
+
+
+def test_the_repair_is_built_from_known_fields_only(encoded, tmp_path):
+    """encode.json comes with the data: whatever it holds, the repair names kindjax.tools.encode on this
+    directory, each recorded field one shell word, overrides only ``--config.*``, no recorded command."""
+    root, _ = encoded
+    copy = tmp_path / "hostile"
+    shutil.copytree(root, copy)
+    plan = json.loads((copy / "encode.json").read_text())
+    plan.update(command="touch /tmp/owned", invocation={
+        "cwd": "/x; touch /tmp/owned", "config": "c.py && touch /tmp/owned", "vae": "$(touch /tmp/owned)",
+        "dtype": "float16`touch /tmp/owned`", "overrides": ["--config.data.root=/a b", "; touch /tmp/owned",
+                                                              "--vae=/evil", 3]})
+    (copy / "encode.json").write_text(json.dumps(plan))
+    command = repair_command(str(copy), [1, 3])
+    assert "/tmp/owned" not in command.replace(shlex.quote("/x; touch /tmp/owned"), "").replace(
+        shlex.quote("c.py && touch /tmp/owned"), "").replace(shlex.quote("$(touch /tmp/owned)"), "").replace(
+        shlex.quote("float16`touch /tmp/owned`"), "")
+    assert shlex.split(command) == ["cd", "/x; touch /tmp/owned", "&&", "python", "-m", "kindjax.tools.encode",
+                                    "--config", "c.py && touch /tmp/owned", "--vae", "$(touch /tmp/owned)",
+                                    "--out", str(copy), "--dtype", "float16`touch /tmp/owned`",
+                                    "--config.data.root=/a b", "--redo=1,3"]
+    (copy / "encode.json").write_text("[1, 2]")
+    assert shlex.split(repair_command(str(copy))) == ["python", "-m", "kindjax.tools.encode", "--config", "CONFIG",
+                                                      "--vae", "VAE_DIR", "--out", str(copy)]
 
 
 def test_class_selection(encoded):
@@ -516,6 +569,27 @@ def test_command_encodes_a_folder_with_a_diffusers_vae(tmp_path, single_device_e
     assert repaired.returncode == 0, repaired.stderr[-3000:]
     assert "1 shards (3 images) to encode" in repaired.stdout
     np.testing.assert_array_equal(open_latents(c).batch(1, 4, 0)["image"], before["image"])
+    # NaN written into a shard after its encode (found by the full scan) and a label outside the classes:
+    # each named with a command that re-encodes that shard and nothing else
+    moments = np.load(os.path.join(out, "shard_00002.moments.npy"), mmap_mode="r+")
+    moments[0, 0, 1, 0, 0, 0] = np.nan
+    moments.flush()
+    del moments
+    labels = np.load(os.path.join(out, "shard_00000.labels.npy"))
+    np.save(os.path.join(out, "shard_00000.labels.npy"), labels + 5)
+    c.data.verify_latents = "full"
+    for shard, problem in ((0, "shard_00000.labels.npy holds"), (2, "shard_00002.moments.npy holds NaN or Inf")):
+        with pytest.raises(ConfigError, match=problem) as error:
+            open_latents(c, log=lambda s: None).batches(0, 4, 0).close()
+        fix = str(error.value).split("; rerun ", 1)[1].split(" to re-encode it", 1)[0]
+        assert fix.endswith(f" --redo={shard}")
+        repaired = subprocess.run(["bash", "-c", fix.replace("python", shlex.quote(sys.executable), 1)],
+                                  env=single_device_env, capture_output=True, text=True)
+        assert repaired.returncode == 0 and "1 shards (" in repaired.stdout, repaired.stderr[-3000:]
+    open_latents(c, log=lambda s: None).batches(0, 4, 0).close()
+    np.testing.assert_array_equal(open_latents(c).batch(1, 4, 0)["image"], before["image"])
+    c.data.verify_latents = "sizes"
+    dataset = open_latents(c)   # the repairs replaced the files the first one had mapped
     # The same config that encoded the folder trains on its latents once data.latents names them.
     from kindjax.data import make_dataset
 

@@ -3,7 +3,8 @@ and a fake ``gcloud`` (a 4-worker TPU VM, each worker a home directory where the
 really runs in bash), with fake ``python3``/``pip``/``uv`` and venv interpreters that record their
 arguments, environment and working directory. Checked: every GPU gets one process that takes that
 GPU (``kindjax.distributed`` on the recorded environment), every TPU worker gets the code, the
-install and the run; the XLA flags the GPU script sets exist in this jaxlib."""
+install and the run, detached, started again after a preemption or a lost VM; the XLA flags the GPU
+script sets exist in this jaxlib."""
 import json
 import os
 import stat
@@ -19,7 +20,7 @@ from kindjax.distributed import Accelerators, init_arguments
 
 FAKE = textwrap.dedent('''
     """One fake for every tool the launch scripts call; argv[1] names the tool."""
-    import json, os, re, shutil, subprocess, sys
+    import json, os, re, shutil, subprocess, sys, time
 
     tool, args = sys.argv[1], sys.argv[2:]
     HERE = os.environ["FAKE_BIN"]
@@ -48,9 +49,9 @@ FAKE = textwrap.dedent('''
         script, script_args = args[script_at], args[script_at + 1:]
         opts = {}
         for line in open(script):
-            m = re.match(r"#SBATCH\\s+--([\\w-]+)=(\\S+)", line)
+            m = re.match(r"#SBATCH\\s+--([\\w-]+)(?:=(\\S+))?", line)
             if m:
-                opts[m[1]] = m[2]
+                opts[m[1]] = m[2] or ""
         for a in args[:script_at]:
             k, v = a[2:].split("=", 1)
             opts[k] = v
@@ -59,19 +60,18 @@ FAKE = textwrap.dedent('''
         nodes = int(opts.get("nodes", 1))
         env = dict(os.environ, SLURM_JOB_ID="777", SLURM_NNODES=str(nodes), SLURM_JOB_NUM_NODES=str(nodes),
                    SLURM_NTASKS_PER_NODE=opts["ntasks-per-node"], SLURM_GPUS_PER_NODE=opts["gpus-per-node"],
-                   SLURM_SUBMIT_DIR=os.getcwd(), SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]")
+                   SLURM_SUBMIT_DIR=os.getcwd(), SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]",
+                   SLURM_CPUS_ON_NODE="96")
         tmp = os.path.join(os.environ["FAKE_ROOT"], "slurm_script")   # sbatch runs a copy of the script
         shutil.copy(script, tmp)
         if "array" not in opts:
             sys.exit(subprocess.call(["bash", tmp, *script_args], env=env))
-        first, last = map(int, opts["array"].split("-"))             # an array job: one run per index
-        for index in range(first, last + 1):
-            rc = subprocess.call(["bash", tmp, *script_args], env=dict(
-                env, SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_TASK_MIN=str(first),
-                SLURM_ARRAY_TASK_MAX=str(last), SLURM_ARRAY_TASK_COUNT=str(last - first + 1)))
-            if rc:
-                sys.exit(rc)
-        sys.exit(0)
+        first, last = map(int, opts["array"].split("-"))             # an array job: its tasks start together
+        tasks = [subprocess.Popen(["bash", tmp, *script_args], env=dict(
+            env, SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_TASK_MIN=str(first),
+            SLURM_ARRAY_TASK_MAX=str(last), SLURM_ARRAY_TASK_COUNT=str(last - first + 1)))
+            for index in range(first, last + 1)]
+        sys.exit(max(t.wait() for t in tasks))
     if tool == "srun":                                     # every task of the allocation, node by node
         command = args[next(i for i, a in enumerate(args) if not a.startswith("-")):]
         nodes, per_node = int(os.environ["SLURM_NNODES"]), int(os.environ["SLURM_NTASKS_PER_NODE"])
@@ -107,7 +107,8 @@ FAKE = textwrap.dedent('''
     if tool in ("python3", "pip") and args[:3] == ["-m", "pip", "install"] and "uv" in args:
         make_tool(os.path.join(os.environ["HOME"], ".local", "bin", "uv"), "uv")
         sys.exit(0)
-    if tool == "python3" and args[:2] == ["-m", "venv"]:
+    if tool == "python3" and args[:2] == ["-m", "venv"]:                 # as slow as a real one: a race shows
+        time.sleep(1)
         make_tool(os.path.join(args[2], "bin", "python"), "venv-python:" + os.path.abspath(args[2]))
         sys.exit(0)
     if tool == "uv" and args[0] == "venv":
@@ -121,10 +122,23 @@ FAKE = textwrap.dedent('''
         if args[:1] == ["-c"]:                             # the readiness check
             sys.exit(0 if os.path.exists(installed) else 1)
         if args[:3] == ["-m", "pip", "install"]:
+            time.sleep(1)
             open(installed, "w").close()
             sys.exit(0)
         if args[:2] in (["-m", "kindjax.main"], ["-m", "kindjax.sweep"]):
-            sys.exit(0)
+            # FAKE_RUN_PLAN: what attempt i of this worker does (finish, stop, lost, fail, slow)
+            counter = os.path.join(os.environ.get("HOME", "."), "fake_attempts")
+            attempt = len(open(counter).read()) if os.path.exists(counter) else 0
+            open(counter, "a").write("x")
+            plan = os.environ.get("FAKE_RUN_PLAN", "finish").split(",")
+            what = plan[min(attempt, len(plan) - 1)]
+            if what == "slow":
+                time.sleep(3)
+            if what == "stop":                               # saved on a stop request, as kindjax notes it
+                open(os.environ["KINDJAX_STOP_FILE"], "w").write("SIGTERM: saved step 10\\n")
+            if what == "lost":                               # the VM went away: the runner dies with it
+                os.killpg(os.getpgid(0), 9)
+            sys.exit(3 if what == "fail" else 0)
     sys.exit(f"fake {tool}: unexpected call {args}")
 ''')
 
@@ -161,6 +175,8 @@ def test_gpu_slurm_runs_one_process_on_every_gpu_of_every_node(tmp_path):
     log = calls(tmp_path)
     options = next(c["options"] for c in log if c["tool"] == "sbatch-options")
     assert options["signal"] == "TERM@120" and options["ntasks-per-node"] == "8" and options["gpus-per-node"] == "8"
+    assert options["exclusive"] == ""   # whole nodes; each task its share of the cores (96 / 8):
+    assert [c["args"][:2] for c in log if c["tool"] == "srun"] == [["--kill-on-bad-exit=1", "--cpus-per-task=12"]]
     # The venv: created, installed with the CUDA extra, checked.
     assert [c["args"] for c in log if c["tool"] == "python3"] == [["-m", "venv", str(tmp_path / "venv")]]
     venv_calls = [c for c in log if c["tool"].startswith("venv-python:")]
@@ -203,6 +219,10 @@ def test_gpu_slurm_array_runs_one_sweep_shard_per_array_task(tmp_path):
     assert shards == [(str(i), ("--config", "configs/kind_dit_b.py", "--workdir", "/shared/sweep", "--shard", f"{i}/3",
                                 "--methods=kind,lora")) for i in range(3)]
     assert not [c for c in calls(tmp_path) if c.get("args", [])[:2] == ["-m", "kindjax.main"]]
+    # The 3 array tasks start together: one builds the shared venv, the others wait for it (a lock).
+    log = calls(tmp_path)
+    assert [c["args"] for c in log if c["tool"] == "python3"] == [["-m", "venv", str(tmp_path / "venv")]]
+    assert len([c for c in log if c["tool"].startswith("venv-python:") and c["args"][:3] == ["-m", "pip", "install"]]) == 1
 
 
 def test_gpu_slurm_stops_when_the_install_gives_no_cuda_jaxlib(tmp_path):
@@ -215,12 +235,31 @@ def test_gpu_slurm_stops_when_the_install_gives_no_cuda_jaxlib(tmp_path):
     assert not [c for c in calls(tmp_path) if c.get("args", [])[:2] == ["-m", "kindjax.main"]]
 
 
+def tpu_env(tmp_path, **extra: str) -> dict[str, str]:
+    settings = dict(TPU_NAME="my-v5p-32", ZONE="us-east5-a", WORKDIR="gs://bucket/run1", PROJECT="proj",
+                    FAKE_TPU_WORKERS="4", KINDJAX_POLL_S="0.2")
+    return install_fakes(tmp_path, **{**settings, **extra})
+
+
+def worker_runs(tmp_path, w: int, module: str = "kindjax.main") -> list[dict]:
+    return [c for c in calls(tmp_path) if c.get("env", {}).get("FAKE_WORKER") == str(w)
+            and c["tool"].startswith("venv-python:") and c["args"][:2] == ["-m", module]]
+
+
 def test_tpu_pod_puts_code_install_and_run_on_every_worker(tmp_path):
-    env = install_fakes(tmp_path, TPU_NAME="my-v5p-32", ZONE="us-east5-a", WORKDIR="gs://bucket/run1",
-                        PROJECT="proj", FAKE_TPU_WORKERS="4", LIBTPU_INIT_ARGS="--xla_tpu_user_flag=1")
-    result = subprocess.run(["launch/tpu_pod.sh", *OVERRIDES], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    ship = os.path.join(ROOT, "untracked_ship_test")   # an untracked directory the user names
+    os.makedirs(os.path.join(ship, "sub"))
+    try:
+        with open(os.path.join(ship, "sub", "data.txt"), "w") as f:
+            f.write("shipped\n")
+        env = tpu_env(tmp_path, LIBTPU_INIT_ARGS="--xla_tpu_user_flag=1", KINDJAX_SHIP="untracked_ship_test")
+        result = subprocess.run(["launch/tpu_pod.sh", *OVERRIDES], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
+    finally:
+        import shutil
+        shutil.rmtree(ship)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "tpu_pod.sh: the run finished on every worker." in result.stdout
     log = calls(tmp_path)
     for c in [c for c in log if c["tool"] == "gcloud"]:
         assert "--worker=all" in c["args"] and c["args"][c["args"].index("--zone") + 1] == "us-east5-a"
@@ -232,24 +271,89 @@ def test_tpu_pod_puts_code_install_and_run_on_every_worker(tmp_path):
         for path in ("kindjax/distributed.py", "launch/tpu_pod.sh", "pyproject.toml"):   # the code, as checked out
             assert (code / path).read_bytes() == open(os.path.join(ROOT, path), "rb").read(), path
         shipped = [str(p.relative_to(code)) for p in code.rglob("*") if p.is_file() and ".venv" not in p.parts]
-        assert sorted(shipped) == sorted(tracked)
+        assert sorted(shipped) == sorted(tracked + ["untracked_ship_test/sub/data.txt"])
         mine = [c for c in log if c.get("env", {}).get("FAKE_WORKER") == str(w)]
         installs = [c for c in mine if c["tool"] == "uv" and c["args"][:2] == ["pip", "install"]]
         assert len(installs) == 1 and installs[0]["args"][-2:] == ["-e", ".[tpu]"] and installs[0]["cwd"] == str(code)
-        runs = [c for c in mine if c["tool"].startswith("venv-python:") and c["args"][:2] == ["-m", "kindjax.main"]]
+        runs = worker_runs(tmp_path, w)
         assert len(runs) == 1
         run = runs[0]
         assert run["args"][2:] == ["--config", "configs/dit_xl.py", "--workdir", "gs://bucket/run1", *OVERRIDES]
         assert run["cwd"] == str(code) and run["tool"] == f"venv-python:{code}/.venv"
         flags = run["env"]["LIBTPU_INIT_ARGS"].split()
         assert "--xla_tpu_enable_async_collective_fusion=true" in flags and flags[-1] == "--xla_tpu_user_flag=1"
+        # Detached from the ssh session: its own session, with the worker's log and exit status.
+        assert run["env"]["KINDJAX_STOP_FILE"] == str(home / "kindjax-run" / "stopped")
+        assert (home / "kindjax-run" / "exit_code").read_text().strip() == "0"
+        assert "start" in (home / "kindjax-run" / "worker.log").read_text()
         # On the worker (a GCE TPU VM: no TPU_WORKER_HOSTNAMES) kindjax asks JAX to find the pod.
         assert init_arguments(run["env"], Accelerators(tpus=4)) == {"cluster_detection_method": "gcetpu"}
+    status = subprocess.run(["launch/tpu_pod.sh", "status"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert status.returncode == 0 and status.stdout.count(" finished 0") == 4, status.stdout + status.stderr
+
+
+def test_tpu_pod_starts_the_run_again_after_a_preemption_or_a_lost_vm(tmp_path):
+    """Attempt 1 saves on a stop request (a preemption notice, a maintenance event) on every worker,
+    attempt 2 dies with its VM (no exit status), attempt 3 finishes: the launcher starts the same
+    command three times and ends 0; with fewer retries allowed it stops, saying so."""
+    env = tpu_env(tmp_path, FAKE_RUN_PLAN="stop,lost,finish")
+    result = subprocess.run(["launch/tpu_pod.sh", *OVERRIDES], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the run was stopped or lost (4 stopped); starting it again (1 of 3)" in result.stdout
+    assert "the run was stopped or lost (4 lost); starting it again (2 of 3)" in result.stdout
+    assert "the run finished on every worker" in result.stdout
+    for w in range(4):
+        runs = worker_runs(tmp_path, w)
+        assert len(runs) == 3 and all(r["args"] == runs[0]["args"] for r in runs)
+        assert (tmp_path / f"worker{w}" / "kindjax-run" / "worker.log").read_text().count("start") == 3
+
+
+@pytest.mark.parametrize("plan, retries, says", [("fail", "3", "the run failed"),
+                                                 ("stop", "1", "stopped or lost 2 times; not starting again")])
+def test_tpu_pod_gives_up_on_a_failure_or_after_its_retries(tmp_path, plan, retries, says):
+    env = tpu_env(tmp_path, FAKE_RUN_PLAN=plan, KINDJAX_RETRIES=retries)
+    result = subprocess.run(["launch/tpu_pod.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and says in result.stderr, result.stdout + result.stderr
+    assert len(worker_runs(tmp_path, 0)) == (1 if plan == "fail" else 2)
+
+
+def test_tpu_pod_run_survives_the_launcher_hanging_up(tmp_path):
+    """The launcher's terminal closes (SIGHUP to its process group) while the workers train: the runs,
+    detached, go on and finish; `status` then says so, and `watch` ends at once."""
+    import signal
+    import time
+
+    env = tpu_env(tmp_path, FAKE_RUN_PLAN="slow", FAKE_TPU_WORKERS="2")
+    launcher = subprocess.Popen(["launch/tpu_pod.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while len(worker_runs(tmp_path, 1)) < 1:
+        assert time.time() < deadline and launcher.poll() is None
+        time.sleep(0.1)
+    os.killpg(launcher.pid, signal.SIGHUP)
+    launcher.wait(timeout=30)
+    assert launcher.returncode != 0   # the launcher is gone ...
+    for w in range(2):                # ... the runs are not
+        exit_code = tmp_path / f"worker{w}" / "kindjax-run" / "exit_code"
+        while not exit_code.exists():
+            assert time.time() < deadline
+            time.sleep(0.1)
+        assert exit_code.read_text().strip() == "0"
+    status = subprocess.run(["launch/tpu_pod.sh", "status"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert status.stdout.count(" finished 0") == 2, status.stdout + status.stderr
+    watch = subprocess.run(["launch/tpu_pod.sh", "watch"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert watch.returncode == 0 and "finished on every worker" in watch.stdout
+    assert len(worker_runs(tmp_path, 0)) == 1
 
 
 def test_tpu_pod_runs_a_sweep_shard(tmp_path):
     env = install_fakes(tmp_path, TPU_NAME="v5p-8", ZONE="z", WORKDIR="gs://b/sweep", FAKE_TPU_WORKERS="1",
-                        CONFIG="configs/kind_dit_l.py", KINDJAX_MODULE="kindjax.sweep", KINDJAX_SHARD="2/4")
+                        CONFIG="configs/kind_dit_l.py", KINDJAX_MODULE="kindjax.sweep", KINDJAX_SHARD="2/4",
+                        KINDJAX_POLL_S="0.2")
     result = subprocess.run(["launch/tpu_pod.sh", "--seeds=1"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
