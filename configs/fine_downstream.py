@@ -19,22 +19,19 @@ Table 8's drop path 0.1 is ``model.drop_path``.
 from configs.downstream_data import DATASETS, folder_data, parse_spec
 from configs.imagenet_dit import imagenet_config
 
-#: FINE supplementary Table 7, "sigma share": the shared rank r of DiT-B and DiT-L.
-FINE_RANK = {"B": 100, "L": 148}
-#: Table 8's drop path rate downstream.
-DOWNSTREAM_DROP_PATH = 0.1
 
 
 def get_config(spec: str = "celebahq"):
+    from kindjax.papers.fine import facts
     from kindjax.papers.fine.layer import fine_config
 
-    dataset, chosen, classes = parse_spec(spec, tuple(DATASETS), {"arch": tuple(FINE_RANK), "model": ("fine", "dense")},
+    dataset, chosen, classes = parse_spec(spec, tuple(DATASETS), {"arch": tuple(facts.RANK), "model": ("fine", "dense")},
                                           {"arch": "B", "model": "fine"}, "configs/fine_downstream.py:church,L")
     arch = chosen["arch"]
     config = folder_data(imagenet_config(arch), classes)
     config.train.update(batch_size=64, num_steps=DATASETS[dataset].fine_steps)
     config.optim.update(lr=1e-4, weight_decay=0.0)
-    config.model.drop_path = DOWNSTREAM_DROP_PATH
+    config.model.drop_path = facts.DOWNSTREAM_DROP_PATH
     if chosen["model"] == "fine":
-        config.model.linear = fine_config(rank=FINE_RANK[arch])
+        config.model.linear = fine_config(rank=facts.RANK[arch])
     return config

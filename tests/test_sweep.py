@@ -13,7 +13,8 @@ from kindjax.config import validate
 from kindjax.papers.kind.classes import kind_tasks
 from kindjax.evaluation.pooled import pooled_metrics, save_features
 from kindjax.papers.kind.layer import kind_config
-from kindjax.papers.kind.methods import KIND_OFT_BLOCKS, METHODS
+from kindjax.papers.kind.facts import OFT_BLOCKS
+from kindjax.papers.kind.methods import METHODS
 from kindjax.train.stages import finished
 from kindjax.sweep import grid, tables
 from kindjax.papers.kind import facts
@@ -82,7 +83,7 @@ def test_kind_tables_grid_is_18_tasks_by_methods_with_the_overrides(tmp_path):
     by = {(r.labels["task"], r.labels["method"]): r.config for r in table}
     assert by["task_3", "lora"].model.linear.rank == 3 * len(kind_tasks()["task_3"])
     assert by["task_3", "lora"].train.batch_size == 512 and by["task_3", "pissa"].train.batch_size == 256
-    assert by["task_5", "oft"].model.linear.r == KIND_OFT_BLOCKS[4]
+    assert by["task_5", "oft"].model.linear.r == OFT_BLOCKS[4]
     assert by["task_1", "kind"].train.freeze_learngene and by["task_1", "kind"].init.learngene == runs[1].workdir
     assert by["task_1", "ablation_2"].init.pretrained == runs[1].workdir
     # Shape-only build of two of them (the full task × method × arch build is tests/test_configs.py's).

@@ -45,6 +45,7 @@ from kindjax.tools import bench_loader
 from kindjax import params as param_rules
 from kindjax.config import base_config, validate
 from kindjax.diffusion import GaussianDiffusion
+from kindjax.papers.kind import facts as kind_facts
 from kindjax.papers.kind.layer import kind_config
 from kindjax.archs import DIT_ARCHS, resolve_dims
 from kindjax.tools.bench_accelerator import forward_flops, peak_flops
@@ -75,7 +76,7 @@ class Options:
     skip_torch: bool = False
     skip_kind: bool = False
     skip_naive: bool = False
-    kind_classes: int = 150
+    kind_classes: int = kind_facts.PRETRAIN_CLASSES
     kind_tailor: int = 1
     kind_learngene: int = -1
 

@@ -41,6 +41,7 @@ from kindjax import sharding
 from kindjax.archs import resolve_dims
 from kindjax.config import base_config, validate
 from kindjax.diffusion import sample as run_sampler
+from kindjax.papers.kind import facts as kind_facts
 from kindjax.papers.kind.layer import kind_config
 from kindjax.models.dit import DiT
 from kindjax.train.trainer import Trainer
@@ -89,9 +90,9 @@ class Options:
     steps: int = 10                         # back-to-back timed steps
     warmup: int = 2                         # untimed steps after the compile
     kind_batch: int = 32
-    kind_classes: int = 150
-    kind_tailor: int = 4
-    kind_learngene: int = 424
+    kind_classes: int = kind_facts.PRETRAIN_CLASSES
+    kind_tailor: int = kind_facts.N_TAILOR["L"]
+    kind_learngene: int = kind_facts.N_LEARNGENE["L"]
     rounds: int = 3                         # dense, KIND alternations
     sample_steps: int = 250
     sample_batch: int = 32

@@ -29,7 +29,7 @@ from absl import flags
 from flax import traverse_util
 
 from kindjax import checkpoints, cli
-from kindjax.archs import DIT_ARCHS
+from kindjax.archs import heads_of
 from kindjax.config import ConfigError, base_config
 from kindjax.models.dit import abstract_params, build_model, sincos_pos_embed_2d
 from kindjax.io.paths import as_path
@@ -255,11 +255,10 @@ def dit_config_from_original(state_dict: Mapping[str, Any], num_heads: int = 0) 
     hidden, in_channels, patch = conv.shape[0], conv.shape[1], conv.shape[2]
     depth = _block_count(state_dict)
     if not num_heads:
-        sizes = {(h, d): heads for h, d, heads in DIT_ARCHS.values()}
-        if (hidden, depth) not in sizes:
+        num_heads = heads_of(hidden, depth)
+        if num_heads is None:
             raise ValueError(f"hidden size {hidden} and depth {depth} are not a DiT size (S/B/L/XL): "
                              f"give the head count (--num_heads)")
-        num_heads = sizes[(hidden, depth)]
     tokens = _to_numpy(state_dict["pos_embed"]).shape[-2]
     out = _to_numpy(state_dict["final_layer.linear.weight"]).shape[0] // patch ** 2
     config = base_config()

@@ -11,11 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from kindjax.config import Extension, require, start_keys
-
-#: ``init.grow``: FINE's baselines as initialisers of a dense DiT of any depth (:mod:`kindjax.papers.fine.growth`).
-GROWTH = ("scratch", "mimetic", "share", "tleg", "ligo", "prune")
-#: The ``init.grow`` starts that read a pre-trained source (``init.grow_from``).
-GROWTH_FROM_SOURCE = ("share", "tleg", "ligo", "prune")
+from kindjax.papers.fine.facts import GROWTH, GROWTH_FROM_SOURCE
 #: ``init.fine_sigma``: how a FINE initialisation sets the new layers' Σ (:mod:`kindjax.papers.fine.transfer`).
 FINE_SIGMA = ("identical", "linear", "random", "trained", "copy")
 

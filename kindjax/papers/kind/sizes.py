@@ -57,9 +57,10 @@ from etils import epath
 
 from kindjax import checkpoints
 from kindjax import params as param_rules
-from kindjax.archs import resolve_dims
+from kindjax.archs import resolve_dims, with_depth
 from kindjax.config import ConfigError, differences
 from kindjax.checkpoints.learngene import assemble, load_learngene, load_params, load_tailors
+from kindjax.papers.kind.facts import TABLE1_ENTRIES, TABLE1_STEPS
 from kindjax.papers.kind.methods import METHODS
 from kindjax.models.dit import abstract_params, build_model, init_params
 from kindjax.io.paths import as_path
@@ -69,9 +70,7 @@ from kindjax.transfer.layer_selection import auto_lg_scores, heur_lg_scores
 from kindjax.transfer.pretrained import init_from_pretrained
 
 #: Table 1's rows, in its order.
-ENTRIES = ("trad_pt", "heur_lg", "laptop_diff", "auto_lg", "kind")
-#: Table 1: the baselines train 100K steps after initialisation; KIND none.
-TABLE1_STEPS = 100_000
+ENTRIES = TABLE1_ENTRIES
 #: The data settings that say which classes a label means; the KIND and dense runs must agree on them.
 DATA_SELECTION = ("name", "root", "grouping", "task", "classes", "latents")
 
@@ -182,8 +181,7 @@ def trad_pt_config(dense: ml_collections.ConfigDict, classes: Sequence[int]) -> 
 
 
 def _explicit_depth(config: ml_collections.ConfigDict, depth: int) -> ml_collections.ConfigDict:
-    dims = resolve_dims(config.model)
-    return _with(config, arch="", hidden_size=dims.hidden_size, num_heads=dims.num_heads, depth=depth)
+    return _with(config, **with_depth(config.model, depth))
 
 
 def layer_transfer_config(dense: ml_collections.ConfigDict, classes: Sequence[int], depth: int,

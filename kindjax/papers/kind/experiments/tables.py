@@ -111,7 +111,7 @@ DIGITS_METRICS = ("sample_accuracy", "frechet_distance", "wall_seconds", "traina
 
 
 def digits_rows(runs: list[Run], scores: dict[str, Scores]) -> list[dict]:
-    """Per method (mean over tasks; mean ± std over seeds), in the keys the former ``kindjax.compare`` wrote."""
+    """Per method (mean over tasks; mean ± std over seeds), with the keys of ``table.json``."""
     rows = []
     for r in tables.task_mean(runs, scores, DIGITS_METRICS):
         rows.append(dict(method=r["method"], accuracy=r["sample_accuracy"], accuracy_std=r["sample_accuracy_std"],
@@ -245,10 +245,10 @@ def kind_task_config(config: ml_collections.ConfigDict, get_config: Callable[[st
     c.optim.lr = lr
     c.train.num_steps = config.transfer.num_steps
     c.train.seed = c.data.seed = seed
-    if method in ("kind", "ablation_3"):
-        c.init.learngene = sources["kind"]
+    if METHODS[method].layers == "kind":
+        c.init.learngene = sources[METHODS[method].source]
     else:
-        c.init.pretrained = sources["kind" if method == "ablation_2" else "dense"]
+        c.init.pretrained = sources[METHODS[method].source]
     return c
 
 
@@ -275,7 +275,7 @@ def kind_tables_runs(config: ml_collections.ConfigDict, workdir: str, options: d
             for seed in range(options.get("seeds", 1)):
                 c = kind_task_config(config, get_config, task, method, seed, sources)
                 c.eval.reference = ""   # the scorer sets it: the training run does not depend on it
-                need = sources["kind" if METHODS[method].source == "kind" else "dense"]
+                need = sources[METHODS[method].source]
                 runs.append(Run(dict(task=task, method=method, seed=seed),
                                 str(epath.Path(workdir) / task / method / f"seed_{seed}"), c, (need,),
                                 dict(reference=reference)))
