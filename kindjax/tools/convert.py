@@ -16,6 +16,10 @@ in every block (``transformer_blocks.{i}.norm1.emb``), DiT has one: a checkpoint
 converts only if all copies are identical.  The original DiT code fuses q, k, v into
 one ``attn.qkv`` matrix and embeds timesteps with ``ω_k = 10000^(-k/half)``
 (``model.timestep_freq_shift=0``; diffusers: ``10000^(-k/(half-1))``, shift 1).
+
+The same key table (:func:`diffusers_layout`, each leaf's :class:`Layout` both ways) writes diffusers'
+layout too: :func:`dit_config_to_diffusers` and :func:`dit_params_to_diffusers`, which
+``python -m kindjax.tools.export --format diffusers`` uses and this module reads back.
 """
 from __future__ import annotations
 
