@@ -1,5 +1,5 @@
 """python -m kindjax.tools.export: runs to diffusers (checked against diffusers' DiTTransformer2DModel on random
-inputs, and read back by kindjax.convert) and KIND learngenes to safetensors with a hashed card (read back by
+inputs, and read back by kindjax.tools.convert) and KIND learngenes to safetensors with a hashed card (read back by
 load_learngene / load_tailors / init.learngene); the one-line refusals."""
 import functools
 import hashlib
@@ -22,10 +22,10 @@ diffusers = pytest.importorskip("diffusers")
 from conftest import ROOT, tiny_config  # noqa: E402
 from kindjax import assemble, build_model, checkpoints, load_learngene, load_tailors  # noqa: E402
 from kindjax import params as param_rules  # noqa: E402
-from kindjax.convert import dit_config_to_diffusers, read_checkpoint  # noqa: E402
-from kindjax.layers.fine import fine_config  # noqa: E402
-from kindjax.layers.kind import kind_config  # noqa: E402
 from kindjax.models.dit import abstract_params  # noqa: E402
+from kindjax.papers.fine.layer import fine_config  # noqa: E402
+from kindjax.papers.kind.layer import kind_config  # noqa: E402
+from kindjax.tools.convert import dit_config_to_diffusers, read_checkpoint  # noqa: E402
 from kindjax.tools.export import MODEL_CARD, export  # noqa: E402
 
 CLASS = 3
@@ -123,7 +123,7 @@ def test_gated_kind_class_exports_to_diffusers_and_back(kind_run, tmp_path):
     assert relative(got[3:], ours[3:]) > 1e-3                  # the caveat the card states is real
     np.testing.assert_allclose(got[4], got[3], rtol=0, atol=1e-6)  # an unused label is the null class
 
-    config, params, fmt = read_checkpoint(str(out))            # kindjax.convert reads it back
+    config, params, fmt = read_checkpoint(str(out))            # kindjax.tools.convert reads it back
     assert fmt == "diffusers" and config.model.num_classes == 1 and config.model.depth == 2
     back, ema = flat(params["params"]), flat(kind_run.ema)
     assert back.keys() == {k for k in ema if "/tailors/" not in k and "/learngene/" not in k} | {
@@ -178,7 +178,7 @@ def test_fine_model_materializes_to_diffusers_and_back(tmp_path):
 
 def test_dense_dit_s_round_trip(tmp_path):
     """DiT-S's width and heads (two of its 12 blocks), random weights: outputs equal diffusers', and
-    kindjax.convert gives back every parameter bit for bit."""
+    kindjax.tools.convert gives back every parameter bit for bit."""
     from configs.dit_s import get_config
 
     config = get_config()
@@ -230,8 +230,7 @@ def test_learngene_and_tailors_as_safetensors(kind_run, tmp_path):
 
     # init.learngene takes the exported directory: the same start as from the workdir.
     from kindjax.train.trainer import origin
-    from kindjax.transfer import transfer_config
-    from kindjax.transfer.kind import learngene_init
+    from kindjax.papers.kind.transfer import learngene_init, transfer_config
 
     new = kind_run.config.copy_and_resolve_references()
     new.transfer.classes = (7, 8, 9)

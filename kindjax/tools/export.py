@@ -7,7 +7,7 @@
 ``diffusion_pytorch_model.safetensors``, float32) of the dense DiT that computes the run's model:
 
 - a dense DiT: its weights;
-- a FINE DiT, materialized: ``W_l = U·diag(σ_l)·Vᵀ`` (:func:`kindjax.transfer.fine.materialize`);
+- a FINE DiT, materialized: ``W_l = U·diag(σ_l)·Vᵀ`` (:func:`kindjax.papers.fine.transfer.materialize`);
 - a KIND DiT assembled for ``--classes`` (default: all of them; label ``i`` is class ``classes[i]``,
   :func:`kindjax.assemble`): every KIND layer's kernel ``W = V_G diag(σ_G) U_Gᵀ + Σ_c V_T[c] diag(σ_T[c])
   U_T[c]ᵀ`` over the kept classes ``c``, the layer's own product applied to the identity.
@@ -18,8 +18,8 @@ label the learngene alone, which one dense weight cannot: it is exported for one
 (``--classes c``), where every conditional output is exact and the unconditional branch of guidance
 carries the class's tailor too (kindjax's carries none; the card says so).
 
-The keys, layouts, per-block embedder copies and config are :mod:`kindjax.convert`'s table run backwards,
-so ``python -m kindjax.convert --src DIR`` reads the directory back into the same parameters.  The label
+The keys, layouts, per-block embedder copies and config are :mod:`kindjax.tools.convert`'s table run backwards,
+so ``python -m kindjax.tools.convert --src DIR`` reads the directory back into the same parameters.  The label
 table is padded with copies of the null row to 1001 rows, so that label 1000 (DiTPipeline's null class)
 is the null class; ``config.json`` keeps the true class count under ``_kindjax``.  What diffusers' DiT
 cannot express (the original DiT's timestep embedding, other LayerNorm eps or MLP ratio, DiffFit
@@ -28,7 +28,7 @@ scales, adapters) is refused in one line.
 ``--format safetensors`` writes a KIND run's learngene (``learngene.safetensors``), with ``--classes``
 also those classes' tailors (``tailors.safetensors``), and the card ``learngene.json``: arch and sizes,
 ``N_G``, ``N_T``, the run's classes with their names, the training data, steps and config
-fingerprint (:func:`kindjax.run.fingerprint`, hashed), kindjax's version, each file's SHA-256 and
+fingerprint (:func:`kindjax.train.stages.fingerprint`, hashed), kindjax's version, each file's SHA-256 and
 the full config.  :func:`kindjax.load_learngene`, :func:`kindjax.load_tailors` and
 ``init.learngene`` read it (:mod:`kindjax.checkpoints.tensorfiles`) and refuse a file whose hash is
 not the card's.
@@ -53,17 +53,17 @@ from absl import flags
 from etils import epath
 
 from kindjax import checkpoints, cli
-from kindjax.archs import resolve_dims
 from kindjax import params as param_rules
+from kindjax.archs import resolve_dims
 from kindjax.checkpoints import tensorfiles
-from kindjax.convert import KINDJAX_KEY, PIPELINE_NULL, dit_config_to_diffusers, dit_params_to_diffusers
+from kindjax.checkpoints.learngene import assemble, load_learngene, load_params, load_tailors
 from kindjax.data import class_names
-from kindjax.layers.kind import kind_formulation, ungated_kind_linear
-from kindjax.learngene import assemble, load_learngene, load_params, load_tailors
+from kindjax.io.paths import as_path, read_json, write_bytes, write_json
 from kindjax.models.dit import abstract_params, build_model
-from kindjax.paths import as_path, read_json, write_bytes, write_json
-from kindjax.run import fingerprint
-from kindjax.transfer.fine import materialize
+from kindjax.papers.fine.transfer import materialize
+from kindjax.papers.kind.layer import kind_formulation, ungated_kind_linear
+from kindjax.tools.convert import KINDJAX_KEY, PIPELINE_NULL, dit_config_to_diffusers, dit_params_to_diffusers
+from kindjax.train.stages import fingerprint
 
 FORMATS = ("diffusers", "safetensors")
 #: The weights file of a diffusers model directory.
@@ -122,7 +122,7 @@ def _names(located: checkpoints.Located, config: ml_collections.ConfigDict) -> t
 
 
 def _fingerprint(located: checkpoints.Located, config: ml_collections.ConfigDict) -> str | None:
-    """SHA-256 of :func:`kindjax.run.fingerprint` (canonical JSON) of the run that wrote the weights;
+    """SHA-256 of :func:`kindjax.train.stages.fingerprint` (canonical JSON) of the run that wrote the weights;
     None for a sliced checkpoint, whose metadata does not say what the run started from."""
     if located.kind == "exported":
         return located.meta["training"]["fingerprint"]
@@ -216,7 +216,7 @@ def kind_dense(run: Run, classes: Sequence[int] | None, step: int | None, ema: b
 
 
 def fine_dense(run: Run, step: int | None, ema: bool) -> DenseModel:
-    """The FINE model of ``run`` materialized (:func:`kindjax.transfer.fine.materialize`)."""
+    """The FINE model of ``run`` materialized (:func:`kindjax.papers.fine.transfer.materialize`)."""
     params, config = load_params(run.path, step=step, ema=ema)
     dense = dense_config(config, config.model.num_classes)
     tree = materialize(params, abstract_params(build_model(dense)))
@@ -471,7 +471,7 @@ def diffusers_card(run: Run, model: DenseModel, config: Mapping[str, Any], name:
     lines += ["## Training", ""] + _training_lines(run) + [""]
     lines += ["## Sample with diffusers", "", "```python", pipeline_snippet(name, model.config, labels), "```", "",
               _vae_note(model.config), ""]
-    lines += ["## Back into kindjax", "", "```", f"python -m kindjax.convert --src {name} --config CONFIG "
+    lines += ["## Back into kindjax", "", "```", f"python -m kindjax.tools.convert --src {name} --config CONFIG "
               f"--workdir WORKDIR", "```", "", "gives back these parameters (the label table without its padding)."]
     return "\n".join(lines) + "\n"
 
