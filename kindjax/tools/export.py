@@ -58,7 +58,7 @@ from kindjax.archs import resolve_dims
 from kindjax.checkpoints import tensorfiles
 from kindjax.checkpoints.learngene import assemble, load_learngene, load_params, load_tailors
 from kindjax.data import class_names
-from kindjax.io.paths import as_path, read_json, write_bytes, write_json
+from kindjax.io.paths import as_path, read_json, refuse_existing, write_bytes, write_json
 from kindjax.models.dit import abstract_params, build_model
 from kindjax.papers.fine.transfer import materialize
 from kindjax.papers.kind.layer import kind_formulation, ungated_kind_linear
@@ -254,10 +254,10 @@ def _class_rows(run: Run, labels: Sequence[int]) -> list[dict[str, Any]]:
 
 
 def _is_replaceable(out: epath.Path) -> bool:
-    """``--force`` replaces an empty directory or an earlier export, nothing else."""
+    """``--force`` replaces an earlier export (or an empty directory: :func:`refuse_existing`)."""
     if not out.is_dir():
         return False
-    if not any(out.iterdir()) or tensorfiles.is_exported(out):
+    if tensorfiles.is_exported(out):
         return True
     config = out / "config.json"
     return config.is_file() and KINDJAX_KEY in read_json(config)
@@ -268,11 +268,7 @@ def staged(out: str, force: bool) -> Iterator[epath.Path]:
     """A fresh directory beside ``out`` to write the export in, moved to ``out`` when the block ends
     without error (an earlier export there replaced only then); removed when it fails."""
     out_path = as_path(out)
-    if out_path.exists() and not force:
-        raise FileExistsError(f"{out_path} exists; pass --force to replace it")
-    if out_path.exists() and not _is_replaceable(out_path):
-        raise FileExistsError(f"{out_path} is neither an earlier export nor an empty directory; --force does not "
-                              f"replace it: choose another --out")
+    refuse_existing(out_path, force, _is_replaceable, "an earlier export")
     stage = out_path.parent / f".{out_path.name}.partial"
     if stage.exists():
         stage.rmtree()
@@ -507,20 +503,10 @@ def learngene_readme(run: Run, card: Mapping[str, Any], name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _classes(ids: list[str] | None) -> list[int] | None:
-    """``--classes`` as ints (None when not given)."""
-    if ids is None:
-        return None
-    try:
-        return [int(c) for c in ids if c.strip()]
-    except ValueError:
-        raise ValueError(f"--classes={','.join(ids)}: give class ids as 0,3,7") from None
-
-
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
-    written = export(f.workdir, f.out, f.format, _classes(f.classes), step=f.step, ema=f.ema, force=f.force)
+    written = export(f.workdir, f.out, f.format, cli.class_ids(f.classes), step=f.step, ema=f.ema, force=f.force)
     if f.format == "diffusers":
         rows = written[KINDJAX_KEY]["classes"]
         print(f"Wrote a diffusers DiTTransformer2DModel ({written['num_layers']} blocks, {len(rows)} classes: "
