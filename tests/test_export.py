@@ -89,8 +89,12 @@ def kindjax_out(config, params, x, t, y):
     return np.asarray(out).transpose(0, 3, 1, 2)
 
 
-def relative(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
+def relative(a, b, name=""):
+    """``max|a − b| / max|b|`` (printed with ``name``: ``pytest -s`` shows the figures)."""
+    error = float(np.abs(a - b).max() / np.abs(b).max())
+    if name:
+        print(f"{name}: max relative error {error:.2e}")
+    return error
 
 
 def flat(tree):
@@ -116,11 +120,12 @@ def test_gated_kind_class_exports_to_diffusers_and_back(kind_run, tmp_path):
     got = diffusers_out(out, x, t, y)
     ours = kindjax_out(assembled.config, assembled.params, x, t, torch.tensor([0, 0, 0, 1, 1]))
     assert np.abs(ours).max() > 0.1
-    assert relative(got[:3], ours[:3]) <= 1e-5                 # the conditional outputs are kindjax's
+    assert relative(got[:3], ours[:3], "gated KIND, class 3, conditional") <= 1e-5   # kindjax's outputs
     ungated = assembled.config.copy_and_resolve_references()
     ungated.model.linear.formulation = "ungated"               # the tailor on every label, the null one too
-    assert relative(got, kindjax_out(ungated, assembled.params, x, t, torch.tensor([0, 0, 0, 1, 1]))) <= 1e-5
-    assert relative(got[3:], ours[3:]) > 1e-3                  # the caveat the card states is real
+    assert relative(got, kindjax_out(ungated, assembled.params, x, t, torch.tensor([0, 0, 0, 1, 1])),
+                    "gated KIND, class 3, every label vs the ungated product") <= 1e-5
+    assert relative(got[3:], ours[3:], "gated KIND, class 3, null label vs kindjax's (the caveat)") > 1e-3
     np.testing.assert_allclose(got[4], got[3], rtol=0, atol=1e-6)  # an unused label is the null class
 
     config, params, fmt = read_checkpoint(str(out))            # kindjax.tools.convert reads it back
@@ -154,7 +159,7 @@ def test_ungated_kind_exports_several_classes_exactly(kind_run, tmp_path):
     assembled = assemble(load_learngene(run.workdir, ema=False), load_tailors(run.workdir, [5, 0], ema=False),
                          verbose=False)
     want = kindjax_out(assembled.config, assembled.params, x, t, torch.tensor([0, 1, 2]))
-    assert relative(diffusers_out(tmp_path / "out", x, t, y), want) <= 1e-5
+    assert relative(diffusers_out(tmp_path / "out", x, t, y), want, "ungated KIND, classes 5, 0") <= 1e-5
     meta = json.loads((tmp_path / "out" / "config.json").read_text())["_kindjax"]
     assert meta["num_classes"] == 2 and [c["run_label"] for c in meta["classes"]] == [5, 0]
     assert meta["source"]["item"] == "params"
@@ -167,7 +172,7 @@ def test_fine_model_materializes_to_diffusers_and_back(tmp_path):
     export(run.workdir, str(tmp_path / "out"), "diffusers")
     x, t, y = inputs(config, [0, 4, 9, 1000])
     want = kindjax_out(config, run.ema, x, t, torch.tensor([0, 4, 9, 10]))
-    assert relative(diffusers_out(tmp_path / "out", x, t, y), want) <= 1e-5
+    assert relative(diffusers_out(tmp_path / "out", x, t, y), want, "FINE materialized") <= 1e-5
     _, params, _ = read_checkpoint(str(tmp_path / "out"))
     back, bases = flat(params["params"]), run.ema["fine_bases"]
     qkv = (np.asarray(bases["qkv"]["V"], np.float64) * run.ema["block_1"]["attn"]["qkv"]["sigma"]) \
@@ -187,7 +192,8 @@ def test_dense_dit_s_round_trip(tmp_path):
     out = tmp_path / "dit_s"
     export(run.workdir, str(out), "diffusers")
     x, t, y = inputs(config, [0, 999, 1000])
-    assert relative(diffusers_out(out, x, t, y), kindjax_out(config, run.ema, x, t, y)) <= 1e-5
+    want = kindjax_out(config, run.ema, x, t, y)
+    assert relative(diffusers_out(out, x, t, y), want, "dense DiT-S, 2 blocks") <= 1e-5
     found, params, _ = read_checkpoint(str(out))
     assert (found.model.hidden_size, found.model.num_heads, found.model.num_classes) == (384, 6, 1000)
     back, ema = flat(params["params"]), flat(run.ema)

@@ -1,7 +1,7 @@
 """Exports a run for use outside kindjax: to diffusers, or its learngene to safetensors; each with a model card.
 
-    python -m kindjax.tools.export --workdir RUN --format diffusers --out DIR [--classes 3] [--step N] [--noema] [--force]
-    python -m kindjax.tools.export --workdir RUN --format safetensors --out DIR [--classes 0,3,7] [...]
+    python -m kindjax.tools.export --workdir RUN --format diffusers --out DIR [--classes 3] [--step N] [--noema]
+    python -m kindjax.tools.export --workdir RUN --format safetensors --out DIR [--classes 0,3,7] [--force]
 
 ``--format diffusers`` writes a ``diffusers.DiTTransformer2DModel`` directory (``config.json``,
 ``diffusion_pytorch_model.safetensors``, float32) of the dense DiT that computes the run's model:
