@@ -18,20 +18,10 @@ from kindjax.checkpoints import PARTS
 from kindjax.checkpoints.slicing import describe, slice_checkpoint
 
 
-def _classes(ids: list[str] | None) -> list[int] | None:
-    """``--classes`` as ints (None when not given)."""
-    if ids is None:
-        return None
-    try:
-        return [int(c) for c in ids if c.strip()]
-    except ValueError:
-        raise ValueError(f"--classes={','.join(ids)}: give class ids as 0,3,7") from None
-
-
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
-    meta = slice_checkpoint(f.workdir, f.out, f.part, _classes(f.classes), step=f.step, ema=f.ema, force=f.force)
+    meta = slice_checkpoint(f.workdir, f.out, f.part, cli.class_ids(f.classes), step=f.step, ema=f.ema, force=f.force)
     print(describe(f.out, meta))
 
 
