@@ -1,10 +1,12 @@
-"""ADM-style evaluation of a trained model (the work of ``python -m kindjax.evaluation``):
+"""ADM-style evaluation of a trained model, the work of
 
+    python -m kindjax.evaluation --config CONFIG --run RUN [--step S] [--out DIR]
 
 Started by a launcher on several hosts (as ``launch/`` starts training), every process runs the same
 command: sampling and feature extraction are split over all devices, process 0 writes the files.
+They go to ``DIR``: the folder ``--out`` names, or else the training run ``RUN`` itself.
 
-1. Restores the EMA weights of the latest checkpoint in ``DIR`` (or step ``S``).
+1. Restores the EMA weights of the latest checkpoint in ``RUN`` (or step ``S``).
 2. Samples ``eval.num_samples`` images with ``config.sample`` (sampler, steps, CFG scale), class
    labels ``i mod num_classes`` (balanced: 50 per class for 50K ImageNet samples), noise from
    ``eval.seed``; latent models (``data.name="latents"``, or 4 channels) are decoded with the SD-VAE of
@@ -153,13 +155,13 @@ def _sampling_settings(config: ml_collections.ConfigDict, step: int) -> dict:
             "vae": c["vae"] if is_latent_model(config) else None}
 
 
-def samples_for_step(config: ml_collections.ConfigDict, workdir: str, step: int, params: Any, mesh: Mesh,
+def samples_for_step(config: ml_collections.ConfigDict, out: str, step: int, params: Any, mesh: Mesh,
                      log: Callable[[str], None]) -> tuple[str, np.ndarray]:
-    """The ADM sample batch of ``step`` (path, images): reused when a file written with the same
-    sampling settings exists (its ``.json`` beside it), sampled and written otherwise."""
+    """The ADM sample batch of ``step`` in folder ``out`` (path, images): reused when a file written
+    with the same sampling settings exists (its ``.json`` beside it), sampled and written otherwise."""
     m = config.model
     side = m.image_size * (LATENT_FACTOR if is_latent_model(config) else 1)
-    path = os.path.join(workdir, f"samples_{step}_{config.eval.num_samples}x{side}x{side}x3.npz")
+    path = os.path.join(out, f"samples_{step}_{config.eval.num_samples}x{side}x{side}x3.npz")
     settings_path = path[:-len(".npz")] + ".json"
     settings = _sampling_settings(config, step)
     if as_path(path).is_file() and as_path(settings_path).is_file() and read_json(settings_path) == settings:
@@ -176,9 +178,10 @@ def samples_for_step(config: ml_collections.ConfigDict, workdir: str, step: int,
     return path, images
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
-    """Samples from the EMA weights of ``workdir``'s checkpoint and scores them (module doc);
-    returns the metrics, also written to ``workdir/eval_<step>.json`` and TensorBoard."""
+def evaluate(config: ml_collections.ConfigDict, run: str, step: int | None = None, out: str = "") -> dict[str, float]:
+    """Samples from the EMA weights of the training run ``run``'s checkpoint and scores them (module
+    doc); returns the metrics, also written to ``DIR/eval_<step>.json`` and TensorBoard, ``DIR`` being
+    ``out`` or else the run itself."""
     validate(config, jax.device_count())
     reference_keys = check_eval_config(config)
     e = config.eval
@@ -186,12 +189,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    params, step = restore_ema_params(config, workdir, mesh, step)
-    logger = RunLogger(workdir, config.train.num_steps)
+    params, step = restore_ema_params(config, run, mesh, step)
+    out = out or run
+    logger = RunLogger(out, config.train.num_steps)
     try:
-        logger.text(f"Evaluating {workdir} at step {step}: {e.num_samples} samples, {config.sample.sampler} "
+        logger.text(f"Evaluating {run} at step {step}: {e.num_samples} samples, {config.sample.sampler} "
                     f"{config.sample.num_steps} steps, CFG scale {config.sample.cfg_scale}.")
-        samples_path, images = samples_for_step(config, workdir, step, params, mesh, logger.text)
+        samples_path, images = samples_for_step(config, out, step, params, mesh, logger.text)
 
         module, variables = load_inception(e.inception_weights)
         module = module.clone(dtype=jax.numpy.dtype(e.feature_dtype))
@@ -226,8 +230,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
             metrics["fdd"] = fdd(*(dinov2_features(dino, dino_params, pixels, e.inception_batch_size, mesh,
                                                    progress("DINOv2", what, len(pixels)))
                                    for pixels, what in ((images, "samples"), (reference.images, "reference"))))
-        kept = {"features": str(as_path(workdir) / f"features_{step}.npz"),   # for pooled metrics (evaluation.pooled)
-                "reference_features": str(as_path(workdir) / f"reference_features_{step}.npz")
+        kept = {"features": str(as_path(out) / f"features_{step}.npz"),   # for pooled metrics (evaluation.pooled)
+                "reference_features": str(as_path(out) / f"reference_features_{step}.npz")
                 if reference_features is not None else None}
         if jax.process_index() == 0:
             save_features(kept["features"], sample_features)
@@ -241,7 +245,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
                   if e.dinov2_weights else None,
                   "config": checkpoints.config_json(config)}
         if jax.process_index() == 0:
-            write_json(as_path(workdir) / f"eval_{step}.json", report)
+            write_json(as_path(out) / f"eval_{step}.json", report)
         logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     finally:
         logger.close()

@@ -490,17 +490,14 @@ def main(argv: list[str]) -> None:
     model = checkpoints.config_json(config)["model"]
     print(f"kindjax.tools.convert: {f.src} → {f.workdir} (step 0, a {model['depth']}-block DiT). Sample and "
           f"evaluate it with\n  python -m kindjax.evaluation --config {f['config'].config_filename} {overrides} "
-          f"--workdir {f.workdir} --config.eval.reference=... --config.eval.inception_weights=... "
+          f"--run {f.workdir} --config.eval.reference=... --config.eval.inception_weights=... "
           f"--config.vae.weights=...")
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
-
     flags.DEFINE_string("src", None, "An original DiT .pt state dict, or a diffusers DiT directory.")
-    config_flags.DEFINE_config_file("config", None, "Config file for every section but the model's sizes "
-                                    "(e.g. configs/dit_xl.py).", lock_config=False)
-    flags.DEFINE_string("workdir", None, "Empty directory for the kindjax checkpoint.")
+    cli.define_config("Config file for every section but the model's sizes (e.g. configs/dit_xl.py).")
+    flags.DEFINE_string("workdir", None, "Empty directory for the kindjax checkpoint (written: a run at step 0).")
     flags.DEFINE_integer("num_heads", 0, "Attention heads (original format; default: from the DiT size).")
     flags.mark_flags_as_required(["src", "config", "workdir"])
-    cli.run(main, "convert")
+    cli.run(main)

@@ -1,7 +1,7 @@
 """Parameter and FLOP accounting of every transfer method, for any model config.
 
-``python -m kindjax.papers.kind.accounting --config configs/dit_b.py --classes 7`` prints, for each
-method of :mod:`kindjax.papers.kind.methods` adapted to ``--classes`` new classes:
+``python -m kindjax.papers.kind.accounting --config configs/dit_b.py --num_classes 7`` prints, for each
+method of :mod:`kindjax.papers.kind.methods` adapted to ``--num_classes`` new classes:
 
 - **trainable**: scalars in leaves the optimizer updates (``train.trainable`` and the
   frozen learngene rule, :func:`kindjax.params.update_rule`);
@@ -149,7 +149,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     config = FLAGS.config
-    sizes = config_sizes(config, FLAGS.classes, FLAGS.n_learngene, FLAGS.n_tailor)
+    sizes = config_sizes(config, FLAGS.num_classes, FLAGS.n_learngene, FLAGS.n_tailor)
     if FLAGS.kind_tasks:
         print(f"{len(methods)} methods on KIND's {len(kind_tasks())} downstream tasks at Table 7's sizes; "
               f"N_G={sizes.n_learngene}, N_T={sizes.n_tailor}", flush=True)
@@ -157,21 +157,19 @@ def main(argv: list[str]) -> None:
         return
     sizes = dataclasses.replace(sizes, oft_blocks=FLAGS.oft_blocks or sizes.oft_blocks,
                                 num_blocks=FLAGS.num_blocks or sizes.num_blocks)
-    print(f"{len(methods)} methods adapted to {FLAGS.classes} classes; {sizes}", flush=True)
-    print(markdown(accounts(config, FLAGS.classes, sizes, methods)))
+    print(f"{len(methods)} methods adapted to {FLAGS.num_classes} classes; {sizes}", flush=True)
+    print(markdown(accounts(config, FLAGS.num_classes, sizes, methods)))
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Model config (configs/*.py).", lock_config=False)
-    flags.DEFINE_integer("classes", 7, "Number of new classes the methods adapt to (KIND task #1: 7).")
+    cli.define_config("Model config (configs/*.py).")
+    flags.DEFINE_integer("num_classes", 7, "Number of new classes the methods adapt to (KIND task #1: 7).")
     flags.DEFINE_integer("n_learngene", 0, "KIND N_G (default: the config's, if it is a KIND config).")
     flags.DEFINE_integer("n_tailor", 0, "KIND N_T (default: the config's).")
     flags.DEFINE_integer("oft_blocks", 0, "OFT block number r (default: hidden size / 32).")
     flags.DEFINE_integer("num_blocks", 0, "Blocks Heur-LG / Auto-LG inherit (default: half the depth).")
     flags.DEFINE_list("methods", [], "Methods to list (default: all).")
     flags.DEFINE_bool("kind_tasks", False, "Average the parameter counts over KIND's 18 downstream tasks, each "
-                      "at its Table 7 size (Table 2's Para.), instead of --classes (no FLOPs).")
+                      "at its Table 7 size (Table 2's Para.), instead of --num_classes (no FLOPs).")
     flags.mark_flags_as_required(["config"])
-    cli.run(main, "accounting")
+    cli.run(main)
