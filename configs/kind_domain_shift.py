@@ -19,7 +19,7 @@ folder and ``data.latents`` to its encoded latents (:mod:`configs.downstream_dat
 
 Steps: the paper gives none for Table 3; Table 7's 50K (every downstream method) is used.
 Evaluation: FDD (``eval.dinov2_weights``; DINOv2 ViT-L/14, dgm-eval's default, ``eval.dinov2_model``)
-against the folder's real images (``python -m kindjax.evaluation --reference_out``).
+against the folder's real images (``python -m kindjax.evaluation.reference``).
 
 The whole table is one sweep (:mod:`kindjax.papers.kind.experiments.domain_shift`): give the spec without a data set,
 ``configs/kind_domain_shift.py:,L`` (``:,B,classes=4``; no spec: DiT-B, one class), and the data sets with
