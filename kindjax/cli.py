@@ -191,16 +191,6 @@ def unknown_key_message(argv: list[str], error: BaseException) -> str:
     return f"unknown config key {missing!r} (the schema and its defaults are in kindjax/config.py)"
 
 
-def class_ids(ids: list[str] | None) -> list[int] | None:
-    """A ``--classes`` list flag as ints (None when it was not given)."""
-    if ids is None:
-        return None
-    try:
-        return [int(c) for c in ids if c.strip()]
-    except ValueError:
-        raise ValueError(f"--classes={','.join(ids)}: give class ids as 0,3,7") from None
-
-
 def _one_line(message: str) -> str:
     """The first and last non-empty lines of ``message`` (for a config file that raised, the
     flag and the exception), joined."""

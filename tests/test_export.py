@@ -325,7 +325,7 @@ def test_refusals(kind_run, tmp_path, monkeypatch):
 
 def test_command_line(kind_run, tmp_path, single_device_env):
     """The command writes what the function does; its refusals are one line (the messages: test_refusals)."""
-    command = [sys.executable, "-m", "kindjax.tools.export", "--workdir", kind_run.workdir, "--out",
+    command = [sys.executable, "-m", "kindjax.tools.export", "--run", kind_run.workdir, "--out",
                str(tmp_path / "lg"), "--format", "safetensors", "--classes", "3"]
     done = subprocess.run(command, cwd=ROOT, env=single_device_env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

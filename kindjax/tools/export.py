@@ -1,7 +1,7 @@
 """Exports a run for use outside kindjax: to diffusers, or its learngene to safetensors; each with a model card.
 
-    python -m kindjax.tools.export --workdir RUN --format diffusers --out DIR [--classes 3] [--step N] [--noema]
-    python -m kindjax.tools.export --workdir RUN --format safetensors --out DIR [--classes 0,3,7] [--force]
+    python -m kindjax.tools.export --run RUN --format diffusers --out DIR [--classes 3] [--step N] [--noema]
+    python -m kindjax.tools.export --run RUN --format safetensors --out DIR [--classes 0,3,7] [--force]
 
 ``--format diffusers`` writes a ``diffusers.DiTTransformer2DModel`` directory (``config.json``,
 ``diffusion_pytorch_model.safetensors``, float32) of the dense DiT that computes the run's model:
@@ -506,7 +506,7 @@ def learngene_readme(run: Run, card: Mapping[str, Any], name: str) -> str:
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
-    written = export(f.workdir, f.out, f.format, cli.class_ids(f.classes), step=f.step, ema=f.ema, force=f.force)
+    written = export(f.run, f.out, f.format, f.classes, step=f.step, ema=f.ema, force=f.force)
     if f.format == "diffusers":
         rows = written[KINDJAX_KEY]["classes"]
         print(f"Wrote a diffusers DiTTransformer2DModel ({written['num_layers']} blocks, {len(rows)} classes: "
@@ -517,15 +517,15 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "Training workdir, one of its step directories, a sliced or an exported "
-                        "checkpoint.")
+    flags.DEFINE_string("run", None, "Training workdir (read), one of its step directories, a sliced or an "
+                        "exported checkpoint.")
     flags.DEFINE_enum("format", None, FORMATS, "diffusers: a DiTTransformer2DModel directory; safetensors: the "
                       "KIND learngene (and tailors) with a learngene.json card.")
     flags.DEFINE_string("out", None, "Directory to write (must not exist, unless --force).")
-    flags.DEFINE_list("classes", None, "Class ids of the run, e.g. 0,3,7: the KIND tailors to keep (diffusers: "
-                      "default all; safetensors: default none, the learngene alone).")
-    flags.DEFINE_integer("step", None, "Step of the workdir (default: the latest).")
+    cli.define_classes("Class ids of the run, e.g. 0,3,7: the KIND tailors to keep (diffusers: default all; "
+                       "safetensors: default none, the learngene alone).")
+    flags.DEFINE_integer("step", None, "Step of the run (default: the latest).")
     flags.DEFINE_boolean("ema", True, "Read the EMA weights; --noema reads the raw weights.")
     flags.DEFINE_boolean("force", False, "Replace an earlier export at --out.")
-    flags.mark_flags_as_required(["workdir", "format", "out"])
-    cli.run(main, "export")
+    flags.mark_flags_as_required(["run", "format", "out"])
+    cli.run(main)
