@@ -272,11 +272,12 @@ def test_difffit_scales_act_as_the_equivalent_reparametrisation():
 
 # ----------------------------------------------------------------------------- FINE downstream: Σ re-learnt per layer
 
-def test_fine_downstream_relearns_sigma_from_the_sources_per_layer_sigma():
+def test_fine_downstream_relearns_sigma_per_layer():
     """FINE's main text: downstream, Σ is re-learnt on limited data with U, V frozen, then everything is
-    fine-tuned.  The downstream config runs that Σ-only stage on its own data, starting from the
-    source's per-layer Σ (same depth): the blocks start with different Σ, where the mean Σ of
-    ``init.fine_sigma="identical"`` gives them a spread of exactly 0."""
+    fine-tuned.  The downstream config runs that Σ-only stage on its own data from random Σ (FINE's
+    notes), or from the source's per-layer Σ (``init.sigma_start="copy"``, same depth): either way the
+    blocks start with different Σ, where the mean Σ of ``init.fine_sigma="identical"`` gives them a
+    spread of exactly 0."""
     import importlib
 
     from kindjax.papers.fine.jobs import SIGMA_ONLY, fine_init_configs
@@ -286,24 +287,30 @@ def test_fine_downstream_relearns_sigma_from_the_sources_per_layer_sigma():
     downstream = importlib.import_module("configs.fine_downstream").get_config("mri")
     assert downstream.job == "fine_init" and downstream.model.linear.kind == "fine"
     assert (downstream.init.fine_sigma, downstream.init.sigma_start, downstream.init.materialize) == \
-        ("trained", "copy", False)
+        ("trained", "random", False)
     downstream.init.fine_learngene = "/fine_pretraining"
     validate(downstream, 1)
     config = fine_model_config(depth=3)   # the downstream settings on a tiny FINE model of the source's depth
     config.job = downstream.job
     config.init.update({k: downstream.init[k] for k in ("fine_learngene", "fine_sigma", "sigma_start", "materialize")})
-    sigma_stage, main = fine_init_configs(config, "/job")
-    assert tuple(sigma_stage.train.trainable) == SIGMA_ONLY and sigma_stage.data == config.data
-    assert (main.init.fine_learngene, main.init.fine_sigma, main.model.linear.kind) == ("/job/sigma", "copy", "fine")
     source = source_fine_params(depth=3)
     fresh = fresh_params(build_model(config), 7)
-    start = layer_sigmas(jax.tree.map(np.asarray, init_from_fine_learngene(
-        fresh, source, jax.random.key(1), sigma_stage.init.fine_sigma)))
-    identical = layer_sigmas(jax.tree.map(np.asarray, init_from_fine_learngene(
-        fresh, source, jax.random.key(1), "identical")))
-    for role, sigmas in start.items():
-        np.testing.assert_array_equal(sigmas, layer_sigmas(source)[role])     # the source's own, per layer
-        assert np.std(sigmas, axis=0).max() > 0.01 and np.std(identical[role], axis=0).max() == 0.0
+
+    def start_sigmas(rule):   # the per-layer Σ the start of a stage gives (the fine_learngene start's rule)
+        return layer_sigmas(jax.tree.map(np.asarray, init_from_fine_learngene(fresh, source, jax.random.key(1), rule)))
+
+    identical = start_sigmas("identical")
+    for sigma_start in ("random", "copy"):
+        config.init.sigma_start = sigma_start
+        sigma_stage, main = fine_init_configs(config, "/job")
+        assert tuple(sigma_stage.train.trainable) == SIGMA_ONLY and sigma_stage.data == config.data
+        assert (main.init.fine_learngene, main.init.fine_sigma, main.model.linear.kind) == \
+            ("/job/sigma", "copy", "fine")
+        start = start_sigmas(sigma_stage.init.fine_sigma)
+        for role, sigmas in start.items():
+            if sigma_start == "copy":
+                np.testing.assert_array_equal(sigmas, layer_sigmas(source)[role])   # the source's own, per layer
+            assert np.std(sigmas, axis=0).max() > 0.01 and np.std(identical[role], axis=0).max() == 0.0
     config.init.sigma_start = "mean"
     with pytest.raises(ConfigError, match="init.sigma_start='mean': use one of"):
         validate(config, 1)

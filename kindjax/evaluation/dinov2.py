@@ -470,9 +470,9 @@ def fdd(features_a: np.ndarray, features_b: np.ndarray, normalize: str = "l2") -
     - ``"l2"``: ``f / ‖f‖₂`` (float64), dgm-eval's ``get_representations(..., normalized=True)``
       (``torch.nn.functional.normalize(pred, dim=-1)``).  Unit features bound the distance: with
       ``Tr Σ + ‖μ‖² = E‖f‖² = 1``, ``FDD = 2 − 2·μ_a·μ_b − 2·Tr((Σ_a Σ_b)^{1/2}) ≤ 4`` (up to the
-      ``N/(N−1)`` of the unbiased covariance) — the scale of the KIND paper's Table 3 (0.040–0.622),
-      which a raw distance of ViT-L/14 features (typically hundreds) does not have.
-      Our reading: the paper does not state its normalisation (docs/reproduce.md).
+      ``N/(N−1)`` of the unbiased covariance) — the scale of FDD tables reported below 1 (0.04–0.62),
+      which a raw distance of ViT-L/14 features (typically hundreds) does not have; a reading, as the
+      paper that reports them does not state its normalisation (docs/reproduce.md).
     - ``"none"``: the raw CLS features, as dgm-eval's command line (``normalized=False``).
     """
     if normalize not in FDD_NORMALIZATIONS:

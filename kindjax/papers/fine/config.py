@@ -32,7 +32,7 @@ DEFAULTS = {
     "init.fine_sigma": "identical",
     "init.sigma_start": "random",  # job="fine_init": the Σ-only stage starts from "random" Σ (FINE's notes: "Σ_tgt is
                                    # randomly initialised and then optimised alone"), or "copy": the source's own
-                                   # per-layer Σ (a model of the source's depth, e.g. downstream: configs/fine_downstream.py)
+                                   # per-layer Σ (a model of the source's depth)
     "init.sigma_steps": 300,    # job="fine_init": steps of the Σ-only stage (U, V and the rest frozen)
     "init.sigma_lr": 1e-3,      # its learning rate
     "init.sigma_batches": 50,   # its data: the first sigma_batches batches of the data order, cycled
