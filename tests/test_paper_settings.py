@@ -314,3 +314,15 @@ def test_fine_downstream_relearns_sigma_per_layer():
     config.init.sigma_start = "mean"
     with pytest.raises(ConfigError, match="init.sigma_start='mean': use one of"):
         validate(config, 1)
+
+
+def test_fine_drop_path_settings():
+    """Supplementary Table 7 (ImageNet factorization: 0.5) and Table 8 (downstream: 0.1); Table 1's
+    targets have no source: 0, stated in docs/reproduce.md."""
+    import importlib
+
+    for arch in ("b", "l"):
+        target = importlib.import_module(f"configs.fine_init_dit_{arch}").get_config("depth_8")
+        pretrain = importlib.import_module(f"configs.fine_dit_{arch}").get_config()
+        assert (target.model.drop_path, pretrain.model.drop_path) == (0.0, 0.5)
+    assert importlib.import_module("configs.fine_downstream").get_config("mri").model.drop_path == 0.1
