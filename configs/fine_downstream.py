@@ -11,7 +11,13 @@ and Pokémon 20K. The model:
 
 - ``fine`` (default): FINE layers of rank "sigma share" (Table 7: B 100, L 148, read as the shared
   rank r), initialised from a FINE learngene: set ``init.fine_learngene`` to the FINE ImageNet
-  pre-training workdir. Only ``model.linear`` and ``init.fine_learngene`` are FINE-specific here.
+  pre-training workdir. As FINE's main text says ("light retraining of Σ on limited data" with U, V
+  frozen, then fine-tuning), ``job="fine_init"`` first trains only the per-layer Σ on the downstream
+  data (``init.sigma_batches`` batches, ``init.sigma_steps`` steps), from random Σ as FINE's notes
+  describe ("Σ_tgt is randomly initialised and then optimised alone"; ``init.sigma_start="copy"``
+  starts from the source's own per-layer Σ instead: same depth), then trains everything, FINE layers
+  kept factorized (``init.materialize=False``). Every block thus starts with its own Σ, not the mean
+  (``init.fine_sigma="identical"``, the other starts' default, gives every block the same).
 - ``dense``: a plain DiT (from scratch, or ``--config.init.pretrained=DIR``).
 
 Table 8's drop path 0.1 is ``model.drop_path``.
@@ -34,4 +40,6 @@ def get_config(spec: str = "celebahq"):
     config.model.drop_path = facts.DOWNSTREAM_DROP_PATH
     if chosen["model"] == "fine":
         config.model.linear = fine_config(rank=facts.RANK[arch])
+        config.job = "fine_init"
+        config.init.update(fine_sigma="trained", sigma_start="random", materialize=False)
     return config

@@ -72,7 +72,7 @@ def test_evaluate_writes_npz_json_and_tensorboard(setup, capsys):
         images, labels = f["arr_0"], f["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (10, 8, 8, 3)
     assert (images[..., 0] == images[..., 2]).all() and images.std() > 0  # grey digits, not blank
-    np.testing.assert_array_equal(labels, np.arange(10) % 10)
+    np.testing.assert_array_equal(labels, np.random.default_rng(config.eval.seed).integers(0, 10, 10))  # eval.labels
 
     report = json.load(open(os.path.join(workdir, "eval_2.json")))
     assert report["step"] == 2 and report["metrics"] == metrics
@@ -88,6 +88,8 @@ def test_evaluate_writes_npz_json_and_tensorboard(setup, capsys):
     # The kept features (for metrics pooled over runs, kindjax.evaluation.pooled) give the same metrics.
     from kindjax.evaluation.pooled import load_features, pooled_metrics
     kept = [load_features(report[k]) for k in ("features", "reference_features")]
+    assert report["inception_preprocess"] == "tf1" and report["labels"] == "uniform"
+    assert [k["inception_preprocess"] for k in kept] == ["tf1", "tf1"]
     assert kept[0]["pool_3"].shape == (10, 2048) and kept[1]["pool_3"].shape == (12, 2048)
     again = pooled_metrics([kept[0]], [kept[1]])
     assert again == {k: pytest.approx(metrics[k], rel=1e-5) for k in again}

@@ -116,8 +116,8 @@ def dit_config_to_diffusers(config: ml_collections.ConfigDict) -> dict[str, Any]
                                            "CombinedTimestepLabelEmbeddings' (downscale_freq_shift=1)"),
              "model.norm_eps": (m.norm_eps, 1e-6, "AdaLayerNormZero and norm_out hard-code eps=1e-6"),
              "model.mlp_ratio": (m.mlp_ratio, 4.0, "its FeedForward has mult=4"),
-             "model.residual_scales": (bool(m.get("residual_scales", False)), False,
-                                       "its blocks have no DiffFit scales")}
+             **{f"model.{key}": (bool(m.get(key, False)), False, "it has no DiffFit scales")
+                for key in ("residual_scales", "attention_scales", "output_scale")}}
     for key, (value, supported, why) in fixed.items():
         if value != supported:
             raise ValueError(f"{key}={value!r} has no diffusers DiTTransformer2DModel form ({why}, {key}="

@@ -62,3 +62,14 @@ def paper_aggregation(task_sizes: Sequence[int]) -> list[dict]:
                          class_weighted_mean=float(np.average(tasks, weights=weights)), min=float(tasks.min()),
                          ratio=table2 / float(tasks.mean())))
     return rows
+
+
+#: KIND Table 2, "FLOPs (G)": per (arch, method), forward GFLOP per image of the DiT's linear layers,
+#: each method at its Table 7 size, averaged over the 18 tasks (reading: :func:`kindjax.papers.kind.
+#: accounting.table2_flops`).  Heur-LG, Auto-LG and full fine-tuning run the dense DiT.
+TABLE2_FLOPS = {
+    "B": {"svdiff": 43.6, "oft": 119.7, "lora": 50.1, "pissa": 50.1, "loha": 87.1, "dora": 129.5,
+          "heur_lg": 43.6, "auto_lg": 43.6, "kind": 33.7, "full_ft": 43.6},
+    "L": {"svdiff": 155.0, "oft": 425.6, "lora": 178.2, "pissa": 178.2, "loha": 309.6, "dora": 503.0,
+          "heur_lg": 155.0, "auto_lg": 155.0, "kind": 119.6, "full_ft": 155.0},
+}

@@ -98,7 +98,7 @@ class Method:
     source's own (copied into dense layers), an adapter variant at the matched size, or ``"kind"``:
     KIND layers on the frozen learngene with fresh tailors (``init.learngene``), class-gated or not
     (``formulation``); ``init``: further ``config.init`` settings from the matched :class:`Sizes`;
-    ``residual_scales``: DiffFit's learned scales γ on the residual branches."""
+    ``model``: further ``config.model`` settings from the model config (DiffFit's learned scales γ)."""
 
     name: str
     source: str
@@ -108,7 +108,7 @@ class Method:
     layers: str = ""
     formulation: str = "gated"
     init: Callable[[Sizes], dict] | None = None
-    residual_scales: bool = False
+    model: Callable[[ml_collections.ConfigDict], dict] | None = None
 
 
 def _method(name: str, source: str, trainable: tuple[str, ...], description: str, lr: float = 0.0,
@@ -127,8 +127,15 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     _method("loha", "dense", (ADAPTERS, LABELS), "LoHa: W + (W1a·W1b) ⊙ (W2a·W2b)", layers="loha"),
     _method("svdiff", "dense", (ADAPTERS, LABELS), "SVDiff: U·diag(ReLU(σ + δ))·Vᵀ, δ trained", layers="svdiff"),
     _method("bitfit", "dense", (BIASES, LABELS), "BitFit: biases"),
+    # DiffFit's final setting (§4.5, Table 4c row 8): γ of its rows 2, 5, 6 in blocks 1→L/2 (14 of 28 for XL).
     _method("difffit", "dense", (BIASES, "/gamma_", LABELS),
-            "DiffFit: biases, label embedding, residual scales γ (init 1)", residual_scales=True),
+            "DiffFit's final setting: biases, label embedding, γ (init 1) on the residual branches, q, k, v and "
+            "the attention projection of the first half of the blocks, and on the final layer",
+            model=lambda m: dict(residual_scales=True, attention_scales=True, output_scale=True,
+                                 scale_blocks=max(resolve_dims(m).depth // 2, 1))),
+    _method("difffit_residual", "dense", (BIASES, "/gamma_", LABELS),
+            "DiffFit's Alg. 1 alone: biases, label embedding, γ (init 1) on every block's residual branches",
+            LEARNING_RATES["difffit"], model=lambda m: dict(residual_scales=True)),
     _method("heur_lg", "dense", (".*",), "Heur-LG: inherit the blocks of least gradient change",
             init=lambda sizes: dict(select="heur_lg", num_blocks=sizes.num_blocks)),
     _method("auto_lg", "dense", (".*",), "Auto-LG: inherit the blocks whose features the task keeps",
@@ -183,6 +190,6 @@ def method_config(config: ml_collections.ConfigDict, method: str, sizes: Sizes, 
         c.model.linear = adapter_linear(m.layers, sizes)
     if m.init is not None:
         c.init.update(m.init(sizes))
-    if m.residual_scales:
-        c.model.residual_scales = True
+    if m.model is not None:
+        c.model.update(m.model(c.model))
     return c
