@@ -293,7 +293,8 @@ def test_stale_stages_rerun_or_are_refused(tmp_path, capsys):
     stages(config)
     out = capsys.readouterr().out
     assert f"{pre_dir} finished with other settings (train.num_steps: 2 vs 3)" in out
-    assert f"moved it to {tr_dir}.from_step_2 and training the transfer again" in out
+    assert f"{tr_dir} was trained from another step of its start" in out
+    assert f"moved it to {tr_dir}.from_step_2 and training it again" in out
     assert json.load(open(os.path.join(tr_dir, "metrics.json")))["fingerprint"]["origin"]["learngene"]["step"] == 3
     assert json.load(open(os.path.join(tr_dir + ".from_step_2", "metrics.json"))) == first
 
