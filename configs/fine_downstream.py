@@ -11,7 +11,13 @@ and Pokémon 20K. The model:
 
 - ``fine`` (default): FINE layers of rank "sigma share" (Table 7: B 100, L 148, read as the shared
   rank r), initialised from a FINE learngene: set ``init.fine_learngene`` to the FINE ImageNet
-  pre-training workdir. Only ``model.linear`` and ``init.fine_learngene`` are FINE-specific here.
+  pre-training workdir. As FINE's main text says ("light retraining of Σ on limited data" with U, V
+  frozen, then fine-tuning), ``job="fine_init"`` first trains only the per-layer Σ on the downstream
+  data (``init.sigma_batches`` batches, ``init.sigma_steps`` steps), from random Σ as FINE's notes
+  describe ("Σ_tgt is randomly initialised and then optimised alone"; ``init.sigma_start="copy"``
+  starts from the source's own per-layer Σ instead: same depth), then trains everything, FINE layers
+  kept factorized (``init.materialize=False``). Every block thus starts with its own Σ, not the mean
+  (``init.fine_sigma="identical"``, the other starts' default, gives every block the same).
 - ``dense``: a plain DiT (from scratch, or ``--config.init.pretrained=DIR``).
 
 Table 8's drop path 0.1 is ``model.drop_path``.
@@ -19,22 +25,21 @@ Table 8's drop path 0.1 is ``model.drop_path``.
 from configs.downstream_data import DATASETS, folder_data, parse_spec
 from configs.imagenet_dit import imagenet_config
 
-#: FINE supplementary Table 7, "sigma share": the shared rank r of DiT-B and DiT-L.
-FINE_RANK = {"B": 100, "L": 148}
-#: Table 8's drop path rate downstream.
-DOWNSTREAM_DROP_PATH = 0.1
 
 
 def get_config(spec: str = "celebahq"):
+    from kindjax.papers.fine import facts
     from kindjax.papers.fine.layer import fine_config
 
-    dataset, chosen, classes = parse_spec(spec, tuple(DATASETS), {"arch": tuple(FINE_RANK), "model": ("fine", "dense")},
+    dataset, chosen, classes = parse_spec(spec, tuple(DATASETS), {"arch": tuple(facts.RANK), "model": ("fine", "dense")},
                                           {"arch": "B", "model": "fine"}, "configs/fine_downstream.py:church,L")
     arch = chosen["arch"]
     config = folder_data(imagenet_config(arch), classes)
     config.train.update(batch_size=64, num_steps=DATASETS[dataset].fine_steps)
     config.optim.update(lr=1e-4, weight_decay=0.0)
-    config.model.drop_path = DOWNSTREAM_DROP_PATH
+    config.model.drop_path = facts.DOWNSTREAM_DROP_PATH
     if chosen["model"] == "fine":
-        config.model.linear = fine_config(rank=FINE_RANK[arch])
+        config.model.linear = fine_config(rank=facts.RANK[arch])
+        config.job = "fine_init"
+        config.init.update(fine_sigma="trained", sigma_start="random", materialize=False)
     return config

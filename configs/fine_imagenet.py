@@ -9,15 +9,10 @@ targets L4, L6, L8, L10, L12 at the learngene's width, trained 100K steps after 
 import ml_collections
 
 from configs.imagenet_dit import imagenet_config
-from kindjax.archs import DIT_ARCHS
+from kindjax.archs import with_depth
+from kindjax.papers.fine import facts
 from kindjax.papers.fine.layer import fine_config
 
-#: Supplementary Table 7's "sigma share", read as the shared rank r.
-FINE_RANK = {"B": 100, "L": 148}
-FINE_PRETRAIN_STEPS = 300_000
-#: Table 1: every initialised target trains 100K steps.
-FINE_TARGET_STEPS = 100_000
-FINE_TARGET_DEPTHS = (4, 6, 8, 10, 12)
 #: How the new layers are set (``init.fine_sigma``; FINE Table 5), or ``per_layer_svd`` (Table 4's
 #: "w/o Factorize": a dense DiT of ``init.pretrained`` cut per layer to its top-r SVD).
 FINE_INIT_RULES = ("trained", "random", "identical", "linear", "per_layer_svd")
@@ -26,14 +21,14 @@ FINE_INIT_RULES = ("trained", "random", "identical", "linear", "per_layer_svd")
 def fine_pretrain_config(arch: str):
     """FINE pre-training of DiT-``arch``/2 on ImageNet-1K (Table 7)."""
     config = imagenet_config(arch)
-    config.model.linear = fine_config(rank=FINE_RANK[arch])
-    config.model.drop_path = 0.5
-    config.train.update(batch_size=64, num_steps=FINE_PRETRAIN_STEPS)
+    config.model.linear = fine_config(rank=facts.RANK[arch])
+    config.model.drop_path = facts.PRETRAIN_DROP_PATH
+    config.train.update(batch_size=facts.PRETRAIN_BATCH, num_steps=facts.PRETRAIN_STEPS)
     return config
 
 
 def fine_init_config(arch: str, spec: str):
-    """A Table 1 target: ``spec = "depth_D[,RULE]"`` with ``D`` in :data:`FINE_TARGET_DEPTHS` (any depth
+    """A Table 1 target: ``spec = "depth_D[,RULE]"`` with ``D`` in :data:`kindjax.papers.fine.facts.TARGET_DEPTHS` (any depth
     ≥ 1 is accepted) and ``RULE`` in :data:`FINE_INIT_RULES` (default ``trained``: FINE).
 
     FINE rules: ``job="fine_init"`` from the FINE pre-training run at ``init.fine_learngene`` (set it),
@@ -45,16 +40,15 @@ def fine_init_config(arch: str, spec: str):
     rule = rule or "trained"
     if not depth_part.startswith("depth_") or not depth_part[6:].isdigit() or int(depth_part[6:]) < 1:
         raise ValueError(f"config spec {spec!r}: use depth_D[,RULE], e.g. configs/fine_init_dit_b.py:depth_8 "
-                         f"(Table 1 depths {FINE_TARGET_DEPTHS})")
+                         f"(Table 1 depths {facts.TARGET_DEPTHS})")
     if rule not in FINE_INIT_RULES:
         raise ValueError(f"config spec {spec!r}: unknown rule {rule!r}; use one of {FINE_INIT_RULES}")
-    hidden, _, heads = DIT_ARCHS[arch]
     config = fine_pretrain_config(arch)
-    config.model.update(arch="", hidden_size=hidden, num_heads=heads, depth=int(depth_part[6:]), drop_path=0.0)
-    config.train.num_steps = FINE_TARGET_STEPS
+    config.model.update(with_depth(config.model, int(depth_part[6:])), drop_path=0.0)
+    config.train.num_steps = facts.TARGET_STEPS
     if rule == "per_layer_svd":
         config.model.linear = ml_collections.ConfigDict(dict(kind="dense"))
-        config.init.svd_rank = FINE_RANK[arch]
+        config.init.svd_rank = facts.RANK[arch]
         return config
     config.job = "fine_init"
     config.init.fine_sigma = rule

@@ -22,43 +22,39 @@ def imagenet_config(arch: str, patch_size: int = 2):
     return config
 
 
-# KIND paper §4.2: pre-training runs 300K steps (Table 6 lists 200K: --config.train.num_steps=200000).
-KIND_PRETRAIN_STEPS = 300_000
-# KIND paper, Table 7: every downstream method runs 50K steps.
-KIND_TRANSFER_STEPS = 50_000
-
-
-def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
+def kind_imagenet_config(arch: str, spec: str = ""):
     """KIND on the KIND paper's ImageNet split (``data.grouping="kind"``), selected by ``spec``:
 
     - ``""``: pre-training on the training classes (``data.task="pretrain"``) under the class gate,
-      300K steps (§4.2);
+      :data:`kindjax.papers.kind.facts.PRETRAIN_STEPS` steps (§4.2);
     - ``"task_K"``: KIND on downstream task K (Table 9): the frozen learngene of ``init.learngene``
-      (set it to the pre-training workdir) with fresh tailors, lr 1e-3, 50K steps (Table 7);
+      (set it to the pre-training workdir) with fresh tailors, at Table 7's learning rate and steps;
     - ``"task_K,METHOD"``: a baseline of :data:`kindjax.papers.kind.methods.METHODS` on task K at Table 7's
       size (:func:`kindjax.papers.kind.methods.kind_task_sizes`: rank ``N_T·c``, LoHa ``⌊N_T·c/2⌋``, Table 7's
       OFT blocks); set ``init.pretrained`` to a dense DiT run.
 
-    ``N_T`` is the paper's; ``N_G`` fills the rank to the hidden size, ``N_cls·N_T + N_G = hidden``
-    with ``N_cls`` the training classes of the shipped tables. The paper has 150 classes (B: N_G 318,
-    L: 424); the tables as extracted give 157, hence N_G 297 (B) and 396 (L): see
-    :mod:`kindjax.papers.kind.classes`.
+    ``N_T`` is the paper's (:data:`kindjax.papers.kind.facts.N_TAILOR`); ``N_G`` fills the rank to the
+    hidden size, ``N_cls·N_T + N_G = hidden`` with ``N_cls`` the training classes of the shipped tables.
+    The paper has :data:`~kindjax.papers.kind.facts.PRETRAIN_CLASSES` classes (its N_G:
+    :data:`~kindjax.papers.kind.facts.N_LEARNGENE`); the tables as extracted give 157, hence N_G 297 (B)
+    and 396 (L): see :mod:`kindjax.papers.kind.classes`.
     """
+    from kindjax.archs import resolve_dims
+    from kindjax.papers.kind import facts
     from kindjax.papers.kind.classes import kind_pretrain_classes, kind_tasks
     from kindjax.papers.kind.layer import kind_config
     from kindjax.papers.kind.methods import METHODS, kind_task_sizes, method_config
-    from kindjax.archs import DIT_ARCHS
 
-    hidden, depth, _ = DIT_ARCHS[arch]
-    n_pretrain = len(kind_pretrain_classes())
-    n_learngene = hidden - n_pretrain * n_tailor
     config = imagenet_config(arch)
+    dims, n_tailor = resolve_dims(config.model), facts.N_TAILOR[arch]
+    n_pretrain = len(kind_pretrain_classes())
+    n_learngene = dims.hidden_size - n_pretrain * n_tailor
     task, _, method = spec.partition(",")
     if not task:
         config.data.update(grouping="kind", task="pretrain")
         config.model.num_classes = n_pretrain
-        config.train.num_steps = KIND_PRETRAIN_STEPS
-        config.transfer.num_steps = KIND_TRANSFER_STEPS   # the downstream runs of python -m kindjax.sweep
+        config.train.num_steps = facts.PRETRAIN_STEPS
+        config.transfer.num_steps = facts.TRANSFER_STEPS   # the downstream runs of python -m kindjax.sweep
         config.model.linear = kind_config(n_learngene=n_learngene, n_tailor=n_tailor)
         return config
     if task not in kind_tasks():
@@ -67,13 +63,8 @@ def kind_imagenet_config(arch: str, n_tailor: int, spec: str = ""):
     method = method or "kind"
     if method not in METHODS:
         raise ValueError(f"config spec {spec!r}: unknown method {method!r}; use one of {sorted(METHODS)}")
-    classes, sizes = kind_task_sizes(task, n_learngene, n_tailor, hidden, depth)
+    classes, sizes = kind_task_sizes(task, n_learngene, n_tailor, dims.hidden_size, dims.depth)
     config.data.update(grouping="kind", task=task)
     config.model.num_classes = classes
-    config.train.num_steps = KIND_TRANSFER_STEPS
-    if method == "lora":
-        config.train.batch_size = 512
-    config = method_config(config, method, sizes)
-    if method == "svdiff" and arch == "L":
-        config.optim.lr = 3e-3
-    return config
+    config.train.num_steps = facts.TRANSFER_STEPS
+    return method_config(config, method, sizes)

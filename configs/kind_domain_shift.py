@@ -12,47 +12,34 @@ folder and ``data.latents`` to its encoded latents (:mod:`configs.downstream_dat
   guidance's label dropout (10%) turns into the null class use the frozen learngene alone and so update
   nothing. Sampling with CFG then extrapolates from the learngene-only prediction towards the one with
   the tailor: the tailor is the whole domain-specific part.
-- a baseline of :data:`TABLE3_METHODS` (or any of :data:`kindjax.papers.kind.methods.METHODS`) from a dense DiT
+- a baseline of Table 3 (:data:`kindjax.papers.kind.facts.TABLE3_METHODS`; or any of :data:`kindjax.papers.kind.methods.METHODS`) from a dense DiT
   (``init.pretrained``), at KIND's matched size (:func:`kindjax.papers.kind.methods.matched_sizes`: rank
   ``N·N_T`` for ``N`` classes, LoHa half of it, OFT blocks of 32 channels as peft's default since
   Table 7's block numbers are per ImageNet task), with Table 7's learning rates and batch sizes.
 
 Steps: the paper gives none for Table 3; Table 7's 50K (every downstream method) is used.
 Evaluation: FDD (``eval.dinov2_weights``; DINOv2 ViT-L/14, dgm-eval's default, ``eval.dinov2_model``)
-against the folder's real images (``python -m kindjax.evaluation --reference_out``).
+against the folder's real images (``python -m kindjax.evaluation.reference``).
 
 The whole table is one sweep (:mod:`kindjax.papers.kind.experiments.domain_shift`): give the spec without a data set,
 ``configs/kind_domain_shift.py:,L`` (``:,B,classes=4``; no spec: DiT-B, one class), and the data sets with
 ``--tasks``. The config is the same for every data set (the data set only names the folder).
 """
 from configs.downstream_data import DATASETS, folder_data, parse_spec
-from configs.imagenet_dit import KIND_TRANSFER_STEPS, imagenet_config, kind_imagenet_config
-
-#: The methods of KIND's Table 3, in its row order.
-TABLE3_METHODS = ("svdiff", "oft", "lora", "pissa", "loha", "dora", "kind")
-#: The data sets of KIND's Table 3 (the others of :data:`DATASETS` also run).
-TABLE3_DATASETS = ("celebahq", "hubble", "mri", "pokemon")
-#: Table 3's metric on every set (CelebA-HQ included).
-TABLE3_METRIC = "fdd"
-ARCHS = {"B": 3, "L": 4}   # arch → KIND's N_T (Table 6)
-
+from configs.imagenet_dit import imagenet_config, kind_imagenet_config
 
 def get_config(spec: str = "celebahq"):
     from kindjax.archs import resolve_dims
+    from kindjax.papers.kind import facts
     from kindjax.papers.kind.methods import METHODS, matched_sizes, method_config
 
     # "" (e.g. ":,L"): no data set, the sweep's config (python -m kindjax.sweep --tasks names the data sets).
-    _, chosen, classes = parse_spec(spec, (*DATASETS, ""), {"method": tuple(METHODS), "arch": tuple(ARCHS)},
+    _, chosen, classes = parse_spec(spec, (*DATASETS, ""), {"method": tuple(METHODS), "arch": tuple(facts.N_TAILOR)},
                                     {"method": "kind", "arch": "B"}, "configs/kind_domain_shift.py:mri,lora,L")
     arch, method = chosen["arch"], chosen["method"]
-    pretrain = kind_imagenet_config(arch, n_tailor=ARCHS[arch])     # its N_G, N_T: the learngene's shapes
+    pretrain = kind_imagenet_config(arch)     # its N_G, N_T: the learngene's shapes
     linear, dims = pretrain.model.linear, resolve_dims(pretrain.model)
     config = folder_data(imagenet_config(arch), classes)
-    config.train.num_steps = KIND_TRANSFER_STEPS
-    if method == "lora":
-        config.train.batch_size = 512
+    config.train.num_steps = facts.TRANSFER_STEPS
     sizes = matched_sizes(classes, linear.n_learngene, linear.n_tailor, dims.hidden_size, dims.depth)
-    config = method_config(config, method, sizes)
-    if method == "svdiff" and arch == "L":
-        config.optim.lr = 3e-3
-    return config
+    return method_config(config, method, sizes)

@@ -27,6 +27,18 @@ class Dims:
     mlp_hidden: int
 
 
+def with_depth(model_config: Mapping, depth: int) -> dict:
+    """The settings that make ``model_config``'s DiT ``depth`` blocks deep at the same width and heads:
+    ``arch`` cleared and the dimensions written out (a named ``arch`` would override ``depth``)."""
+    dims = resolve_dims(model_config)
+    return dict(arch="", hidden_size=dims.hidden_size, num_heads=dims.num_heads, depth=depth)
+
+
+def heads_of(hidden_size: int, depth: int) -> int | None:
+    """The head count of the DiT size with ``hidden_size`` and ``depth`` (None when no size has them)."""
+    return next((heads for h, d, heads in DIT_ARCHS.values() if (h, d) == (hidden_size, depth)), None)
+
+
 def resolve_dims(model_config: Mapping) -> Dims:
     """``model.arch`` (S/B/L/XL) when set, else ``hidden_size``/``depth``/``num_heads``;
     ``mlp_hidden = int(hidden_size · mlp_ratio)``."""

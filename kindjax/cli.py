@@ -1,13 +1,36 @@
-"""One style for every command-line tool: absl flags (ml_collections config files where a
-command takes a config), and errors printed as one line.
+"""One style for every command-line tool, ``python -m kindjax.<name>`` (tests/test_cli.py checks it
+for every module that runs as a program):
 
-    if __name__ == "__main__":
-        flags.DEFINE_string(...)   # flags are defined only when the module runs as a program
-        cli.run(main, "encode")
+- **Named flags only** (absl): no positional arguments; a stray argument is an error.
+- **Outputs**: ``--workdir DIR`` is the folder a command writes a *run* into (``kindjax.main``,
+  ``kindjax.sweep``; ``kindjax.tools.convert`` writes a checkpoint workdir). ``--out PATH`` is the
+  file or folder a command writes an *artifact* to (``tools.encode``'s latents, ``tools.slice``'s
+  checkpoint, ``papers.kind.analyze``'s tables, ``evaluation.reference``'s batch,
+  ``evaluation.inception``'s weights; ``kindjax.evaluation`` writes into the run it evaluates unless
+  ``--out`` names another folder). No command reads ``--workdir``.
+- **Inputs** by flags that say what they are: ``--run RUN``, a training workdir the command reads
+  (a second run: ``--<role>_run``, e.g. ``--dense_run``); ``--src``, a file or folder to convert;
+  ``--vae``, a VAE directory; ``--config FILE[:ARGS]`` with ``--config.KEY=VALUE`` overrides, always
+  defined by :func:`define_config` (locked: a key the config does not have is an error).
+- **One name, one type** in every command: ``--classes`` is a list of class ids
+  (:func:`define_classes`, ``--classes 0,3,7``); a count is ``--num_<things>`` (``--num_classes``,
+  ``--num_samples``); a list is a comma-separated ``DEFINE_list`` with a plural name.
+- **Errors** are one line ``kindjax.<name>: message`` naming the flag or input and the fix, exit
+  status 1 (Ctrl-C outside the training loop: 130), without the tracebacks background threads
+  would add (:class:`HeldErrors`); the traceback only with ``--debug`` or ``KINDJAX_DEBUG=1``. ``--help`` lists every flag of the command and exits 0.
 
-Every failure ends as one line ``kindjax.<name>: message`` with exit status 1 (Ctrl-C outside
-the training loop: 130), without the tracebacks background threads would add (:class:`HeldErrors`).
-The traceback is printed only with ``--debug`` or ``KINDJAX_DEBUG=1``.
+A command::
+
+    def main(argv: list[str]) -> None:
+        del argv
+        work(flags.FLAGS.config, flags.FLAGS.run, flags.FLAGS.out)
+
+    if __name__ == "__main__":   # flags are defined only when the module runs as a program
+        cli.define_config("Config file (configs/*.py).")
+        flags.DEFINE_string("run", None, "Training workdir to read.")
+        flags.DEFINE_string("out", None, "File to write.")
+        flags.mark_flags_as_required(["config", "run", "out"])
+        cli.run(main)
 """
 from __future__ import annotations
 
@@ -16,6 +39,12 @@ import re
 import sys
 from typing import Callable, NoReturn
 
+from absl import flags
+
+# Flags that this module's helpers define (--debug, --config, --classes) belong to the command
+# that calls them: its --help lists them.
+flags.disclaim_key_flags()
+
 #: Errors with a message that names the problem and the fix: printed as the message alone.
 #: Anything else is a bug: printed as its type and message, with a pointer to ``--debug``.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
@@ -23,17 +52,64 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, F
 DEBUG_ENV = "KINDJAX_DEBUG"
 
 
+class ClassIdsParser(flags.ListParser):
+    """``0,3,7`` → ``[0, 3, 7]``: the one type of ``--classes``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syntactic_help = "a comma separated list of class ids"
+
+    def parse(self, argument: str | list) -> list[int]:
+        ids = super().parse(argument)
+        try:
+            return [int(c) for c in ids]
+        except ValueError:
+            raise ValueError(f"give class ids as integers, e.g. 0,3,7 (got {','.join(map(str, ids))})") from None
+
+    def flag_type(self) -> str:
+        return "list of class ids"
+
+
+def define_classes(help: str, default: list[int] | None = None,
+                   flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
+    """Defines ``--classes``, a comma-separated list of class ids (ints)."""
+    return flags.DEFINE(ClassIdsParser(), "classes", default, help, flag_values,
+                        serializer=flags.CsvListSerializer(","))
+
+
+def define_config(help: str, flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
+    """Defines ``--config FILE[:ARGS]`` (ml_collections), locked: an override of a key the config does
+    not have, or code that adds one, is an error."""
+    from ml_collections import config_flags
+
+    return config_flags.DEFINE_config_file("config", None, help, flag_values, lock_config=True)
+
+
+def program() -> str:
+    """``kindjax.<name>`` of the running command (``python -m kindjax.<name>``): the ``__main__``
+    module's import name, without ``.__main__`` for a package."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    name = spec.name if spec is not None else os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    return name.removesuffix(".__main__")
+
+
 def debugging() -> bool:
     """True when tracebacks were asked for (``--debug`` on the command line or ``KINDJAX_DEBUG=1``)."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in sys.argv[1:]
 
 
-def run(main: Callable[[list[str]], object], name: str) -> None:
+def run(main: Callable[[list[str]], object]) -> None:
     """``absl.app.run(main)`` with absl logging at WARNING (Orbax logs every file at INFO), a
-    ``--debug`` flag, and every error as one line (see the module docstring)."""
-    from absl import app, flags, logging
+    ``--debug`` flag, ``--help`` listing every flag of the command, and every error as one line
+    (see the module docstring)."""
+    from absl import app, logging
 
+    name = program()
     flags.DEFINE_boolean("debug", False, f"Print tracebacks (also: {DEBUG_ENV}=1).")
+    for module, defined in flags.FLAGS.flags_by_module_dict().items():
+        if module.startswith("kindjax."):   # flags a helper module defined for this command (tools.bench's suites)
+            for flag in defined:
+                flags.declare_key_flag(flag.name)
 
     def guarded(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
@@ -93,15 +169,16 @@ class HeldErrors:
 
 
 def parse_flags(argv: list[str], name: str) -> list[str]:
-    """Parses ``argv`` into absl's ``FLAGS`` and returns the remaining arguments; exits with
-    ``kindjax.<name>: message`` on a flag error, an unknown config key (a locked config raises
-    inside absl's parser) or a config file that does not exist (ml_collections would report that
-    only at the config's first use, with a traceback)."""
-    from absl import flags
+    """Parses ``argv`` into absl's ``FLAGS`` and returns ``[program]``; exits with ``name: message``
+    on a flag error, a positional argument, an unknown config key (a locked config raises inside
+    absl's parser) or a config file that does not exist (ml_collections would report that only at
+    the config's first use, with a traceback); exits 0 after ``--help`` (absl exits 1)."""
     from ml_collections import config_flags
 
     try:
         rest = flags.FLAGS(argv)
+    except SystemExit as e:   # absl's --help, --helpfull, --helpxml: the help was printed
+        sys.exit(0 if e.code == 1 else e.code)
     except flags.Error as e:
         _exit(name, f"{_one_line(str(e))} (see --help)")
     except (AttributeError, KeyError) as e:
@@ -114,6 +191,8 @@ def parse_flags(argv: list[str], name: str) -> list[str]:
         missing = [a.rpartition("=")[2] for a in argv[1:] if ".py" in a and not os.path.isfile(
             a.rpartition("=")[2].split(":", 1)[0])]
         _exit(name, f"--config: no config file {missing[0]!r}" if missing else _one_line(str(e)))
+    if len(rest) > 1:
+        _exit(name, f"unexpected argument {rest[1]!r}: every input is a named flag (see --help)")
     for flag_name in flags.FLAGS:
         flag = flags.FLAGS[flag_name]
         if not flag.present:
@@ -170,8 +249,8 @@ def _one_line(message: str) -> str:
 
 
 def _exit(name: str, message: str, status: int = 1) -> NoReturn:
-    """Prints the line and ends the process at once: interpreter shutdown would print the
+    """Prints ``name: message`` and ends the process at once: interpreter shutdown would print the
     tracebacks of Orbax's pending writes (``ImportError: sys.meta_path is None``)."""
-    print(f"kindjax.{name}: {message}", file=sys.stderr, flush=True)
+    print(f"{name}: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(status)

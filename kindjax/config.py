@@ -20,6 +20,13 @@ from kindjax.registry import Registry
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 #: ``model.remat``: what a DiT block keeps for the backward pass (:func:`kindjax.models.dit.remat_policy`).
 REMAT_POLICIES = ("none", "block", "dots_saveable")
+#: ``eval.labels``: the class labels of the evaluation samples (:func:`kindjax.evaluation.pipeline.sample_labels`).
+EVAL_LABELS = ("uniform", "balanced")
+#: ``eval.fdd_normalize``: what each DINOv2 feature goes through before FDD's Fréchet distance
+#: (:func:`kindjax.evaluation.dinov2.fdd`).
+FDD_NORMALIZATIONS = ("l2", "none")
+#: ``model.qkv_init``: how fresh q, k, v matrices are initialised (:data:`kindjax.layers.base.QKV_INITS`).
+QKV_INITS = ("fused", "separate")
 #: ``eval.dinov2_model``: the DINOv2 of FDD (torch-hub names; :data:`kindjax.evaluation.dinov2.DINOV2_SIZES`).
 #: "vitl14" is the FDD reference tool's default (dgm-eval, Stein et al. 2023: ``DINOv2Encoder`` loads
 #: ``dinov2_vitl14`` when no ``--arch`` is given); "any" takes the weights directory's network unchecked.
@@ -83,7 +90,12 @@ def model_config() -> ml_collections.ConfigDict:
         remat="none",             # "none", "block" (recompute each block) or "dots_saveable" (keep matmul outputs)
         scan_blocks=False,        # one nn-scan over the identical blocks (same parameter layout as the loop)
         residual_scales=False,    # DiffFit: learned per-channel γ (init 1) on each block's two residual branches
+        attention_scales=False,   # DiffFit: γ (init 1) on each block's q, k, v outputs (3d) and attention projection (d)
+        output_scale=False,       # DiffFit: γ (init 1) on the final layer's output
+        scale_blocks=0,           # the blocks' γ only in blocks 0..scale_blocks-1 (0: every block)
         drop_path=0.0,            # stochastic depth on each block's two residual branches, in training only
+        qkv_init="fused",         # fresh q, k, v: thirds of one xavier d→3d matrix (variance 1/(2d), as the DiT
+                                  # reference code), or "separate" d→d matrices (1/d); kindjax.layers.base
         linear=ml_collections.ConfigDict(dict(kind="dense")),
     ))
 
@@ -168,13 +180,18 @@ def core_config() -> ml_collections.ConfigDict:
         # python -m kindjax.evaluation: samples as an ADM .npz, then FID/sFID/IS/precision/recall
         # (kindjax.evaluation.adm) against `reference`, an ADM reference .npz.
         eval=dict(num_samples=500, batch_size=250,
-                  seed=0,                 # sampling noise; labels are i % num_classes
+                  seed=0,                 # sampling noise and labels
+                  labels="uniform",       # sample labels: "uniform" draws (as DiT's sample_ddp.py) or "balanced"
+                                          # (sample i gets class i mod num_classes); EVAL_LABELS
                   reference="",           # ADM reference batch: images arr_0 and/or mu, sigma, mu_s, sigma_s
                   inception_weights="",   # pytorch-fid pt_inception-2015-12-05-6726825d.pth, or its .npz
-                  inception_preprocess="pytorch_fid",  # or "tf1": the TF graph's resize, as ADM's evaluator
+                  inception_preprocess="tf1",  # "tf1": the TF graph's resize, as ADM's evaluator (whose reference
+                                               # statistics FIDs are compared with); or "pytorch_fid"
                   inception_batch_size=200,
                   dinov2_weights="",      # set: also FDD (Fréchet distance of DINOv2 features)
                   dinov2_model="vitl14",  # the DINOv2 those weights must be (DINOV2_MODELS; dgm-eval's default)
+                  fdd_normalize="l2",     # FDD on unit-L2-norm features ("l2", dgm-eval's normalized=True) or
+                                          # "none" (raw); FDD_NORMALIZATIONS
                   feature_dtype="float32"),  # compute dtype of the Inception and DINOv2 forward passes
         # SD-VAE latents (kindjax.tools.encode writes them, data.name="latents" reads them from data.root).
         vae=dict(weights="",            # diffusers AutoencoderKL directory (config.json + safetensors)
@@ -268,6 +285,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
              f"model.attention={m.attention!r}: use one of {list(ATTENTION_IMPLEMENTATIONS)}")
     require(m.attention != "cudnn" or m.dtype == "bfloat16",
              "model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN flash attention takes bf16/fp16)")
+    require(0 <= m.scale_blocks <= dims.depth, f"model.scale_blocks={m.scale_blocks} must be in [0, the depth "
+                                                 f"{dims.depth}] (0: the blocks' γ in every block)")
+    require(m.qkv_init in QKV_INITS, f"model.qkv_init={m.qkv_init!r}: use one of {list(QKV_INITS)}")
     require(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: use one of {list(REMAT_POLICIES)}")
     for key in ("vae.compute_dtype", "eval.feature_dtype"):
         section, name = key.split(".")
@@ -276,6 +296,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     require(config.eval.dinov2_model in DINOV2_MODELS,
              f"eval.dinov2_model={config.eval.dinov2_model!r}: use one of {list(DINOV2_MODELS)} ('vitl14', "
              f"ViT-L/14, is the FDD reference dgm-eval's default; 'vitg14' is not supported: SwiGLU MLP)")
+    require(config.eval.labels in EVAL_LABELS, f"eval.labels={config.eval.labels!r}: use one of {list(EVAL_LABELS)}")
+    require(config.eval.fdd_normalize in FDD_NORMALIZATIONS,
+            f"eval.fdd_normalize={config.eval.fdd_normalize!r}: use one of {list(FDD_NORMALIZATIONS)}")
     require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout={m.class_dropout} must be in [0, 1)")
     require(t.batch_size > 0 and t.batch_size % num_devices == 0,
              f"train.batch_size={t.batch_size} is not divisible by the {num_devices} devices of the mesh "

@@ -24,9 +24,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and metrics.")
+    cli.define_config("Config file (configs/*.py).")
+    flags.DEFINE_string("workdir", None, "The run's folder (written): checkpoints, logs, samples and metrics.")
     flags.mark_flags_as_required(["config", "workdir"])
-    cli.run(main, "main")
+    cli.run(main)

@@ -50,13 +50,18 @@ def tiny_config():
     return c
 
 
-@pytest.fixture
-def single_device_env():
+def single_device_environ() -> dict[str, str]:
     """Environment for a subprocess run of the CLI on one CPU device."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = ""
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture
+def single_device_env():
+    """:func:`single_device_environ` as a fixture."""
+    return single_device_environ()
 
 
 def read_names(monkeypatch):

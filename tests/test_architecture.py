@@ -161,3 +161,28 @@ def test_the_core_names_no_paper():
 def test_at_most_eight_loose_modules():
     loose = sorted(p.name for p in ROOT.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
     assert len(loose) <= 8, loose
+
+
+def test_every_path_in_the_architecture_page_exists():
+    """``docs/architecture.md`` names modules as paths (``kindjax/train/stages.py``, relative names in a
+    package's row) and as dotted names (``kindjax.layers.VARIANTS``): each must exist."""
+    import importlib
+
+    text = (ROOT.parent / "docs" / "architecture.md").read_text()
+    paths = set(re.findall(r"`(kindjax/[\w/]*\w(?:\.py)?/?)`", text)) | set(re.findall(r"`(configs/)`", text))
+    missing = [p for p in sorted(paths) if not (ROOT.parent / p).exists()]
+    for row in re.findall(r"^\| `(kindjax/\w+/)` \|(.*)$", text, re.M):   # files named in a package's row
+        missing += [row[0] + f for f in re.findall(r"`(\w+\.py)`", row[1]) if not (ROOT.parent / row[0] / f).exists()]
+    dotted = set(re.findall(r"`(kindjax(?:\.\w+)+)`", text))
+    for name in sorted(dotted):
+        module, _, attr = name.rpartition(".")
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            try:
+                if not hasattr(importlib.import_module(module), attr):
+                    missing.append(name)
+            except ImportError:
+                missing.append(name)
+    assert len(paths) + len(dotted) > 20, "the page names few modules: is the pattern still right?"
+    assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"

@@ -15,10 +15,10 @@ from kindjax.tools import bench_accelerator
 from kindjax.models.dit import abstract_params
 
 TINY_ARGV = ["--arch", "", "--hidden_size", "32", "--depth", "1", "--num_heads", "2", "--image_size", "8",
-             "--batch", "4", "--num_classes", "10", "--kind_classes", "4", "--kind_tailor", "2",
+             "--batch", "4", "--num_classes", "10", "--kind_num_classes", "4", "--kind_tailor", "2",
              "--repeats", "2", "--pause", "0"]
 TINY = bench.Options(arch="", hidden_size=32, depth=1, num_heads=2, image_size=8, batch=4, num_classes=10,
-                     kind_classes=4, kind_tailor=2, repeats=2, pause=0.0)
+                     kind_num_classes=4, kind_tailor=2, repeats=2, pause=0.0)
 
 
 def parsed(argv: list[str]) -> bench.Options:

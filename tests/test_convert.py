@@ -181,7 +181,8 @@ def test_convert_command_writes_a_checkpoint_that_loads_as_pretrained(tmp_path):
     assert "not a DiT size" in failed.stderr and "--num_heads" in failed.stderr
     done = subprocess.run(command + ["--num_heads", "2"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "--config.model.timestep_freq_shift=0.0" in done.stdout and "kindjax.evaluation.__main__" in done.stdout
+    assert "--config.model.timestep_freq_shift=0.0" in done.stdout and f"--run {workdir} " in done.stdout
+    assert "python -m kindjax.evaluation --config configs/dit_digits.py" in done.stdout
     params, config = load_params(workdir)
     raw, _ = load_params(workdir, ema=False)
     assert config.model.timestep_freq_shift == 0.0 and config.model.in_channels == 4

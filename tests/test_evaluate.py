@@ -72,7 +72,7 @@ def test_evaluate_writes_npz_json_and_tensorboard(setup, capsys):
         images, labels = f["arr_0"], f["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (10, 8, 8, 3)
     assert (images[..., 0] == images[..., 2]).all() and images.std() > 0  # grey digits, not blank
-    np.testing.assert_array_equal(labels, np.arange(10) % 10)
+    np.testing.assert_array_equal(labels, np.random.default_rng(config.eval.seed).integers(0, 10, 10))  # eval.labels
 
     report = json.load(open(os.path.join(workdir, "eval_2.json")))
     assert report["step"] == 2 and report["metrics"] == metrics
@@ -88,6 +88,8 @@ def test_evaluate_writes_npz_json_and_tensorboard(setup, capsys):
     # The kept features (for metrics pooled over runs, kindjax.evaluation.pooled) give the same metrics.
     from kindjax.evaluation.pooled import load_features, pooled_metrics
     kept = [load_features(report[k]) for k in ("features", "reference_features")]
+    assert report["inception_preprocess"] == "tf1" and report["labels"] == "uniform"
+    assert [k["inception_preprocess"] for k in kept] == ["tf1", "tf1"]
     assert kept[0]["pool_3"].shape == (10, 2048) and kept[1]["pool_3"].shape == (12, 2048)
     again = pooled_metrics([kept[0]], [kept[1]])
     assert again == {k: pytest.approx(metrics[k], rel=1e-5) for k in again}
@@ -134,11 +136,26 @@ def test_refusals_before_sampling(setup, tmp_path):
 
 def test_cli_refuses_missing_reference(setup, single_device_env):
     _, workdir, _ = setup
-    out = subprocess.run([sys.executable, "-m", "kindjax.evaluation.__main__", "--config",
-                          os.path.join(ROOT, "configs/dit_digits.py"), "--workdir", workdir],
+    out = subprocess.run([sys.executable, "-m", "kindjax.evaluation", "--config",
+                          os.path.join(ROOT, "configs/dit_digits.py"), "--run", workdir],
                          env=single_device_env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0
-    assert "kindjax.evaluation.__main__: eval.reference is not set" in out.stderr
+    assert "kindjax.evaluation: eval.reference is not set" in out.stderr
+
+
+def test_out_keeps_the_run_untouched(setup, tmp_path):
+    """With ``out`` the results go there; the evaluated run gains no file."""
+    config, workdir, _ = setup
+    config = config.copy_and_resolve_references()
+    config.eval.dinov2_weights = ""
+    before = sorted(os.path.relpath(os.path.join(d, f), workdir) for d, _, fs in os.walk(workdir) for f in fs)
+    metrics = evaluate(config, workdir, out=str(tmp_path / "elsewhere"))
+    after = sorted(os.path.relpath(os.path.join(d, f), workdir) for d, _, fs in os.walk(workdir) for f in fs)
+    assert after == before
+    report = json.load(open(tmp_path / "elsewhere" / "eval_2.json"))
+    assert report["metrics"] == metrics and report["samples"] == str(tmp_path / "elsewhere" / "samples_2_10x8x8x3.npz")
+    assert os.path.isfile(report["samples"]) and os.path.isfile(report["features"])
+    assert tb_scalars(str(tmp_path / "elsewhere"))["eval/fid"] == {2: pytest.approx(metrics["fid"], rel=1e-6)}
 
 
 def test_latent_samples_are_decoded_by_the_vae(tmp_path):

@@ -210,7 +210,7 @@ def test_folder_kind_grouping_on_synset_folders(tmp_path):
 def test_make_dataset_imagenet_says_encode_first_and_latents_is_delegated(monkeypatch):
     c = base_config()
     c.data.name = "imagenet"
-    with pytest.raises(ConfigError, match=r"python -m kindjax\.encode.*--config\.data\.latents=LATENT_DIR"):
+    with pytest.raises(ConfigError, match=r"python -m kindjax\.tools\.encode.*--config\.data\.latents=LATENT_DIR"):
         make_dataset(c)
     import kindjax.data.latents
 

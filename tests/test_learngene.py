@@ -103,14 +103,14 @@ def test_slice_cli_and_function(run, tmp_path, single_device_env):
     shutil.copytree(run.workdir, workdir)
     lg_out, t_out = tmp_path / "learngene", tmp_path / "tailors"
     # The CLI runs on one device: the checkpoint was written from 8.
-    out = cli(single_device_env, "--workdir", str(workdir), "--out", str(lg_out), "--part", "learngene")
+    out = cli(single_device_env, "--run", str(workdir), "--out", str(lg_out), "--part", "learngene")
     assert out.returncode == 0, out.stderr
     assert "Wrote the learngene" in out.stdout and "arrays" in out.stdout and "parameters" in out.stdout
-    out = cli(single_device_env, "--workdir", str(workdir), "--out", str(t_out), "--part", "tailors",
+    out = cli(single_device_env, "--run", str(workdir), "--out", str(t_out), "--part", "tailors",
               "--classes", "7,0,3")
     assert out.returncode == 0, out.stderr
     assert "tailors of classes [7, 0, 3]" in out.stdout
-    refused = cli(single_device_env, "--workdir", str(workdir), "--out", str(t_out), "--part", "tailors",
+    refused = cli(single_device_env, "--run", str(workdir), "--out", str(t_out), "--part", "tailors",
                   "--classes", "1")
     assert refused.returncode != 0 and "exists; pass --force" in refused.stderr
     meta = slice_checkpoint(workdir, tmp_path / "raw", "tailors", [3, 9], ema=False)

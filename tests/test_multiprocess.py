@@ -86,8 +86,8 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, eval_files):
     assert sorted(os.listdir(os.path.join(pod, "checkpoints"))) == ["12", "4", "8"]
 
     # Evaluation: sampling and Inception features split over both processes' devices.
-    run_job(["kindjax.evaluation.__main__", *config, "--workdir", pod, *eval_files], multiprocess=True)
-    run_job(["kindjax.evaluation.__main__", *config, "--workdir", single, *eval_files], multiprocess=False)
+    run_job(["kindjax.evaluation", *config, "--run", pod, *eval_files], multiprocess=True)
+    run_job(["kindjax.evaluation", *config, "--run", single, *eval_files], multiprocess=False)
     with np.load(os.path.join(pod, "samples_12_12x8x8x3.npz")) as a, \
             np.load(os.path.join(single, "samples_12_12x8x8x3.npz")) as b:
         assert a["arr_0"].std() > 0

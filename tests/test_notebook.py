@@ -1,4 +1,5 @@
-"""notebooks/learngene.ipynb runs: its code cells, in order, on a tiny pre-trained KIND checkpoint."""
+"""notebooks/learngene.ipynb runs: its code cells, in order, on a tiny pre-trained KIND checkpoint (the last
+section exports the fine-tuned model to diffusers and samples it with PyTorch)."""
 import json
 import os
 
@@ -17,6 +18,7 @@ def test_learngene_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("KINDJAX_LEARNGENE", str(tmp_path / "pretrain"))
     monkeypatch.setenv("KINDJAX_NOTEBOOK_WORKDIR", str(tmp_path / "notebook"))
     monkeypatch.setenv("KINDJAX_NOTEBOOK_STEPS", "3")
+    monkeypatch.setenv("KINDJAX_NOTEBOOK_SAMPLE_STEPS", "3")
     notebook = json.load(open(os.path.join(ROOT, "notebooks", "learngene.ipynb")))
     namespace: dict = {}
     for cell in notebook["cells"]:
@@ -27,6 +29,12 @@ def test_learngene_notebook_runs(tmp_path, monkeypatch):
     assert np.asarray(namespace["grid"]).shape[0] > 3 * 64
     metrics = json.load(open(tmp_path / "notebook" / "metrics.json"))
     assert metrics["step"] == 3 and 0.0 <= metrics["sample_accuracy"] <= 1.0
+    # The last section: one diffusers directory per new class, sampled with DiTPipeline (PyTorch).
+    for label, digit in enumerate((7, 8, 9)):
+        exported = json.load(open(tmp_path / "notebook" / f"diffusers_digit_{digit}" / "config.json"))["_kindjax"]
+        assert exported["classes"] == [{"label": 0, "run_label": label, "name": str(digit)}]
+    pixels = np.asarray(namespace["pixels"])
+    assert pixels.shape == (3 * 8, 8 * 8) and pixels.std() > 0
 
 
 def test_colab_install_cell(monkeypatch):

@@ -30,16 +30,13 @@ def test_reference_batch_of_a_class_subset_is_the_adm_crop_of_its_images(image_f
     assert images.shape[0] <= 3 and set(labels) <= {0, 1}
 
 
-def test_evaluate_command_writes_a_reference_batch(image_folder, tmp_path):
+def test_reference_command_writes_a_reference_batch(image_folder, tmp_path):
     root, _ = image_folder
     out = tmp_path / "task.npz"
-    done = subprocess.run([sys.executable, "-m", "kindjax.evaluation.__main__", "--config", "configs/dit_digits.py",
+    done = subprocess.run([sys.executable, "-m", "kindjax.evaluation.reference", "--config", "configs/dit_digits.py",
                            "--config.data.name=folder", f"--config.data.root={root}", "--config.data.image_size=16",
-                           "--config.data.classes=(1,)", "--reference_out", str(out)],
+                           "--config.data.classes=(1,)", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "2 images of 1 classes at 16×16" in done.stdout
     assert adm.read_reference(str(out)).images.shape == (2, 16, 16, 3)
-    missing = subprocess.run([sys.executable, "-m", "kindjax.evaluation.__main__", "--config", "configs/dit_digits.py"],
-                             cwd=ROOT, capture_output=True, text=True)
-    assert missing.returncode == 1 and "--workdir is required" in missing.stderr

@@ -13,7 +13,8 @@ from kindjax.config import validate
 from kindjax.papers.kind.classes import kind_tasks
 from kindjax.evaluation.pooled import pooled_metrics, save_features
 from kindjax.papers.kind.layer import kind_config
-from kindjax.papers.kind.methods import KIND_OFT_BLOCKS, METHODS
+from kindjax.papers.kind.facts import OFT_BLOCKS
+from kindjax.papers.kind.methods import METHODS
 from kindjax.train.stages import finished
 from kindjax.sweep import grid, tables
 from kindjax.papers.kind import facts
@@ -82,7 +83,7 @@ def test_kind_tables_grid_is_18_tasks_by_methods_with_the_overrides(tmp_path):
     by = {(r.labels["task"], r.labels["method"]): r.config for r in table}
     assert by["task_3", "lora"].model.linear.rank == 3 * len(kind_tasks()["task_3"])
     assert by["task_3", "lora"].train.batch_size == 512 and by["task_3", "pissa"].train.batch_size == 256
-    assert by["task_5", "oft"].model.linear.r == KIND_OFT_BLOCKS[4]
+    assert by["task_5", "oft"].model.linear.r == OFT_BLOCKS[4]
     assert by["task_1", "kind"].train.freeze_learngene and by["task_1", "kind"].init.learngene == runs[1].workdir
     assert by["task_1", "ablation_2"].init.pretrained == runs[1].workdir
     # Shape-only build of two of them (the full task × method × arch build is tests/test_configs.py's).
@@ -191,9 +192,10 @@ def test_kind_score_writes_the_reference_once_and_reuses_the_evaluation(tmp_path
 
     monkeypatch.setattr("kindjax.evaluation.reference.write_reference_batch", write_reference)
     monkeypatch.setattr("kindjax.evaluation.pipeline.evaluate", evaluate)
-    monkeypatch.setattr(experiments, "account", lambda c: (1234, 5678, 1e9, 7.5e9))
+    monkeypatch.setattr(experiments, "parameter_counts", lambda c: (1234, 5678))
+    monkeypatch.setattr(experiments, "table2_flops", lambda c: 7.5e9)
     os.makedirs(run.workdir)
-    want = dict(fid=3.5, sfid=2.0, trainable=1234.0, train_gflop=7.5, features="f.npz", reference_features="r.npz")
+    want = dict(fid=3.5, sfid=2.0, trainable=1234.0, gflops=7.5, features="f.npz", reference_features="r.npz")
     assert experiments.kind_score(run, {}) == want
     assert written == [("validation", "task_2", 0)] and evaluated == [(run.extra["reference"], 50_000)]
     assert experiments.kind_score(run, {}) == want and len(written) == len(evaluated) == 1   # reused
@@ -235,18 +237,18 @@ def test_kind_tables_from_fake_finished_runs(tmp_path):
     for ti, task in enumerate(tasks):
         reference = fake_features(rng, 40 + 10 * ti, shift=ti)
         ref_path = str(tmp_path / f"ref_{task}.npz")
-        save_features(ref_path, reference)
+        save_features(ref_path, reference, "tf1")
         for method in methods:
             for seed in seeds:
                 workdir = str(tmp_path / task / method / f"seed_{seed}")
                 samples = fake_features(rng, 30 + 5 * ti, shift=ti + (0.3 if method == "lora" else 0.1))
                 os.makedirs(workdir)
-                save_features(os.path.join(workdir, "features.npz"), samples)
+                save_features(os.path.join(workdir, "features.npz"), samples, "tf1")
                 runs.append(grid.Run(dict(task=task, method=method, seed=seed), workdir, None))
                 scores[workdir] = dict(fid=rng.uniform(10, 50), sfid=rng.uniform(5, 9), inception_score=rng.uniform(2, 9),
                                        precision=rng.uniform(), recall=rng.uniform(),
                                        trainable=float(1e6 * (ti + 1) * (2 if method == "lora" else 1)),
-                                       train_gflop=float(10 + ti), features=os.path.join(workdir, "features.npz"),
+                                       gflops=float(10 + ti), features=os.path.join(workdir, "features.npz"),
                                        reference_features=ref_path)
                 pooled.setdefault((method, seed), ([], []))[0].append(samples["pool_3"])
                 pooled[method, seed][1].append(reference["pool_3"])
@@ -260,7 +262,7 @@ def test_kind_tables_from_fake_finished_runs(tmp_path):
         assert row["fid"] == pytest.approx(np.mean(fids), rel=1e-4) and row["fid_std"] == pytest.approx(np.std(fids),
                                                                                                       rel=1e-3)
         assert row["para_m"] == pytest.approx((2.0 if row["method"] == "lora" else 1.0) * 2.0)
-        assert row["train_gflop"] == pytest.approx(11.0)
+        assert row["gflops"] == pytest.approx(11.0)
     for row in out["table2_task_mean"]:
         members = [scores[r.workdir] for r in runs if r.labels["method"] == row["method"]]
         per_seed = [np.mean([scores[r.workdir]["fid"] for r in runs if r.labels["method"] == row["method"]
@@ -272,7 +274,7 @@ def test_kind_tables_from_fake_finished_runs(tmp_path):
                   (row["task"], row["method"])]
         assert row["sfid"] == pytest.approx(np.mean(values)) and row["sfid_std"] == pytest.approx(np.std(values))
     md = (tmp_path / "table2.md").read_text().splitlines()
-    assert md[0].startswith("| method | Para. (M) | FLOPs (G / image) | FID ↓ | sFID ↓ | IS ↑") and len(md) == 4
+    assert md[0].startswith("| method | Para. (M) | FLOPs (G) | FID ↓ | sFID ↓ | IS ↑") and len(md) == 4
     assert len((tmp_path / "table8.csv").read_text().splitlines()) == 1 + len(tasks) * len(methods)
 
 

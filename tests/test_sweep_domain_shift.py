@@ -13,7 +13,8 @@ from kindjax.config import ConfigError, validate
 from kindjax.papers.kind.methods import METHODS
 from kindjax.sweep import grid
 from kindjax.papers.kind.experiments import domain_shift
-from kindjax.papers.kind.experiments.domain_shift import DOMAIN_SHIFT, ROWS, TABLE3_DATASETS, TABLE3_METHODS
+from kindjax.papers.kind.experiments.domain_shift import DOMAIN_SHIFT, ROWS
+from kindjax.papers.kind.facts import TABLE3_DATASETS, TABLE3_METHODS
 from kindjax.sweep.registry import experiment_for
 
 SHIFT = os.path.join(ROOT, "configs", "kind_domain_shift.py")
@@ -41,14 +42,11 @@ def real_overrides(tmp_path) -> list[str]:
 def test_grid_of_the_real_config(tmp_path, monkeypatch):
     """DiT-L, 4 classes: methods × data sets × seeds, each config the config file's with the overrides,
     {task} substituted; the sources are checked once per kind (recorded here: no checkpoints)."""
-    from configs.kind_domain_shift import TABLE3_DATASETS as CONFIG_DATASETS
-    from configs.kind_domain_shift import TABLE3_METHODS as CONFIG_METHODS
     from configs.kind_domain_shift import get_config
 
     checked = []
     monkeypatch.setattr(domain_shift, "check_source", lambda c, source: checked.append((source, c.init.learngene,
                                                                                          c.init.pretrained)))
-    assert (TABLE3_METHODS, tuple(TABLE3_DATASETS)) == (CONFIG_METHODS, CONFIG_DATASETS)
     config, options = parse(",L,classes=4", *real_overrides(tmp_path))
     assert experiment_for(config) is DOMAIN_SHIFT
     runs = DOMAIN_SHIFT.runs(config, str(tmp_path / "W"), dict(options, seeds=2))

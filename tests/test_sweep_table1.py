@@ -58,7 +58,7 @@ def test_dit_b_grid_entries_sizes_steps_and_needs(tmp_path):
         [("trad_pt", False, 0), ("laptop_diff", True, 0), ("trad_pt", False, 1), ("laptop_diff", True, 1)]
     assert one[2].labels["size"] == str(learngene + tailor) and one[2].config.model.num_classes == 1
     assert one[5].config.train.seed == 1 and one[5].config.eval.seed == config.eval.seed + 1
-    with pytest.raises(ValueError, match="--sizes 1M: --size 1,000,000 is below the smallest KIND model"):
+    with pytest.raises(ValueError, match="--sizes 1M: size 1,000,000 is below the smallest KIND model"):
         TABLE1.runs(config, str(tmp_path), dict(sizes=("1M",)))
     config.eval.reference = "/refs/one.npz"
     with pytest.raises(ConfigError, match=r"give a pattern with \{task\}"):

@@ -87,7 +87,7 @@ def test_recombined_model_has_the_size_and_the_full_models_outputs(runs):
     other = full_model({"params": full_params}, x, t, jnp.asarray([3, 3, 3]))
     assert np.abs(np.asarray(other) - np.asarray(want))[:2].max() > 1e-3     # the tailors matter
 
-    with pytest.raises(ValueError, match="--size .* fits 2"):
+    with pytest.raises(ValueError, match="classes names 3 classes but size .* fits 2"):
         vs.table1_entries(kind_dir, str(root / "o2"), size=target, classes=(0, 1, 2), entries=("kind",))
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         vs.build([entry], kind_dir)

@@ -1,14 +1,16 @@
 """The read side of every checkpoint directory: locate one, read its metadata and its arrays.
 
-Three kinds of directory hold weights:
+Four kinds of directory hold weights:
   ``workdir``: a training workdir, ``DIR/checkpoints/<step>/`` (:mod:`.training`);
   ``step``: one ``<step>/`` directory of it (items ``params``, ``ema_params``, ``opt_state``, ``meta``);
   ``sliced``: written by :func:`kindjax.checkpoints.slicing.slice_checkpoint`, items ``learngene``
-  or ``tailors`` (one of :data:`PARTS`) and ``meta``.
-Every ``meta`` item is JSON with at least ``step``, the full ``config`` and the ``checksums`` of its
-arrays (:mod:`.integrity`; checked on every read).  Arrays are read by
-Orbax partial restores into host numpy arrays: only the requested leaves are read, and the
-devices (or sharding) that wrote them are not needed.
+  or ``tailors`` (one of :data:`PARTS`) and ``meta``;
+  ``exported``: safetensors files of :data:`PARTS` and a JSON card that lists their SHA-256
+  (:mod:`.tensorfiles`; written by ``python -m kindjax.tools.export --format safetensors``).
+Every ``meta`` item (an exported directory: its card) is JSON with at least ``step`` and the full
+``config``; an Orbax ``meta`` also holds the ``checksums`` of its arrays (:mod:`.integrity`;
+checked on every read).  Orbax arrays are read by partial restores into host numpy arrays: only the requested
+leaves are read, and the devices (or sharding) that wrote them are not needed.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from kindjax.checkpoints import tensorfiles
 from kindjax.checkpoints.integrity import verify
-from kindjax.io.paths import as_path
+from kindjax.io.paths import as_path, read_json
 
 #: The JSON item of every checkpoint (step, config; a sliced one adds its part and source).
 META = "meta"
@@ -75,7 +78,9 @@ def locate(path: epath.PathLike, step: int | None = None) -> Located:
     checkpoint to the directory to read; refuses a ``step`` that the path does not hold."""
     directory = as_path(path)
     has_meta = (directory / META).is_dir()
-    if has_meta and any((directory / part).is_dir() for part in PARTS):
+    if tensorfiles.is_exported(directory):
+        located = Located(directory, "exported", read_json(directory / tensorfiles.CARD))
+    elif has_meta and any((directory / part).is_dir() for part in PARTS):
         located = Located(directory, "sliced", read_meta(directory))
     elif has_meta and (directory / "params").is_dir():
         located = Located(directory, "step", read_meta(directory))
@@ -93,7 +98,7 @@ def locate(path: epath.PathLike, step: int | None = None) -> Located:
         raise FileNotFoundError(
             f"{directory} holds no kindjax checkpoint: expected a training workdir (with "
             f"checkpoints/<step>/), a step directory (with meta/ and params/), or a directory "
-            f"written by python -m kindjax.tools.slice")
+            f"written by python -m kindjax.tools.slice or python -m kindjax.tools.export --format safetensors")
     if step is not None and step != located.meta["step"]:
         raise ValueError(f"{directory} holds step {located.meta['step']} only, not step {step}")
     return located
@@ -103,16 +108,20 @@ def source(located: Located, ema: bool) -> Source:
     """Where the weights of ``located`` come from; ``ema`` picks ``ema_params`` or ``params`` of a
     training checkpoint (a sliced one holds the item it was sliced from)."""
     meta = located.meta
-    if located.kind == "sliced":
-        return Source(str(located.directory), "sliced", meta["source"]["checkpoint"], meta["step"],
+    if located.kind in ("sliced", "exported"):
+        return Source(str(located.directory), located.kind, meta["source"]["checkpoint"], meta["step"],
                       meta["source"]["item"])
     item = "ema_params" if ema else "params"
     return Source(str(located.directory), located.kind, str(located.directory), meta["step"], item)
 
 
 def check_part(located: Located, part: str) -> None:
-    """Refuses a sliced checkpoint that holds the other part than ``part`` (a training
-    checkpoint holds both)."""
+    """Refuses a sliced checkpoint that holds the other part than ``part``, or an exported one without
+    ``part`` (a training checkpoint holds both)."""
+    if located.kind == "exported" and tensorfiles.part_file(part) not in located.meta["files"]:
+        raise ValueError(f"{located.directory} holds {sorted(located.meta['files'])}, not the {part}: export it "
+                         f"with the {part} (python -m kindjax.tools.export --format safetensors"
+                         + (" --classes 0,3,7)" if part == "tailors" else ")"))
     if located.kind == "sliced" and located.meta["part"] != part:
         raise ValueError(f"{located.directory} holds the {located.meta['part']} only, not the {part}; "
                          f"read the {part} from {located.meta['source']['checkpoint']}, where it was sliced from")
@@ -141,7 +150,12 @@ def restore_leaves(item_dir: epath.PathLike, keep: Callable[[tuple], bool] = _ev
 
 def restore_item(located: Located, item: str, keep: Callable[[tuple], bool] = _everything) -> dict[str, Any]:
     """:func:`restore_leaves` of item ``item`` (``params``, ``ema_params``, or a part of
-    :data:`PARTS`) of ``located``, verified against the checksums of its ``meta``
-    (:func:`kindjax.checkpoints.integrity.verify`: a mismatch is a one-line refusal).  Every read of
-    weights outside training goes through here."""
+    :data:`PARTS`) of ``located``, verified: an Orbax item against the checksums of its ``meta``
+    (:func:`kindjax.checkpoints.integrity.verify`: a mismatch is a one-line refusal), the part of an
+    exported directory read whole with its hash checked (:func:`tensorfiles.read_part`), then cut to
+    ``keep``.  Every read of weights outside training goes through here."""
+    if located.kind == "exported":
+        flat = traverse_util.flatten_dict(tensorfiles.read_part(located.directory, item, located.meta))
+        return traverse_util.unflatten_dict({k: v for k, v in flat.items()
+                                             if keep(tuple(jax.tree_util.DictKey(name) for name in k))})
     return verify(located.meta, item, restore_leaves(located.directory / item, keep), str(located.directory))

@@ -1,8 +1,10 @@
 """Load a learngene, or the tailors of a few classes, and assemble a model for those classes.
 
 A checkpoint path is any of: a training workdir (``DIR/checkpoints/<step>/``, the
-latest step unless ``step`` is given), one step directory of it, or a directory
-written by ``python -m kindjax.tools.slice``.  Reads are Orbax partial restores into host
+latest step unless ``step`` is given), one step directory of it, a directory
+written by ``python -m kindjax.tools.slice``, or one written by ``python -m kindjax.tools.export
+--format safetensors`` (safetensors files and a ``learngene.json`` card; each file's SHA-256 is
+checked against the card before it is read).  Orbax reads are partial restores into host
 numpy arrays: only the arrays of the requested part are read, and the devices (or
 sharding) of the training run are not needed.
 
@@ -83,7 +85,7 @@ def load_learngene(path: str | epath.PathLike, *, step: int | None = None, ema: 
         raise ValueError(f"{located.directory} holds a {kind!r} DiT (model.linear.kind={kind!r}), whose layers have no "
                          f"tailors: it has no learngene to read apart. Give the workdir of a model with tailors "
                          f"(model.linear.kind in {tailored}), or start from its weights with init.pretrained.")
-    if located.kind == "sliced":
+    if located.kind in ("sliced", "exported"):
         params = checkpoints.restore_item(located, "learngene")
     else:
         params, _ = param_rules.split_learngene_tailors(
@@ -96,9 +98,9 @@ def load_params(path: str | epath.PathLike, *, step: int | None = None,
     """Every parameter of the training checkpoint at ``path`` (host arrays) and its config;
     ``step`` and ``ema`` as in :func:`load_learngene`.  A sliced checkpoint holds one part only."""
     located = checkpoints.locate(path, step)
-    if located.kind == "sliced":
-        raise ValueError(f"{located.directory} is a sliced checkpoint (the {located.meta['part']} only); "
-                         f"give the training workdir it was sliced from: {located.meta['source']['checkpoint']}")
+    if located.kind in ("sliced", "exported"):
+        raise ValueError(f"{located.directory} is a {located.kind} checkpoint (a learngene and tailors, not every "
+                         f"parameter); give the training workdir it came from: {located.meta['source']['checkpoint']}")
     item = checkpoints.source(located, ema).item
     return checkpoints.restore_item(located, item), checkpoints.config_of(located)
 
@@ -126,10 +128,10 @@ def load_tailors(path: str | epath.PathLike, classes: Sequence[int], *, step: in
     located = checkpoints.locate(path, step)
     config, source = checkpoints.config_of(located), checkpoints.source(located, ema)
     checkpoints.check_part(located, "tailors")
-    if located.kind == "sliced":
-        available = tuple(located.meta["classes"])
+    if located.kind in ("sliced", "exported"):
+        available = tuple(located.meta["tailor_classes" if located.kind == "exported" else "classes"])
         classes = _check_classes(classes, available,
-                                 f"the sliced tailors at {located.directory} hold classes {available}")
+                                 f"the {located.kind} tailors at {located.directory} hold classes {available}")
         bundle = checkpoints.restore_item(located, "tailors")
     else:
         n = config.model.num_classes

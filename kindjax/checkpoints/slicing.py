@@ -20,14 +20,13 @@ from kindjax import params as param_rules
 from kindjax.checkpoints.integrity import tree_checksums
 from kindjax.checkpoints.layout import META, PARTS
 from kindjax.checkpoints.training import config_json
-from kindjax.io.paths import as_path, disk_bytes
+from kindjax.io.paths import as_path, disk_bytes, refuse_existing
 from kindjax.checkpoints.learngene import load_learngene, load_tailors
 
 
-def _is_replaceable(out: epath.Path) -> bool:
-    """``force`` replaces an empty directory or an earlier sliced checkpoint, nothing else."""
-    return out.is_dir() and (not any(out.iterdir()) or (
-        (out / META).is_dir() and any((out / part).is_dir() for part in PARTS)))
+def _is_sliced(out: epath.Path) -> bool:
+    """``force`` replaces an earlier sliced checkpoint (or an empty directory: :func:`refuse_existing`)."""
+    return (out / META).is_dir() and any((out / part).is_dir() for part in PARTS)
 
 
 def slice_checkpoint(path: str | os.PathLike, out: str | os.PathLike, part: str,
@@ -43,11 +42,7 @@ def slice_checkpoint(path: str | os.PathLike, out: str | os.PathLike, part: str,
     if (part == "tailors") != (classes is not None):
         raise ValueError("the tailors part needs classes (e.g. --classes 0,3,7); the learngene part takes none")
     out = as_path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    if out.exists() and not _is_replaceable(out):
-        raise FileExistsError(f"{out} is neither a sliced checkpoint nor an empty directory; "
-                              f"--force does not replace it")
+    refuse_existing(out, force, _is_sliced, "a sliced checkpoint")
     bundle = load_learngene(path, step=step, ema=ema) if part == "learngene" else \
         load_tailors(path, classes, step=step, ema=ema)
     source, leaves = bundle.source, jax.tree.leaves(bundle.params)

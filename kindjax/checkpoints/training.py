@@ -94,8 +94,8 @@ def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, dire
     if diffs:
         detail = ", ".join(diffs)
         raise ConfigError(
-            f"{directory} holds a checkpoint of a different model ({detail}). Use another --workdir, "
-            f"or run with the config that wrote it.")
+            f"{directory} holds a checkpoint of a different model ({detail}). Run with the config that "
+            f"wrote it, or use another folder.")
 
 
 def portable(origin: dict, workdir: epath.PathLike) -> dict:

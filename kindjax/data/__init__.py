@@ -11,13 +11,30 @@ import ml_collections
 
 from kindjax.config import ConfigError
 from kindjax.data import folder, imagenet, latents
+from kindjax.data.class_groups import select_classes
 from kindjax.data.decode import center_crop_arr
-from kindjax.data.digits import DigitImages, load_digits
+from kindjax.data.digits import DIGIT_CLASS_NAMES, DigitImages, load_digits
 from kindjax.data.images import ImageSource
 from kindjax.data.pipeline import ArrayDataset, Batches, TrainingSource, subset
 
 DATA_SOURCES = ("digits", "folder", "latents", "imagenet")
 IMAGE_SOURCES = ("imagenet", "folder", "digits")
+
+
+def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The names of ``config``'s training classes in label order, read without loading the data: the
+    digits' names, a folder's sub-folder names or a latent index's class names, through the class
+    selection of ``config.data`` (grouping, task, classes) the training source applies."""
+    d = config.data
+    if d.latents or d.name == "latents":
+        base = latents.read_index(d.latents or d.root)["class_names"]
+    elif d.name == "digits":
+        base = DIGIT_CLASS_NAMES
+    elif d.name == "folder":
+        base = folder.class_folders(d.root)
+    else:
+        raise ConfigError(f"config.data.name={d.name!r} trains on its latents (data.latents), which is empty")
+    return select_classes(base, d.grouping, d.task, tuple(d.classes)).class_names
 
 
 def make_dataset(config: ml_collections.ConfigDict) -> TrainingSource:
@@ -72,4 +89,4 @@ def open_image_source(config: ml_collections.ConfigDict) -> ImageSource:
 
 
 __all__ = ["DATA_SOURCES", "IMAGE_SOURCES", "ArrayDataset", "Batches", "ImageSource", "TrainingSource",
-           "center_crop_arr", "load_digits", "make_dataset", "open_image_source", "subset"]
+           "center_crop_arr", "class_names", "load_digits", "make_dataset", "open_image_source", "subset"]

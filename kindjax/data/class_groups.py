@@ -82,7 +82,7 @@ def select_classes(base_names: Sequence[str], grouping: str = "", task: str = ""
     if grouping == "":
         if task:
             raise ConfigError(f"config.data.task={task!r} selects a task of a class grouping: set "
-                              f"config.data.grouping (one of {sorted(GROUPINGS)})")
+                              f"config.data.grouping, e.g. " + ", ".join(f"grouping={g!r}" for g in sorted(GROUPINGS)))
         names = base_names
         base_to_name = np.arange(len(base_names))
     else:

@@ -27,6 +27,31 @@ from kindjax.evaluation.frechet import feature_statistics, frechet_distance
 from kindjax.io.paths import as_path
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+#: The key under which a statistics or features file kindjax writes records the Inception
+#: preprocessing of its features (:data:`kindjax.evaluation.inception.PREPROCESSING`).
+PREPROCESS_KEY = "inception_preprocess"
+#: The preprocessing of statistics that record none: ADM's reference batches, computed by ADM's
+#: TensorFlow evaluator (the TF graph's resize, kindjax's ``"tf1"``).
+ADM_PREPROCESS = "tf1"
+
+
+def recorded_preprocessing(arrays) -> str | None:
+    """The preprocessing an ``.npz`` (or a dict of its arrays) records under :data:`PREPROCESS_KEY`; None if none."""
+    return str(np.asarray(arrays[PREPROCESS_KEY])) if PREPROCESS_KEY in arrays else None
+
+
+def check_same_preprocessing(sides: dict[str, str | None]) -> str | None:
+    """The one Inception preprocessing of the compared ``sides`` (name → its preprocessing, None:
+    unrecorded); ValueError, in one line naming a side of each, if they differ: their features are
+    not comparable."""
+    first: dict[str | None, str] = {}
+    for name, preprocessing in sides.items():
+        first.setdefault(preprocessing, name)
+    if len(first) > 1:
+        listed = ", ".join(f"{name}: {'unrecorded' if p is None else repr(p)}" for p, name in first.items())
+        raise ValueError(f"Inception features computed with different preprocessing are not comparable ({listed}); "
+                         f"compute every side with the same eval.inception_preprocess")
+    return next(iter(first), None)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -149,6 +174,7 @@ class ReferenceBatch:
     path: str
     images: np.ndarray | None
     stats: dict[str, np.ndarray] | None
+    preprocessing: str | None = None   # of ``stats``: recorded, or ADM's (:data:`ADM_PREPROCESS`); None without
 
 
 def reference_keys(path: str) -> set[str]:
@@ -165,15 +191,25 @@ def reference_keys(path: str) -> set[str]:
     return keys
 
 
+def stats_preprocessing(path: str) -> str | None:
+    """The Inception preprocessing of the statistics in reference ``path``: the one it records, else
+    ADM's (:data:`ADM_PREPROCESS`); None when it holds no statistics (images only)."""
+    with as_path(path).open("rb") as file, np.load(file) as f:
+        if not set(STAT_KEYS) <= set(f.files):
+            return None
+        return recorded_preprocessing(f) or ADM_PREPROCESS
+
+
 def read_reference(path: str) -> ReferenceBatch:
     keys = reference_keys(path)
     with as_path(path).open("rb") as file, np.load(file) as f:
         images = f["arr_0"] if "arr_0" in keys else None
         stats = {k: f[k] for k in STAT_KEYS} if set(STAT_KEYS) <= keys else None
+        preprocessing = (recorded_preprocessing(f) or ADM_PREPROCESS) if stats is not None else None
     if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3):
         raise ValueError(f"{path}: arr_0 must be uint8 RGB images (N, H, W, 3), got {images.dtype} "
                          f"{images.shape}")
-    return ReferenceBatch(path, images, stats)
+    return ReferenceBatch(path, images, stats, preprocessing)
 
 
 def write_sample_batch(path: str | BinaryIO, images: np.ndarray, labels: np.ndarray) -> None:

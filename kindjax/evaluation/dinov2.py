@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh
 from safetensors.numpy import load
 
-from kindjax.config import ConfigError
+from kindjax.config import FDD_NORMALIZATIONS, ConfigError
 from kindjax.evaluation.frechet import feature_statistics, frechet_distance
 from kindjax import sharding
 from kindjax.io.paths import as_path, read_json
@@ -463,6 +463,23 @@ def dinov2_features(module: Dinov2, params: dict, images: np.ndarray, batch_size
     return features.astype(np.float32)
 
 
-def fdd(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Fréchet DINOv2 distance: the Fréchet distance of Gaussians fitted to two feature sets."""
-    return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+def fdd(features_a: np.ndarray, features_b: np.ndarray, normalize: str = "l2") -> float:
+    """Fréchet DINOv2 distance: the Fréchet distance of Gaussians fitted to two feature sets, each
+    feature first mapped by ``normalize`` (``eval.fdd_normalize``, :data:`kindjax.config.FDD_NORMALIZATIONS`):
+
+    - ``"l2"``: ``f / ‖f‖₂`` (float64), dgm-eval's ``get_representations(..., normalized=True)``
+      (``torch.nn.functional.normalize(pred, dim=-1)``).  Unit features bound the distance: with
+      ``Tr Σ + ‖μ‖² = E‖f‖² = 1``, ``FDD = 2 − 2·μ_a·μ_b − 2·Tr((Σ_a Σ_b)^{1/2}) ≤ 4`` (up to the
+      ``N/(N−1)`` of the unbiased covariance) — the scale of FDD tables reported below 1 (0.04–0.62),
+      which a raw distance of ViT-L/14 features (typically hundreds) does not have; a reading, as the
+      paper that reports them does not state its normalisation (docs/reproduce.md).
+    - ``"none"``: the raw CLS features, as dgm-eval's command line (``normalized=False``).
+    """
+    if normalize not in FDD_NORMALIZATIONS:
+        raise ConfigError(f"eval.fdd_normalize={normalize!r}: use one of {list(FDD_NORMALIZATIONS)}")
+
+    def mapped(features: np.ndarray) -> np.ndarray:
+        features = np.asarray(features, np.float64)
+        return features / np.linalg.norm(features, axis=-1, keepdims=True) if normalize == "l2" else features
+
+    return frechet_distance(*feature_statistics(mapped(features_a)), *feature_statistics(mapped(features_b)))

@@ -25,7 +25,9 @@ Inputs are uint8 NHWC RGB images of any size, resized to 299×299 by one of two 
   offset), then ``(x − 128)/128`` — the preprocessing inside the graph ADM's evaluator runs.
 
 Weights: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` state dict (read with
-torch), or the ``.npz`` that :func:`convert_torch_weights` writes from it (no torch needed).
+torch), or the ``.npz`` that :func:`convert_torch_weights` writes from it (no torch needed)::
+
+    python -m kindjax.evaluation.inception --src pt_inception-2015-12-05-6726825d.pth --out inception.npz
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh
 
 from kindjax import cli, sharding
@@ -303,7 +306,7 @@ def _read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     except ImportError:
         raise ImportError(
             f"reading the PyTorch checkpoint {path} needs torch. Convert it once where torch is installed "
-            f"(python -m kindjax.evaluation.inception {path} OUT.npz) and point eval.inception_weights "
+            f"(python -m kindjax.evaluation.inception --src {path} --out OUT.npz) and point eval.inception_weights "
             f"at the .npz") from None
     with as_path(path).open("rb") as f:
         state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
@@ -362,15 +365,17 @@ def inception_features(module: FIDInceptionV3, variables: dict[str, Any], images
 
 
 def main(argv: list[str]) -> None:
-    """``python -m kindjax.evaluation.inception SRC.pth OUT.npz``: :func:`convert_torch_weights`."""
-    if len(argv) != 3:
-        raise ValueError("usage: python -m kindjax.evaluation.inception pt_inception-2015-12-05-6726825d.pth OUT.npz")
-    src, out = argv[1:]
+    """:func:`convert_torch_weights` of ``--src`` into ``--out``."""
+    del argv
+    src, out = flags.FLAGS.src, flags.FLAGS.out
     if not as_path(src).is_file():
-        raise FileNotFoundError(f"{src} is not a file: give pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+        raise FileNotFoundError(f"--src={src} is not a file: give pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     convert_torch_weights(src, out)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    cli.run(main, "evaluation.inception")
+    flags.DEFINE_string("src", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (read with torch).")
+    flags.DEFINE_string("out", None, "The .npz to write (eval.inception_weights without torch).")
+    flags.mark_flags_as_required(["src", "out"])
+    cli.run(main)

@@ -1,25 +1,30 @@
-"""ADM-style evaluation of a trained model (the work of ``python -m kindjax.evaluation``):
+"""ADM-style evaluation of a trained model, the work of
 
+    python -m kindjax.evaluation --config CONFIG --run RUN [--step S] [--out DIR]
 
 Started by a launcher on several hosts (as ``launch/`` starts training), every process runs the same
 command: sampling and feature extraction are split over all devices, process 0 writes the files.
+They go to ``DIR``: the folder ``--out`` names, or else the training run ``RUN`` itself.
 
-1. Restores the EMA weights of the latest checkpoint in ``DIR`` (or step ``S``).
+1. Restores the EMA weights of the latest checkpoint in ``RUN`` (or step ``S``).
 2. Samples ``eval.num_samples`` images with ``config.sample`` (sampler, steps, CFG scale), class
-   labels ``i mod num_classes`` (balanced: 50 per class for 50K ImageNet samples), noise from
-   ``eval.seed``; latent models (``data.name="latents"``, or 4 channels) are decoded with the SD-VAE of
+   labels by ``eval.labels`` (:func:`sample_labels`: drawn uniformly, as DiT's ``sample_ddp.py``, or
+   balanced ``i mod num_classes``), noise and labels from ``eval.seed``; latent models (``data.name="latents"``, or 4 channels) are decoded with the SD-VAE of
    ``vae.weights`` (``x = D(z / vae.scale)``). Samples are rounded to uint8 (``round(127.5·(x+1))``),
    grey images repeated to RGB, and written as ADM's sample batch
    ``DIR/samples_<step>_<N>x<H>x<W>x3.npz`` (``arr_0`` images, ``arr_1`` labels); a rerun with the
    same sampling settings reuses that file.
 3. Computes FID, sFID, Inception Score, precision and recall (:mod:`kindjax.evaluation.adm`) with the
-   FID Inception (``eval.inception_weights``) against ``eval.reference``, an ADM reference batch:
-   its ``mu, sigma, mu_s, sigma_s`` when present, otherwise statistics of its images ``arr_0``;
-   precision/recall need the images. With ``eval.dinov2_weights`` also FDD (DINOv2 features of the
-   network ``eval.dinov2_model`` names; default ViT-L/14, dgm-eval's).
+   FID Inception (``eval.inception_weights``, inputs resized by ``eval.inception_preprocess``) against
+   ``eval.reference``, an ADM reference batch: its ``mu, sigma, mu_s, sigma_s`` when present (computed
+   with the preprocessing the file records, else with ADM's evaluator's, ``"tf1"``: another setting is
+   refused before sampling), otherwise statistics of its images ``arr_0``; precision/recall need the
+   images. With ``eval.dinov2_weights`` also FDD (DINOv2 features of the
+   network ``eval.dinov2_model`` names; default ViT-L/14, dgm-eval's; features normalised by
+   ``eval.fdd_normalize``, :func:`kindjax.evaluation.dinov2.fdd`).
 4. Writes ``DIR/eval_<step>.json`` (metrics, step, files, config), the Inception features of the samples
-   and of the reference (``features_<step>.npz``, ``reference_features_<step>.npz``: pooled metrics over
-   runs, :mod:`kindjax.evaluation.pooled`) and ``eval/<metric>`` scalars to
+   and of the reference (``features_<step>.npz``, ``reference_features_<step>.npz``, each recording its
+   Inception preprocessing: pooled metrics over runs, :mod:`kindjax.evaluation.pooled`) and ``eval/<metric>`` scalars to
    ``DIR/tensorboard``.
 """
 from __future__ import annotations
@@ -76,6 +81,11 @@ def check_eval_config(config: ml_collections.ConfigDict) -> set[str]:
         keys = adm.reference_keys(e.reference)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"eval.reference: {err}") from None
+    stats = adm.stats_preprocessing(e.reference)
+    if stats not in (None, e.inception_preprocess):
+        raise ConfigError(f"eval.reference {e.reference} holds Inception statistics of the {stats!r} preprocessing "
+                          f"but eval.inception_preprocess={e.inception_preprocess!r}: set "
+                          f"eval.inception_preprocess={stats!r}, or give a reference of images only (arr_0)")
     if e.dinov2_weights and "arr_0" not in keys:
         raise ConfigError(f"eval.dinov2_weights is set but {e.reference} holds no images (arr_0) to compute "
                           f"the reference DINOv2 features of FDD from; unset eval.dinov2_weights or give "
@@ -124,15 +134,26 @@ def to_rgb_uint8(images: np.ndarray) -> np.ndarray:
     return pixels
 
 
+def sample_labels(rule: str, n: int, num_classes: int, seed: int) -> np.ndarray:
+    """The ``n`` class labels of the evaluation samples (``eval.labels``): ``"uniform"``, i.i.d. uniform
+    on ``0..num_classes-1`` from ``numpy.random.default_rng(seed)`` (DiT's ``sample_ddp.py`` draws
+    ``torch.randint(0, num_classes, …)``); ``"balanced"``, ``i mod num_classes``."""
+    if rule == "uniform":
+        return np.random.default_rng(seed).integers(0, num_classes, n).astype(np.int32)
+    if rule == "balanced":
+        return (np.arange(n) % num_classes).astype(np.int32)
+    raise ConfigError(f"eval.labels={rule!r}: use 'uniform' or 'balanced'")
+
+
 def sample_batch(config: ml_collections.ConfigDict, params: Any, mesh: Mesh,
                  log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
-    """``eval.num_samples`` uint8 RGB samples with labels ``i mod num_classes``, in chunks
+    """``eval.num_samples`` uint8 RGB samples with the labels of :func:`sample_labels`, in chunks
     (chunk ``c`` uses the key ``fold_in(key(eval.seed), c)``), progress reported per chunk."""
     model = build_model(config)
     diffusion = GaussianDiffusion.from_config(config.diffusion)
     decode = latent_decoder(config, mesh) if is_latent_model(config) else None
     n, batch = config.eval.num_samples, config.eval.batch_size
-    labels = (np.arange(n) % model.num_classes).astype(np.int32)
+    labels = sample_labels(config.eval.labels, n, model.num_classes, config.eval.seed)
     chunk = batch * max(1, -(-n // (PROGRESS_UPDATES * batch)))
     key = jax.random.key(config.eval.seed)
     images, start_time = [], time.time()
@@ -148,18 +169,18 @@ def sample_batch(config: ml_collections.ConfigDict, params: Any, mesh: Mesh,
 
 def _sampling_settings(config: ml_collections.ConfigDict, step: int) -> dict:
     c = checkpoints.config_json(config)
-    return {"step": step, "num_samples": config.eval.num_samples, "seed": config.eval.seed,
+    return {"step": step, "num_samples": config.eval.num_samples, "seed": config.eval.seed, "labels": config.eval.labels,
             "sample": c["sample"], "diffusion": c["diffusion"], "model": c["model"],
             "vae": c["vae"] if is_latent_model(config) else None}
 
 
-def samples_for_step(config: ml_collections.ConfigDict, workdir: str, step: int, params: Any, mesh: Mesh,
+def samples_for_step(config: ml_collections.ConfigDict, out: str, step: int, params: Any, mesh: Mesh,
                      log: Callable[[str], None]) -> tuple[str, np.ndarray]:
-    """The ADM sample batch of ``step`` (path, images): reused when a file written with the same
-    sampling settings exists (its ``.json`` beside it), sampled and written otherwise."""
+    """The ADM sample batch of ``step`` in folder ``out`` (path, images): reused when a file written
+    with the same sampling settings exists (its ``.json`` beside it), sampled and written otherwise."""
     m = config.model
     side = m.image_size * (LATENT_FACTOR if is_latent_model(config) else 1)
-    path = os.path.join(workdir, f"samples_{step}_{config.eval.num_samples}x{side}x{side}x3.npz")
+    path = os.path.join(out, f"samples_{step}_{config.eval.num_samples}x{side}x{side}x3.npz")
     settings_path = path[:-len(".npz")] + ".json"
     settings = _sampling_settings(config, step)
     if as_path(path).is_file() and as_path(settings_path).is_file() and read_json(settings_path) == settings:
@@ -176,9 +197,10 @@ def samples_for_step(config: ml_collections.ConfigDict, workdir: str, step: int,
     return path, images
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
-    """Samples from the EMA weights of ``workdir``'s checkpoint and scores them (module doc);
-    returns the metrics, also written to ``workdir/eval_<step>.json`` and TensorBoard."""
+def evaluate(config: ml_collections.ConfigDict, run: str, step: int | None = None, out: str = "") -> dict[str, float]:
+    """Samples from the EMA weights of the training run ``run``'s checkpoint and scores them (module
+    doc); returns the metrics, also written to ``DIR/eval_<step>.json`` and TensorBoard, ``DIR`` being
+    ``out`` or else the run itself."""
     validate(config, jax.device_count())
     reference_keys = check_eval_config(config)
     e = config.eval
@@ -186,12 +208,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    params, step = restore_ema_params(config, workdir, mesh, step)
-    logger = RunLogger(workdir, config.train.num_steps)
+    params, step = restore_ema_params(config, run, mesh, step)
+    out = out or run
+    logger = RunLogger(out, config.train.num_steps)
     try:
-        logger.text(f"Evaluating {workdir} at step {step}: {e.num_samples} samples, {config.sample.sampler} "
+        logger.text(f"Evaluating {run} at step {step}: {e.num_samples} samples, {config.sample.sampler} "
                     f"{config.sample.num_steps} steps, CFG scale {config.sample.cfg_scale}.")
-        samples_path, images = samples_for_step(config, workdir, step, params, mesh, logger.text)
+        samples_path, images = samples_for_step(config, out, step, params, mesh, logger.text)
 
         module, variables = load_inception(e.inception_weights)
         module = module.clone(dtype=jax.numpy.dtype(e.feature_dtype))
@@ -225,23 +248,25 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
             dino = dino.clone(dtype=jax.numpy.dtype(e.feature_dtype))
             metrics["fdd"] = fdd(*(dinov2_features(dino, dino_params, pixels, e.inception_batch_size, mesh,
                                                    progress("DINOv2", what, len(pixels)))
-                                   for pixels, what in ((images, "samples"), (reference.images, "reference"))))
-        kept = {"features": str(as_path(workdir) / f"features_{step}.npz"),   # for pooled metrics (evaluation.pooled)
-                "reference_features": str(as_path(workdir) / f"reference_features_{step}.npz")
+                                   for pixels, what in ((images, "samples"), (reference.images, "reference"))),
+                                 normalize=e.fdd_normalize)
+        kept = {"features": str(as_path(out) / f"features_{step}.npz"),   # for pooled metrics (evaluation.pooled)
+                "reference_features": str(as_path(out) / f"reference_features_{step}.npz")
                 if reference_features is not None else None}
         if jax.process_index() == 0:
-            save_features(kept["features"], sample_features)
+            save_features(kept["features"], sample_features, e.inception_preprocess)
             if reference_features is not None:
-                save_features(kept["reference_features"], reference_features)
+                save_features(kept["reference_features"], reference_features, e.inception_preprocess)
         report = {"step": step, "metrics": metrics, "num_samples": len(images), "samples": samples_path, **kept,
                   "reference": str(as_path(e.reference)), "reference_keys": sorted(reference_keys),
                   "inception_weights": str(as_path(e.inception_weights)),
-                  "inception_preprocess": e.inception_preprocess, "labels": "i mod num_classes",
-                  "dinov2": {"weights": str(as_path(e.dinov2_weights)), "model": e.dinov2_model}
+                  "inception_preprocess": e.inception_preprocess, "labels": e.labels,
+                  "dinov2": {"weights": str(as_path(e.dinov2_weights)), "model": e.dinov2_model,
+                             "normalize": e.fdd_normalize}
                   if e.dinov2_weights else None,
                   "config": checkpoints.config_json(config)}
         if jax.process_index() == 0:
-            write_json(as_path(workdir) / f"eval_{step}.json", report)
+            write_json(as_path(out) / f"eval_{step}.json", report)
         logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     finally:
         logger.close()

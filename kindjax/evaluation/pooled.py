@@ -20,28 +20,38 @@ from kindjax.evaluation import adm
 FEATURES = ("pool_3", "spatial", "logits_unbiased")
 
 
-def save_features(path: str, features: dict[str, np.ndarray]) -> None:
-    """Writes the :data:`FEATURES` that ``features`` holds to ``path`` (``.npz``), atomically."""
+def save_features(path: str, features: dict[str, np.ndarray], preprocessing: str) -> None:
+    """Writes the :data:`FEATURES` that ``features`` holds to ``path`` (``.npz``), atomically, with the
+    Inception ``preprocessing`` they were computed with (under :data:`kindjax.evaluation.adm.PREPROCESS_KEY`)."""
     path = epath.Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in features.items() if k in FEATURES})
+        np.savez(f, **{k: np.asarray(v) for k, v in features.items() if k in FEATURES},
+                 **{adm.PREPROCESS_KEY: np.asarray(preprocessing)})
     tmp.rename(path)
 
 
-def load_features(path: str) -> dict[str, np.ndarray]:
+def load_features(path: str) -> dict[str, np.ndarray | str]:
+    """The arrays of a features file, and its recorded preprocessing as a ``str`` (absent: unrecorded)."""
     with epath.Path(path).open("rb") as f, np.load(f) as z:
-        return {k: z[k] for k in z.files}
+        out = {k: z[k] for k in z.files if k != adm.PREPROCESS_KEY}
+        if adm.PREPROCESS_KEY in z.files:
+            out[adm.PREPROCESS_KEY] = adm.recorded_preprocessing(z)
+        return out
 
 
 def concatenate(features: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    keys = set.intersection(*(set(f) for f in features))
+    keys = set.intersection(*(set(f) for f in features)) - {adm.PREPROCESS_KEY}
     return {k: np.concatenate([f[k] for f in features]) for k in sorted(keys)}
 
 
 def pooled_metrics(samples: Sequence[dict[str, np.ndarray]], references: Sequence[dict[str, np.ndarray]],
                    **kwargs) -> dict[str, float]:
     """:func:`kindjax.evaluation.adm.adm_metrics` of the union of ``samples`` against the union of
-    ``references`` (features of every run's samples and of every run's reference batch)."""
+    ``references`` (features of every run's samples and of every run's reference batch); refuses
+    features of different Inception preprocessing (:func:`kindjax.evaluation.adm.check_same_preprocessing`)."""
+    sides = {f"{side} {i}": f.get(adm.PREPROCESS_KEY) for side, group in (("samples", samples), ("reference", references))
+             for i, f in enumerate(group)}
+    adm.check_same_preprocessing(sides)
     s, r = concatenate(samples), concatenate(references)
     return adm.adm_metrics(s, adm.statistics(r), r["pool_3"], **kwargs)

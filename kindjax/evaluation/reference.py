@@ -3,8 +3,10 @@
 The images of ``config.data`` (ImageNet through TFDS or a folder; ``data.split``,
 ``data.grouping``/``data.task``/``data.classes`` select e.g. one task's classes) with
 ADM's centre crop at ``data.image_size``: ``arr_0`` uint8 ``(N, S, S, 3)``, ``arr_1`` the
-labels.  ``python -m kindjax.evaluation --reference_out FILE`` writes it; ``eval.reference=FILE``
-then evaluates a run against it (its Inception statistics are computed from ``arr_0``).
+labels.  ``eval.reference=FILE`` then evaluates a run against it (its Inception statistics are
+computed from ``arr_0``).  The command::
+
+    python -m kindjax.evaluation.reference --config CONFIG --out REF.npz [--max_images N] [--config.data.task=T ...]
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from typing import Callable
 
 import ml_collections
 import numpy as np
+from absl import flags
 
+from kindjax import cli
 from kindjax.data import open_image_source
 from kindjax.evaluation.adm import write_sample_batch
 
@@ -54,3 +58,18 @@ def write_reference_batch(config: ml_collections.ConfigDict, out: str, max_image
     log(f"reference batch: {summary['images']} images of {summary['classes']} classes at "
         f"{summary['size']}×{summary['size']} → {out}")
     return summary
+
+
+def main(argv: list[str]) -> None:
+    """Writes the reference batch of ``--config``'s image source and classes to ``--out``."""
+    del argv
+    f = flags.FLAGS
+    write_reference_batch(f.config, f.out, f.max_images, f.config.eval.seed)
+
+
+if __name__ == "__main__":
+    cli.define_config("Config file (configs/*.py): its image source and classes (data.*).")
+    flags.DEFINE_string("out", None, "The reference batch to write (ADM .npz: real images arr_0, labels arr_1).")
+    flags.DEFINE_integer("max_images", 0, "At most this many images (0: all), drawn with eval.seed.")
+    flags.mark_flags_as_required(["config", "out"])
+    cli.run(main)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from etils import epath
@@ -63,6 +63,16 @@ def load_npy(path: epath.PathLike) -> np.ndarray:
     """``np.load`` of the ``.npy`` file at ``path`` (local or cloud), read whole."""
     with as_path(path).open("rb") as f:
         return np.load(io.BytesIO(f.read()))
+
+
+def refuse_existing(out: epath.Path, force: bool, replaceable: Callable[[epath.Path], bool], what: str) -> None:
+    """Refuses an existing ``out`` unless ``force``, and even then unless it is an empty directory or
+    ``replaceable(out)`` (``what`` it may replace, for the message): a command never overwrites what it
+    did not write."""
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if out.exists() and not ((out.is_dir() and not any(out.iterdir())) or replaceable(out)):
+        raise FileExistsError(f"{out} is neither {what} nor an empty directory; --force does not replace it")
 
 
 def disk_bytes(path: epath.PathLike) -> int:

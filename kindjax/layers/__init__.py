@@ -29,7 +29,8 @@ import flax.linen as nn
 import ml_collections
 
 from kindjax.layers import adapters
-from kindjax.layers.base import FUSABLE_ROLES, LinearFactory, SharedParams, fused_roles, shared_params
+from kindjax.layers.base import (FUSABLE_ROLES, LinearFactory, SharedParams, fused_roles, shared_params,
+                                 xavier_fan_out)
 from kindjax.layers.dense import DenseLinear
 from kindjax.registry import Registry
 
@@ -64,12 +65,13 @@ def register_variant(name: str, build: Callable[[ml_collections.ConfigDict], Lin
 
 
 def dense_factory(config: ml_collections.ConfigDict) -> LinearFactory:
-    """Plain dense layers: W x + b (the DiT baseline)."""
-    del config
+    """Plain dense layers: W x + b (the DiT baseline), xavier-uniform with ``model.qkv_init``'s fans."""
+    qkv_init = config.get("qkv_init", "fused")
+    xavier_fan_out(ROLES[0], 1, qkv_init)   # checks the setting before anything is traced
 
     def make(role: str, features: int, name: str, shared: Any = None) -> nn.Module:
-        del role, shared
-        return DenseLinear(features=features, name=name)
+        del shared
+        return DenseLinear(features=features, fan_out=xavier_fan_out(role, features, qkv_init), name=name)
 
     return make
 

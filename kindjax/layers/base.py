@@ -6,7 +6,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import flax.linen as nn
 
-from kindjax.config import ConfigError
+from kindjax.config import QKV_INITS, ConfigError
 
 #: The key of ``config.model.linear`` that names the variant (:data:`kindjax.layers.VARIANTS`).
 VARIANT_KEY = "kind"
@@ -15,6 +15,20 @@ VARIANT_KEY = "kind"
 #: ``d → 3d`` matrix whose output is split into q, k, v) and ``"adaln"`` (the block's adaLN
 #: modulation ``d → 6d``, otherwise a plain dense layer of the DiT).
 FUSABLE_ROLES = ("qkv", "adaln")
+
+#: The roles that ``model.qkv_init="fused"`` initialises as thirds of one matrix.
+QKV_ROLES = ("q", "k", "v")
+
+
+def xavier_fan_out(role: str, features: int, qkv_init: str = "fused") -> int:
+    """The fan-out a fresh matrix of ``role`` with ``features`` outputs takes in its xavier variance
+    ``2/(fan_in + fan_out)``, by ``model.qkv_init`` (:data:`kindjax.config.QKV_INITS`): ``"fused"``
+    (default): q, k, v are each a third of one ``d → 3d`` xavier-uniform matrix, fan-out ``3·features``,
+    entry variance ``2/(d + 3d) = 1/(2d)`` (the DiT reference code builds q, k, v as one such matrix);
+    ``"separate"``, and every other role: its own fan-out ``features`` (q, k, v: variance ``1/d``)."""
+    if qkv_init not in QKV_INITS:
+        raise ConfigError(f"model.qkv_init={qkv_init!r}: use one of {list(QKV_INITS)}")
+    return 3 * features if qkv_init == "fused" and role in QKV_ROLES else features
 
 
 class LinearFactory(Protocol):

@@ -21,14 +21,16 @@ def matrix_shapes(model_config: ml_collections.ConfigDict) -> dict[str, tuple[in
             "mlp_in": (hidden, mlp), "mlp_out": (mlp, hidden)}
 
 
-def init_sigma(d_in: int, d_out: int, n_used: int) -> float:
-    """``s = sqrt(2·d_in·d_out / ((d_in + d_out)·n_used))``.
+def init_sigma(d_in: int, d_out: int, n_used: int, fan_out: int | None = None) -> float:
+    """``s = sqrt(2·d_in·d_out / ((d_in + fan_out)·n_used))`` (``fan_out`` defaults to ``d_out``).
 
     With orthonormal ``U``, ``V`` and all ``n_used`` singular values equal to ``s``,
-    ``‖W_c‖_F² = n_used·s² = d_in·d_out·2/(d_in + d_out)``: the expected squared norm
-    of a xavier-uniform dense matrix (entry variance ``2/(d_in + d_out)``).
+    ``‖W_c‖_F² = n_used·s² = d_in·d_out·2/(d_in + fan_out)``: the expected squared norm
+    of a xavier-uniform dense matrix (entry variance ``2/(d_in + fan_out)``; ``fan_out = 3·d_out``
+    for a third of a fused qkv matrix, :func:`kindjax.layers.base.xavier_fan_out`).
     """
-    return (2.0 * d_in * d_out / ((d_in + d_out) * n_used)) ** 0.5
+    fan_out = d_out if fan_out is None else fan_out
+    return (2.0 * d_in * d_out / ((d_in + fan_out) * n_used)) ** 0.5
 
 
 def extend_orthonormal(key: jax.Array, basis: jax.Array, k: int) -> jax.Array:

@@ -136,12 +136,16 @@ def remat_policy(remat: str) -> Callable | None:
 class Attention(nn.Module):
     """Multi-head self-attention with separate q, k, v and output matrices (or one fused ``qkv``
     matrix ``d → 3d`` split into q, k, v, when the linear variant declares it); ``attention``
-    is the implementation of ``softmax(q·kᵀ/√h)·v`` (:mod:`kindjax.models.attention`)."""
+    is the implementation of ``softmax(q·kᵀ/√h)·v`` (:mod:`kindjax.models.attention`).
+
+    With ``scales`` (DiffFit's Alg. 3): ``[q | k | v] ← γ_qkv ⊙ [q | k | v]`` and ``out ← γ_proj ⊙ out``
+    with learned ``gamma_qkv`` ``(3d,)``, ``gamma_proj`` ``(d,)`` initialised to 1."""
 
     hidden_size: int
     num_heads: int
     linear: LinearFactory
     attention: str = "xla"
+    scales: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array, shared: Any = None) -> jax.Array:
@@ -152,12 +156,18 @@ class Attention(nn.Module):
             return h.reshape(b, n, self.num_heads, head_dim)
 
         if "qkv" in fused_roles(self.linear):
-            qkv = self.linear("qkv", 3 * d, "qkv", shared=shared)(x, y)
-            q, k, v = (heads(h) for h in jnp.split(qkv, 3, axis=-1))
+            qkv = jnp.split(self.linear("qkv", 3 * d, "qkv", shared=shared)(x, y), 3, axis=-1)
         else:
-            q, k, v = (heads(self.linear(role, d, role, shared=shared)(x, y)) for role in ("q", "k", "v"))
+            qkv = [self.linear(role, d, role, shared=shared)(x, y) for role in ("q", "k", "v")]
+        if self.scales:
+            gamma = jnp.split(self.param("gamma_qkv", nn.initializers.ones, (3 * d,)), 3)
+            qkv = [h * g.astype(h.dtype) for h, g in zip(qkv, gamma)]
+        q, k, v = (heads(h) for h in qkv)
         out = dot_product_attention(q, k, v, self.attention)
-        return self.linear("attn_out", d, "attn_out", shared=shared)(out.reshape(b, n, d), y)
+        out = self.linear("attn_out", d, "attn_out", shared=shared)(out.reshape(b, n, d), y)
+        if self.scales:
+            out = out * self.param("gamma_proj", nn.initializers.ones, (d,)).astype(out.dtype)
+        return out
 
 
 def drop_path(key: jax.Array, branch: jax.Array, rate: float) -> jax.Array:
@@ -175,8 +185,9 @@ class DiTBlock(nn.Module):
     ``drop_key`` (training with ``drop_path > 0`` only): each residual branch is dropped per
     sample (:func:`drop_path`); ``None``: no drop (evaluation, sampling).
 
-    With ``residual_scales`` (DiffFit): ``x += γ₁ ⊙ α₁·Attn(…); x += γ₂ ⊙ α₂·MLP(…)`` with
-    learned per-channel ``gamma_attn``, ``gamma_mlp`` initialised to 1 (no change at init).
+    With ``residual_scales`` (DiffFit's Alg. 1): ``x += γ₁ ⊙ α₁·Attn(…); x += γ₂ ⊙ α₂·MLP(…)`` with
+    learned per-channel ``gamma_attn``, ``gamma_mlp`` initialised to 1 (no change at init); with
+    ``attention_scales``, the attention's ``gamma_qkv``, ``gamma_proj`` (:class:`Attention`).
     """
 
     hidden_size: int
@@ -191,6 +202,7 @@ class DiTBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
     drop_path: float = 0.0
+    attention_scales: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array, y: jax.Array, shared: Any = None,
@@ -212,7 +224,7 @@ class DiTBlock(nn.Module):
         def residual(key, branch):
             return branch if key is None else drop_path(key, branch, self.drop_path)
 
-        attn = Attention(d, self.num_heads, self.linear, self.attention, name="attn")
+        attn = Attention(d, self.num_heads, self.linear, self.attention, self.attention_scales, name="attn")
         x = x + residual(keys[0], gate_msa[:, None] * attn(h, y, shared))
         h = modulate(norm("norm2", self.mlp_norm_eps)(x), shift_mlp, scale_mlp)
         h = self.linear("mlp_in", int(d * self.mlp_ratio), "mlp_in", shared=shared)(h, y)
@@ -221,12 +233,15 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (zero-initialised) then a zero-initialised projection to patch pixels."""
+    """adaLN (zero-initialised) then a zero-initialised projection to patch pixels; with ``output_scale``
+    (DiffFit's "final layer" γ) its output is multiplied by a learned ``gamma_out`` ``(p²·C_out,)``
+    initialised to 1."""
 
     patch_size: int
     out_channels: int
     norm_eps: float
     dtype: jnp.dtype = jnp.float32
+    output_scale: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -235,8 +250,12 @@ class FinalLayer(nn.Module):
                        name="adaln_modulation")(nn.silu(c))
         shift, scale = jnp.split(mod, 2, axis=-1)
         norm = nn.LayerNorm(self.norm_eps, use_bias=False, use_scale=False, dtype=self.dtype, name="norm")
-        return nn.Dense(self.patch_size ** 2 * self.out_channels, kernel_init=nn.initializers.zeros,
-                        dtype=self.dtype, name="linear")(modulate(norm(x), shift, scale))
+        features = self.patch_size ** 2 * self.out_channels
+        out = nn.Dense(features, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                       name="linear")(modulate(norm(x), shift, scale))
+        if self.output_scale:
+            out = out * self.param("gamma_out", nn.initializers.ones, (features,)).astype(out.dtype)
+        return out
 
 
 class DiT(nn.Module):
@@ -247,6 +266,10 @@ class DiT(nn.Module):
     class).  Label dropout for guidance is the trainer's (:func:`drop_labels`), so
     the module is a pure function of its inputs.  ``attention``, ``remat`` and ``scan_blocks``
     change how the blocks run, never the parameters or the values (to rounding).
+
+    DiffFit's learned scales γ (all initialised to 1): ``residual_scales`` (the blocks' two residual
+    branches), ``attention_scales`` (q, k, v and the attention projection) in blocks
+    ``0 … scale_blocks − 1`` (``0``: every block), ``output_scale`` (the final layer's output).
 
     ``drop_path`` (stochastic depth, ``model.drop_path``) acts only when the caller passes a
     ``'dropout'`` rng (``apply(..., rngs={"dropout": key})``: the trainer's training step, when
@@ -275,6 +298,9 @@ class DiT(nn.Module):
     remat: str = "none"
     scan_blocks: bool = False
     drop_path: float = 0.0
+    attention_scales: bool = False
+    output_scale: bool = False
+    scale_blocks: int = 0
 
     @property
     def out_channels(self) -> int:
@@ -298,25 +324,33 @@ class DiT(nn.Module):
         cond = t_emb + y_emb.astype(self.dtype)
         spec = shared_params(self.linear)
         shared = spec.module(name=spec.name)() if spec is not None else None
-        block = functools.partial(
-            DiTBlock, self.hidden_size, self.num_heads, self.mlp_ratio, self.linear, self.adaln_init,
-            tuple(self.adaln_std), self.norm_eps, self.mlp_norm_eps, self.residual_scales, self.dtype,
-            self.attention, self.drop_path)
+        scaled = self.scale_blocks or self.depth   # blocks 0..scaled-1 carry the blocks' γ
+
+        def block(i: int) -> functools.partial:
+            has = i < scaled
+            return functools.partial(
+                DiTBlock, self.hidden_size, self.num_heads, self.mlp_ratio, self.linear, self.adaln_init,
+                tuple(self.adaln_std), self.norm_eps, self.mlp_norm_eps, self.residual_scales and has, self.dtype,
+                self.attention, self.drop_path, self.attention_scales and has)
+
         dropping = self.drop_path > 0 and self.has_rng("dropout")
         drop_base = self.make_rng("dropout") if dropping else None
         drop_keys = [jax.random.fold_in(drop_base, i) if dropping else None for i in range(self.depth)]
         # The scan reads the blocks' parameters; init (and capturing each block's output) runs the loop.
         if self.scan_blocks and not self.is_initializing() and not self.is_mutable_collection("intermediates"):
-            per_block = [self.variables["params"][f"block_{i}"] for i in range(self.depth)]
-            tokens = scan_blocks(block(parent=None), per_block, tokens, cond, y, shared, self.remat,
-                                 jnp.stack(drop_keys) if dropping else None)
+            for start, stop in ((0, scaled), (scaled, self.depth)):   # one scan per run of identical blocks
+                if start < stop:
+                    per_block = [self.variables["params"][f"block_{i}"] for i in range(start, stop)]
+                    tokens = scan_blocks(block(start)(parent=None), per_block, tokens, cond, y, shared, self.remat,
+                                         jnp.stack(drop_keys[start:stop]) if dropping else None)
         else:
             policy = remat_policy(self.remat)
-            layer = block if policy is None else functools.partial(nn.remat(DiTBlock, policy=policy),
-                                                                    *block.args)
             for i in range(self.depth):
+                layer = block(i) if policy is None else functools.partial(nn.remat(DiTBlock, policy=policy),
+                                                                           *block(i).args)
                 tokens = layer(name=f"block_{i}")(tokens, cond, y, shared, drop_keys[i])
-        out = FinalLayer(p, self.out_channels, self.norm_eps, self.dtype, name="final_layer")(tokens, cond)
+        out = FinalLayer(p, self.out_channels, self.norm_eps, self.dtype, self.output_scale,
+                         name="final_layer")(tokens, cond)
         out = out.reshape(b, gh, gw, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, h, w, self.out_channels).astype(jnp.float32)
 
@@ -358,7 +392,8 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
         linear=make_linear_factory(m), mlp_ratio=m.mlp_ratio,
         learn_sigma=m.learn_sigma, adaln_init=m.adaln_init, adaln_std=tuple(m.adaln_std),
         timestep_freq_shift=m.timestep_freq_shift, norm_eps=m.norm_eps, mlp_norm_eps=m.mlp_norm_eps,
-        residual_scales=m.get("residual_scales", False),
+        residual_scales=m.get("residual_scales", False), attention_scales=m.get("attention_scales", False),
+        output_scale=m.get("output_scale", False), scale_blocks=m.get("scale_blocks", 0),
         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
         attention=m.get("attention", "xla"), remat=m.get("remat", "none"), scan_blocks=m.get("scan_blocks", False),
         drop_path=m.get("drop_path", 0.0))

@@ -12,6 +12,7 @@ in its own workdir under ``DIR`` (:mod:`kindjax.sweep.grid`).  A rerun skips fin
 from __future__ import annotations
 
 from absl import flags
+from ml_collections import config_flags
 
 from kindjax import cli
 from kindjax.distributed import initialize
@@ -40,11 +41,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "The experiment's config file (configs/*.py).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output folder: one sub-folder per run, and the tables.")
+    cli.define_config("The experiment's config file (configs/*.py).")
+    flags.DEFINE_string("workdir", None, "The sweep's folder (written): one run per sub-folder, and the tables.")
     flags.DEFINE_string("experiment", "", f"One of {sorted(EXPERIMENTS)} (default: the one the config selects).")
     flags.DEFINE_string("shard", "0/1", "i/n: run shard i of n (run k of the grid is in shard k mod n).")
     flags.DEFINE_list("methods", [], "Methods to run (default: all of the experiment's).")
@@ -56,4 +54,4 @@ if __name__ == "__main__":
     flags.DEFINE_boolean("tables_only", False, "Train nothing: score the finished runs and write the tables.")
     flags.DEFINE_float("poll_seconds", 60.0, "How often a shard checks whether the runs it needs are finished.")
     flags.mark_flags_as_required(["config", "workdir"])
-    cli.run(main, "sweep")
+    cli.run(main)

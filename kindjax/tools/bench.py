@@ -45,6 +45,7 @@ from kindjax.tools import bench_loader
 from kindjax import params as param_rules
 from kindjax.config import base_config, validate
 from kindjax.diffusion import GaussianDiffusion
+from kindjax.papers.kind import facts as kind_facts
 from kindjax.papers.kind.layer import kind_config
 from kindjax.archs import DIT_ARCHS, resolve_dims
 from kindjax.tools.bench_accelerator import forward_flops, peak_flops
@@ -75,7 +76,7 @@ class Options:
     skip_torch: bool = False
     skip_kind: bool = False
     skip_naive: bool = False
-    kind_classes: int = 150
+    kind_num_classes: int = kind_facts.PRETRAIN_CLASSES
     kind_tailor: int = 1
     kind_learngene: int = -1
 
@@ -103,7 +104,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_bool("skip_torch", d.skip_torch, "Skip the diffusers (PyTorch) step.", **fv)
     flags.DEFINE_bool("skip_kind", d.skip_kind, "Skip the KIND steps.", **fv)
     flags.DEFINE_bool("skip_naive", d.skip_naive, "Skip the naive KIND step.", **fv)
-    flags.DEFINE_integer("kind_classes", d.kind_classes, "KIND N_cls.", **fv)
+    flags.DEFINE_integer("kind_num_classes", d.kind_num_classes, "KIND N_cls (classes of the KIND model).", **fv)
     flags.DEFINE_integer("kind_tailor", d.kind_tailor, "KIND N_T.", **fv)
     flags.DEFINE_integer("kind_learngene", d.kind_learngene, "KIND N_G; -1: fill the rank, hidden - N_cls·N_T.", **fv)
 
@@ -133,7 +134,7 @@ def kind_linear_config(options: Options, formulation: str) -> ml_collections.Con
     n_learngene = options.kind_learngene
     if n_learngene < 0:
         hidden = resolve_dims(bench_config(options).model).hidden_size
-        n_learngene = hidden - options.kind_classes * options.kind_tailor
+        n_learngene = hidden - options.kind_num_classes * options.kind_tailor
     return kind_config(n_learngene, options.kind_tailor, formulation)
 
 
@@ -275,13 +276,13 @@ def run(options: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
                               "cpu_cores": os.cpu_count(), "dense_params": param_rules.count(shapes)}
     if not options.skip_kind:
         log("building the KIND kindjax steps (gated" + ("" if options.skip_naive else ", naive") + ")")
-        config = bench_config(options, kind_linear_config(options, "gated"), options.kind_classes)
+        config = bench_config(options, kind_linear_config(options, "gated"), options.kind_num_classes)
         state = fresh_state(config)
         result["kind"] = config.model.linear.to_dict()
         result["kind_params"] = param_rules.count(state["params"])
         runners["kind"], _ = jax_runner(config, state)   # ``state`` is donated at its first step
         if not options.skip_naive:   # the same parameters, the other formulation
-            naive = bench_config(options, kind_linear_config(options, "naive"), options.kind_classes)
+            naive = bench_config(options, kind_linear_config(options, "naive"), options.kind_num_classes)
             runners["naive"], _ = jax_runner(naive, jax.tree.map(jnp.copy, state))
     if not options.skip_torch:
         where = torch_device()
@@ -329,4 +330,4 @@ if __name__ == "__main__":
     define_flags()
     bench_loader.define_flags()
     bench_accelerator.define_flags()
-    cli.run(main, "bench")
+    cli.run(main)

@@ -41,6 +41,7 @@ from kindjax import sharding
 from kindjax.archs import resolve_dims
 from kindjax.config import base_config, validate
 from kindjax.diffusion import sample as run_sampler
+from kindjax.papers.kind import facts as kind_facts
 from kindjax.papers.kind.layer import kind_config
 from kindjax.models.dit import DiT
 from kindjax.train.trainer import Trainer
@@ -89,9 +90,9 @@ class Options:
     steps: int = 10                         # back-to-back timed steps
     warmup: int = 2                         # untimed steps after the compile
     kind_batch: int = 32
-    kind_classes: int = 150
-    kind_tailor: int = 4
-    kind_learngene: int = 424
+    kind_num_classes: int = kind_facts.PRETRAIN_CLASSES
+    kind_tailor: int = kind_facts.N_TAILOR["L"]
+    kind_learngene: int = kind_facts.N_LEARNGENE["L"]
     rounds: int = 3                         # dense, KIND alternations
     sample_steps: int = 250
     sample_batch: int = 32
@@ -101,7 +102,7 @@ class Options:
 
 FULL = Options()
 TINY = Options(arch="", kind_arch="", image_size=8, num_classes=10, batches=(2, 4), steps=2, warmup=1,
-               kind_batch=2, kind_classes=4, kind_tailor=2, kind_learngene=24, rounds=2, sample_steps=3,
+               kind_batch=2, kind_num_classes=4, kind_tailor=2, kind_learngene=24, rounds=2, sample_steps=3,
                sample_batch=2, overrides=("model.hidden_size=32", "model.depth=1", "model.num_heads=2"))
 
 
@@ -236,9 +237,9 @@ def bench_train(options: Options, devices: list[jax.Device], peak: float | None,
 
 def bench_kind(options: Options, devices: list[jax.Device], log: Callable[[str], None]) -> dict[str, Any]:
     """KIND (gated) over dense at the same size, classes and batch, measured alternately."""
-    dense = model_config(options, options.kind_arch, options.kind_batch, len(devices), options.kind_classes)
+    dense = model_config(options, options.kind_arch, options.kind_batch, len(devices), options.kind_num_classes)
     linear = kind_config(options.kind_learngene, options.kind_tailor, "gated")
-    kind = model_config(options, options.kind_arch, options.kind_batch, len(devices), options.kind_classes, linear)
+    kind = model_config(options, options.kind_arch, options.kind_batch, len(devices), options.kind_num_classes, linear)
     log(f"KIND over dense: {model_name(kind)} and {model_name(dense)}, {options.kind_batch} per device")
     cases = {"dense": StepCase(dense, devices), "kind": StepCase(kind, devices)}
     times: dict[str, list[float]] = {name: [] for name in cases}

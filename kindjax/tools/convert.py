@@ -16,9 +16,14 @@ in every block (``transformer_blocks.{i}.norm1.emb``), DiT has one: a checkpoint
 converts only if all copies are identical.  The original DiT code fuses q, k, v into
 one ``attn.qkv`` matrix and embeds timesteps with ``ω_k = 10000^(-k/half)``
 (``model.timestep_freq_shift=0``; diffusers: ``10000^(-k/(half-1))``, shift 1).
+
+The same key table (:func:`diffusers_layout`, each leaf's :class:`Layout` both ways) writes diffusers'
+layout too: :func:`dit_config_to_diffusers` and :func:`dit_params_to_diffusers`, which
+``python -m kindjax.tools.export --format diffusers`` uses and this module reads back.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from typing import Any, Callable, Mapping
@@ -29,7 +34,7 @@ from absl import flags
 from flax import traverse_util
 
 from kindjax import checkpoints, cli
-from kindjax.archs import DIT_ARCHS
+from kindjax.archs import heads_of, resolve_dims
 from kindjax.config import ConfigError, base_config
 from kindjax.models.dit import abstract_params, build_model, sincos_pos_embed_2d
 from kindjax.io.paths import as_path
@@ -55,13 +60,19 @@ _DEFAULTS: dict[str, Any] = {
 
 _MAX_LISTED = 12
 
+#: The null class label of diffusers' ``DiTPipeline`` (hard-coded: ``class_null = [1000] * batch``).
+PIPELINE_NULL = 1000
+#: The ``config.json`` key of what an export adds (diffusers ignores keys that start with ``_``).
+KINDJAX_KEY = "_kindjax"
+
 
 def dit_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """A kindjax config (``base_config()`` with ``model`` filled in) for a DiTTransformer2DModel config.
 
     Accepts the dict of a ``transformer/config.json`` (also the legacy
     ``Transformer2DModel`` spelling of the public DiT checkpoints).  Training-only
-    settings (dropout) are not carried over.
+    settings (dropout) are not carried over.  The class count is ``num_embeds_ada_norm``, or the
+    :data:`KINDJAX_KEY` ``num_classes`` of a directory :func:`dit_config_to_diffusers` wrote.
     """
     for key, supported in _FIXED_SETTINGS.items():
         value = diffusers_config.get(key, supported)
@@ -83,7 +94,7 @@ def dit_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_collect
         image_size=get("sample_size"),
         in_channels=in_channels,
         patch_size=get("patch_size"),
-        num_classes=get("num_embeds_ada_norm"),
+        num_classes=diffusers_config.get(KINDJAX_KEY, {}).get("num_classes", get("num_embeds_ada_norm")),
         mlp_ratio=4.0,                 # diffusers' FeedForward default (mult=4)
         learn_sigma=out_channels == 2 * in_channels,
         timestep_freq_shift=1.0,       # CombinedTimestepLabelEmbeddings: downscale_freq_shift=1
@@ -93,6 +104,94 @@ def dit_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_collect
     return config
 
 
+def dit_config_to_diffusers(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ``config.json`` of a DiTTransformer2DModel computing ``config``'s dense DiT: the inverse of
+    :func:`dit_config_from_diffusers`.  The label table has :data:`PIPELINE_NULL` real rows at least
+    (:func:`dit_params_to_diffusers` pads it), the true class count under :data:`KINDJAX_KEY`.
+    Refuses, in one line, what diffusers' DiT fixes otherwise (timestep shift 1, LayerNorm eps 1e-6
+    in adaLN and the final layer, MLP ratio 4, no DiffFit scales)."""
+    m = config.model if "model" in config else config
+    dims = resolve_dims(m)
+    fixed = {"model.timestep_freq_shift": (m.timestep_freq_shift, 1.0, "its timestep embedding is "
+                                           "CombinedTimestepLabelEmbeddings' (downscale_freq_shift=1)"),
+             "model.norm_eps": (m.norm_eps, 1e-6, "AdaLayerNormZero and norm_out hard-code eps=1e-6"),
+             "model.mlp_ratio": (m.mlp_ratio, 4.0, "its FeedForward has mult=4"),
+             **{f"model.{key}": (bool(m.get(key, False)), False, "it has no DiffFit scales")
+                for key in ("residual_scales", "attention_scales", "output_scale")}}
+    for key, (value, supported, why) in fixed.items():
+        if value != supported:
+            raise ValueError(f"{key}={value!r} has no diffusers DiTTransformer2DModel form ({why}, {key}="
+                             f"{supported!r}): export this model with --format safetensors or sample it with kindjax")
+    return {
+        "_class_name": "DiTTransformer2DModel",
+        **{k: v for k, v in _FIXED_SETTINGS.items() if k != "cross_attention_dim"},   # a Transformer2DModel key
+        "num_attention_heads": dims.num_heads,
+        "attention_head_dim": dims.hidden_size // dims.num_heads,
+        "in_channels": m.in_channels,
+        "out_channels": 2 * m.in_channels if m.learn_sigma else m.in_channels,
+        "num_layers": dims.depth,
+        "sample_size": m.image_size,
+        "patch_size": m.patch_size,
+        "num_embeds_ada_norm": max(m.num_classes, PIPELINE_NULL),
+        "norm_eps": float(m.mlp_norm_eps),
+        "dropout": 0.0,
+        "upcast_attention": False,
+        KINDJAX_KEY: {"num_classes": m.num_classes},
+    }
+
+
+def dit_params_to_diffusers(params: Mapping[str, Any], config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """diffusers' DiT state dict (float32 numpy) of the dense kindjax DiT ``params`` (``{'params': …}``
+    or the tree under it): the inverse of :func:`dit_params_from_diffusers` through the same key table,
+    the embedders repeated in every block, the label table padded to :data:`PIPELINE_NULL` real rows."""
+    layout = diffusers_layout(config)
+    flat = traverse_util.flatten_dict(dict(params.get("params", params)))
+    if set(flat) != set(layout.leaves):
+        raise ValueError(f"these parameters are not the dense DiT of the config: missing "
+                         f"{sorted('/'.join(k) for k in set(layout.leaves) - set(flat))[:4]}, unexpected "
+                         f"{sorted('/'.join(k) for k in set(flat) - set(layout.leaves))[:4]}")
+    arrays = {path: np.asarray(flat[path], np.float32) for path in layout.leaves}
+    wrong = [f"{'/'.join(path)}: {arrays[path].shape}" for path, (key, form) in layout.leaves.items()
+             if form.shape(arrays[path].shape, layout.patch_size) != layout.shapes[key]]
+    if wrong:
+        raise ValueError("parameter shapes do not match the model config: " + "; ".join(wrong[:_MAX_LISTED]))
+    state = {key: np.ascontiguousarray(form.to_diffusers(arrays[path], layout.shapes[key]))
+             for path, (key, form) in layout.leaves.items()}
+    state.update({copy: state[key].copy() for copy, key in layout.copies})
+    return _padded_labels(state)
+
+
+def _is_label_table(key: str) -> bool:
+    return key.endswith("class_embedder.embedding_table.weight")
+
+
+def _padded_labels(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every label table ``(k + 1, D)`` (rows: the classes, then the null class) with copies of its null
+    row inserted before it up to :data:`PIPELINE_NULL` ``+ 1`` rows, so that label 1000 (DiTPipeline's
+    null class) is the null class; unused labels ``k … 999`` act as the null class too."""
+    def pad(table: np.ndarray) -> np.ndarray:
+        extra = PIPELINE_NULL + 1 - table.shape[0]
+        return table if extra <= 0 else np.concatenate([table[:-1], np.repeat(table[-1:], extra, 0), table[-1:]])
+
+    return {key: pad(value) if _is_label_table(key) else value for key, value in state.items()}
+
+
+def _unpadded_labels(state_dict: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
+    """The inverse of :func:`_padded_labels` for a model of ``num_classes``: a label table of more than
+    ``num_classes + 1`` rows loses rows ``num_classes … −2``, which must equal its null row."""
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        if not _is_label_table(key) or _to_numpy(value).shape[0] <= num_classes + 1:
+            continue
+        table = _to_numpy(value)
+        padding = table[num_classes:-1]
+        if not np.array_equal(padding, np.broadcast_to(table[-1:], padding.shape)):
+            raise ValueError(f"{key} has {table.shape[0]} rows for {num_classes} classes, and rows {num_classes}.."
+                             f"{table.shape[0] - 2} are not copies of its null row: not a padded export")
+        out[key] = np.concatenate([table[:num_classes], table[-1:]])
+    return out
+
+
 def _to_numpy(value: Any) -> np.ndarray:
     """A float32 numpy array from a torch tensor (without importing torch) or any array-like."""
     if hasattr(value, "detach"):
@@ -100,21 +199,38 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def _linear(array: np.ndarray) -> np.ndarray:
-    return array.T
-
-
-def _same(array: np.ndarray) -> np.ndarray:
-    return array
-
-
 def _patch_conv(array: np.ndarray) -> np.ndarray:
     """Conv2d weight ``(D, C, p, p)`` → kernel ``(p·p·C, D)`` over (row, column, channel) patches."""
     return array.transpose(2, 3, 1, 0).reshape(-1, array.shape[0])
 
 
-def _leaf_map(depth: int) -> dict[tuple[str, ...], tuple[str, Callable[[np.ndarray], np.ndarray]]]:
-    """kindjax leaf path (under ``params``) → (diffusers key, layout conversion)."""
+def _patch_unconv(kernel: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Kernel ``(p·p·C, D)`` → Conv2d weight ``shape = (D, C, p, p)``: the inverse of :func:`_patch_conv`."""
+    d, c, p, _ = shape
+    return kernel.reshape(p, p, c, d).transpose(3, 2, 0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one leaf is stored on each side: ``to_kindjax(array)`` turns the diffusers array into the
+    kindjax leaf, ``to_diffusers(leaf, shape)`` turns it back into the diffusers ``shape``, and
+    ``shape(kindjax_shape, p)`` is that diffusers shape (``p``: the patch size)."""
+
+    to_kindjax: Callable[[np.ndarray], np.ndarray]
+    to_diffusers: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+    shape: Callable[[tuple[int, ...], int], tuple[int, ...]]
+
+
+#: ``nn.Linear.weight`` ``(out, in)`` ↔ Flax ``kernel`` ``(in, out)``.
+LINEAR = Layout(lambda a: a.T, lambda a, shape: a.T, lambda shape, p: shape[::-1])
+#: Stored alike on both sides (biases, the label table).
+SAME = Layout(lambda a: a, lambda a, shape: a, lambda shape, p: shape)
+#: The patch embedding: ``Conv2d`` weight ``(D, C, p, p)`` ↔ dense kernel ``(p·p·C, D)``.
+PATCH_CONV = Layout(_patch_conv, _patch_unconv, lambda shape, p: (shape[1], shape[0] // p ** 2, p, p))
+
+
+def _leaf_map(depth: int) -> dict[tuple[str, ...], tuple[str, Layout]]:
+    """kindjax leaf path (under ``params``) → (diffusers key, layout): the one table both directions use."""
     emb = EMBEDDER_PREFIX.format(i=0)
     modules = {
         ("t_embedder", "linear_1"): emb + "timestep_embedder.linear_1",
@@ -134,23 +250,49 @@ def _leaf_map(depth: int) -> dict[tuple[str, ...], tuple[str, Callable[[np.ndarr
             (ours, "mlp_out"): block + "ff.net.2",
         })
     leaves = {
-        ("x_embedder", "kernel"): ("pos_embed.proj.weight", _patch_conv),
-        ("x_embedder", "bias"): ("pos_embed.proj.bias", _same),
-        ("y_embedder", "embedding"): (emb + "class_embedder.embedding_table.weight", _same),
+        ("x_embedder", "kernel"): ("pos_embed.proj.weight", PATCH_CONV),
+        ("x_embedder", "bias"): ("pos_embed.proj.bias", SAME),
+        ("y_embedder", "embedding"): (emb + "class_embedder.embedding_table.weight", SAME),
     }
     for path, prefix in modules.items():
-        leaves[path + ("kernel",)] = (prefix + ".weight", _linear)
-        leaves[path + ("bias",)] = (prefix + ".bias", _same)
+        leaves[path + ("kernel",)] = (prefix + ".weight", LINEAR)
+        leaves[path + ("bias",)] = (prefix + ".bias", SAME)
     return leaves
 
 
-def _diffusers_shape(layout: Callable, shape: tuple[int, ...], patch_size: int) -> tuple[int, ...]:
-    """The diffusers-layout shape of a kindjax leaf of ``shape``."""
-    if layout is _linear:
-        return shape[::-1]
-    if layout is _patch_conv:
-        return (shape[1], shape[0] // patch_size ** 2, patch_size, patch_size)
-    return shape
+@dataclasses.dataclass(frozen=True)
+class DiffusersLayout:
+    """A dense kindjax DiT's leaves in diffusers' state dict: its ``depth`` and ``patch_size``,
+    ``leaves`` (kindjax path → key, layout),
+    ``shapes`` (every diffusers key → its shape) and ``copies`` (``(copy, key)``: the embedder
+    ``key`` of block 0 repeated in block ``i > 0``)."""
+
+    depth: int
+    patch_size: int
+    leaves: dict[tuple[str, ...], tuple[str, Layout]]
+    shapes: dict[str, tuple[int, ...]]
+    copies: frozenset[tuple[str, str]]
+
+
+def diffusers_layout(config: ml_collections.ConfigDict) -> DiffusersLayout:
+    """The :class:`DiffusersLayout` of ``config``'s dense DiT (a full config or its ``model`` section)."""
+    model_config = config.model if "model" in config else config
+    if model_config.linear.kind != "dense":
+        raise ValueError(f"diffusers' DiT is the dense DiT (model.linear.kind='dense'), got "
+                         f"{model_config.linear.kind!r}: convert first, then decompose; materialize before export")
+    model = build_model(config)
+    shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract_params(model)).items()}
+    leaves = _leaf_map(model.depth)
+    if set(shapes) != set(leaves):
+        raise NotImplementedError(f"the diffusers key table does not cover these kindjax parameters: "
+                                  f"{sorted(set(shapes) ^ set(leaves))}")
+    expected = {key: layout.shape(shapes[path], model.patch_size) for path, (key, layout) in leaves.items()}
+    first = EMBEDDER_PREFIX.format(i=0)
+    tied = [key[len(first):] for key in expected if key.startswith(first)]
+    copies = frozenset((EMBEDDER_PREFIX.format(i=i) + name, first + name)
+                       for i in range(1, model.depth) for name in tied)
+    expected.update({copy: expected[key] for copy, key in copies})
+    return DiffusersLayout(model.depth, model.patch_size, leaves, expected, copies)
 
 
 def _listing(keys: set[str]) -> str:
@@ -168,28 +310,12 @@ def dit_params_from_diffusers(state_dict: Mapping[str, Any],
     ``ValueError`` on missing/unexpected keys, on a shape that does not match the
     config (naming the key and both shapes), and on embedders that differ between blocks.
     """
-    model_config = config.model if "model" in config else config
-    if model_config.linear.kind != "dense":
-        raise ValueError(f"diffusers DiT weights load into the dense DiT (model.linear.kind='dense'), "
-                         f"got {model_config.linear.kind!r}; convert first, then decompose")
-    model = build_model(config)
-    shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract_params(model)).items()}
-    leaves = _leaf_map(model.depth)
-    if set(shapes) != set(leaves):
-        raise NotImplementedError(f"the converter does not fill these kindjax parameters: "
-                                  f"{sorted(set(shapes) - set(leaves))}")
-
-    expected = {key: _diffusers_shape(layout, shapes[path], model.patch_size)
-                for path, (key, layout) in leaves.items()}
-    first = EMBEDDER_PREFIX.format(i=0)
-    tied = [key[len(first):] for key in expected if key.startswith(first)]
-    copies = {(EMBEDDER_PREFIX.format(i=i) + name, first + name)
-              for i in range(1, model.depth) for name in tied}
-    expected.update({copy: expected[key] for copy, key in copies})
-
+    layout = diffusers_layout(config)
+    expected, leaves = layout.shapes, layout.leaves
+    state_dict = _unpadded_labels(state_dict, (config.model if "model" in config else config).num_classes)
     missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
     if missing or unexpected:
-        raise ValueError(f"state dict does not match a diffusers DiT with depth {model.depth}: "
+        raise ValueError(f"state dict does not match a diffusers DiT with depth {layout.depth}: "
                          f"missing keys [{_listing(missing)}]; unexpected keys [{_listing(unexpected)}]")
     arrays = {key: _to_numpy(value) for key, value in state_dict.items()}
     wrong = [f"{key}: checkpoint {arrays[key].shape}, config expects {shape}"
@@ -197,13 +323,13 @@ def dit_params_from_diffusers(state_dict: Mapping[str, Any],
     if wrong:
         raise ValueError("checkpoint shapes do not match the model config (another model size?): "
                          + "; ".join(wrong[:_MAX_LISTED]))
-    for copy, key in sorted(copies):
+    for copy, key in sorted(layout.copies):
         if not np.array_equal(arrays[copy], arrays[key]):
             raise ValueError(f"{copy} differs from {key} (max |Δ| = "
                              f"{np.abs(arrays[copy] - arrays[key]).max():.3g}): kindjax's DiT has one "
                              f"timestep/label embedder, the checkpoint's blocks must share it")
 
-    params = {path: np.ascontiguousarray(layout(arrays[key])) for path, (key, layout) in leaves.items()}
+    params = {path: np.ascontiguousarray(form.to_kindjax(arrays[key])) for path, (key, form) in leaves.items()}
     return {"params": traverse_util.unflatten_dict(params)}
 
 
@@ -255,11 +381,10 @@ def dit_config_from_original(state_dict: Mapping[str, Any], num_heads: int = 0) 
     hidden, in_channels, patch = conv.shape[0], conv.shape[1], conv.shape[2]
     depth = _block_count(state_dict)
     if not num_heads:
-        sizes = {(h, d): heads for h, d, heads in DIT_ARCHS.values()}
-        if (hidden, depth) not in sizes:
+        num_heads = heads_of(hidden, depth)
+        if num_heads is None:
             raise ValueError(f"hidden size {hidden} and depth {depth} are not a DiT size (S/B/L/XL): "
                              f"give the head count (--num_heads)")
-        num_heads = sizes[(hidden, depth)]
     tokens = _to_numpy(state_dict["pos_embed"]).shape[-2]
     out = _to_numpy(state_dict["final_layer.linear.weight"]).shape[0] // patch ** 2
     config = base_config()
@@ -365,17 +490,14 @@ def main(argv: list[str]) -> None:
     model = checkpoints.config_json(config)["model"]
     print(f"kindjax.tools.convert: {f.src} → {f.workdir} (step 0, a {model['depth']}-block DiT). Sample and "
           f"evaluate it with\n  python -m kindjax.evaluation --config {f['config'].config_filename} {overrides} "
-          f"--workdir {f.workdir} --config.eval.reference=... --config.eval.inception_weights=... "
+          f"--run {f.workdir} --config.eval.reference=... --config.eval.inception_weights=... "
           f"--config.vae.weights=...")
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
-
     flags.DEFINE_string("src", None, "An original DiT .pt state dict, or a diffusers DiT directory.")
-    config_flags.DEFINE_config_file("config", None, "Config file for every section but the model's sizes "
-                                    "(e.g. configs/dit_xl.py).", lock_config=False)
-    flags.DEFINE_string("workdir", None, "Empty directory for the kindjax checkpoint.")
+    cli.define_config("Config file for every section but the model's sizes (e.g. configs/dit_xl.py).")
+    flags.DEFINE_string("workdir", None, "Empty directory for the kindjax checkpoint (written: a run at step 0).")
     flags.DEFINE_integer("num_heads", 0, "Attention heads (original format; default: from the DiT size).")
     flags.mark_flags_as_required(["src", "config", "workdir"])
-    cli.run(main, "convert")
+    cli.run(main)

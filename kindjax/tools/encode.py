@@ -343,10 +343,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py): data source and vae section.",
-                                    lock_config=True)
+    cli.define_config("Config file (configs/*.py): data source and vae section.")
     flags.DEFINE_string("vae", "", "diffusers AutoencoderKL directory (overrides config.vae.weights).")
     flags.DEFINE_string("out", None, "Directory for the latent shards and index.json.")
     flags.DEFINE_enum("dtype", "", ["", "float16", "bfloat16", "float32"],
@@ -354,4 +351,4 @@ if __name__ == "__main__":
     flags.DEFINE_list("redo", None, "Shard numbers to encode again even where their files check out (the loader "
                       "names them: damage found by reading a shard).")
     flags.mark_flags_as_required(["config", "out"])
-    cli.run(main, "encode")
+    cli.run(main)

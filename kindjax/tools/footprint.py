@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     config = flags.FLAGS.config
-    for batch_size in [int(b) for b in flags.FLAGS.batches.split(",")]:
+    for batch_size in [int(b) for b in flags.FLAGS.batches]:
         for remat, scan in SETTINGS:
             config.model.update(remat=remat, scan_blocks=scan)
             result = footprint(config, batch_size)
@@ -63,11 +63,10 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     from absl import flags
-    from ml_collections import config_flags
 
     from kindjax import cli
 
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=False)
-    flags.DEFINE_string("batches", "32,64", "Comma-separated per-device batch sizes.")
+    cli.define_config("Config file (configs/*.py).")
+    flags.DEFINE_list("batches", ["32", "64"], "Per-device batch sizes, e.g. 32,64.")
     flags.mark_flags_as_required(["config"])
-    cli.run(main, "footprint")
+    cli.run(main)

@@ -1,9 +1,9 @@
 """Writes the learngene, or the tailors of some classes, as a standalone checkpoint.
 
-    python -m kindjax.tools.slice --workdir DIR --out OUT --part learngene
-    python -m kindjax.tools.slice --workdir DIR --out OUT --part tailors --classes 0,3,7
+    python -m kindjax.tools.slice --run RUN --out OUT --part learngene
+    python -m kindjax.tools.slice --run RUN --out OUT --part tailors --classes 0,3,7
 
-``--workdir`` may also be one step directory or another sliced checkpoint;
+``--run`` is a training workdir, one of its step directories or another sliced checkpoint;
 ``--step`` picks a step of a workdir (default: the latest), ``--noema`` the raw
 weights instead of the EMA.  The layout of ``OUT`` is described in
 :mod:`kindjax.checkpoints.slicing`; it is read by :func:`kindjax.load_learngene` /
@@ -18,30 +18,20 @@ from kindjax.checkpoints import PARTS
 from kindjax.checkpoints.slicing import describe, slice_checkpoint
 
 
-def _classes(ids: list[str] | None) -> list[int] | None:
-    """``--classes`` as ints (None when not given)."""
-    if ids is None:
-        return None
-    try:
-        return [int(c) for c in ids if c.strip()]
-    except ValueError:
-        raise ValueError(f"--classes={','.join(ids)}: give class ids as 0,3,7") from None
-
-
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
-    meta = slice_checkpoint(f.workdir, f.out, f.part, _classes(f.classes), step=f.step, ema=f.ema, force=f.force)
+    meta = slice_checkpoint(f.run, f.out, f.part, f.classes, step=f.step, ema=f.ema, force=f.force)
     print(describe(f.out, meta))
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "Training workdir, one of its step directories, or a sliced checkpoint.")
+    flags.DEFINE_string("run", None, "Training workdir (read), one of its step directories, or a sliced checkpoint.")
     flags.DEFINE_string("out", None, "Directory to write (must not exist, unless --force).")
     flags.DEFINE_enum("part", None, PARTS, "The part to write.")
-    flags.DEFINE_list("classes", None, "Original class ids, e.g. 0,3,7 (tailors).")
-    flags.DEFINE_integer("step", None, "Step of the workdir (default: the latest).")
+    cli.define_classes("Original class ids of the tailors to write, e.g. 0,3,7.")
+    flags.DEFINE_integer("step", None, "Step of the run (default: the latest).")
     flags.DEFINE_boolean("ema", True, "Read the EMA weights; --noema reads the raw weights.")
     flags.DEFINE_boolean("force", False, "Replace an existing sliced checkpoint at --out.")
-    flags.mark_flags_as_required(["workdir", "out", "part"])
-    cli.run(main, "slice")
+    flags.mark_flags_as_required(["run", "out", "part"])
+    cli.run(main)

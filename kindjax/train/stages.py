@@ -25,7 +25,7 @@ from kindjax.evaluation.digits_report import evaluate_digits
 from kindjax.models.dit import abstract_params, build_model
 from kindjax.io.paths import as_path, read_json, write_json
 from kindjax.sharding import mesh_shape
-from kindjax.registry import Registry
+from kindjax.registry import Registry, UnknownName
 from kindjax.train.trainer import origin, train
 
 
@@ -253,7 +253,10 @@ JOBS.register("train", train_job)
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs the job ``config.job`` names in ``workdir``."""
     warn_if_cpu_fallback()
-    job = JOBS[config.job]
+    try:
+        job = JOBS[config.job]
+    except UnknownName as unknown:
+        raise ConfigError(str(unknown)) from None
     if job is not train_job:
         validate(config, jax.device_count())
     job(config, workdir)

@@ -11,13 +11,11 @@ from __future__ import annotations
 import ml_collections
 
 from kindjax.config import Extension, require, start_keys
-
-#: ``init.grow``: FINE's baselines as initialisers of a dense DiT of any depth (:mod:`kindjax.papers.fine.growth`).
-GROWTH = ("scratch", "mimetic", "share", "tleg", "ligo", "prune")
-#: The ``init.grow`` starts that read a pre-trained source (``init.grow_from``).
-GROWTH_FROM_SOURCE = ("share", "tleg", "ligo", "prune")
+from kindjax.papers.fine.facts import GROWTH, GROWTH_FROM_SOURCE
 #: ``init.fine_sigma``: how a FINE initialisation sets the new layers' Σ (:mod:`kindjax.papers.fine.transfer`).
 FINE_SIGMA = ("identical", "linear", "random", "trained", "copy")
+#: ``init.sigma_start``: the Σ the Σ-only stage of ``job="fine_init"`` starts from (:mod:`kindjax.papers.fine.jobs`).
+SIGMA_STARTS = ("random", "copy")
 
 DEFAULTS = {
     # A FINE checkpoint whose shared U, V initialise this FINE model of any depth/width/rank
@@ -32,6 +30,9 @@ DEFAULTS = {
     # mean Σ), "linear" (the source's first-to-last Σ interpolated over depth), "random", "trained"
     # (random, then the Σ-only stage of job="fine_init"), "copy" (the source's own Σ_l; same depth).
     "init.fine_sigma": "identical",
+    "init.sigma_start": "random",  # job="fine_init": the Σ-only stage starts from "random" Σ (FINE's notes: "Σ_tgt is
+                                   # randomly initialised and then optimised alone"), or "copy": the source's own
+                                   # per-layer Σ (a model of the source's depth)
     "init.sigma_steps": 300,    # job="fine_init": steps of the Σ-only stage (U, V and the rest frozen)
     "init.sigma_lr": 1e-3,      # its learning rate
     "init.sigma_batches": 50,   # its data: the first sigma_batches batches of the data order, cycled
@@ -73,6 +74,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         require(bool(i.fine_learngene), "job='fine_init' needs init.fine_learngene (a FINE pre-training workdir)")
         require(i.fine_sigma != "copy", "job='fine_init' sets the new layers' Σ: init.fine_sigma='copy' is for "
                                         "a train job continuing a model of the same depth")
+        require(i.sigma_start in SIGMA_STARTS, f"init.sigma_start={i.sigma_start!r}: use one of {list(SIGMA_STARTS)}")
         require(i.sigma_steps > 0 and i.sigma_lr > 0 and i.sigma_batches >= 0,
                 f"init.sigma_steps={i.sigma_steps} and init.sigma_lr={i.sigma_lr} must be positive, "
                 f"init.sigma_batches={i.sigma_batches} ≥ 0")

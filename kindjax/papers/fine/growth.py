@@ -39,9 +39,9 @@ from flax import traverse_util
 
 from kindjax import checkpoints
 from kindjax import params as param_rules
-from kindjax.archs import resolve_dims
+from kindjax.archs import resolve_dims, with_depth
 from kindjax.config import ConfigError
-from kindjax.papers.fine.config import GROWTH_FROM_SOURCE
+from kindjax.papers.fine.facts import GROWTH, GROWTH_FROM_SOURCE
 from kindjax.layers import ROLES
 from kindjax.papers.fine.ligo import COEF, SOURCE, combine, ligo_config, stretch_blocks
 from kindjax.papers.fine.tleg import BASES as TLEG_BASES
@@ -237,21 +237,25 @@ def copy_from(config: ml_collections.ConfigDict, fresh: Mapping[str, Any], sourc
     return params
 
 
+#: ``init.grow`` → ``init(config, fresh, key)``: one for each of FINE's baselines (:data:`GROWTH`).
+GROWERS = {
+    "scratch": lambda config, fresh, key: he_init(fresh, key),
+    "mimetic": lambda config, fresh, key: mimetic_init(fresh, key, resolve_dims(config.model).num_heads),
+    **{name: lambda config, fresh, key: copy_from(config, fresh, grown_source(config, param_rules.as_dict(fresh)), key)
+       for name in GROWTH_FROM_SOURCE},
+}
+assert tuple(GROWERS) == GROWTH, (tuple(GROWERS), GROWTH)
+
+
 def grow_init(config: ml_collections.ConfigDict, fresh: Mapping[str, Any], key: jax.Array) -> dict:
     """The step-0 parameters of a run with ``init.grow`` (see the module doc)."""
-    grow = config.init.grow
-    if grow == "scratch":
-        return he_init(fresh, key)
-    if grow == "mimetic":
-        return mimetic_init(fresh, key, resolve_dims(config.model).num_heads)
-    return copy_from(config, fresh, grown_source(config, param_rules.as_dict(fresh)), key)
+    return GROWERS[config.init.grow](config, fresh, key)
 
 
 def _target_model(model: ml_collections.ConfigDict, depth: int) -> ml_collections.ConfigDict:
     """``model`` at ``depth`` blocks (same width and heads, ``arch`` resolved), dense layers."""
-    dims = resolve_dims(model)
     out = model.copy_and_resolve_references()
-    out.update(arch="", hidden_size=dims.hidden_size, num_heads=dims.num_heads, depth=depth,
+    out.update(**with_depth(model, depth),
                linear=ml_collections.ConfigDict(dict(kind="dense")))
     return out
 

@@ -24,7 +24,8 @@ SIGMA_ONLY = ("/sigma$",)
 def fine_init_configs(config: ml_collections.ConfigDict, workdir: str
                       ) -> tuple[ml_collections.ConfigDict | None, ml_collections.ConfigDict]:
     """The stages of ``job="fine_init"``: the Σ-only stage (``init.fine_sigma="trained"`` only; ``None``
-    otherwise) and the normal training.  The Σ-only stage draws the new Σ at random, trains only
+    otherwise) and the normal training.  The Σ-only stage starts from ``init.sigma_start`` (random Σ,
+    or the source's own per-layer Σ at the source's depth: ``"copy"``), trains only
     ``Σ`` (:data:`SIGMA_ONLY`) for ``init.sigma_steps`` at ``init.sigma_lr`` with no EMA lag (its
     last parameters are the next stage's start); the training stage starts from it with every
     leaf copied (``fine_sigma="copy"``), as a dense DiT when ``init.materialize``."""
@@ -38,7 +39,7 @@ def fine_init_configs(config: ml_collections.ConfigDict, workdir: str
     if init.fine_sigma == "trained":
         sigma = config.copy_and_resolve_references()
         sigma.job = "train"
-        sigma.init.update(fine_sigma="random", materialize=False)   # factorized, whatever the next stage is
+        sigma.init.update(fine_sigma=init.sigma_start, materialize=False)   # factorized, whatever the next stage is
         sigma.train.update(num_steps=init.sigma_steps, trainable=SIGMA_ONLY, ema_decay=0.0,
                            checkpoint_every=min(config.train.checkpoint_every, init.sigma_steps),
                            sample_every=max(config.train.sample_every, init.sigma_steps))

@@ -40,7 +40,8 @@ import ml_collections
 import numpy as np
 
 from kindjax.config import ConfigError
-from kindjax.layers.base import FUSABLE_ROLES, SharedParams, check_linear_keys, one_of, positive_int
+from kindjax.layers.base import (FUSABLE_ROLES, SharedParams, check_linear_keys, one_of, positive_int,
+                                 xavier_fan_out)
 from kindjax.layers.svd import extend_orthonormal, init_sigma, matrix_shapes, svd_product
 
 #: Keys of ``config.model.linear`` for ``kind="fine"``.
@@ -128,9 +129,10 @@ class FineLinear(nn.Module):
     """FINE layer ``out = x · V diag(σ_l) Uᵀ + b`` with ``U``, ``V`` lent by :class:`FineBases`.
 
     Initialisation: ``U``, ``V`` have orthonormal columns, every ``σ_l = sqrt(2·d_in·d_out /
-    ((d_in + d_out)·r))`` and ``b = 0``, so ``‖W_l‖_F² = r·σ² = 2·d_in·d_out/(d_in + d_out)``,
-    the expected squared norm of a xavier-uniform dense matrix: the output variance
-    matches the dense DiT layer's, ``2·d_in/(d_in + d_out)·Var(x)``.  All layers start
+    ((d_in + fan_out)·r))`` and ``b = 0``, so ``‖W_l‖_F² = r·σ² = 2·d_in·d_out/(d_in + fan_out)``,
+    the expected squared norm of the dense DiT's xavier-uniform matrix (``fan_out``: ``d_out``, or
+    ``3·d_out`` for q, k, v of layout "per_role" under ``model.qkv_init="fused"``): the output
+    variance matches the dense DiT layer's, ``2·d_in/(d_in + fan_out)·Var(x)``.  All layers start
     with the same ``W``; they part as their ``σ_l`` (and everything around them) train.
     ``sigma_init`` overrides the value (the adaLN matrix: :func:`adaln_sigma`).
     """
@@ -140,6 +142,7 @@ class FineLinear(nn.Module):
     role: str = "linear"
     dtype: jnp.dtype | None = None
     sigma_init: float | None = None   # None: the xavier-matching value below
+    fan_out: int | None = None        # of that value's xavier variance (None: features)
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array | None = None) -> jax.Array:
@@ -152,7 +155,7 @@ class FineLinear(nn.Module):
         if v.shape[0] != d_in or u.shape[0] != d_out:
             raise ValueError(f"FINE {self.role!r}: shared U {u.shape} and V {v.shape} do not fit a "
                              f"{d_in}→{d_out} matrix")
-        value = init_sigma(d_in, d_out, u.shape[1]) if self.sigma_init is None else self.sigma_init
+        value = init_sigma(d_in, d_out, u.shape[1], self.fan_out) if self.sigma_init is None else self.sigma_init
         sigma = self.param("sigma", nn.initializers.constant(value), (u.shape[1],))
         bias = self.param("bias", nn.initializers.zeros, (d_out,))
         return fine_linear(x, self.bases, sigma, bias, self.dtype)
@@ -182,6 +185,7 @@ class FineFactory:
     fused_roles: tuple[str, ...] = ()
     adaln_sigma: float = 0.0
     zero_gates: bool = False
+    qkv_init: str = "fused"
 
     @property
     def shared_params(self):
@@ -193,7 +197,8 @@ class FineFactory:
             raise ValueError(f"the FINE factory needs the shared factors of role {role!r} (shared=): "
                              f"only the DiT, which builds {BASES!r}, can make FINE layers")
         sigma_init = self.adaln_sigma if role == "adaln" else None
-        return FineLinear(features=features, bases=shared[role], role=role, sigma_init=sigma_init, name=name)
+        return FineLinear(features=features, bases=shared[role], role=role, sigma_init=sigma_init,
+                          fan_out=xavier_fan_out(role, features, self.qkv_init), name=name)
 
 
 def check_rank(shapes: Mapping[str, tuple[int, int]], rank: int) -> None:
@@ -221,4 +226,5 @@ def fine_factory(model_config: ml_collections.ConfigDict) -> FineFactory:
     fused = tuple(role for role in FUSABLE_ROLES if role in shapes)
     adaln = adaln_sigma(model_config.adaln_init, tuple(model_config.adaln_std), *shapes.get("adaln", (1, 1)), rank)
     return FineFactory(rank=rank, shapes=tuple((role, d_in, d_out) for role, (d_in, d_out) in shapes.items()),
-                       fused_roles=fused, adaln_sigma=adaln, zero_gates=model_config.adaln_init == "zero")
+                       fused_roles=fused, adaln_sigma=adaln, zero_gates=model_config.adaln_init == "zero",
+                       qkv_init=model_config.get("qkv_init", "fused"))

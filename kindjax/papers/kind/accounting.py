@@ -1,7 +1,7 @@
 """Parameter and FLOP accounting of every transfer method, for any model config.
 
-``python -m kindjax.papers.kind.accounting --config configs/dit_b.py --classes 7`` prints, for each
-method of :mod:`kindjax.papers.kind.methods` adapted to ``--classes`` new classes:
+``python -m kindjax.papers.kind.accounting --config configs/dit_b.py --num_classes 7`` prints, for each
+method of :mod:`kindjax.papers.kind.methods` adapted to ``--num_classes`` new classes:
 
 - **trainable**: scalars in leaves the optimizer updates (``train.trainable`` and the
   frozen learngene rule, :func:`kindjax.params.update_rule`);
@@ -15,13 +15,14 @@ both for a batch of ``train.batch_size`` images divided by the batch size, so wo
 once per batch (building a weight: SVDiff, OFT's rotation, KIND's learngene product) is
 shared as in training.
 
-``--kind_tasks`` instead averages the parameter counts over the KIND paper's 18 downstream
-tasks, each method at that task's Table 7 size (:func:`kindjax.papers.kind.methods.kind_task_sizes`):
-KIND Table 2's "Para." column, e.g. ``--config configs/kind_dit_b.py --kind_tasks
---n_learngene 318 --n_tailor 3`` (the paper's N_G, N_T).
+``--kind_tasks`` instead averages over the KIND paper's 18 downstream tasks, each method at that
+task's Table 7 size (:func:`kindjax.papers.kind.methods.kind_task_sizes`), the parameter counts
+(KIND Table 2's "Para." column) and :func:`table2_flops` (its "FLOPs (G)" column), e.g.
+``--config configs/kind_dit_b.py --kind_tasks --n_learngene 318 --n_tailor 3`` (the paper's N_G, N_T).
 
-All numbers come from the parameter tree and XLA's cost analysis of the lowered
-computations at the config's shapes (nothing is hand-typed, nothing is run).
+The counts come from the parameter tree and XLA's cost analysis of the lowered computations at the
+config's shapes (nothing is run); Table 2's unit, which XLA cannot give (it counts kindjax's
+computation, not the paper's), is a count over the config's matrix shapes (:func:`table2_flops`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from kindjax import params as param_rules
 from kindjax.archs import resolve_dims
 from kindjax.papers.kind.classes import kind_tasks
 from kindjax.papers.kind.methods import METHODS, Sizes, config_sizes, kind_task_sizes, method_config
+from kindjax.layers.svd import matrix_shapes
 from kindjax.models.dit import abstract_params, build_model
 
 
@@ -94,6 +96,50 @@ def account(config: ml_collections.ConfigDict) -> tuple[int, int, float, float]:
     return param_rules.count(trainable), param_rules.count(params), forward_flops / 2 / b, train_flops / b
 
 
+def _matrix_macs(linear: ml_collections.ConfigDict, num_classes: int, d_in: int, d_out: int) -> int:
+    """Multiply-accumulates per token of one ``d_in → d_out`` block matrix as the method applies it
+    (see :func:`table2_flops`)."""
+    dense = d_in * d_out
+    if linear.kind in ("dense", "svdiff"):
+        return dense
+    if linear.kind in ("lora", "pissa"):
+        return dense + linear.rank * (d_in + d_out)
+    if linear.kind == "dora":
+        return 2 * dense + linear.rank * (d_in + d_out)
+    if linear.kind == "loha":
+        return 2 * dense
+    if linear.kind == "oft":
+        return d_in * d_in + dense
+    if linear.kind == "kind":
+        return (linear.n_learngene + num_classes * linear.n_tailor) * (d_in + d_out)
+    raise ValueError(f"model.linear.kind={linear.kind!r} has no KIND Table 2 FLOPs count")
+
+
+def table2_flops(config: ml_collections.ConfigDict) -> float:
+    """KIND Table 2's "FLOPs (G)" unit, in FLOP: forward FLOPs per image of the DiT's linear layers, 2 × MACs.
+
+    Per token, each block matrix ``d_in → d_out`` costs ``d_in·d_out`` (dense, a rebuilt SVDiff weight),
+    ``d_in·d_out + r·(d_in + d_out)`` (LoRA, PiSSA: the unmerged ``x·A·B``), ``2·d_in·d_out`` (LoHa:
+    ``x·W + x·ΔW``, peft's forward), ``d_in² + d_in·d_out`` (OFT: ``x`` through its block-diagonal
+    ``R`` as one ``d_in × d_in`` matrix, then ``W``), ``2·d_in·d_out + r·(d_in + d_out)`` (DoRA, peft's
+    forward: ``x·W`` twice and the LoRA path), ``(N_G + N_cls·N_T)·(d_in + d_out)`` (KIND: the learngene
+    and every class's tailor as thin factors).  The other linear layers are dense: the patch embedding
+    and final projection per token; the timestep MLP, every block's adaLN ``d → 6d`` and the final
+    ``d → 2d`` per image.  Not counted: attention's score products, elementwise work and work done once
+    per forward on weights (a LoHa ``ΔW``, DoRA's weight norm), as Table 2's figures imply: with them its
+    LoHa row would exceed twice the dense one.  (Reading of Table 2 checked in tests/test_paper_settings.py.)
+    """
+    m = config.model
+    dims = resolve_dims(m)
+    d, tokens = dims.hidden_size, (m.image_size // m.patch_size) ** 2
+    patch = m.patch_size ** 2 * m.in_channels
+    out = patch * (2 if m.learn_sigma else 1)
+    blocks = sum(_matrix_macs(m.linear, m.num_classes, d_in, d_out) for d_in, d_out in matrix_shapes(m).values())
+    per_token = dims.depth * blocks + patch * d + d * out
+    per_image = 256 * d + d * d + dims.depth * 6 * d * d + 2 * d * d   # timestep MLP (256 frequencies), adaLN
+    return 2.0 * (tokens * per_token + per_image)
+
+
 def adapted_configs(config: ml_collections.ConfigDict, classes: int, sizes: Sizes,
                     methods: tuple[str, ...] = tuple(METHODS)) -> dict[str, ml_collections.ConfigDict]:
     """``config``'s model set up for each method, adapted to ``classes`` new classes at ``sizes``."""
@@ -111,24 +157,26 @@ def accounts(config: ml_collections.ConfigDict, classes: int, sizes: Sizes,
 
 
 def kind_task_counts(config: ml_collections.ConfigDict, n_learngene: int, n_tailor: int,
-                     methods: tuple[str, ...] = tuple(METHODS)) -> dict[str, list[tuple[int, int]]]:
-    """``method → [(trainable, stored)]`` on each of KIND's 18 downstream tasks, in task order, each
-    method at the task's Table 7 size for ``config``'s width and depth (shape-only)."""
+                     methods: tuple[str, ...] = tuple(METHODS)) -> dict[str, list[tuple[int, int, float]]]:
+    """``method → [(trainable, stored, Table 2 FLOP)]`` on each of KIND's 18 downstream tasks, in task
+    order, each method at the task's Table 7 size for ``config``'s width and depth (shape-only)."""
     dims = resolve_dims(config.model)
     counts = {name: [] for name in methods}
     for task in kind_tasks():
         classes, sizes = kind_task_sizes(task, n_learngene, n_tailor, dims.hidden_size, dims.depth)
         for name, c in adapted_configs(config, classes, sizes, methods).items():
-            counts[name].append(parameter_counts(c))
+            counts[name].append((*parameter_counts(c), table2_flops(c)))
     return counts
 
 
-def task_average_markdown(counts: dict[str, list[tuple[int, int]]]) -> str:
-    """The mean trainable and stored counts over the tasks (KIND Table 2's "Para." is the first)."""
-    lines = ["| method | trainable (M), task mean | stored (M), task mean |", "|---|---:|---:|"]
+def task_average_markdown(counts: dict[str, list[tuple[int, int, float]]]) -> str:
+    """The mean trainable and stored counts and Table 2 FLOPs over the tasks (KIND Table 2's "Para."
+    and "FLOPs (G)")."""
+    lines = ["| method | trainable (M), task mean | stored (M), task mean | FLOPs (G), task mean |",
+             "|---|---:|---:|---:|"]
     for name, rows in counts.items():
-        trainable, stored = (sum(col) / len(rows) / 1e6 for col in zip(*rows))
-        lines.append(f"| {name} | {trainable:.3f} | {stored:.2f} |")
+        trainable, stored, flops = (sum(col) / len(rows) for col in zip(*rows))
+        lines.append(f"| {name} | {trainable / 1e6:.3f} | {stored / 1e6:.2f} | {flops / 1e9:.1f} |")
     return "\n".join(lines)
 
 
@@ -149,7 +197,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     config = FLAGS.config
-    sizes = config_sizes(config, FLAGS.classes, FLAGS.n_learngene, FLAGS.n_tailor)
+    sizes = config_sizes(config, FLAGS.num_classes, FLAGS.n_learngene, FLAGS.n_tailor)
     if FLAGS.kind_tasks:
         print(f"{len(methods)} methods on KIND's {len(kind_tasks())} downstream tasks at Table 7's sizes; "
               f"N_G={sizes.n_learngene}, N_T={sizes.n_tailor}", flush=True)
@@ -157,21 +205,19 @@ def main(argv: list[str]) -> None:
         return
     sizes = dataclasses.replace(sizes, oft_blocks=FLAGS.oft_blocks or sizes.oft_blocks,
                                 num_blocks=FLAGS.num_blocks or sizes.num_blocks)
-    print(f"{len(methods)} methods adapted to {FLAGS.classes} classes; {sizes}", flush=True)
-    print(markdown(accounts(config, FLAGS.classes, sizes, methods)))
+    print(f"{len(methods)} methods adapted to {FLAGS.num_classes} classes; {sizes}", flush=True)
+    print(markdown(accounts(config, FLAGS.num_classes, sizes, methods)))
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Model config (configs/*.py).", lock_config=False)
-    flags.DEFINE_integer("classes", 7, "Number of new classes the methods adapt to (KIND task #1: 7).")
+    cli.define_config("Model config (configs/*.py).")
+    flags.DEFINE_integer("num_classes", 7, "Number of new classes the methods adapt to (KIND task #1: 7).")
     flags.DEFINE_integer("n_learngene", 0, "KIND N_G (default: the config's, if it is a KIND config).")
     flags.DEFINE_integer("n_tailor", 0, "KIND N_T (default: the config's).")
     flags.DEFINE_integer("oft_blocks", 0, "OFT block number r (default: hidden size / 32).")
     flags.DEFINE_integer("num_blocks", 0, "Blocks Heur-LG / Auto-LG inherit (default: half the depth).")
     flags.DEFINE_list("methods", [], "Methods to list (default: all).")
-    flags.DEFINE_bool("kind_tasks", False, "Average the parameter counts over KIND's 18 downstream tasks, each "
-                      "at its Table 7 size (Table 2's Para.), instead of --classes (no FLOPs).")
+    flags.DEFINE_bool("kind_tasks", False, "Average the parameter counts and Table 2's FLOPs over KIND's 18 "
+                      "downstream tasks, each at its Table 7 size (Table 2's Para. and FLOPs), instead of --num_classes.")
     flags.mark_flags_as_required(["config"])
-    cli.run(main, "accounting")
+    cli.run(main)

@@ -1,8 +1,8 @@
 """KIND's learngene analysis (Table 5 and Figure 7 of the KIND paper), one command:
 
-    python -m kindjax.papers.kind.analyze --kind KIND_WORKDIR [--dense DENSE_WORKDIR] --out DIR [--samples 500]
+    python -m kindjax.papers.kind.analyze --run KIND_RUN [--dense_run DENSE_RUN] --out DIR [--num_samples 500]
 
-samples ``--samples`` images (labels balanced over the training classes, EMA weights, the
+samples ``--num_samples`` images (labels balanced over the training classes, EMA weights, the
 checkpoint's sampler) from the KIND model with and without its tailors and from the dense
 pre-trained model, classifies them (the digits evaluator for the digits, else the FID
 Inception of ``eval.inception_weights``; latents decoded by ``vae.weights``), and writes
@@ -123,14 +123,14 @@ def main(argv: list[str]) -> None:
     """Runs :func:`analyze` with the flags."""
     del argv
     f = flags.FLAGS
-    analyze(f.kind, f.out, f.dense, f.samples, f.mode)
+    analyze(f.run, f.out, f.dense_run, f.num_samples, f.mode)
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("kind", None, "KIND pre-training workdir (or step directory).")
-    flags.DEFINE_string("dense", "", "Dense pre-trained DiT workdir on the same classes (Table 5's baseline row).")
-    flags.DEFINE_string("out", None, "Output directory for table5.md/json and figure7.png.")
-    flags.DEFINE_integer("samples", 500, "Images per model.")
+    flags.DEFINE_string("run", None, "KIND pre-training run (read; or one of its step directories).")
+    flags.DEFINE_string("dense_run", "", "Dense pre-training run on the same classes (read; Table 5's baseline row).")
+    flags.DEFINE_string("out", None, "Folder to write table5.md/json and figure7.png to.")
+    flags.DEFINE_integer("num_samples", 500, "Images per model.")
     flags.DEFINE_enum("mode", MODES[0], list(MODES), "How the learngene samples alone (see kindjax.papers.kind.diversion).")
-    flags.mark_flags_as_required(["kind", "out"])
-    cli.run(main, "analyze")
+    flags.mark_flags_as_required(["run", "out"])
+    cli.run(main)

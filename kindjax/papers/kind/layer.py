@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kindjax.archs import resolve_dims
-from kindjax.layers.base import LinearFactory, check_linear_keys, one_of, positive_int
+from kindjax.layers.base import LinearFactory, check_linear_keys, one_of, positive_int, xavier_fan_out
 from kindjax.layers.svd import extend_orthonormal, init_sigma, matrix_shapes, svd_product
 
 
@@ -184,10 +184,12 @@ class KINDLinear(nn.Module):
     Initialisation (``k = N_G + N_T`` components used by a conditioned sample):
     ``[U_G | U_T]`` and ``[V_G | V_T]`` are the first ``r`` columns of Haar-random
     orthogonal matrices (one joint QR each), every ``σ = sqrt(2·d_in·d_out / ((d_in +
-    d_out)·k))`` and ``b = 0``, so ``‖W_c‖_F²`` equals the expected value for a
-    xavier-uniform dense matrix and the output variance of a class-conditioned
-    sample matches the dense DiT layer's, ``2·d_in/(d_in + d_out)·Var(x)``.  The null
-    class keeps ``N_G/k`` of that variance.  (KIND only says "randomly initialize".)
+    fan_out)·k))`` and ``b = 0``, so ``‖W_c‖_F²`` equals the expected value for the
+    dense DiT's xavier-uniform matrix and the output variance of a class-conditioned
+    sample matches the dense DiT layer's, ``2·d_in/(d_in + fan_out)·Var(x)``
+    (``fan_out``: ``d_out``, or ``3·d_out`` for q, k, v under ``model.qkv_init="fused"``, thirds
+    of DiT's fused qkv matrix).  The null class keeps ``N_G/k`` of that variance.  (KIND only
+    says "randomly initialize".)
     """
 
     features: int
@@ -197,6 +199,7 @@ class KINDLinear(nn.Module):
     role: str = "linear"
     formulation: str = "gated"
     dtype: jnp.dtype | None = None
+    fan_out: int | None = None   # None: features
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -204,7 +207,7 @@ class KINDLinear(nn.Module):
             raise ValueError(f"KINDLinear formulation={self.formulation!r}: use one of {list(_APPLY)}")
         d_in, d_out = x.shape[-1], self.features
         _check_fits(d_in, d_out, self.n_classes, self.n_tailor, self.n_learngene, self.role)
-        sigma = init_sigma(d_in, d_out, self.n_learngene + self.n_tailor)
+        sigma = init_sigma(d_in, d_out, self.n_learngene + self.n_tailor, self.fan_out)
         learngene = self.param("learngene", init_learngene, d_in, d_out, self.n_learngene, sigma)
         tailors = self.param("tailors", init_tailors, learngene, self.n_classes, self.n_tailor, sigma)
         bias = self.param("bias", nn.initializers.zeros, (d_out,))
@@ -216,11 +219,13 @@ def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
     refuses ranks that do not fit."""
     n_classes, n_tailor, n_learngene = kind_sizes(model_config)
     formulation = kind_formulation(model_config.linear)
+    qkv_init = model_config.get("qkv_init", "fused")
     for role, (d_in, d_out) in matrix_shapes(model_config).items():
         check_rank(d_in, d_out, model_config, role)
 
     def make(role: str, features: int, name: str, shared: None = None) -> nn.Module:
         return KINDLinear(features=features, n_classes=n_classes, n_tailor=n_tailor,
-                          n_learngene=n_learngene, role=role, formulation=formulation, name=name)
+                          n_learngene=n_learngene, role=role, formulation=formulation,
+                          fan_out=xavier_fan_out(role, features, qkv_init), name=name)
 
     return make

@@ -11,7 +11,7 @@ Sizes follow the KIND paper's matching rule (its Table 7): the rank ``r`` of LoR
 and DoRA equals the number of tailor components of the new classes, ``N_cls·N_T``; LoHa,
 whose update has two rank-``r`` pairs, gets ``⌊N_cls·N_T/2⌋`` (Table 7's LoHa row), so all
 four train about as many parameters as KIND's tailors; OFT gets Table 7's block number
-(:data:`KIND_OFT_BLOCKS`); KIND's own learngene is ``N_G`` components.
+(:data:`kindjax.papers.kind.facts.OFT_BLOCKS`); KIND's own learngene is ``N_G`` components.
 
 LoRA's α (also DoRA's, PiSSA's, LoHa's): ``α = r``, so the update scale ``s = α/r`` is 1 at
 every rank.  The paper and its Table 7 give ranks but no α; peft's default (``r = α = 8``)
@@ -26,17 +26,16 @@ import dataclasses
 
 import ml_collections
 
+from typing import Callable
+
 from kindjax.archs import resolve_dims
 from kindjax.config import ConfigError
 from kindjax.papers.kind.classes import kind_tasks
+from kindjax.papers.kind.facts import ARCH_LEARNING_RATES, BATCH_SIZES, LEARNING_RATES, OFT_BLOCKS
+from kindjax.papers.kind.transfer import as_kind_transfer
 from kindjax.params import ADAPTER_PATHS as ADAPTERS
 from kindjax.params import BIAS_PATHS as BIASES
 from kindjax.params import LABEL_PATHS as LABELS
-from kindjax.papers.kind.transfer import as_kind_transfer
-
-
-# KIND paper, Table 7: OFT's block number r for task #1..#18 (both DiT-B and DiT-L).
-KIND_OFT_BLOCKS = (21, 11, 8, 7, 6, 6, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +74,7 @@ def kind_task_sizes(task: str, n_learngene: int, n_tailor: int, hidden: int, dep
         raise ConfigError(f"unknown KIND task {task!r}: use one of task_1..task_{len(tasks)} (KIND Table 9)")
     classes = len(tasks[task])
     return classes, matched_sizes(classes, n_learngene, n_tailor, hidden, depth,
-                                  oft_blocks=KIND_OFT_BLOCKS[int(task.removeprefix("task_")) - 1])
+                                  oft_blocks=OFT_BLOCKS[int(task.removeprefix("task_")) - 1])
 
 
 def config_sizes(config: ml_collections.ConfigDict, classes: int, n_learngene: int = 0,
@@ -91,32 +90,64 @@ def config_sizes(config: ml_collections.ConfigDict, classes: int, n_learngene: i
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """``source``: "dense" or "kind" (which pre-trained model it starts from)."""
+    """One transfer method as config settings.
+
+    ``source``: the pre-trained model it starts from, ``"dense"`` (``init.pretrained``) or ``"kind"``
+    (the KIND pre-training); ``lr``: its learning rate (Table 7's, :data:`LEARNING_RATES`);
+    ``trainable``: ``train.trainable``; ``layers``: the linear layers it trains with — ``""`` the
+    source's own (copied into dense layers), an adapter variant at the matched size, or ``"kind"``:
+    KIND layers on the frozen learngene with fresh tailors (``init.learngene``), class-gated or not
+    (``formulation``); ``init``: further ``config.init`` settings from the matched :class:`Sizes`;
+    ``model``: further ``config.model`` settings from the model config (DiffFit's learned scales γ)."""
 
     name: str
     source: str
     lr: float
     trainable: tuple[str, ...]
     description: str
+    layers: str = ""
+    formulation: str = "gated"
+    init: Callable[[Sizes], dict] | None = None
+    model: Callable[[ml_collections.ConfigDict], dict] | None = None
+
+
+def _method(name: str, source: str, trainable: tuple[str, ...], description: str, lr: float = 0.0,
+            **settings) -> Method:
+    """A :class:`Method` at Table 7's learning rate unless ``lr`` is given."""
+    return Method(name, source, lr or LEARNING_RATES[name], trainable, description, **settings)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("full_ft", "dense", 1e-4, (".*",), "full fine-tuning of the dense DiT"),
-    Method("lora", "dense", 1e-3, (ADAPTERS, LABELS), "LoRA: W + (α/r)·BA"),
-    Method("dora", "dense", 1e-3, (ADAPTERS, LABELS), "DoRA: m·(W + sBA)/‖W + sBA‖"),
-    Method("pissa", "dense", 1e-3, (ADAPTERS, LABELS), "PiSSA: LoRA on the principal singular components"),
-    Method("oft", "dense", 1e-4, (ADAPTERS, LABELS), "OFT: block-diagonal orthogonal R·W (Cayley)"),
-    Method("loha", "dense", 1e-3, (ADAPTERS, LABELS), "LoHa: W + (W1a·W1b) ⊙ (W2a·W2b)"),
-    Method("svdiff", "dense", 5e-3, (ADAPTERS, LABELS), "SVDiff: U·diag(ReLU(σ + δ))·Vᵀ, δ trained"),
-    Method("bitfit", "dense", 1e-3, (BIASES, LABELS), "BitFit: biases"),
-    Method("difffit", "dense", 1e-3, (BIASES, "/gamma_", LABELS),
-           "DiffFit: biases, label embedding, residual scales γ (init 1)"),
-    Method("heur_lg", "dense", 1e-4, (".*",), "Heur-LG: inherit the blocks of least gradient change"),
-    Method("auto_lg", "dense", 1e-4, (".*",), "Auto-LG: inherit the blocks whose features the task keeps"),
-    Method("kind", "kind", 1e-3, (".*",), "KIND: frozen learngene, fresh tailors, class gate"),
-    Method("ablation_1", "dense", 1e-3, (ADAPTERS, LABELS), "#1: N_G random SVD components + LoRA"),
-    Method("ablation_2", "kind", 1e-3, (ADAPTERS, LABELS), "#2: KIND learngene + LoRA"),
-    Method("ablation_3", "kind", 1e-3, (".*",), "#3: KIND learngene + tailors, no class gate"),
+    _method("full_ft", "dense", (".*",), "full fine-tuning of the dense DiT"),
+    _method("lora", "dense", (ADAPTERS, LABELS), "LoRA: W + (α/r)·BA", layers="lora"),
+    _method("dora", "dense", (ADAPTERS, LABELS), "DoRA: m·(W + sBA)/‖W + sBA‖", layers="dora"),
+    _method("pissa", "dense", (ADAPTERS, LABELS), "PiSSA: LoRA on the principal singular components",
+            layers="pissa"),
+    _method("oft", "dense", (ADAPTERS, LABELS), "OFT: block-diagonal orthogonal R·W (Cayley)", layers="oft"),
+    _method("loha", "dense", (ADAPTERS, LABELS), "LoHa: W + (W1a·W1b) ⊙ (W2a·W2b)", layers="loha"),
+    _method("svdiff", "dense", (ADAPTERS, LABELS), "SVDiff: U·diag(ReLU(σ + δ))·Vᵀ, δ trained", layers="svdiff"),
+    _method("bitfit", "dense", (BIASES, LABELS), "BitFit: biases"),
+    # DiffFit's final setting (§4.5, Table 4c row 8): γ of its rows 2, 5, 6 in blocks 1→L/2 (14 of 28 for XL).
+    _method("difffit", "dense", (BIASES, "/gamma_", LABELS),
+            "DiffFit's final setting: biases, label embedding, γ (init 1) on the residual branches, q, k, v and "
+            "the attention projection of the first half of the blocks, and on the final layer",
+            model=lambda m: dict(residual_scales=True, attention_scales=True, output_scale=True,
+                                 scale_blocks=max(resolve_dims(m).depth // 2, 1))),
+    _method("difffit_residual", "dense", (BIASES, "/gamma_", LABELS),
+            "DiffFit's Alg. 1 alone: biases, label embedding, γ (init 1) on every block's residual branches",
+            LEARNING_RATES["difffit"], model=lambda m: dict(residual_scales=True)),
+    _method("heur_lg", "dense", (".*",), "Heur-LG: inherit the blocks of least gradient change",
+            init=lambda sizes: dict(select="heur_lg", num_blocks=sizes.num_blocks)),
+    _method("auto_lg", "dense", (".*",), "Auto-LG: inherit the blocks whose features the task keeps",
+            init=lambda sizes: dict(select="auto_lg", num_blocks=sizes.num_blocks)),
+    _method("kind", "kind", (".*",), "KIND: frozen learngene, fresh tailors, class gate", layers="kind"),
+    # Table 4's ablations, at KIND's learning rate.
+    _method("ablation_1", "dense", (ADAPTERS, LABELS), "#1: N_G random SVD components + LoRA",
+            LEARNING_RATES["kind"], layers="lora", init=lambda sizes: dict(svd_components=sizes.n_learngene)),
+    _method("ablation_2", "kind", (ADAPTERS, LABELS), "#2: KIND learngene + LoRA", LEARNING_RATES["kind"],
+            layers="lora"),
+    _method("ablation_3", "kind", (".*",), "#3: KIND learngene + tailors, no class gate", LEARNING_RATES["kind"],
+            layers="kind", formulation="ungated"),
 ]}
 
 
@@ -140,25 +171,25 @@ def adapter_linear(kind: str, sizes: Sizes, oft_block_fit: str = "pad") -> ml_co
 def method_config(config: ml_collections.ConfigDict, method: str, sizes: Sizes, *,
                   pretrained: str = "", learngene: str = "") -> ml_collections.ConfigDict:
     """``config`` (the downstream task: its data classes and ``model.num_classes``) set up for
-    ``method``, starting from ``pretrained`` (a dense DiT checkpoint) or ``learngene`` (a KIND one)."""
+    ``method`` (:class:`Method`), starting from ``pretrained`` (a dense DiT checkpoint) or ``learngene``
+    (a KIND one).  On a DiT size of the paper (``model.arch``), Table 7's settings of that size apply
+    too (:data:`BATCH_SIZES`, :data:`ARCH_LEARNING_RATES`)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     m = METHODS[method]
     c = config.copy_and_resolve_references()
-    c.optim.lr = m.lr
+    c.optim.lr = ARCH_LEARNING_RATES.get((method, c.model.arch), m.lr)
+    if c.model.arch and method in BATCH_SIZES:
+        c.train.batch_size = BATCH_SIZES[method]
     c.train.trainable = m.trainable
-    if m.source == "kind" and method != "ablation_2":
-        return as_kind_transfer(c, learngene, sizes.n_learngene, sizes.n_tailor,
-                                "ungated" if method == "ablation_3" else "gated")
-    c.init.pretrained = learngene if method == "ablation_2" else pretrained
-    if method in ("lora", "dora", "pissa", "oft", "loha", "svdiff"):
-        c.model.linear = adapter_linear(method, sizes)
-    elif method in ("ablation_1", "ablation_2"):
-        c.model.linear = adapter_linear("lora", sizes)
-        if method == "ablation_1":
-            c.init.svd_components = sizes.n_learngene
-    elif method == "difffit":
-        c.model.residual_scales = True
-    elif method in ("heur_lg", "auto_lg"):
-        c.init.update(select=method, num_blocks=sizes.num_blocks)
+    source = learngene if m.source == "kind" else pretrained
+    if m.layers == "kind":
+        return as_kind_transfer(c, source, sizes.n_learngene, sizes.n_tailor, m.formulation)
+    c.init.pretrained = source
+    if m.layers:
+        c.model.linear = adapter_linear(m.layers, sizes)
+    if m.init is not None:
+        c.init.update(m.init(sizes))
+    if m.model is not None:
+        c.model.update(m.model(c.model))
     return c

@@ -1,27 +1,23 @@
 """KIND Table 1: a model of a chosen size from one KIND pre-training, and the baselines at that size.
 
-    python -m kindjax.papers.kind.sizes --learngene KIND_WORKDIR --pretrained DENSE_WORKDIR \\
-        --size 94.5M --workdir OUT [--classes 0,4,7] [--steps 100000] \\
-        [--entries trad_pt,heur_lg,laptop_diff,auto_lg,kind]
-
-builds every entry of Table 1 for the training classes a model of that size serves, writes each
-where the evaluation reads it, and prints the table of sizes. The entries (each a config, a workdir
-and the steps it still trains) come from the two pre-trainings' *configs* (:func:`table1_configs`,
-what ``python -m kindjax.sweep --experiment table1`` builds its grid with before the pre-trainings
-exist; :func:`table1_entries` reads the configs from the runs' checkpoints), and :func:`build` writes
-what each starts from once the runs exist:
+The library of ``python -m kindjax.sweep --experiment table1`` (:mod:`kindjax.papers.kind.experiments.table1`,
+the one command that builds, trains and scores Table 1). The entries (each a config, a workdir and the
+steps it still trains) come from the two pre-trainings' *configs* (:func:`table1_configs`, what the
+sweep builds its grid with before the pre-trainings exist; :func:`table1_entries` reads the configs
+from the runs' checkpoints), and :func:`build_entry` / :func:`build` write what each starts from once
+the runs exist:
 
 - ``trad_pt`` (0 extra steps): the dense pre-trained DiT itself, its label table cut to the ``k``
   classes' rows and the null row (:func:`build_trad_pt`; on those classes it computes what the full
-  model computes), in the step-0 checkpoint of ``OUT/trad_pt``.
+  model computes), in the step-0 checkpoint of ``out/trad_pt``.
 - ``kind`` (0 extra steps): the learngene plus the tailors of ``k`` classes, assembled
-  (:func:`kindjax.checkpoints.learngene.assemble`) into the step-0 checkpoint of ``OUT/kind``. Its size is
+  (:func:`kindjax.checkpoints.learngene.assemble`) into the step-0 checkpoint of ``out/kind``. Its size is
   ``|G| + k·|T|`` (:func:`kind_size`: ``|G|`` the learngene's scalars, ``|T|`` one class's tailor
   scalars and label row), and ``k`` is **the most classes whose tailors fit in the chosen size**
   (:func:`classes_for_size`); the classes are the first ``k`` training classes (model labels
-  ``0..k-1``) unless ``--classes`` names them. The entry's size is that exact count (at most
-  ``--size``), and every baseline is matched to it.
-- ``heur_lg``, ``auto_lg`` (``--steps``, Table 1: 100K): a dense DiT of the source's width whose depth
+  ``0..k-1``) unless ``classes`` names them. The entry's size is that exact count (at most
+  ``size``), and every baseline is matched to it.
+- ``heur_lg``, ``auto_lg`` (``steps``, Table 1: 100K): a dense DiT of the source's width whose depth
   ``L'`` makes its size closest to the KIND entry's (:func:`depth_for_size`; **tolerance: half of one
   block's parameters**, the step a whole-block depth can take; refused beyond it). It inherits
   ``n = ⌊L'/2⌋`` blocks (half its depth, as Table 2's rule of :func:`kindjax.papers.kind.methods.matched_sizes`)
@@ -29,16 +25,16 @@ what each starts from once the runs exist:
   CKA probe (:mod:`kindjax.transfer.layer_selection`), **stacked in their source order on top of**
   ``L' − n`` fresh blocks (Heur-LG's descendant model: inherited high layers over new low ones), and
   trains all parameters on the ``k`` classes at lr 1e-4. The build writes the inherited blocks at
-  their new positions to ``OUT/<entry>_source``, the ``init.pretrained`` of the entry's config, with
+  their new positions to ``out/<entry>_source``, the ``init.pretrained`` of the entry's config, with
   ``init.blocks`` their positions.
-- ``laptop_diff`` (``--steps``): a DiT of the same depth ``L'`` pruned from Trad. PT and distilled
+- ``laptop_diff`` (``steps``): a DiT of the same depth ``L'`` pruned from Trad. PT and distilled
   from it (:func:`laptop_diff_config`, the growth baselines' ``prune_distill_config``), so teacher
   and student share the ``k`` classes' labels; asking for it builds ``trad_pt`` too.
 
 The 0-step entries have ``train.num_steps=0``: :func:`kindjax.train.stages.stage` records their written model
 finished. Every entry serves the same ``k`` classes (``data.classes``), so all are evaluated against
-the same reference batch (``python -m kindjax.evaluation --reference_out`` on the entry's config; the
-sweep writes it itself).
+the same reference batch (the sweep writes it: :func:`kindjax.evaluation.reference.write_reference_batch`
+on the entry's config).
 """
 from __future__ import annotations
 
@@ -57,9 +53,10 @@ from etils import epath
 
 from kindjax import checkpoints
 from kindjax import params as param_rules
-from kindjax.archs import resolve_dims
+from kindjax.archs import resolve_dims, with_depth
 from kindjax.config import ConfigError, differences
 from kindjax.checkpoints.learngene import assemble, load_learngene, load_params, load_tailors
+from kindjax.papers.kind.facts import TABLE1_ENTRIES, TABLE1_STEPS
 from kindjax.papers.kind.methods import METHODS
 from kindjax.models.dit import abstract_params, build_model, init_params
 from kindjax.io.paths import as_path
@@ -69,9 +66,7 @@ from kindjax.transfer.layer_selection import auto_lg_scores, heur_lg_scores
 from kindjax.transfer.pretrained import init_from_pretrained
 
 #: Table 1's rows, in its order.
-ENTRIES = ("trad_pt", "heur_lg", "laptop_diff", "auto_lg", "kind")
-#: Table 1: the baselines train 100K steps after initialisation; KIND none.
-TABLE1_STEPS = 100_000
+ENTRIES = TABLE1_ENTRIES
 #: The data settings that say which classes a label means; the KIND and dense runs must agree on them.
 DATA_SELECTION = ("name", "root", "grouping", "task", "classes", "latents")
 
@@ -124,10 +119,10 @@ def classes_for_size(config: ml_collections.ConfigDict, size: int) -> int:
     n = config.model.num_classes
     k = (size - learngene) // tailor
     if not 1 <= k:
-        raise ValueError(f"--size {size:,} is below the smallest KIND model, the learngene and one class's "
+        raise ValueError(f"size {size:,} is below the smallest KIND model, the learngene and one class's "
                          f"tailors: {learngene + tailor:,} parameters")
     if k > n:
-        raise ValueError(f"--size {size:,} is above the full KIND model ({n} classes: {learngene + n * tailor:,} "
+        raise ValueError(f"size {size:,} is above the full KIND model ({n} classes: {learngene + n * tailor:,} "
                          f"parameters); give at most that")
     return int(k)
 
@@ -182,8 +177,7 @@ def trad_pt_config(dense: ml_collections.ConfigDict, classes: Sequence[int]) -> 
 
 
 def _explicit_depth(config: ml_collections.ConfigDict, depth: int) -> ml_collections.ConfigDict:
-    dims = resolve_dims(config.model)
-    return _with(config, arch="", hidden_size=dims.hidden_size, num_heads=dims.num_heads, depth=depth)
+    return _with(config, **with_depth(config.model, depth))
 
 
 def layer_transfer_config(dense: ml_collections.ConfigDict, classes: Sequence[int], depth: int,
@@ -227,14 +221,14 @@ def _model_classes(config: ml_collections.ConfigDict, size: int | None, classes:
     if classes:
         classes = tuple(int(c) for c in classes)
         if size is not None and len(classes) != classes_for_size(config, size):
-            raise ValueError(f"--classes names {len(classes)} classes but --size {size:,} fits "
+            raise ValueError(f"classes names {len(classes)} classes but size {size:,} fits "
                              f"{classes_for_size(config, size)}: give one of them")
         bad = [c for c in classes if not 0 <= c < n]
         if bad or len(set(classes)) != len(classes):
-            raise ValueError(f"--classes {list(classes)}: give distinct model labels in 0..{n - 1}")
+            raise ValueError(f"classes {list(classes)}: give distinct model labels in 0..{n - 1}")
         return classes
     if size is None:
-        raise ValueError("give --size (e.g. 94.4M) or --classes (the training classes to keep)")
+        raise ValueError("give a size (e.g. 94.4M) or the classes (the training classes to keep)")
     return tuple(range(classes_for_size(config, size)))
 
 
@@ -424,61 +418,12 @@ def build(entries: Sequence[Entry], learngene: str, pretrained: str = "", seed: 
     return {name: record for name, record in records.items() if record}
 
 
-def markdown(entries: Sequence[Entry]) -> str:
-    """Table 1's size columns: each entry's stored parameters, depth and extra steps."""
-    lines = ["| entry | Para. | depth | classes | extra steps | workdir |", "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {e.name} | {e.params:,} | {resolve_dims(e.config.model).depth} | "
-              f"{e.config.model.num_classes} | {e.train_steps:,} | {e.workdir} |" for e in entries]
-    return "\n".join(lines)
-
-
 def parse_size(text: str) -> int:
     """``"70.2M"``, ``"245900000"`` or ``"1.2e8"`` → scalars."""
     scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1.0)
     try:
         value = float(text[:-1] if scale != 1.0 else text) * scale
     except ValueError:
-        raise ValueError(f"--size={text!r}: give a parameter count such as 70.2M or 70200000") from None
+        raise ValueError(f"{text!r} is not a parameter count: give one such as 70.2M or 70200000") from None
     return int(round(value))
 
-
-def main(argv: list[str]) -> None:
-    """Builds the ``--entries`` of Table 1 (module doc) under ``--workdir`` and prints their sizes."""
-    from absl import flags
-
-    del argv
-    f = flags.FLAGS
-    entries = table1_entries(f.learngene, f.workdir, pretrained=f.pretrained,
-                             size=parse_size(f.size) if f.size else None, classes=[int(c) for c in f.classes],
-                             steps=f.steps, num_blocks=f.num_blocks, entries=f.entries)
-    records = build(entries, f.learngene, f.pretrained, f.seed, f.probe_steps)
-    summary = {e.name: {"workdir": e.workdir, "params": e.params, "train_steps": e.train_steps,
-                        "config": checkpoints.config_json(e.config), **records.get(e.name, {})} for e in entries}
-    as_path(f.workdir).mkdir(parents=True, exist_ok=True)
-    with (as_path(f.workdir) / "table1.json").open("w") as out:
-        json.dump(summary, out, indent=2)
-    print(markdown(entries))
-    print(f"Wrote {os.path.join(f.workdir, 'table1.json')}: each entry's config and workdir. The entries with "
-          f"extra steps train from there (kindjax.train.trainer.train(ConfigDict(config), workdir)); then "
-          f"evaluate every entry against one reference batch of its classes (python -m kindjax.sweep "
-          f"--experiment table1 does all of it, pre-trainings included).")
-
-
-if __name__ == "__main__":
-    from absl import flags
-
-    from kindjax import cli
-
-    flags.DEFINE_string("learngene", None, "The KIND pre-training workdir (learngene and tailors).")
-    flags.DEFINE_string("pretrained", "", "The dense pre-training workdir, on the same classes (the baselines).")
-    flags.DEFINE_string("workdir", None, "Output folder: one workdir per entry, and table1.json.")
-    flags.DEFINE_string("size", "", "Target parameter count (e.g. 70.2M): the most classes whose tailors fit.")
-    flags.DEFINE_list("classes", [], "Model labels of the training classes to keep (instead of the first k).")
-    flags.DEFINE_integer("steps", TABLE1_STEPS, "Training steps of the baselines (Table 1: 100K).")
-    flags.DEFINE_integer("num_blocks", 0, "Blocks Heur-/Auto-LG inherit (0: half the matched depth).")
-    flags.DEFINE_integer("probe_steps", 50, "Auto-LG's fine-tuning steps before the CKA probe.")
-    flags.DEFINE_integer("seed", 0, "Key of the block selection and of Auto-LG's probe.")
-    flags.DEFINE_list("entries", list(ENTRIES), f"Entries to build, of {list(ENTRIES)} (laptop_diff builds trad_pt, "
-                      f"its source).")
-    flags.mark_flags_as_required(["learngene", "workdir"])
-    cli.run(main, "variable_size")

@@ -29,14 +29,16 @@ import jax
 import ml_collections
 from etils import epath
 
+from kindjax.archs import with_depth
 from kindjax.evaluation.digits_report import evaluate_digits
 from kindjax.papers.fine.jobs import fine_init_configs
 from kindjax.sweep import tables
 from kindjax.sweep.grid import Experiment, Run, Scores
+from kindjax.papers.fine.facts import GROWTH
 from kindjax.papers.fine.growth import grow_config, prune_distill_config
 
 #: The initialisers of a depth-``L'`` DiT the experiment compares.
-INITIALISERS = ("fine", "scratch", "mimetic", "share", "tleg", "ligo", "prune")
+INITIALISERS = ("fine", *GROWTH)
 #: ``--depths`` when none are given: the issue's miniature.
 DEFAULT_DEPTHS = (1, 2, 3, 6, 8)
 #: Steps of LiGO's coefficient run (the LiGO paper's 100).
@@ -70,7 +72,7 @@ def target_runs(config: ml_collections.ConfigDict, sources: dict[str, Run], meth
     labels = dict(task=f"L{depth}", method=method, seed=seed)
     if method == "fine":
         c.job = "fine_init"
-        c.model.depth = depth
+        c.model.update(with_depth(c.model, depth))
         c.init.update(fine_learngene=sources["fine"].workdir, fine_sigma="trained")
         sigma, main = fine_init_configs(c, str(base))
         sigma_run = Run(dict(role="prerequisite", method="fine_sigma", depth=depth, seed=seed), str(base / "sigma"),

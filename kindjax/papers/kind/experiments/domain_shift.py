@@ -41,12 +41,9 @@ from kindjax.sweep.common import reference_path
 from kindjax.papers.kind.experiments.tables import config_file, kind_score, overrides, set_key
 from kindjax.sweep.grid import Experiment, Run, Scores
 from kindjax.train.trainer import origin
+from kindjax.papers.kind.facts import TABLE3_DATASETS, TABLE3_METHODS
 from kindjax.papers.kind.transfer import SHAPE_KEYS, check_compatible
 
-#: KIND Table 3's rows, in its order.
-TABLE3_METHODS = ("svdiff", "oft", "lora", "pissa", "loha", "dora", "kind")
-#: KIND Table 3's data sets (columns), in its order, with its titles.
-TABLE3_DATASETS = {"celebahq": "CelebA-HQ", "hubble": "Hubble", "mri": "MRI", "pokemon": "Pokémon"}
 #: Every method ``--methods`` may give: Table 3's rows first (the tables' row order), then the others.
 ROWS = TABLE3_METHODS + tuple(m for m in METHODS if m not in TABLE3_METHODS)
 #: Settings in which ``{task}`` stands for the data set.

@@ -57,7 +57,10 @@ def sizes(kind: ml_collections.ConfigDict, given: tuple[str, ...]) -> list[tuple
     """``(label, parameter count)`` of each ``--sizes`` entry (``94.4M``); none: the smallest KIND model
     (learngene + one class's tailors), labelled by its exact count."""
     if given:
-        return [(text, parse_size(text)) for text in given]
+        try:
+            return [(text, parse_size(text)) for text in given]
+        except ValueError as e:
+            raise ValueError(f"--sizes: {e}") from None
     learngene, tailor = kind_size(kind)
     return [(str(learngene + tailor), learngene + tailor)]
 

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from kindjax.papers.kind.accounting import account, parameter_counts
+from kindjax.papers.kind.accounting import parameter_counts, table2_flops
 from kindjax.archs import resolve_dims
 from kindjax.papers.kind.classes import kind_tasks
 from kindjax.evaluation.digits_report import evaluate_digits
@@ -111,7 +111,7 @@ DIGITS_METRICS = ("sample_accuracy", "frechet_distance", "wall_seconds", "traina
 
 
 def digits_rows(runs: list[Run], scores: dict[str, Scores]) -> list[dict]:
-    """Per method (mean over tasks; mean ± std over seeds), in the keys the former ``kindjax.compare`` wrote."""
+    """Per method (mean over tasks; mean ± std over seeds), with the keys of ``table.json``."""
     rows = []
     for r in tables.task_mean(runs, scores, DIGITS_METRICS):
         rows.append(dict(method=r["method"], accuracy=r["sample_accuracy"], accuracy_std=r["sample_accuracy_std"],
@@ -180,7 +180,8 @@ DIGITS = Experiment("digits", digits_runs, evaluate_digits, digits_score, digits
 
 #: Keys a task config takes from its task and method, never from the sweep config's overrides.
 TASK_KEYS = ("data.task", "model.num_classes", "train.num_steps", "optim.lr", "train.trainable",
-             "train.freeze_learngene", "init", "model.residual_scales", "transfer", "job")
+             "train.freeze_learngene", "init", "model.residual_scales", "model.attention_scales",
+             "model.output_scale", "model.scale_blocks", "transfer", "job")
 
 
 def flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
@@ -245,10 +246,10 @@ def kind_task_config(config: ml_collections.ConfigDict, get_config: Callable[[st
     c.optim.lr = lr
     c.train.num_steps = config.transfer.num_steps
     c.train.seed = c.data.seed = seed
-    if method in ("kind", "ablation_3"):
-        c.init.learngene = sources["kind"]
+    if METHODS[method].layers == "kind":
+        c.init.learngene = sources[METHODS[method].source]
     else:
-        c.init.pretrained = sources["kind" if method == "ablation_2" else "dense"]
+        c.init.pretrained = sources[METHODS[method].source]
     return c
 
 
@@ -275,7 +276,7 @@ def kind_tables_runs(config: ml_collections.ConfigDict, workdir: str, options: d
             for seed in range(options.get("seeds", 1)):
                 c = kind_task_config(config, get_config, task, method, seed, sources)
                 c.eval.reference = ""   # the scorer sets it: the training run does not depend on it
-                need = sources["kind" if METHODS[method].source == "kind" else "dense"]
+                need = sources[METHODS[method].source]
                 runs.append(Run(dict(task=task, method=method, seed=seed),
                                 str(epath.Path(workdir) / task / method / f"seed_{seed}"), c, (need,),
                                 dict(reference=reference)))
@@ -284,28 +285,24 @@ def kind_tables_runs(config: ml_collections.ConfigDict, workdir: str, options: d
 
 def kind_score(run: Run, metrics: dict) -> Scores:
     """ADM metrics of the run against its task's reference (:func:`kindjax.sweep.common.adm_report`),
-    its trainable parameters and training GFLOP per image (``account.json``, computed once)."""
+    its trainable parameters and KIND Table 2's FLOPs (forward GFLOP per image of the linear layers,
+    :func:`kindjax.papers.kind.accounting.table2_flops`)."""
     del metrics   # the training stage of kind_tables reports nothing to tabulate
     report = adm_report(run)
-    account_path = epath.Path(run.workdir) / "account.json"
-    if not account_path.exists():
-        trainable, _, _, train_flops = account(run.config)
-        if jax.process_index() == 0:
-            account_path.write_text(json.dumps(dict(trainable=trainable, train_gflop=train_flops / 1e9)))
-    cost = json.loads(account_path.read_text())
-    return {**report["metrics"], "trainable": float(cost["trainable"]), "train_gflop": float(cost["train_gflop"]),
+    return {**report["metrics"], "trainable": float(parameter_counts(run.config)[0]),
+            "gflops": table2_flops(run.config) / 1e9,
             "features": report["features"], "reference_features": report["reference_features"]}
 
 
 ADM = (("fid", "FID ↓", ".2f"), ("sfid", "sFID ↓", ".2f"), ("inception_score", "IS ↑", ".1f"),
        ("precision", "Prec. ↑", ".2f"), ("recall", "Recall ↑", ".2f"))
-TABLE2 = [("method", "method", ""), ("para_m", "Para. (M)", ".1f"), ("train_gflop", "FLOPs (G / image)", ".1f"),
+TABLE2 = [("method", "method", ""), ("para_m", "Para. (M)", ".1f"), ("gflops", "FLOPs (G)", ".1f"),
           *ADM]
 
 
 def pooled_rows(runs: list[Run], scores: dict[str, Scores]) -> list[dict]:
     """Per method: ADM metrics of its samples pooled over the tasks (per seed; mean ± std over seeds),
-    its mean trainable parameters and training GFLOP over the tasks."""
+    its mean trainable parameters and Table 2 GFLOPs over the tasks."""
     from kindjax.evaluation.pooled import load_features, pooled_metrics
 
     rows = []
@@ -317,7 +314,7 @@ def pooled_rows(runs: list[Run], scores: dict[str, Scores]) -> list[dict]:
                                    [load_features(s["reference_features"]) for s in ss]) for ss in by_seed.values()]
         row = dict(method=method, seeds=len(by_seed), tasks=len({r.labels["task"] for r, _ in members}),
                    para_m=float(np.mean([s["trainable"] for _, s in members])) / 1e6,
-                   train_gflop=float(np.mean([s["train_gflop"] for _, s in members])))
+                   gflops=float(np.mean([s["gflops"] for _, s in members])))
         for key, _, _ in ADM:
             row[key], row[key + "_std"] = tables.mean_std([m[key] for m in per_seed])
         rows.append(row)
@@ -326,7 +323,7 @@ def pooled_rows(runs: list[Run], scores: dict[str, Scores]) -> list[dict]:
 
 def kind_tables_write(runs: list[Run], scores: dict[str, Scores], workdir: str) -> dict[str, list[dict]]:
     numeric = {w: {k: v for k, v in s.items() if isinstance(v, float)} for w, s in scores.items()}
-    metrics = [k for k, _, _ in ADM] + ["trainable", "train_gflop"]
+    metrics = [k for k, _, _ in ADM] + ["trainable", "gflops"]
     pooled = pooled_rows(runs, scores)
     mean = tables.task_mean(runs, numeric, metrics)
     for r in mean:
