@@ -220,7 +220,7 @@ BAD_INPUTS = [
     ("kindjax.main", ["--config", "configs/nope.py", "--workdir", "{tmp}"], "no config file 'configs/nope.py'"),
     ("kindjax.main", ["--config", "configs/kind_dit_b.py:task_99", "--workdir", "{tmp}"], "the task is one of"),
     ("kindjax.main", ["--config", "configs/dit_digits.py", "--workdir", "{tmp}", "--config.train.num_stpes=3"],
-     "--config.train.num_stpes: no config key 'train.num_stpes'; train has ['batch_size',"),
+     "--config.train.num_stpes: no config key 'train.num_stpes'; did you mean --config.train.num_steps?"),
     ("kindjax.tools.encode", ["--config", "configs/dit_digits.py"], "--out must have a value"),
     ("kindjax.tools.encode", ["--config", "configs/dit_digits.py", "--out", "{tmp}"], "no VAE given"),
     ("kindjax.evaluation", ["--config", "configs/dit_digits.py", "--run", "{tmp}/none"], "eval.reference is not set"),
