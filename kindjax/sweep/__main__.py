@@ -16,6 +16,7 @@ from absl import flags
 from kindjax import cli
 from kindjax.distributed import initialize
 from kindjax.sweep.registry import EXPERIMENTS, experiment_for
+from kindjax.train.stages import use_compilation_cache
 from kindjax.sweep.grid import parse_shard, sweep
 
 
@@ -36,6 +37,7 @@ def main(argv: list[str]) -> None:
     if f.steps:
         options["steps"] = f.steps
     initialize()
+    use_compilation_cache(f.config, f.workdir)   # one cache for every run of the sweep
     sweep(experiment, f.config, f.workdir, options, shard, f.tables_only, f.poll_seconds)
 
 
