@@ -127,7 +127,7 @@ def test_a_checkpoint_resumes_with_another_attention_remat_or_scan():
     a run written with the XLA attention resumes under the ImageNet configs' ``auto`` (and a scan, and
     remat); its finished stages keep their fingerprint; another width is still refused."""
     from kindjax.checkpoints.training import check_same_model, config_json
-    from kindjax.run import fingerprint
+    from kindjax.train.stages import fingerprint
 
     config = tiny_config()
     saved = config_json(config)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, tiny_overrides
-from kindjax.run import compilation_cache_dir
+from kindjax.train.stages import compilation_cache_dir
 
 HIT = "Persistent compilation cache hit for 'jit_train_step'"
 

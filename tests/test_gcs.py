@@ -227,7 +227,7 @@ def test_gs_resolves_to_the_real_gcsfs_filesystem_without_tensorflow():
     ``gs://`` workdir to gcsfs's filesystem class (instantiating it would look up credentials)."""
     code = ("import sys; sys.modules['tensorflow'] = None\n"
             "import fsspec, gcsfs\n"
-            "from kindjax.paths import as_path\n"
+            "from kindjax.io.paths import as_path\n"
             "path = as_path('gs://bucket/run')\n"
             "backend = path._backend\n"
             "from etils.epath import backend as b\n"

@@ -11,7 +11,7 @@ the CPU of this host.  Nothing runs.  From the compiled program, per chip: XLA's
 (``peak = argument + output − alias + temp + generated code``) against the chip's HBM; the FLOPs and
 HBM bytes of XLA's cost analysis (of the unrolled twin's compile when ``model.scan_blocks``, whose loop
 body XLA counts once) against the analytic count (3 × the forward FLOPs of the unrolled model,
-:func:`kindjax.bench_accelerator.forward_flops`); the roofline ``max(FLOPs / peak FLOP/s, bytes / HBM
+:func:`kindjax.tools.bench_accelerator.forward_flops`); the roofline ``max(FLOPs / peak FLOP/s, bytes / HBM
 bandwidth)`` (compute and HBM only: collectives are listed, not timed); every collective by op and
 dtype; and the attention kernel that lowered.  A step that does not fit is compiled again with more
 remat, then with half the batch per chip, until one fits (``--advise``).
@@ -31,7 +31,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from kindjax.bench_accelerator import forward_flops, out_of_memory, peak_flops
+from kindjax.tools.bench_accelerator import forward_flops, out_of_memory, peak_flops
 from kindjax.config import REMAT_POLICIES, ConfigError, validate
 from kindjax.models.dit import abstract_params
 from kindjax.train.trainer import Trainer
@@ -42,7 +42,7 @@ GIB = 2 ** 30
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """A TPU generation's HBM per chip (GiB) and HBM bandwidth (bytes/s), from Cloud TPU's system
-    architecture pages; the peak FLOP/s is :data:`kindjax.bench_accelerator.PEAK_BF16_FLOPS`'s."""
+    architecture pages; the peak FLOP/s is :data:`kindjax.tools.bench_accelerator.PEAK_BF16_FLOPS`'s."""
 
     hbm_gib: float
     hbm_bytes_per_s: float
