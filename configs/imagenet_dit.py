@@ -10,9 +10,11 @@ from kindjax.config import base_config
 
 def imagenet_config(arch: str, patch_size: int = 2):
     config = base_config()
-    # bf16 compute (parameters, optimizer state and EMA stay f32), as DiT trainers in the field do.
+    # bf16 compute (parameters, optimizer state and EMA stay f32), as DiT trainers in the field do;
+    # attention by the devices (splash on a TPU, cuDNN on a GPU), no remat, no scan: what the pre-flight
+    # shows fits and is fastest on v5p-8 (docs/benchmarks.md, "Pre-flight"; docs/pods.md for v4/v5e).
     config.model.update(arch=arch, image_size=32, in_channels=4, patch_size=patch_size, num_classes=1000,
-                        dtype="bfloat16")
+                        dtype="bfloat16", attention="auto", remat="none", scan_blocks=False)
     config.data.update(name="imagenet")
     config.optim.update(lr=1e-4, weight_decay=0.0, grad_clip=0.0)
     config.train.update(batch_size=256, num_steps=400_000, ema_decay=0.9999, log_every=100,

@@ -27,6 +27,9 @@ EVAL_LABELS = ("uniform", "balanced")
 FDD_NORMALIZATIONS = ("l2", "none")
 #: ``model.qkv_init``: how fresh q, k, v matrices are initialised (:data:`kindjax.layers.base.QKV_INITS`).
 QKV_INITS = ("fused", "separate")
+#: ``model`` keys that choose how the model is computed, never its parameters or (to rounding) its
+#: values: a checkpoint resumes, and a finished stage stays finished, whatever they are.
+EXECUTION_KEYS = ("attention", "remat", "scan_blocks")
 #: ``eval.dinov2_model``: the DINOv2 of FDD (torch-hub names; :data:`kindjax.evaluation.dinov2.DINOV2_SIZES`).
 #: "vitl14" is the FDD reference tool's default (dgm-eval, Stein et al. 2023: ``DINOv2Encoder`` loads
 #: ``dinov2_vitl14`` when no ``--arch`` is given); "any" takes the weights directory's network unchecked.
@@ -161,6 +164,12 @@ def core_config() -> ml_collections.ConfigDict:
             # Output distillation: loss += weight·mean‖ε_student − ε_teacher‖² on the same x_t, t, y; the
             # teacher (a training workdir, EMA weights) is frozen and outside the optimizer.
             distill=dict(teacher="", weight=1.0),
+            # The dtype the data-parallel gradient is reduced in across devices (kindjax.sharding:
+            # "float32", as PyTorch DDP, or "bfloat16": half the bytes, bf16 sums of partial gradients).
+            grad_reduce_dtype="float32",
+            # JAX's persistent compilation cache (kindjax.train.stages.use_compilation_cache): "auto" =
+            # WORKDIR/compilation_cache (or $JAX_COMPILATION_CACHE_DIR), a directory (local or gs://), "" = off.
+            compilation_cache="auto",
         ),
         # Start from a pre-trained DiT (dense, or the learngene part of a factorised one;
         # kindjax.transfer.pretrained): shared leaves copied, linear kernels from its dense kernel.
@@ -311,6 +320,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                                f"step-0 checkpoint is the model, e.g. one assembled from parts of another)")
     for key in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints"):
         require(t[key] > 0, f"train.{key}={t[key]} must be positive")
+    require(t.grad_reduce_dtype in ("float32", "bfloat16"),
+            f"train.grad_reduce_dtype={t.grad_reduce_dtype!r}: use 'float32' or 'bfloat16'")
     require(t.max_nonfinite_steps >= 0, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be ≥ 0")
     require(t.max_update_ratio >= 0, f"train.max_update_ratio={t.max_update_ratio} must be ≥ 0 (0: no limit)")
     require(o.lr > 0, f"optim.lr={o.lr} must be positive")

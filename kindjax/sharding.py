@@ -9,6 +9,12 @@ a leaf with at least ``min_size`` elements is split over ``fsdp`` along its
 largest axis that the ``fsdp`` size divides; every other leaf is replicated.
 The rule depends on the shape only, so an optimizer moment gets the sharding of
 its parameter.
+
+The gradient of the train step is data parallel by hand (:func:`data_parallel_value_and_grad`):
+each device differentiates the loss of its own batch rows inside a ``jax.shard_map`` manual over
+the whole mesh (the FSDP-sharded leaves all-gathered first), and the gradients are reduced
+explicitly, in a chosen dtype (``train.grad_reduce_dtype``, f32 by default, as PyTorch DDP does):
+no activation is ever resharded, and no bf16 partial sum is reduced.
 """
 from __future__ import annotations
 
@@ -93,6 +99,65 @@ def leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2 ** 12) -> P:
             spec[axis] = "fsdp"
             return P(*spec)
     return P()
+
+
+def fsdp_axis(spec: P) -> int | None:
+    """The axis a :func:`leaf_spec` splits over ``fsdp``, or None for a replicated leaf."""
+    return next((axis for axis, name in enumerate(spec) if name == "fsdp"), None)
+
+
+def data_parallel_value_and_grad(fn: Callable[..., tuple[jax.Array, Any]], mesh: Mesh,
+                                 reduce_dtype: Any = jnp.float32) -> Callable[..., tuple[tuple[jax.Array, Any], Any]]:
+    """``jax.value_and_grad(fn, has_aux=True)`` computed data parallel over ``mesh``'s batch axes.
+
+    ``fn(params, rows, frozen, key) -> (loss, per_row)``: ``loss`` the mean over ``rows`` (a dict of
+    arrays whose leading axis is the batch), ``per_row`` arrays with that leading axis; ``frozen``
+    (or None) is only read; ``key`` (or None) is folded with the device's index on the batch axes, so
+    each device draws its own randomness.  Each device runs ``fn`` on its ``S``-th of the rows with the
+    whole ``params`` and ``frozen`` (the leaves :func:`leaf_spec` splits over ``fsdp`` all-gathered,
+    in their own dtype), then the local gradients ``g_s`` are cast to ``reduce_dtype`` and reduced:
+    ``∇L = (1/S) Σ_s g_s`` (psum over ``data``; over ``fsdp`` a reduce-scatter for the split leaves, a
+    psum for the others), returned in each parameter's dtype with its sharding; ``L = (1/S) Σ_s L_s``.
+    """
+    fsdp = mesh.shape["fsdp"]
+    shards = mesh.shape["data"] * fsdp
+    rows_spec = P(BATCH_AXES)
+
+    def specs(tree: Any) -> Any:
+        return jax.tree.map(lambda leaf: leaf_spec(tuple(leaf.shape), fsdp), tree)
+
+    def gather(tree: Any, tree_specs: Any) -> Any:
+        def one(leaf: jax.Array, spec: P) -> jax.Array:
+            axis = fsdp_axis(spec)
+            return leaf if axis is None else jax.lax.all_gather(leaf, "fsdp", axis=axis, tiled=True)
+        return jax.tree.map(one, tree, tree_specs)
+
+    def reduce(grad: jax.Array, spec: P, like: jax.Array) -> jax.Array:
+        grad = grad.astype(reduce_dtype)
+        axis = fsdp_axis(spec)
+        if axis is None:
+            grad = jax.lax.psum(grad, BATCH_AXES)
+        else:
+            grad = jax.lax.psum(jax.lax.psum_scatter(grad, "fsdp", scatter_dimension=axis, tiled=True), "data")
+        return (grad.astype(jnp.float32) / shards).astype(like.dtype)
+
+    def wrapped(params: Any, rows: Any, frozen: Any, key: jax.Array | None):
+        param_specs, frozen_specs = specs(params), specs(frozen)
+
+        def local(params, rows, frozen, key):
+            whole = gather(params, param_specs)
+            if key is not None:
+                key = jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXES))
+            (loss, per_row), grads = jax.value_and_grad(fn, has_aux=True)(whole, rows, gather(frozen, frozen_specs),
+                                                                         key)
+            grads = jax.tree.map(reduce, grads, param_specs, params)
+            return (jax.lax.psum(loss, BATCH_AXES) / shards, per_row), grads
+
+        row_specs = jax.tree.map(lambda _: rows_spec, rows)
+        return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, row_specs, frozen_specs, P()),
+                             out_specs=((P(), rows_spec), param_specs), check_vma=False)(params, rows, frozen, key)
+
+    return wrapped
 
 
 def state_shardings(mesh: Mesh, state_shapes: Any) -> Any:

@@ -5,6 +5,9 @@
 # jax.distributed.initialize() finds the others (kindjax.distributed: from the VM's metadata on GCE,
 # from TPU_WORKER_HOSTNAMES on GKE).
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a WORKDIR=gs://bucket/run1 launch/tpu_pod.sh [--config.key=value ...]
+# Before anything goes to the workers, the pre-flight (python -m kindjax.tools.preflight) compiles the job's
+# train step for the slice's accelerator type on this host (libtpu's compile-only devices: pip install -e
+# '.[tpu]' here too) and stops the launch if it does not compile or does not fit in HBM.
 #   TPU_NAME=... ZONE=... launch/tpu_pod.sh status      # each worker: running, finished, stopped, failed or lost
 #   TPU_NAME=... ZONE=... WORKDIR=... launch/tpu_pod.sh watch [--config.key=value ...]   # watch again
 # The launcher then watches the workers (every KINDJAX_POLL_S seconds, 60) until the run ends. A run
@@ -16,6 +19,7 @@
 # KINDJAX_SHARD=i/n for its shard i of n on this slice), KINDJAX_SHIP (untracked files or directories of
 # the checkout to ship too, space-separated), PROJECT, REMOTE_DIR (kindjax, under the worker's home),
 # KINDJAX_PYTHON (3.11: uv provides it where the image's python3 is older), LIBTPU_INIT_ARGS (added to ours).
+# KINDJAX_LOCAL_PYTHON (python3: this host's, for the pre-flight), KINDJAX_PREFLIGHT=0 (skip the pre-flight).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACTION=run
@@ -68,6 +72,22 @@ START="set -e; mkdir -p $RUN_DIR && cd $RUN_DIR && rm -f exit_code stopped
   setsid nohup bash run.sh >> worker.log 2>&1 < /dev/null & echo \$! > pid"
 
 if [ "$ACTION" = run ]; then
+  # 0. The pre-flight on this host, for the slice's accelerator type (gcloud describes it), with the job's
+  # config and overrides (a sweep: its config's first run) and the workers' XLA flags.
+  if [ "${KINDJAX_PREFLIGHT:-1}" != 0 ]; then
+    DESCRIBE=(--zone "$ZONE" --format='value(acceleratorType)')
+    if [ -n "${PROJECT:-}" ]; then DESCRIBE+=(--project "$PROJECT"); fi
+    TYPE=$("${GCLOUD[@]}" describe "$TPU_NAME" "${DESCRIBE[@]}")
+    OVERRIDES=()
+    if [ "${KINDJAX_MODULE:-kindjax.main}" = kindjax.main ]; then OVERRIDES=("$@"); fi
+    if ! (cd "$REPO" && LIBTPU_INIT_ARGS="$TPU_FLAGS" "${KINDJAX_LOCAL_PYTHON:-python3}" -m kindjax.tools.preflight \
+          --config "$CONFIG" --topology "$TYPE" ${OVERRIDES[@]+"${OVERRIDES[@]}"}); then
+      echo "tpu_pod.sh: the pre-flight above says the job does not compile or does not fit on $TPU_NAME ($TYPE);" \
+           "nothing was started. Change the config as it advises (KINDJAX_PREFLIGHT=0 skips the check)." >&2
+      exit 1
+    fi
+  fi
+
   # 1. The code: the checkout's tracked files as they are now (uncommitted edits included), and the
   # untracked ones KINDJAX_SHIP names, to every worker.
   TARBALL=$(mktemp -d)/kindjax.tar.gz

@@ -148,7 +148,9 @@ def test_tiny_accelerator_suite_on_all_devices(capsys):
     d, n = 32, 16
     macs = 8 * (12 * d * d * n + 2 * n * n * d + 6 * d * d + 256 * d + d * d + 2 * d * d + n * 16 * d + n * d * 32)
     assert 3 * 2 * macs <= train["model_tflop_per_step"] * 1e12 <= 1.2 * 3 * 2 * macs
-    assert train["model_tflop_per_step"] <= train["xla_step_tflop"] <= 2 * train["model_tflop_per_step"]
+    # XLA's count is of what the 8 devices run: every one also runs the whole (replicated) optimizer update,
+    # as large as the tiny model's forward and backward.
+    assert train["model_tflop_per_step"] <= train["xla_step_tflop"] <= 3 * train["model_tflop_per_step"]
     kind = result["kind_over_dense"]
     assert kind["kind"]["n_learngene"] == 24 and kind["kind_over_dense"] > 0 and len(kind["times_s"]["kind"]) == 1
     sampling = result["sampling"]

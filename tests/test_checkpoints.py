@@ -120,3 +120,22 @@ def test_a_model_key_newer_than_the_checkpoint_counts_as_its_default():
     config.model.drop_path = 0.1
     with pytest.raises(ConfigError, match=r"model.drop_path: checkpoint 0.0 vs config 0.1"):
         check_same_model(saved, config, "old_run")
+
+
+def test_a_checkpoint_resumes_with_another_attention_remat_or_scan():
+    """``model.attention``, ``remat`` and ``scan_blocks`` choose how the step computes, not the model:
+    a run written with the XLA attention resumes under the ImageNet configs' ``auto`` (and a scan, and
+    remat); its finished stages keep their fingerprint; another width is still refused."""
+    from kindjax.checkpoints.training import check_same_model, config_json
+    from kindjax.train.stages import fingerprint
+
+    config = tiny_config()
+    saved = config_json(config)
+    before = fingerprint(config, {})
+    config.model.update(attention="auto", remat="block", scan_blocks=True)
+    check_same_model(saved, config, "xla_run")
+    assert fingerprint(config, {}) == before
+    config.model.hidden_size = 32
+    with pytest.raises(ConfigError, match=r"model.hidden_size: checkpoint 64 vs config 32"):
+        check_same_model(saved, config, "xla_run")
+    assert fingerprint(config, {}) != before

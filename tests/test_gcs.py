@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -27,7 +29,7 @@ from fsspec.registry import _registry as fsspec_registry
 from orbax.checkpoint._src.path import gcs_utils
 from tensorboard.compat.proto import event_pb2
 
-from conftest import tiny_config, write_png
+from conftest import ROOT, tiny_config, write_png
 from kindjax import checkpoints
 from kindjax.checkpoints.slicing import slice_checkpoint
 from kindjax.data.folder import open_folder
@@ -217,3 +219,23 @@ def test_image_folder_on_gcs(bucket):
     here = open_folder(config)
     for i in range(4):
         np.testing.assert_array_equal(source.image(i), here.image(i))
+
+
+def test_gs_resolves_to_the_real_gcsfs_filesystem_without_tensorflow():
+    """A TPU VM installed with '.[tpu]' has no TensorFlow, so etils reads and writes ``gs://`` through
+    fsspec, which needs gcsfs (a dependency): a fresh process, with no fake registered, resolves a
+    ``gs://`` workdir to gcsfs's filesystem class (instantiating it would look up credentials)."""
+    code = ("import sys; sys.modules['tensorflow'] = None\n"
+            "import fsspec, gcsfs\n"
+            "from kindjax.io.paths import as_path\n"
+            "path = as_path('gs://bucket/run')\n"
+            "backend = path._backend\n"
+            "from etils.epath import backend as b\n"
+            "assert backend is b.fsspec_backend, backend\n"
+            "cls = fsspec.get_filesystem_class('gcs')\n"
+            "assert issubclass(cls, gcsfs.GCSFileSystem) and fsspec.get_filesystem_class('gs') is cls, cls\n"
+            "print(cls.__module__, cls.__name__)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("gcsfs")

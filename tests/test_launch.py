@@ -96,6 +96,9 @@ FAKE = textwrap.dedent('''
             for home in homes:
                 os.makedirs(home, exist_ok=True)
                 shutil.copy(src, os.path.join(home, dest.split(":", 1)[1]))
+        elif args[3] == "describe":                       # the slice's accelerator type
+            assert args[4] == os.environ["TPU_NAME"] and option("--format") == "value(acceleratorType)", args
+            print(os.environ.get("FAKE_ACCELERATOR_TYPE", "v5p-32"))
         elif args[3] == "ssh":
             for w, home in zip(workers, homes):
                 env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE", "WORKDIR", "CONFIG")}
@@ -104,6 +107,10 @@ FAKE = textwrap.dedent('''
                 if rc:
                     sys.exit(rc)
         sys.exit(0)
+    if tool == "python3" and args[:2] == ["-m", "kindjax.tools.preflight"]:   # the launching host's pre-flight
+        rc = int(os.environ.get("FAKE_PREFLIGHT_RC", "0"))
+        print(json.dumps({"compiled": True, "fits": rc == 0}))
+        sys.exit(rc)
     if tool in ("python3", "pip") and args[:3] == ["-m", "pip", "install"] and "uv" in args:
         make_tool(os.path.join(os.environ["HOME"], ".local", "bin", "uv"), "uv")
         sys.exit(0)
@@ -261,7 +268,7 @@ def test_tpu_pod_puts_code_install_and_run_on_every_worker(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tpu_pod.sh: the run finished on every worker." in result.stdout
     log = calls(tmp_path)
-    for c in [c for c in log if c["tool"] == "gcloud"]:
+    for c in [c for c in log if c["tool"] == "gcloud" and c["args"][3] != "describe"]:   # describe: the pre-flight's
         assert "--worker=all" in c["args"] and c["args"][c["args"].index("--zone") + 1] == "us-east5-a"
         assert c["args"][c["args"].index("--project") + 1] == "proj"
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
@@ -350,6 +357,40 @@ def test_tpu_pod_run_survives_the_launcher_hanging_up(tmp_path):
     assert len(worker_runs(tmp_path, 0)) == 1
 
 
+def test_tpu_pod_compiles_the_job_on_the_launching_host_first(tmp_path):
+    env = install_fakes(tmp_path, TPU_NAME="my-v5p-32", ZONE="z", WORKDIR="gs://b/r", PROJECT="proj",
+                        FAKE_TPU_WORKERS="2", FAKE_ACCELERATOR_TYPE="v5p-32", LIBTPU_INIT_ARGS="--xla_tpu_user_flag=1")
+    result = subprocess.run(["launch/tpu_pod.sh", *OVERRIDES], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = calls(tmp_path)
+    describe, preflight = log[0], log[1]
+    assert describe["tool"] == "gcloud" and describe["args"][3:5] == ["describe", "my-v5p-32"]
+    assert "--worker=all" not in describe["args"] and describe["args"][describe["args"].index("--project") + 1] == "proj"
+    assert preflight["tool"] == "python3" and preflight["cwd"] == ROOT
+    assert preflight["args"] == ["-m", "kindjax.tools.preflight", "--config", "configs/dit_xl.py", "--topology",
+                                 "v5p-32", *OVERRIDES]
+    worker_flags = next(c for c in log if c["tool"].startswith("venv-python:") and "kindjax.main" in c["args"])
+    assert preflight["env"]["LIBTPU_INIT_ARGS"] == worker_flags["env"]["LIBTPU_INIT_ARGS"]   # the workers' XLA flags
+    assert [c["args"][3] for c in log if c["tool"] == "gcloud"] == ["describe", "scp", "ssh", "ssh"]
+
+
+def test_tpu_pod_stops_when_the_job_does_not_compile_or_fit(tmp_path):
+    env = install_fakes(tmp_path, TPU_NAME="my-v4-8", ZONE="z", WORKDIR="gs://b/r", FAKE_TPU_WORKERS="1",
+                        FAKE_ACCELERATOR_TYPE="v4-8", FAKE_PREFLIGHT_RC="1")
+    result = subprocess.run(["launch/tpu_pod.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "does not compile or does not fit on my-v4-8 (v4-8)" in result.stderr and '"fits": false' in result.stdout
+    assert [c["args"][3] for c in calls(tmp_path) if c["tool"] == "gcloud"] == ["describe"]   # nothing sent, nothing run
+    # KINDJAX_PREFLIGHT=0 skips the check (a launching host without libtpu).
+    (tmp_path / "calls.jsonl").unlink()
+    env["KINDJAX_PREFLIGHT"] = "0"
+    assert subprocess.run(["launch/tpu_pod.sh"], cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
+    log = calls(tmp_path)
+    assert [c["args"][3] for c in log if c["tool"] == "gcloud"] == ["scp", "ssh", "ssh"]
+    assert not [c for c in log if c["args"][:2] == ["-m", "kindjax.tools.preflight"]]
+
+
 def test_tpu_pod_runs_a_sweep_shard(tmp_path):
     env = install_fakes(tmp_path, TPU_NAME="v5p-8", ZONE="z", WORKDIR="gs://b/sweep", FAKE_TPU_WORKERS="1",
                         CONFIG="configs/kind_dit_l.py", KINDJAX_MODULE="kindjax.sweep", KINDJAX_SHARD="2/4",
@@ -360,6 +401,9 @@ def test_tpu_pod_runs_a_sweep_shard(tmp_path):
     runs = [c for c in calls(tmp_path) if c["tool"].startswith("venv-python:") and c["args"][:2] == ["-m", "kindjax.sweep"]]
     assert [c["args"][2:] for c in runs] == [["--config", "configs/kind_dit_l.py", "--workdir", "gs://b/sweep",
                                               "--shard", "2/4", "--seeds=1"]]
+    preflights = [c["args"] for c in calls(tmp_path) if c["args"][:2] == ["-m", "kindjax.tools.preflight"]]
+    assert preflights == [["-m", "kindjax.tools.preflight", "--config", "configs/kind_dit_l.py", "--topology",
+                           "v5p-32"]]   # the sweep config's first run; --seeds is the sweep's flag
 
 
 def test_tpu_pod_needs_its_settings(tmp_path):

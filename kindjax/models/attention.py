@@ -12,10 +12,15 @@
   the head dim and the token count zero-padded to multiples of 128 (the padded keys masked out).
   Off a TPU the kernel runs in Pallas's interpret mode: correct but slow, for tests.  The kernel
   runs on one device's data: on a mesh (under ``jit`` with batch-sharded inputs, or inside
-  ``jax.set_mesh``) it is wrapped in ``jax.shard_map`` over the batch axes (``data``, ``fsdp``),
-  each device attending over its own rows, with nothing communicated.
+  ``jax.set_mesh``) it is wrapped in a ``jax.shard_map`` manual over every mesh axis (a Mosaic
+  kernel cannot be partitioned automatically, size-1 axes included), the batch split over
+  ``data`` and ``fsdp``, each device attending over its own rows, with nothing communicated.
 - ``auto``: :func:`resolve` — cuDNN on a GPU when the dtype and head dim allow it, splash on a
   TPU, otherwise ``xla``.
+
+"On a TPU" means the inputs' mesh is made of TPU devices (:func:`platform_of`), not that JAX's
+default backend is one: a step lowered for compile-only TPU devices on a CPU host
+(``python -m kindjax.tools.preflight``) takes the TPU paths.
 
 :func:`check_against_xla` compares one implementation with the XLA path on random inputs
 (outputs and gradients); the GPU device check calls it for ``cudnn``.
@@ -42,7 +47,8 @@ def cudnn_supports(dtype: jnp.dtype, head_dim: int) -> bool:
 
 
 def resolve(implementation: str, dtype: jnp.dtype, head_dim: int, platform: str | None = None) -> str:
-    """The implementation ``auto`` stands for on ``platform`` (default: JAX's backend), else
+    """The implementation ``auto`` stands for on ``platform`` (default: JAX's backend; the model passes
+    its inputs' :func:`platform_of`), else
     ``implementation`` itself after checking it can run there."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"model.attention={implementation!r}: use one of {list(ATTENTION_IMPLEMENTATIONS)}")
@@ -83,37 +89,58 @@ def _splash_kernel(tokens: int, padded: int, heads: int, interpret: bool):
     return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
 
 
-def batch_mesh(x: jax.Array) -> tuple[jax.sharding.AbstractMesh, tuple[str, ...]] | None:
-    """The mesh ``x`` is laid out on (``jax.set_mesh``'s, else the one its type carries under ``jit``)
-    and its batch axes (:data:`kindjax.sharding.BATCH_AXES`) of more than one device that are not
-    already manual (inside a ``shard_map``); None when there are none."""
+def _mesh_of(x: jax.Array) -> jax.sharding.AbstractMesh | None:
+    """The mesh ``x`` is laid out on: ``jax.set_mesh``'s, else the one its type carries under ``jit``."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-    if mesh is None or mesh.empty:
+    return None if mesh is None or mesh.empty else mesh
+
+
+def platform_of(x: jax.Array) -> str:
+    """The platform (``tpu``, ``gpu``, ``cpu``) that computes on ``x``: its mesh's devices when it has one
+    (so a step lowered for compile-only TPU devices on a CPU host says ``tpu``), else the devices of a
+    concrete array, else JAX's default backend."""
+    device = getattr(_mesh_of(x), "abstract_device", None)
+    if device is not None:
+        return device.platform
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return next(iter(x.devices())).platform
+    return jax.default_backend()
+
+
+def splash_mesh(x: jax.Array) -> tuple[jax.sharding.AbstractMesh, tuple[str, ...], tuple[str, ...]] | None:
+    """``(mesh, free, batch)`` for ``x``'s mesh (:func:`_mesh_of`): ``free`` its axes not already manual
+    (inside a ``shard_map``), size-1 axes included — a Mosaic kernel cannot be partitioned automatically,
+    so its ``shard_map`` must be manual over all of them —, ``batch`` those of ``free`` that split the
+    batch (:data:`kindjax.sharding.BATCH_AXES`); None without a mesh or with every axis already manual."""
+    mesh = _mesh_of(x)
+    if mesh is None:
         return None
-    axes = tuple(a for a in BATCH_AXES
-                 if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
-    return (mesh, axes) if axes else None
+    free = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+    if not free:
+        return None
+    return mesh, free, tuple(a for a in BATCH_AXES if a in free)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool | None = None) -> jax.Array:
     """Splash attention for ``(B, N, heads, h)`` inputs: ``q`` pre-scaled by ``1/√h``, ``h`` and ``N``
     zero-padded to multiples of :data:`LANES` (zero head-dim columns change no score; padded keys are
-    masked out, padded queries sliced off).  ``interpret``: default off a TPU only.  On a mesh
-    (:func:`batch_mesh`) each device runs the kernel on its rows of the batch (``jax.shard_map``)."""
-    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
-    found = batch_mesh(q)
+    masked out, padded queries sliced off).  ``interpret``: by default when ``q`` is not computed on a
+    TPU (:func:`platform_of`).  On a mesh (:func:`splash_mesh`) each device runs the kernel on its rows
+    of the batch, in a ``jax.shard_map`` manual over every mesh axis."""
+    interpret = platform_of(q) != "tpu" if interpret is None else interpret
+    found = splash_mesh(q)
     if found is None:
         return _splash_local(q, k, v, interpret)
-    mesh, axes = found
-    devices = int(np.prod([mesh.shape[a] for a in axes]))
+    mesh, free, batch = found
+    devices = int(np.prod([mesh.shape[a] for a in batch]))
     if q.shape[0] % devices:
-        raise ValueError(f"splash attention splits the batch over the mesh axes {axes} ({devices} devices), "
+        raise ValueError(f"splash attention splits the batch over the mesh axes {batch} ({devices} devices), "
                          f"but the batch has {q.shape[0]} rows; use a batch divisible by {devices}")
-    rows = jax.sharding.PartitionSpec(axes)
+    rows = jax.sharding.PartitionSpec(batch or None)
     return jax.shard_map(functools.partial(_splash_local, interpret=interpret), mesh=mesh,
-                         in_specs=(rows, rows, rows), out_specs=rows, axis_names=set(axes),
+                         in_specs=(rows, rows, rows), out_specs=rows, axis_names=set(free),
                          check_vma=False)(q, k, v)
 
 
@@ -152,7 +179,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementati
                           interpret: bool | None = None) -> jax.Array:
     """``softmax(q·kᵀ/√h)·v`` per head for ``(B, N, heads, h)`` inputs, by ``implementation``
     (``auto`` resolved by :func:`resolve`); the output has ``q``'s shape and dtype."""
-    chosen = resolve(implementation, q.dtype, q.shape[-1])
+    chosen = resolve(implementation, q.dtype, q.shape[-1], platform_of(q))
     if chosen == "pallas":
         return splash_attention(q, k, v, interpret)
     if chosen == "cudnn" and implementation == "auto":

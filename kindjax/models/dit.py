@@ -399,6 +399,13 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
         drop_path=m.get("drop_path", 0.0))
 
 
+def unrolled(model: DiT) -> DiT:
+    """``model`` computing the same function with its blocks in a Python loop, no remat and XLA
+    attention: the form whose every FLOP XLA's cost analysis counts (it counts the body of a
+    ``lax.scan`` once, and a Pallas or cuDNN attention kernel as opaque)."""
+    return model.clone(scan_blocks=False, remat="none", attention="xla")
+
+
 def _dummy_inputs(model: DiT) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
     x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
     i = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -406,9 +413,11 @@ def _dummy_inputs(model: DiT) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruc
 
 
 def init_params(key: jax.Array, model: DiT) -> Any:
-    """Fresh parameters of ``model`` (traced on a one-image dummy batch)."""
+    """Fresh parameters of ``model`` (traced on a one-image dummy batch, with XLA attention: the
+    attention has no parameters, and a kernel may not run where the parameters are made, e.g. cuDNN's
+    on the CPU host of a pre-flight)."""
     x, t, y = (jnp.zeros(s.shape, s.dtype) for s in _dummy_inputs(model))
-    return model.init(key, x, t, y)["params"]
+    return model.clone(attention="xla").init(key, x, t, y)["params"]
 
 
 def abstract_params(model: DiT) -> Any:

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from kindjax import cli
 from kindjax.distributed import initialize
 from kindjax.sweep.registry import EXPERIMENTS, experiment_for
+from kindjax.train.stages import use_compilation_cache
 from kindjax.sweep.grid import parse_shard, sweep
 
 
@@ -37,6 +38,7 @@ def main(argv: list[str]) -> None:
     if f.steps:
         options["steps"] = f.steps
     initialize()
+    use_compilation_cache(f.config, f.workdir)   # one cache for every run of the sweep
     sweep(experiment, f.config, f.workdir, options, shard, f.tables_only, f.poll_seconds)
 
 

@@ -5,10 +5,11 @@ jitted, sharded step (:class:`kindjax.train.trainer.Trainer`) on random latents 
 
 - DiT-XL/2 (256² images as 32×32×4 latents), bf16, at 32 and 64 images per device: seconds per
   step over ``--accel_steps`` back-to-back steps (dispatched without waiting, timed to the last one's
-  completion), images/s, and MFU = 3 × XLA's FLOP count of the forward pass / (step time × devices
-  × the chip's peak dense bf16 FLOP/s, :data:`PEAK_BF16_FLOPS`); also XLA's count of the whole step
-  (backward and optimizer included; it counts any rematerialised work, so ``xla_step_tflop`` /
-  step time is the hardware FLOP rate), the compile time and XLA's memory analysis per device.
+  completion), images/s, and MFU = 3 × :func:`forward_flops` (XLA's count of the unrolled forward
+  pass) / (step time × devices × the chip's peak dense bf16 FLOP/s, :data:`PEAK_BF16_FLOPS`); also
+  XLA's count of the whole step (backward and optimizer included; it counts any rematerialised work,
+  so ``xla_step_tflop`` / step time is the hardware FLOP rate, but a ``model.scan_blocks`` body only
+  once), the compile time and XLA's memory analysis per device.
   A batch that does not fit is reported as such, not fatal.
 - KIND-L/2 (gated class gate, the paper's N_G = 424, N_T = 4, 150 classes) over dense DiT-L/2 with
   the same 150 classes, 32 per device, measured alternately ``rounds`` times: ``kind_over_dense``.
@@ -43,7 +44,7 @@ from kindjax.config import base_config, validate
 from kindjax.diffusion import sample as run_sampler
 from kindjax.papers.kind import facts as kind_facts
 from kindjax.papers.kind.layer import kind_config
-from kindjax.models.dit import DiT
+from kindjax.models.dit import DiT, unrolled
 from kindjax.train.trainer import Trainer
 
 #: Peak dense bf16 FLOP/s by a substring of ``jax.Device.device_kind`` (first match wins; TPU v5e
@@ -64,14 +65,15 @@ def peak_flops(device: jax.Device) -> float | None:
 
 
 def forward_flops(model: DiT, param_shapes: Any, batch: int) -> float:
-    """FLOPs (2 per multiply-add) of one forward pass on ``batch`` images, from XLA's cost analysis.
+    """FLOPs (2 per multiply-add) of one forward pass on ``batch`` images, from XLA's cost analysis of
+    :func:`kindjax.models.dit.unrolled` ``(model)``.
 
-    Counts the HLO of the traced forward: every matmul and attention product, plus
-    the (small) elementwise work of norms, activations and softmax.
+    Counts every matmul and attention product, plus the (small) elementwise work of norms,
+    activations and softmax, whatever ``model.scan_blocks`` and ``model.attention`` are.
     """
     x = jax.ShapeDtypeStruct((batch, model.image_size, model.image_size, model.in_channels), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    lowered = jax.jit(model.apply).lower({"params": param_shapes}, x, labels, labels)
+    lowered = jax.jit(unrolled(model).apply).lower({"params": param_shapes}, x, labels, labels)
     return float(lowered.cost_analysis()["flops"])
 
 
@@ -184,10 +186,11 @@ class StepCase:
                 "label": rng.integers(0, m.num_classes, b).astype(np.int32)}
         self.batch = {k: sharding.put_global(v, self.trainer.batch_sharding) for k, v in host.items()}
         lowered = self.trainer.step.lower(self.state, self.batch, self.trainer.teacher_params)
-        self.xla_step_flops = float(lowered.cost_analysis()["flops"])
         start = time.perf_counter()
         self.step = lowered.compile()
         self.compile_s = time.perf_counter() - start
+        # The compiled program is each device's (the step's gradient is a shard_map over the mesh): × devices.
+        self.xla_step_flops = float(self.step.cost_analysis()["flops"]) * len(devices)
         memory = self.step.memory_analysis()
         self.memory_gib = None if memory is None else {
             k: round(getattr(memory, f"{k}_size_in_bytes") / 2 ** 30, 3)

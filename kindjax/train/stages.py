@@ -18,7 +18,7 @@ import ml_collections
 
 from kindjax import checkpoints
 from kindjax.checkpoints import config_json
-from kindjax.config import EXTENSIONS, ConfigError, base_config, differences, start_keys, validate
+from kindjax.config import EXECUTION_KEYS, EXTENSIONS, ConfigError, base_config, differences, start_keys, validate
 from kindjax.distributed import warn_if_cpu_fallback
 from kindjax.data import make_dataset
 from kindjax.evaluation.digits_report import evaluate_digits
@@ -52,10 +52,11 @@ def check(config: ml_collections.ConfigDict, starts: bool = True):
 
 
 #: Settings that do not change what a stage produces (left out of its fingerprint; a package adds
-#: its own sections as :attr:`kindjax.config.Extension.unrecorded`).
-UNRECORDED = {"job": None, "mesh": None,
+#: its own sections as :attr:`kindjax.config.Extension.unrecorded`; the gradient's reduction dtype and
+#: the model's EXECUTION_KEYS change only its rounding, as the device count does).
+UNRECORDED = {"job": None, "mesh": None, "model": EXECUTION_KEYS,
               "train": ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "max_nonfinite_steps",
-                        "max_update_ratio"),
+                        "max_update_ratio", "grad_reduce_dtype", "compilation_cache"),
               "data": ("workers", "device_prefetch", "verify_latents"),
               "vae": ("encode_batch_size", "prefetch")}
 #: Fingerprint sections that change a stage's figures but not its weights: a finished stage is
@@ -250,9 +251,33 @@ JOBS: Registry[Callable[[ml_collections.ConfigDict, str], Any]] = Registry("job"
 JOBS.register("train", train_job)
 
 
+def compilation_cache_dir(setting: str, workdir: str, current: str | None) -> str | None:
+    """The directory of JAX's persistent compilation cache for ``train.compilation_cache=setting``:
+    ``"auto"``: ``WORKDIR/compilation_cache``; a path (local or ``gs://``): that one; ``""``: none.
+    ``current``, the directory JAX already uses (``JAX_COMPILATION_CACHE_DIR``, or an earlier call
+    in this process: JAX sets its cache up once), wins."""
+    if current or not setting:
+        return current or None
+    return str(as_path(workdir) / "compilation_cache") if setting == "auto" else setting
+
+
+def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """Turns JAX's persistent compilation cache on in :func:`compilation_cache_dir`, before anything is
+    compiled, so a restarted job loads its compiled programs instead of compiling them again (a
+    sweep: one cache under its workdir for all its runs).  The directory, or None."""
+    current = jax.config.jax_compilation_cache_dir
+    path = compilation_cache_dir(config.train.compilation_cache, workdir, current)
+    if path != current:
+        jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs the job ``config.job`` names in ``workdir``."""
     warn_if_cpu_fallback()
+    cache = use_compilation_cache(config, workdir)
+    if cache and jax.process_index() == 0:
+        print(f"Compilation cache: {cache}", flush=True)
     try:
         job = JOBS[config.job]
     except UnknownName as unknown:

@@ -70,12 +70,17 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
 def train_step(state: State, batch: dict[str, jax.Array], teacher_params: Any = None, *, model: DiT,
                diffusion: GaussianDiffusion, optimizer: optax.GradientTransformation,
                config: ml_collections.ConfigDict, base_key: jax.Array,
-               teacher_model: DiT | None = None) -> tuple[State, dict[str, jax.Array]]:
+               teacher_model: DiT | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> tuple[State, dict[str, jax.Array]]:
     """One AdamW step on the hybrid diffusion loss, restricted by the config's update rule
     (:func:`kindjax.params.update_rule`: frozen leaves, per-class rows); EMA update.
 
     ``teacher_params`` (of ``teacher_model``; ``train.distill``): the loss adds the output distillation
     term (:func:`kindjax.diffusion.denoising_loss`, ``metrics['distill']``); the teacher is only read.
+
+    ``mesh``: the gradient is computed data parallel over it
+    (:func:`kindjax.sharding.data_parallel_value_and_grad`), reduced in ``train.grad_reduce_dtype``;
+    None: on one device.
 
     The update is applied only when the loss and the gradient norm are finite and it does not explode
     (``state' = where(finite ∧ ‖Δθ‖ ≤ r·‖θ‖, update(state), state)`` with ``r = train.max_update_ratio``,
@@ -89,13 +94,22 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_params: Any = 
     x0 = batch["image"]
     y = drop_labels(k_drop, batch["label"], config.model.class_dropout, model.num_classes)
     xt, t, noise = noisy_inputs(k_t, k_noise, x0, diffusion)
-    teacher = None if teacher_params is None else (teacher_model, teacher_params)
+    distill_weight = 0.0 if teacher_params is None else config.train.distill.weight
+
+    def loss_fn(params, rows, teacher, drop_key):
+        return denoising_loss(model, params, diffusion, **rows, teacher=None if teacher is None else
+                              (teacher_model, teacher), distill_weight=distill_weight,
+                              rngs=None if drop_key is None else {"dropout": drop_key})
+
     # The model's own randomness (drop path) only when it has some: the other streams stay as they were.
-    rngs = {"dropout": jax.random.fold_in(key, 3)} if config.model.get("drop_path", 0.0) > 0 else None
-    loss_fn = functools.partial(denoising_loss, model, diffusion=diffusion, x0=x0, xt=xt, t=t, noise=noise, y=y,
-                                teacher=teacher, distill_weight=0.0 if teacher is None else config.train.distill.weight,
-                                rngs=rngs)
-    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    drop_key = jax.random.fold_in(key, 3) if config.model.get("drop_path", 0.0) > 0 else None
+    rows = {"x0": x0, "xt": xt, "t": t, "noise": noise, "y": y}
+    if mesh is None:
+        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    else:
+        reduce_dtype = jnp.dtype(config.train.get("grad_reduce_dtype", "float32"))
+        value_and_grad = sharding.data_parallel_value_and_grad(loss_fn, mesh, reduce_dtype)
+    (loss, losses), grads = value_and_grad(state["params"], rows, teacher_params, drop_key)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     rule = param_rules.update_rule(config)
     params = rule.restrict(optax.apply_updates(state["params"], updates), state["params"], y, model.num_classes)
@@ -113,7 +127,7 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_params: Any = 
     metrics = {"loss": loss, "mse": losses["mse"].mean(), "vb": losses["vb"].mean(), "grad_norm": grad_norm,
                "lr": learning_rate(config)(state["step"]), "finite": finite.astype(jnp.float32),
                "update_ratio": update_ratio}
-    if teacher is not None:
+    if teacher_params is not None:
         metrics["distill"] = losses["distill"].mean()
     if STOP in batch:
         metrics[STOP] = jnp.max(batch[STOP])
@@ -147,13 +161,22 @@ class Trainer:
         self.teacher_params = jax.device_put(teacher_params, teacher_sharding)
         step = functools.partial(train_step, model=self.model, diffusion=self.diffusion,
                                  optimizer=self.optimizer, config=config, base_key=self.base_key,
-                                 teacher_model=teacher_model)
+                                 teacher_model=teacher_model, mesh=self.mesh)
         #: ``(state, batch, teacher_params) -> (state, metrics)``: :func:`train_step`, jitted and sharded.
         self.step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, teacher_sharding),
                             out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=0)
         #: Where an evaluation's sampling keeps what it drew, so a stop request interrupts it and a rerun
         #: resumes it (:class:`kindjax.diffusion.generate.SamplingProgress`); None outside the evaluation.
         self.progress: SamplingProgress | None = None
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The step's global batch as shapes on the mesh, as the loop gives it (:meth:`place` of the
+        data, and :class:`Preemption`'s :data:`STOP` column): ``image`` ``(B, H, W, C)`` float32,
+        ``label`` and :data:`STOP` ``(B,)`` int32."""
+        m, b = self.model, self.config.train.batch_size
+        rows = functools.partial(jax.ShapeDtypeStruct, sharding=self.batch_sharding)
+        return {"image": rows((b, m.image_size, m.image_size, m.in_channels), jnp.float32),
+                "label": rows((b,), jnp.int32), STOP: rows((b,), jnp.int32)}
 
     def step_fn(self, state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         """One train step (:attr:`step`) with this run's teacher, if any; ``state`` is donated."""

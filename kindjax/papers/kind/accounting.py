@@ -40,7 +40,7 @@ from kindjax.archs import resolve_dims
 from kindjax.papers.kind.classes import kind_tasks
 from kindjax.papers.kind.methods import METHODS, Sizes, config_sizes, kind_task_sizes, method_config
 from kindjax.layers.svd import matrix_shapes
-from kindjax.models.dit import abstract_params, build_model
+from kindjax.models.dit import abstract_params, build_model, unrolled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ def _flops(fn, *args) -> float:
 
 def _shapes(config: ml_collections.ConfigDict, batch: int) -> tuple:
     """The model, its parameter shapes, and input shapes ``(x, t/y)`` for ``batch`` images."""
-    model = build_model(config)
+    model = unrolled(build_model(config))   # every block counted, whatever model.scan_blocks is
     x = jax.ShapeDtypeStruct((batch, model.image_size, model.image_size, model.in_channels), jnp.float32)
     i = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return model, abstract_params(model), x, i

@@ -1,0 +1,392 @@
+"""Pre-flight: the real train step compiled for a TPU slice on any host, before the job is launched.
+
+    python -m kindjax.tools.preflight --config configs/dit_xl.py --topology v5p-8 [--batch 256] [--config.KEY=VALUE ...]
+
+libtpu's compile-only devices of ``--topology`` (a Cloud TPU accelerator type, :func:`parse_topology`;
+``jax.experimental.topologies``)
+stand in for the chips: :class:`kindjax.train.trainer.Trainer` builds its own mesh, shardings, donation
+and step on them, the step is lowered on the trainer's abstract state and batch
+(:meth:`~kindjax.train.trainer.Trainer.abstract_batch`) and compiled by the real XLA:TPU compiler, on
+the CPU of this host.  Nothing runs.  From the compiled program, per chip: XLA's memory analysis
+(``peak = argument + output − alias + temp + generated code``) against the chip's HBM; the FLOPs and
+HBM bytes of XLA's cost analysis (of the unrolled twin's compile when ``model.scan_blocks``, whose loop
+body XLA counts once) against the analytic count (3 × the forward FLOPs of the unrolled model,
+:func:`kindjax.tools.bench_accelerator.forward_flops`); the roofline ``max(FLOPs / peak FLOP/s, bytes / HBM
+bandwidth)`` (compute and HBM only: collectives are listed, not timed); every collective by op and
+dtype; and the attention kernel that lowered.  A step that does not fit is compiled again with more
+remat, then with half the batch per chip, until one fits (``--advise``).
+
+The last line printed is :func:`preflight`'s dict as one JSON object; the exit status is 0 when the
+step compiled and fits, else 1.  Deviceless GPU compilation: docs/pods.md ("Pre-flight").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from kindjax.tools.bench_accelerator import forward_flops, out_of_memory, peak_flops
+from kindjax.config import REMAT_POLICIES, ConfigError, validate
+from kindjax.models.dit import abstract_params
+from kindjax.train.trainer import Trainer
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """A TPU generation's HBM per chip (GiB) and HBM bandwidth (bytes/s), from Cloud TPU's system
+    architecture pages; the peak FLOP/s is :data:`kindjax.tools.bench_accelerator.PEAK_BF16_FLOPS`'s."""
+
+    hbm_gib: float
+    hbm_bytes_per_s: float
+
+
+#: The share of a GPU's memory JAX may allocate (``XLA_PYTHON_CLIENT_MEM_FRACTION``, as launch/gpu_slurm.sh sets it).
+GPU_MEMORY_FRACTION = 0.90
+#: NVIDIA H100 SXM 80 GB (Hopper, compute capability 9.0) as XLA's GPU compiler reads a device: the
+#: fields of ``stream_executor.GpuDeviceInfoProto`` (NVIDIA's H100 datasheet and CUDA device properties).
+H100_SXM = {"threads_per_block_limit": 1024, "threads_per_warp": 32, "shared_memory_per_block": 48 * 1024,
+            "shared_memory_per_core": 228 * 1024, "threads_per_core_limit": 2048, "core_count": 132,
+            "fpus_per_core": 128, "block_dim_limit_x": 2 ** 31 - 1, "block_dim_limit_y": 65535,
+            "block_dim_limit_z": 65535, "memory_bandwidth": 3_352_320_000_000, "l2_cache_size": 50 * 2 ** 20,
+            "clock_rate_ghz": 1.98, "device_memory_size": 81559 * 2 ** 20, "shared_memory_per_block_optin": 227 * 1024,
+            "registers_per_core_limit": 65536, "registers_per_block_limit": 65536}
+#: ``--topology`` GPU prefix → (the device's name, its fields, compute capability).
+GPU_TARGETS = {"h100": ("NVIDIA H100 80GB HBM3", H100_SXM, (9, 0))}
+
+#: By ``jax.Device.device_kind`` of the compile-only devices.
+CHIPS = {"TPU v4": Chip(32, 1.2e12), "TPU v5 lite": Chip(16, 8.19e11), "TPU v5": Chip(95, 2.765e12),
+         "TPU v6 lite": Chip(32, 1.64e12),
+         "NVIDIA H100 80GB HBM3": Chip(H100_SXM["device_memory_size"] * GPU_MEMORY_FRACTION / GIB,
+                                       H100_SXM["memory_bandwidth"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A slice (or several, joined by DCN) as libtpu names it for ``get_topology_desc``."""
+
+    name: str                   # libtpu's "<generation>:<chip grid>", e.g. "v5:2x2x1"
+    chip_config: str            # "megacore" (v4, v5p: one device per chip) or "default"
+    host_bounds: tuple[int, int, int]
+    wrap: tuple[bool, bool, bool] = (False, False, False)
+    slices: int = 1
+
+
+#: Cloud TPU accelerator type prefix → (libtpu's generation, chip config, TensorCores per chip, grid
+#: rank): v4 and v5p count TensorCores in their names (two per chip, one megacore device) on a 3-D
+#: torus; v5e ("v5litepod-N" on GCE) and v6e count chips on a 2-D grid.
+GENERATIONS = {"v4": ("v4", "megacore", 2, 3), "v5p": ("v5", "megacore", 2, 3), "v5e": ("v5e", "default", 1, 2),
+               "v5litepod": ("v5e", "default", 1, 2), "v6e": ("v6e", "default", 1, 2)}
+#: Chips → chip grid of a slice (Cloud TPU's shapes: 3-D for v4/v5p, 2-D for v5e/v6e).
+GRIDS = {3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+             256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)},
+         2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}}
+#: The ``--topology`` names the docs use (any Cloud TPU accelerator type parses, :func:`parse_topology`).
+TOPOLOGY_NAMES = ("v4-8", "v5e-8", "v5p-8", "v5p-64", "v6e-8", "2xv5p-8")
+
+
+def parse_topology(name: str) -> Topology:
+    """A Cloud TPU accelerator type (``v4-8``, ``v5p-64``, ``v5litepod-8`` or ``v5e-8``, ``v6e-8``, …),
+    optionally ``Kx`` for K slices joined by the data-centre network (``2xv5p-8``; set
+    ``mesh.dcn_data=K``), as libtpu's topology: the chip grid, and wraparound links on a 3-D slice
+    whose every side is at least 4 (a full torus)."""
+    match = re.fullmatch(r"(?:(\d+)x)?([a-z0-9]+)-(\d+)", name)
+    generation = GENERATIONS.get(match[2]) if match else None
+    if generation is None:
+        raise ValueError(f"--topology {name!r}: give a Cloud TPU accelerator type such as {', '.join(TOPOLOGY_NAMES)} "
+                         f"(generations {sorted(GENERATIONS)}; 'Kx' in front for K slices)")
+    libtpu_name, chip_config, cores, rank = generation
+    chips, rest = divmod(int(match[3]), cores)
+    if rest or chips not in GRIDS[rank]:
+        raise ValueError(f"--topology {name!r}: no {match[2]} slice has {match[3]} "
+                         f"{'TensorCores' if cores == 2 else 'chips'}; sizes: "
+                         f"{sorted(c * cores for c in GRIDS[rank])}")
+    grid = GRIDS[rank][chips]
+    wrap = (rank == 3 and min(grid) >= 4,) * 3
+    host = (2, 4, 1) if rank == 2 and chips == 8 else (1, 1, 1) if chips == 1 else (2, 2, 1)
+    return Topology(f"{libtpu_name}:{'x'.join(map(str, grid))}", chip_config, host, wrap, int(match[1] or 1))
+
+
+#: ``model.remat`` → the settings that keep less for the backward pass, least recompute first.
+LESS_KEPT = {"none": ("dots_saveable", "block"), "dots_saveable": ("block",), "block": ()}
+assert set(LESS_KEPT) == set(REMAT_POLICIES)
+
+#: Bytes per element of the HLO element types a collective may carry.
+ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2,
+                 "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8}
+COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+                  "collective-permute")
+# "%name = TYPE op(" for a collective; an asynchronous one is counted at its "-done" (its result is
+# the collective's), not at its "-start" (whose result also holds the operands).
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<type>.*?)\s(?P<op>" + "|".join(COLLECTIVE_OPS)
+                         + r")(?P<phase>-start|-done)?\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+
+
+def gpu_target_config(name: str, info: dict[str, Any], capability: tuple[int, int]) -> str:
+    """The text ``GpuTargetConfigProto`` that lets XLA compile for a GPU it does not see."""
+    fields = "".join(f"  {key}: {value}\n" for key, value in info.items())
+    return (f"gpu_device_info {{\n{fields}  cuda_compute_capability {{ major: {capability[0]} minor: {capability[1]} }}\n}}\n"
+            f'platform_name: "CUDA"\ndnn_version_info {{ major: 9 minor: 8 patch: 0 }}\ndevice_description_str: "{name}"\n')
+
+
+def gpu_devices(kind: str, count: int) -> list[jax.Device]:
+    """``count`` compile-only GPUs (8 per host) of ``GPU_TARGETS[kind]``, through the CUDA PJRT plugin's
+    ``target_config`` (kindjax's ``.[cuda]`` or ``.[cuda13]`` extra installed; no GPU nor driver needed)."""
+    from jax.experimental import topologies
+
+    name, info, capability = GPU_TARGETS[kind]
+    if count % 8 and count > 8 or count < 1:
+        raise ValueError(f"--topology {kind}-{count}: give 1 to 8 GPUs, or hosts of 8 ({kind}-16, {kind}-32, ...)")
+    hosts, per_host = (count // 8, 8) if count >= 8 else (1, count)
+    try:
+        return list(topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(name, info, capability),
+                                                 topology=f"1x{hosts}x{per_host}").devices)
+    except (NotImplementedError, RuntimeError) as e:
+        raise ConfigError(f"compiling for {kind} GPUs needs JAX's CUDA plugin on this host: pip install -e '.[cuda]' "
+                          f"(or '.[cuda13]'); no GPU is needed ({_one_line(e)})") from None
+
+
+def topology_devices(name: str) -> list[jax.Device]:
+    """The compile-only devices of the slice ``name`` (:func:`parse_topology`; libtpu on this host, no
+    TPU needed), or of ``h100-N`` (:func:`gpu_devices`)."""
+    gpu = re.fullmatch(r"([a-z]\d+)-(\d+)", name)
+    if gpu and gpu[1] in GPU_TARGETS:
+        return gpu_devices(gpu[1], int(gpu[2]))
+    t = parse_topology(name)
+    # Compile-only devices open no chip: let this process load libtpu beside another that holds it (a
+    # job on this TPU VM, another pre-flight), instead of failing on libtpu's one-process lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(
+            topology_name=t.name, platform="tpu", chip_config_name=t.chip_config, chips_per_host_bounds=t.host_bounds,
+            wrap=t.wrap, num_slices=t.slices).devices)
+    except RuntimeError as e:
+        if "TPU support not installed" in str(e):
+            raise ConfigError("the pre-flight compiles with libtpu: pip install 'libtpu==0.0.42.*' (or kindjax's "
+                              "'.[tpu]' / '.[test]' extras)") from None
+        raise
+
+
+def collectives(hlo: str) -> dict[str, dict[str, dict[str, int]]]:
+    """``{op: {dtype: {"count", "bytes"}}}`` of every collective of the compiled ``hlo`` text; bytes are
+    each result's per chip (a tuple result counts each of its arrays under its own dtype).  A
+    collective inside a ``while`` body (``model.scan_blocks``) is counted once, as XLA's cost analysis
+    counts the body."""
+    found: dict[str, dict[str, dict[str, int]]] = {}
+    for line in hlo.splitlines():
+        match = _COLLECTIVE.match(line)
+        if match is None or match["phase"] == "-start":
+            continue
+        for dtype, dims in _ARRAY.findall(match["type"]):
+            size = 1
+            for d in filter(None, dims.split(",")):
+                size *= int(d)
+            entry = found.setdefault(match["op"], {}).setdefault(dtype, {"count": 0, "bytes": 0})
+            entry["count"] += 1
+            entry["bytes"] += size * ELEMENT_BYTES.get(dtype, 4)
+    return found
+
+
+def attention_lowered(hlo: str) -> str:
+    """``splash`` (a Mosaic custom call of the splash kernel), ``cudnn`` (cuDNN's fused attention) or
+    ``xla``: the attention the compiled ``hlo`` text computes."""
+    for line in hlo.splitlines():
+        if 'custom_call_target="tpu_custom_call"' in line and re.match(r"^\s*(?:ROOT\s+)?%splash", line):
+            return "splash"
+        if "__cudnn$fmha" in line:
+            return "cudnn"
+    return "xla"
+
+
+class ShapesOnly:
+    """The training source of a pre-flight: its classes, and no data (the step is only compiled)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"the pre-flight reads no data (TrainingSource.{name} was called)")
+
+
+def compile_step(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> tuple[Any, Trainer, float]:
+    """``(compiled step, trainer, seconds to lower and compile)``: the trainer's own jitted step on
+    ``devices``, lowered on its abstract state and batch."""
+    if config.train.distill.teacher:
+        raise ConfigError("the pre-flight does not compile a distillation step (train.distill.teacher reads a "
+                          "checkpoint); clear train.distill.teacher to check the student's step")
+    trainer = Trainer(config, "", devices=devices, dataset=ShapesOnly(config.model.num_classes))
+    start = time.perf_counter()
+    compiled = trainer.step.lower(trainer.abstract_state, trainer.abstract_batch(), None).compile()
+    return compiled, trainer, time.perf_counter() - start
+
+
+def memory_gib(compiled: Any) -> dict[str, float]:
+    """Per chip, GiB: ``argument``, ``output``, ``alias``, ``temp``, ``generated_code`` and ``peak``."""
+    m = compiled.memory_analysis()
+    sizes = {k: getattr(m, f"{k}_size_in_bytes") for k in ("argument", "output", "alias", "temp", "generated_code")}
+    sizes["peak"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + sizes["generated_code"]
+    return {k: round(v / GIB, 3) for k, v in sizes.items()}
+
+
+def _significant(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | None = None, advise: bool = True,
+              log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """The figures of ``config``'s train step compiled for ``topology`` at global batch ``batch``
+    (default ``train.batch_size``), as the module docstring lists them; one call per config (a
+    ``--compare_dense`` is two calls).  A step that does not compile gives ``compiled: False`` and the
+    one-line ``error``; with ``advise``, one that does not fit (out of HBM at compile, or a peak above
+    the HBM) is compiled again with more remat, then with half the batch per chip, until one fits:
+    ``advice`` names the settings."""
+    config = config.copy_and_resolve_references()
+    if batch is not None:
+        config.train.batch_size = batch
+    devices = topology_devices(topology)
+    chips, b = len(devices), config.train.batch_size
+    chip = CHIPS[devices[0].device_kind]
+    peak = peak_flops(devices[0])
+    result: dict[str, Any] = {
+        "compiled": False, "error": None, "topology": topology, "chips": chips, "device_kind": devices[0].device_kind,
+        "batch": b, "per_chip_batch": b / chips, "model": {k: config.model[k] for k in
+                                                         ("arch", "dtype", "attention", "remat", "scan_blocks")},
+        "linear": config.model.linear.kind, "mesh": None, "attention": None, "memory_gib_per_chip": None,
+        "hbm_gib_per_chip": _significant(chip.hbm_gib), "fits": False, "gflop_per_image": None, "analytic_gflop_per_image": None,
+        "hbm_gib_per_step": None, "roofline_step_s": None, "roofline_images_per_s": None,
+        "analytic_step_s": None, "roofline_over_analytic": None, "xla_optimal_step_s": None,
+        "collectives": None, "compile_s": None, "flops_from": None, "advice": None}
+    log(f"pre-flight: {config.model.arch or 'custom'} ({config.model.linear.kind}) batch {b} on {topology} "
+        f"({chips} x {devices[0].device_kind}, {chip.hbm_gib:.4g} GiB each)")
+    try:
+        validate(config, chips)
+        compiled, trainer, seconds = compile_step(config, devices)
+    except Exception as e:  # noqa: BLE001 — a step that does not compile is the pre-flight's finding
+        result["error"] = _one_line(e)
+        log(f"  does not compile: {result['error']}")
+        if advise and out_of_memory(e):
+            result["advice"] = find_fit(config, devices, chip, log)
+        return result
+    hlo = compiled.as_text()
+    result.update(compiled=True, compile_s=round(seconds, 1), mesh=dict(trainer.mesh.shape),
+                  attention=attention_lowered(hlo), memory_gib_per_chip=memory_gib(compiled),
+                  collectives=collectives(hlo))
+    result["fits"] = result["memory_gib_per_chip"]["peak"] <= chip.hbm_gib
+    cost, result["flops_from"] = compiled.cost_analysis(), "compiled step"
+    if cost is None:
+        result["flops_from"] = "none: XLA's compile-only GPU programs have no cost analysis"
+    elif config.model.scan_blocks:   # XLA counts the while body once: the unrolled twin's compile counts all blocks
+        twin = config.copy_and_resolve_references()
+        twin.model.scan_blocks = False
+        try:
+            twin_compiled, _, twin_seconds = compile_step(twin, devices)
+            cost, result["flops_from"] = twin_compiled.cost_analysis(), "compiled unrolled twin (model.scan_blocks=False)"
+            result["compile_s"] = round(seconds + twin_seconds, 1)
+        except Exception as e:  # noqa: BLE001 — the twin may not fit where the scan does
+            result["flops_from"] = f"compiled step, scanned blocks counted once (the unrolled twin: {_one_line(e)})"
+    analytic = 3 * forward_flops(trainer.model, abstract_params(trainer.model), b) / b
+    analytic_step = analytic * b / (chips * peak)
+    result.update(analytic_gflop_per_image=_significant(analytic / 1e9), analytic_step_s=_significant(analytic_step))
+    mem = result["memory_gib_per_chip"]
+    log(f"  compiled in {result['compile_s']} s on mesh {result['mesh']}; attention: {result['attention']}")
+    log(f"  memory per chip: peak {mem['peak']} GiB of {chip.hbm_gib:.4g} (arguments {mem['argument']}, temporaries "
+        f"{mem['temp']}, code {mem['generated_code']}): {'fits' if result['fits'] else 'DOES NOT FIT'}")
+    if cost is not None:
+        flops_chip, bytes_chip = float(cost["flops"]), float(cost["bytes accessed"])
+        # XLA does not count the FLOPs of a Mosaic (splash) or cuDNN attention kernel: where one runs,
+        # the compute bound takes the analytic count when it is the larger.
+        compute = flops_chip if result["attention"] == "xla" else max(flops_chip, analytic * b / chips)
+        roofline = max(compute / peak, bytes_chip / chip.hbm_bytes_per_s)
+        result.update(gflop_per_image=_significant(flops_chip * chips / b / 1e9),
+                      hbm_gib_per_step=_significant(bytes_chip / GIB), roofline_step_s=_significant(roofline),
+                      roofline_images_per_s=_significant(b / roofline),
+                      roofline_over_analytic=_significant(roofline / analytic_step),
+                      xla_optimal_step_s=cost.get("optimal_seconds"))
+        uncounted = "" if result["attention"] == "xla" else f", the {result['attention']} kernel's not counted by XLA"
+        log(f"  {result['gflop_per_image']} GFLOP per image (analytic {result['analytic_gflop_per_image']}{uncounted}), "
+            f"{result['hbm_gib_per_step']} GiB of HBM traffic per chip and step")
+        log(f"  roofline {result['roofline_step_s'] * 1e3:.1f} ms per step ({result['roofline_images_per_s']} img/s), "
+            f"{result['roofline_over_analytic']:.3f} x the analytic-FLOPs bound")
+    for op, by_dtype in sorted(result["collectives"].items()):
+        log(f"  {op}: " + ", ".join(f"{v['count']} x {dtype} ({v['bytes'] / 2 ** 20:.1f} MiB)"
+                                    for dtype, v in sorted(by_dtype.items())))
+    if advise and not result["fits"]:
+        result["advice"] = find_fit(config, devices, chip, log)
+    return result
+
+
+def find_fit(config: ml_collections.ConfigDict, devices: list[jax.Device], chip: Chip,
+             log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The first setting that fits: each ``model.remat`` that keeps less than the config's (at its
+    batch), else the config with half the batch per chip, halved again until one fits; None when
+    even one image per chip does not."""
+    def fits(candidate: ml_collections.ConfigDict) -> bool:
+        try:
+            compiled, _, _ = compile_step(candidate, devices)
+        except Exception as e:  # noqa: BLE001
+            if out_of_memory(e):
+                return False
+            raise
+        return memory_gib(compiled)["peak"] <= chip.hbm_gib
+
+    for remat in LESS_KEPT[config.model.remat]:
+        candidate = config.copy_and_resolve_references()
+        candidate.model.remat = remat
+        log(f"  trying model.remat={remat} ...")
+        if fits(candidate):
+            return {"model.remat": remat}
+    per_chip = config.train.batch_size // len(devices) // 2
+    while per_chip >= 1:
+        candidate = config.copy_and_resolve_references()
+        candidate.train.batch_size = per_chip * len(devices)
+        log(f"  trying {per_chip} per chip ...")
+        if fits(candidate):
+            return {"train.batch_size": candidate.train.batch_size, "per_chip_batch": per_chip}
+        per_chip //= 2
+    return None
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from absl import flags
+
+    fv = flags.FLAGS
+    try:
+        result = preflight(fv.config, fv.topology, fv.batch, fv.advise, log=lambda line: print(line, flush=True))
+    except Exception as e:  # noqa: BLE001 — every failure still ends with the JSON line
+        result = {"compiled": False, "error": _one_line(e), "topology": fv.topology, "fits": False}
+    print(json.dumps(result), flush=True)
+    if not (result["compiled"] and result["fits"]):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    if not os.environ.get("JAX_PLATFORMS"):   # compile-only TPU devices: leave a real accelerator to the job
+        jax.config.update("jax_platforms", "cpu")
+    from absl import flags
+
+    from kindjax import cli
+
+    cli.define_config("Config file (configs/*.py).")
+    flags.DEFINE_string("topology", "v5p-8", "The TPU slice to compile for: a Cloud TPU accelerator type "
+                                             f"({', '.join(TOPOLOGY_NAMES)}, ...; 'Kx' in front for K slices).")
+    flags.DEFINE_integer("batch", None, "Global batch size (default: the config's train.batch_size).")
+    flags.DEFINE_bool("advise", True, "When the step does not fit, compile again with more remat or a smaller "
+                                      "batch to find a setting that fits.")
+    flags.mark_flags_as_required(["config"])
+    cli.run(main)

@@ -1,0 +1,233 @@
+"""The pre-flight compiles the trainer's real step for TPU slices on this CPU host (libtpu's
+compile-only devices, XLA:TPU's compiler), and what it reads from the compiled program is checked
+on the program itself: the splash kernel's Mosaic custom call, the memory analysis, the dtype of
+every gradient reduction, and the absence of activation all-to-alls under FSDP.  Tiny DiTs (dense,
+KIND, FINE): about a minute and a half in all."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from conftest import ROOT
+from kindjax import sharding
+from kindjax.config import base_config
+from kindjax.models import attention
+from kindjax.tools import preflight
+from kindjax.train.trainer import Trainer, train_step
+
+LINEARS = {"dense": dict(kind="dense"), "kind": dict(kind="kind", n_learngene=108, n_tailor=2),
+           "fine": dict(kind="fine", rank=40)}
+
+
+def tiny(linear: str = "dense", **model) -> "ml_collections.ConfigDict":  # noqa: F821
+    """A two-block 128-wide bf16 DiT on 8×8×4 latents with splash attention, batch 16."""
+    config = base_config()
+    config.model.update({**dict(hidden_size=128, depth=2, num_heads=2, image_size=8, in_channels=4, dtype="bfloat16",
+                                attention="pallas"), **model})
+    config.model.linear.update(LINEARS[linear])
+    config.train.batch_size = 16
+    return config
+
+
+def param_bytes(config) -> int:
+    config = config.copy_and_resolve_references()
+    config.mesh.update(data=-1, fsdp=1)
+    trainer = Trainer(config, "", devices=jax.devices()[:1], dataset=preflight.ShapesOnly(config.model.num_classes))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(trainer.abstract_state["params"]))
+
+
+def check_gradients_reduce_in_f32(result: dict, config) -> None:
+    """Every reduction is f32 (no bf16 partial sum crosses a chip), and the f32 reductions carry at
+    least every parameter's gradient (an FSDP-sharded one reduce-scattered: its 1/fsdp per chip)."""
+    reductions = {op: result["collectives"].get(op, {}) for op in ("all-reduce", "reduce-scatter")}
+    assert {dtype for by_dtype in reductions.values() for dtype in by_dtype} <= {"f32", "s32"}, reductions
+    scattered = reductions["reduce-scatter"].get("f32", {"bytes": 0})["bytes"] * result["mesh"]["fsdp"]
+    assert reductions["all-reduce"]["f32"]["bytes"] + scattered >= param_bytes(config)
+
+
+def test_dense_step_compiles_for_v5p_8_with_splash_and_prints_the_json_last():
+    overrides = dict(depth=2, num_heads=2, dtype="bfloat16", attention="pallas")   # the digits DiT, 128 wide
+    command = [sys.executable, "-m", "kindjax.tools.preflight", "--config", os.path.join(ROOT, "configs/dit_digits.py"),
+               "--topology", "v5p-8", "--batch", "16", *[f"--config.model.{k}={v}" for k, v in overrides.items()]]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS=""))   # the module picks the CPU itself
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["compiled"] and result["error"] is None and result["fits"]
+    assert (result["topology"], result["chips"], result["mesh"]) == ("v5p-8", 4, {"data": 4, "fsdp": 1})
+    assert result["attention"] == "splash"
+    memory = result["memory_gib_per_chip"]
+    assert memory["argument"] > 0 and memory["temp"] > 0 and memory["peak"] >= memory["argument"]
+    assert result["hbm_gib_per_chip"] == 95
+    assert result["gflop_per_image"] >= result["analytic_gflop_per_image"] > 0
+    assert result["roofline_images_per_s"] == pytest.approx(16 / result["roofline_step_s"], rel=1e-3)
+    assert "splash" in run.stdout and "fits" in run.stdout   # the human summary before the JSON
+    from configs.dit_digits import get_config
+
+    config = get_config()
+    config.model.update(overrides)
+    check_gradients_reduce_in_f32(result, config)
+
+
+@pytest.mark.parametrize("linear", ["kind", "fine"])
+def test_kind_and_fine_steps_compile_with_splash_and_f32_gradients(linear):
+    config = tiny(linear)
+    result = preflight.preflight(config, "v5p-8")
+    assert result["compiled"] and result["fits"] and result["attention"] == "splash", result["error"]
+    assert result["memory_gib_per_chip"]["temp"] > 0
+    check_gradients_reduce_in_f32(result, config)
+
+
+@pytest.mark.parametrize("every_axis", [True, False])
+def test_splash_on_a_mesh_with_a_size_one_axis_needs_a_shard_map_manual_over_every_axis(monkeypatch, every_axis):
+    """Outside the train step's data-parallel region (sampling, evaluation) splash runs under XLA's
+    automatic partitioning on the (data 4, fsdp 1) mesh of v5p-8: it compiles, as the Mosaic kernel,
+    when its shard_map is manual over every axis; leaving the size-1 ``fsdp`` axis automatic (as
+    before the fix) is refused by the Mosaic lowering."""
+    if not every_axis:
+        real = attention.splash_mesh
+
+        def without_size_one_axes(x):
+            mesh, free, batch = real(x)
+            return mesh, tuple(a for a in free if mesh.shape[a] > 1), tuple(a for a in batch if mesh.shape[a] > 1)
+
+        monkeypatch.setattr(attention, "splash_mesh", without_size_one_axes)
+    mesh = Mesh(np.array(preflight.topology_devices("v5p-8")).reshape(4, 1), ("data", "fsdp"))
+    q = jax.ShapeDtypeStruct((8, 16, 2, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+    attend = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, "pallas"))
+    if every_axis:
+        assert preflight.attention_lowered(attend.lower(q, q, q).compile().as_text()) == "splash"
+    else:
+        with pytest.raises(NotImplementedError, match="Mosaic kernels cannot be automatically partitioned"):
+            attend.lower(q, q, q).compile()
+
+
+def test_fsdp_on_v5p_64_has_no_all_to_all_and_the_automatic_step_had_some():
+    config = tiny(hidden_size=256, attention="xla")
+    config.mesh.fsdp = 4
+    config.train.batch_size = 64
+    result = preflight.preflight(config, "v5p-64", advise=False)
+    assert result["compiled"] and result["mesh"] == {"data": 8, "fsdp": 4}
+    ops = result["collectives"]
+    assert "all-to-all" not in ops and "ragged-all-to-all" not in ops, ops
+    assert ops["reduce-scatter"]["f32"]["count"] > 0 and ops["all-gather"]   # FSDP: gathered, reduce-scattered
+    check_gradients_reduce_in_f32(result, config)
+    # The same step left to XLA's automatic partitioning (no data-parallel shard_map) reshards
+    # activations with all-to-alls and reduces bf16 partial gradients: what the check above excludes.
+    devices = preflight.topology_devices("v5p-64")
+    trainer = Trainer(config, "", devices=devices, dataset=preflight.ShapesOnly(config.model.num_classes))
+    step = functools.partial(train_step, model=trainer.model, diffusion=trainer.diffusion, optimizer=trainer.optimizer,
+                             config=config, base_key=trainer.base_key, mesh=None)
+    automatic = jax.jit(step, in_shardings=(trainer.state_sharding, trainer.batch_sharding, None),
+                        out_shardings=(trainer.state_sharding, sharding.replicated(trainer.mesh)), donate_argnums=0)
+    hlo = automatic.lower(trainer.abstract_state, trainer.abstract_batch(), None).compile().as_text()
+    old = preflight.collectives(hlo)
+    assert old["all-to-all"] and "bf16" in old["all-reduce"]
+
+
+def test_scanned_blocks_count_every_block():
+    """XLA's cost analysis counts a scan body once; the pre-flight's FLOPs are the unrolled program's."""
+    config = tiny(depth=3, scan_blocks=True, remat="dots_saveable")
+    result = preflight.preflight(config, "v5p-8")
+    assert result["compiled"] and result["flops_from"].startswith("compiled unrolled twin")
+    assert result["gflop_per_image"] >= 0.95 * result["analytic_gflop_per_image"]
+
+
+def test_the_abstract_batch_is_the_batch_the_loop_gives(tmp_path):
+    from conftest import tiny_config
+    from kindjax.train.trainer import Preemption
+
+    trainer = Trainer(tiny_config(), str(tmp_path))
+    preemption = Preemption()
+    try:
+        real = {**trainer.global_batch(0), **preemption.placed(trainer.place, trainer.config.train.batch_size)}
+    finally:
+        preemption.restore()
+    abstract = trainer.abstract_batch()
+    assert {k: (v.shape, v.dtype, v.sharding) for k, v in real.items()} == \
+        {k: (v.shape, v.dtype, v.sharding) for k, v in abstract.items()}
+
+
+def test_a_step_that_does_not_fit_gets_the_remat_or_the_batch_that_fits(monkeypatch):
+    """The search itself, with a compiler that runs out of memory above 4 images per chip with
+    block remat, above 2 without."""
+    tried = []
+
+    def fake_compile(config, devices):
+        per_chip = config.train.batch_size // len(devices)
+        tried.append((config.model.remat, per_chip))
+        if per_chip > (4 if config.model.remat == "block" else 2):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm")
+        return "compiled", None, 1.0
+
+    monkeypatch.setattr(preflight, "compile_step", fake_compile)
+    monkeypatch.setattr(preflight, "memory_gib", lambda compiled: {"peak": 1.0})
+    config = tiny()
+    config.train.batch_size = 64   # 16 per chip on v5p-8
+    result = preflight.preflight(config, "v5p-8")
+    assert not result["compiled"] and not result["fits"] and "RESOURCE_EXHAUSTED" in result["error"]
+    assert tried == [("none", 16), ("dots_saveable", 16), ("block", 16), ("none", 8), ("none", 4), ("none", 2)]
+    assert result["advice"] == {"train.batch_size": 8, "per_chip_batch": 2}
+    tried.clear()
+    config.train.batch_size = 16   # 4 per chip: block remat is enough
+    assert preflight.preflight(config, "v5p-8")["advice"] == {"model.remat": "block"}
+
+
+def test_cloud_tpu_accelerator_types_are_libtpu_topologies():
+    parse = preflight.parse_topology
+    assert parse("v5p-8") == preflight.Topology("v5:2x2x1", "megacore", (2, 2, 1))
+    assert parse("v5p-64").name == "v5:2x4x4" and parse("v4-8").name == "v4:2x2x1"
+    assert parse("v5p-128").wrap == (True, True, True) and parse("v5p-64").wrap == (False, False, False)
+    assert parse("v5litepod-8") == parse("v5e-8") == preflight.Topology("v5e:2x4", "default", (2, 4, 1))
+    assert parse("v6e-256").name == "v6e:16x16" and parse("2xv5p-8").slices == 2
+    assert [len(preflight.topology_devices(name)) for name in preflight.TOPOLOGY_NAMES] == [4, 8, 4, 32, 8, 8]
+
+
+def test_unknown_topology_and_teacher_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"--topology 'v9-8': give a Cloud TPU accelerator type such as v4-8"):
+        preflight.topology_devices("v9-8")
+    with pytest.raises(ValueError, match=r"no v5p slice has 12 TensorCores; sizes: \[8, 16, 32, 64, 128"):
+        preflight.parse_topology("v5p-12")
+    config = tiny()
+    config.train.distill.teacher = "/some/run"
+    result = preflight.preflight(config, "v5p-8")
+    assert not result["compiled"] and "train.distill.teacher" in result["error"]
+
+
+def test_collectives_are_counted_by_op_dtype_and_result_bytes():
+    hlo = "\n".join([
+        "  %all-reduce.1 = (f32[4,8]{1,0:T(8,128)}, bf16[16]{0}) all-reduce(%a, %b), channel_id=1",
+        "  %ags = (bf16[2,8]{1,0}, bf16[8,8]{1,0}) all-gather-start(%c), dimensions={0}",
+        "  %agd = bf16[8,8]{1,0} all-gather-done(%ags)",
+        "  ROOT %rs = f32[2]{0} reduce-scatter(%d), dimensions={0}",
+        "  %fusion = f32[4,8]{1,0} fusion(%all-reduce.1), kind=kLoop",
+        '  %splash_mha_fwd.2 = bf16[2,4]{1,0} custom-call(%q), custom_call_target="tpu_custom_call"'])
+    assert preflight.collectives(hlo) == {"all-reduce": {"f32": {"count": 1, "bytes": 128},
+                                                         "bf16": {"count": 1, "bytes": 32}},
+                                          "all-gather": {"bf16": {"count": 1, "bytes": 128}},
+                                          "reduce-scatter": {"f32": {"count": 1, "bytes": 8}}}
+    assert preflight.attention_lowered(hlo) == "splash"
+    assert preflight.attention_lowered(hlo.replace("%splash_mha", "%other")) == "xla"
+    assert np.isclose(preflight._significant(0.000123456), 0.0001235)
+
+
+def test_h100_topology_compiles_with_cudnn_without_a_gpu():
+    """Deviceless GPU compilation: JAX's CUDA plugin makes compile-only H100s from a target config.
+    The plugin comes with the '.[cuda]' / '.[cuda13]' extras, not the test extras: skipped without it."""
+    import importlib.util
+
+    if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
+        pytest.skip("JAX's CUDA plugin is not installed (pip install -e '.[cuda]' or '.[cuda13]')")
+    config = tiny(attention="auto")
+    result = preflight.preflight(config, "h100-8")
+    assert result["compiled"] and result["fits"] and result["chips"] == 8, result["error"]
+    assert result["device_kind"] == "NVIDIA H100 80GB HBM3" and result["attention"] == "cudnn"
+    assert result["memory_gib_per_chip"]["argument"] > 0 and result["gflop_per_image"] is None
+    check_gradients_reduce_in_f32(result, config)
