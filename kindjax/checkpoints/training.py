@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from kindjax.checkpoints.layout import CHECKPOINTS, META, read_meta
-from kindjax.config import ConfigError, differences, model_config
+from kindjax.config import ConfigError, differences, model_config, with_defaults
 from kindjax.io.paths import as_path
 
 STATE_ITEMS = ("params", "ema_params", "opt_state")
@@ -127,8 +127,7 @@ def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, dire
     """Refuses to resume a checkpoint written for another model config.  A ``model`` key the schema
     gained after the checkpoint was written counts as its default there (``model.drop_path`` 0 for a
     checkpoint older than drop path), so old runs resume unless the config sets the new key."""
-    defaults = json.loads(model_config().to_json())
-    saved = {**{k: v for k, v in defaults.items() if k not in saved_config["model"]}, **saved_config["model"]}
+    saved = with_defaults(saved_config["model"], json.loads(model_config().to_json()))
     diffs = differences(saved, config_json(config)["model"], ("checkpoint ", "config "), "model.")
     if diffs:
         detail = ", ".join(diffs)

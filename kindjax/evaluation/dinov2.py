@@ -31,6 +31,7 @@ chosen size (:data:`DINOV2_SIZES`), so a ViT-B/14 directory cannot pass for the 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -466,3 +467,12 @@ def dinov2_features(module: Dinov2, params: dict, images: np.ndarray, batch_size
 def fdd(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Fréchet DINOv2 distance: the Fréchet distance of Gaussians fitted to two feature sets."""
     return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DinoFeatures:
+    """The ``dinov2`` need of a metric (:mod:`kindjax.evaluation.metric`): :func:`dinov2_features` of
+    the samples and of the reference images."""
+
+    samples: np.ndarray
+    reference: np.ndarray

@@ -15,10 +15,10 @@ import ml_collections
 
 from kindjax import checkpoints
 from kindjax.checkpoints import config_json
-from kindjax.config import EXTENSIONS, ConfigError, differences, validate
+from kindjax.config import EXTENSIONS, ConfigError, base_config, differences, validate, with_defaults
 from kindjax.distributed import warn_if_cpu_fallback
 from kindjax.data import make_dataset
-from kindjax.evaluation.digits_report import evaluate_digits
+from kindjax.evaluation.end_of_training import evaluation, training_metrics
 from kindjax.models.dit import abstract_params, build_model
 from kindjax.io.paths import as_path, read_json, write_json
 from kindjax.sharding import mesh_shape
@@ -27,17 +27,18 @@ from kindjax.train.trainer import origin, train
 
 
 def check(config: ml_collections.ConfigDict, starts: bool = True):
-    """Every check that needs no compilation: the schema, the mesh, the data source, a
-    shape-only trace of the model (which surfaces a linear variant's own errors, e.g. a rank that
-    does not fit) and, with ``starts``, that each ``init`` path holds a checkpoint (``False`` for a
-    stage whose start an earlier stage writes).  Nothing is written.  Returns the data source, so
-    the run does not open it twice."""
+    """Every check that needs no compilation: the schema, the mesh, the names of ``eval.metrics``, the
+    data source, a shape-only trace of the model (which surfaces a linear variant's own errors, e.g. a
+    rank that does not fit) and, with ``starts``, that each ``init`` path holds a checkpoint (``False``
+    for a stage whose start an earlier stage writes).  Nothing is written.  Returns the data source,
+    so the run does not open it twice."""
     num_devices = jax.device_count()
     try:
         mesh_shape(num_devices, config.mesh.data, config.mesh.fsdp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     validate(config, num_devices)
+    training_metrics(config)   # eval.metrics names registered metrics
     dataset = make_dataset(config)
     try:
         abstract_params(build_model(config))
@@ -69,6 +70,12 @@ def fingerprint(config: ml_collections.ConfigDict, start: dict) -> dict:
     return {**c, "origin": start}
 
 
+def recorded(metrics: dict) -> dict:
+    """The fingerprint a stage's ``metrics.json`` records, keys the schema added since at their
+    defaults (:func:`kindjax.config.with_defaults`)."""
+    return with_defaults(metrics.get("fingerprint", {}), fingerprint(base_config(), {}))
+
+
 def finished(workdir: str, config: ml_collections.ConfigDict, start: dict | None = None) -> dict | None:
     """The metrics of a stage that already ran to ``config.train.num_steps`` with the same
     :func:`fingerprint` (so a rerun reuses it); None otherwise (it is run: resumed, or refused
@@ -78,7 +85,7 @@ def finished(workdir: str, config: ml_collections.ConfigDict, start: dict | None
         return None
     metrics = read_json(path)
     now = fingerprint(config, origin(config) if start is None else start)
-    if metrics.get("step") == config.train.num_steps and metrics.get("fingerprint") == now:
+    if metrics.get("step") == config.train.num_steps and "fingerprint" in metrics and recorded(metrics) == now:
         return {k: v for k, v in metrics.items() if k != "fingerprint"}
     return None
 
@@ -98,7 +105,7 @@ def stage(config: ml_collections.ConfigDict, workdir: str, evaluate, dataset=Non
     now = fingerprint(config, start)
     path = as_path(workdir) / "metrics.json"
     if path.exists():
-        changed = differences(read_json(path).get("fingerprint", {}), now)
+        changed = differences(recorded(read_json(path)), now)
         print(f"{workdir} finished with other settings ({'; '.join(changed[:4])}); running it again.", flush=True)
     if config.train.num_steps == 0:
         return written_model(config, workdir, now)
@@ -171,10 +178,11 @@ def set_aside_stale(tr_config: ml_collections.ConfigDict, tr_dir: str) -> None:
 
 
 def train_job(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Job ``train``: one stage in ``workdir``, then the data set's evaluation (the digits have one)."""
+    """Job ``train``: one stage in ``workdir``, then the chosen metrics computed at the end of training
+    (:mod:`kindjax.evaluation.end_of_training`; the digits' by default)."""
     dataset = check(config)
     check_workdir(config, workdir)
-    train(config, workdir, evaluate=evaluate_digits if config.data.name == "digits" else None, dataset=dataset)
+    train(config, workdir, evaluate=evaluation(config), dataset=dataset)
 
 
 #: ``config.job`` → ``job(config, workdir)``.
