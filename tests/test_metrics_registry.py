@@ -6,6 +6,7 @@ and ADM's in the pipeline; an unknown name is a one-line ConfigError; old runs s
 import glob
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -16,7 +17,7 @@ from kindjax import checkpoints
 from kindjax.config import ConfigError
 from kindjax.evaluation.digits_evaluator import DigitsEvaluator
 from kindjax.evaluation.end_of_training import balanced_labels, evaluation, training_metrics
-from kindjax.evaluation.metrics import METRICS, Metric, register_metric
+from kindjax.evaluation.metrics import METRICS, Metric, Samples, register_metric
 from kindjax.evaluation.pipeline import check_eval_config, evaluate, pipeline_metrics
 from kindjax.io.paths import read_json, write_json
 from kindjax.train import stages
@@ -158,9 +159,26 @@ def test_unknown_metric_names_are_one_line_config_errors(mean_intensity):
         message = str(e.value)
         assert "\n" not in message and message.startswith("eval.metrics='frechet' is not a known metric; use one of")
         assert all(repr(n) in message for n in ADM + ("fdd", "sample_accuracy", "frechet_distance", "mean_intensity"))
+    config.eval.metrics = ("fid,sfid",)          # a comma-joined string from the command line
+    with pytest.raises(ConfigError, match=re.escape("a tuple: --config.eval.metrics=\"('fid', 'sfid')\"")):
+        training_metrics(config)
     config.eval.metrics = ("sample_accuracy",)   # known, but none the pipeline computes
     with pytest.raises(ConfigError, match="none is computed by python -m kindjax.evaluation"):
         pipeline_metrics(config)
+
+
+def test_samples_give_images_and_pixels():
+    """``Samples`` given as floats give ADM's uint8 RGB pixels, and the reverse, by the naive formulas."""
+    rng = np.random.default_rng(3)
+    grey = rng.uniform(-1.1, 1.1, (5, 4, 4, 1)).astype(np.float32)
+    pixels = Samples(np.arange(5), images=grey).pixels
+    naive = np.clip(np.floor((grey.astype(np.float64) + 1) * 127.5 + 0.5), 0, 255).astype(np.uint8)
+    assert pixels.dtype == np.uint8 and pixels.shape == (5, 4, 4, 3)
+    assert all(np.array_equal(pixels[..., c], naive[..., 0]) for c in range(3))
+    rgb = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    np.testing.assert_allclose(Samples(np.arange(5), pixels=rgb).images, rgb / 127.5 - 1.0, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="one of them"):
+        Samples(np.arange(5))
 
 
 def test_defaults_digits_at_the_end_of_training_adm_in_the_pipeline():

@@ -157,7 +157,10 @@ def chosen_metrics(config: ml_collections.ConfigDict, offered: Collection[str]) 
     try:
         metrics = {n: METRICS[n] for n in names}
     except UnknownName as e:
-        raise ConfigError(str(e)) from None
+        joined = next((n for n in names if isinstance(n, str) and "," in n), None)
+        hint = "" if joined is None else (f" (on the command line, a tuple: --config.eval.metrics=\""
+                                          f"{tuple(p.strip() for p in joined.split(','))}\")")
+        raise ConfigError(f"{e}{hint}") from None
     if not names:
         metrics = {n: m for n, m in METRICS.items() if m.default(config)}
     return tuple(n for n, m in metrics.items() if set(m.needs) <= set(offered))
