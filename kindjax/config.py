@@ -186,9 +186,11 @@ def core_config() -> ml_collections.ConfigDict:
                     # CFG on "all" ε channels, or on the first N ("3": the original DiT code, whose
                     # published FIDs used it; the ImageNet latent configs' default).
                     guidance_channels="all"),
-        # python -m kindjax.evaluation: samples as an ADM .npz, then FID/sFID/IS/precision/recall
-        # (kindjax.evaluation.adm) against `reference`, an ADM reference .npz.
-        eval=dict(num_samples=500, batch_size=250,
+        # The metrics of the samples (kindjax.evaluation.metric): at the end of training (the digits: the
+        # digits classifier's) and in python -m kindjax.evaluation (samples as an ADM .npz, then FID/sFID/IS/
+        # precision/recall against `reference`, an ADM reference .npz; FDD with `dinov2_weights`).
+        eval=dict(metrics=(),             # names of kindjax.evaluation.metrics.METRICS; () = the defaults
+                  num_samples=500, batch_size=250,
                   seed=0,                 # sampling noise and labels
                   labels="uniform",       # sample labels: "uniform" draws (as DiT's sample_ddp.py) or "balanced"
                                           # (sample i gets class i mod num_classes); EVAL_LABELS
@@ -261,6 +263,19 @@ def differences(before: Mapping, after: Mapping, labels: tuple[str, str] = ("", 
         elif a != b:
             found.append(f"{prefix}{k}: {labels[0]}{a!r} vs {labels[1]}{b!r}")
     return found
+
+
+def with_defaults(saved: Mapping, defaults: Mapping) -> dict:
+    """``saved`` (a config as JSON, written earlier) with each key it lacks taken from ``defaults``, at
+    every level: a key the schema added since reads as its default, so an old run compares equal to
+    a config that leaves the new key at its default."""
+    filled = dict(saved)
+    for k, default in defaults.items():
+        if k not in filled:
+            filled[k] = default
+        elif isinstance(default, Mapping) and isinstance(filled[k], Mapping):
+            filled[k] = with_defaults(filled[k], default)
+    return filled
 
 
 def require(ok: bool, message: str) -> None:

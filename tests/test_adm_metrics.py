@@ -1,4 +1,5 @@
-"""ADM metrics against float64 NumPy/SciPy oracles written here, on random features."""
+"""ADM metrics (computed through the metric registry) against float64 NumPy/SciPy oracles written here, on
+random features."""
 import numpy as np
 import pytest
 import scipy.linalg
@@ -6,6 +7,10 @@ import scipy.spatial.distance
 import scipy.special
 
 from kindjax.evaluation import adm
+from kindjax.evaluation.metrics import Inputs, compute_metrics
+
+#: ADM's metrics (the registered metrics of :mod:`kindjax.evaluation.metrics`).
+ADM = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
 def oracle_fid(a, b):
@@ -48,10 +53,10 @@ def test_fid_and_sfid_match_scipy_sqrtm():
     a = {"pool_3": rng.normal(size=(90, 10)) @ rng.normal(size=(10, 10)), "spatial": rng.gamma(2.0, size=(90, 7)),
          "logits_unbiased": rng.normal(size=(90, 6))}
     b = {"pool_3": rng.normal(size=(70, 10)) + 0.3, "spatial": rng.gamma(2.5, size=(70, 7))}
-    metrics = adm.adm_metrics(a, adm.statistics(b))
+    metrics = compute_metrics(ADM, Inputs(inception=adm.InceptionFeatures(a, adm.statistics(b))))
     assert metrics["fid"] == pytest.approx(oracle_fid(a["pool_3"], b["pool_3"]), rel=1e-8)
     assert metrics["sfid"] == pytest.approx(oracle_fid(a["spatial"], b["spatial"]), rel=1e-8)
-    assert metrics["fid"] > 1.0 and "precision" not in metrics
+    assert metrics["fid"] > 1.0 and set(metrics) == {"fid", "sfid", "inception_score"}   # no reference features
 
 
 @pytest.mark.parametrize("n, split_size", [(25, 7), (30, 5000)])
@@ -89,7 +94,7 @@ def test_adm_metrics_with_reference_features(features):
     rng = np.random.default_rng(2)
     samples = {"pool_3": smp, "spatial": rng.normal(size=(47, 5)), "logits_unbiased": rng.normal(size=(47, 4))}
     reference = {"pool_3": ref, "spatial": rng.normal(size=(61, 5))}
-    metrics = adm.adm_metrics(samples, adm.statistics(reference), ref, batch_size=16)
+    metrics = compute_metrics(ADM, Inputs(inception=adm.InceptionFeatures(samples, adm.statistics(reference), reference)))
     assert (metrics["precision"], metrics["recall"]) == pytest.approx(oracle_precision_recall(ref, smp, 3))
     assert set(metrics) == {"inception_score", "fid", "sfid", "precision", "recall"}
 

@@ -28,7 +28,7 @@ from etils import epath
 
 from kindjax.checkpoints.integrity import CheckpointError, differing, tree_checksums, verify
 from kindjax.checkpoints.layout import CHECKPOINTS, META, read_meta
-from kindjax.config import EXECUTION_KEYS, ConfigError, differences, model_config
+from kindjax.config import EXECUTION_KEYS, ConfigError, differences, model_config, with_defaults
 from kindjax.io.paths import as_path
 
 STATE_ITEMS = ("params", "ema_params", "opt_state")
@@ -89,8 +89,7 @@ def check_same_model(saved_config: dict, config: ml_collections.ConfigDict, dire
     gained after the checkpoint was written counts as its default there (``model.drop_path`` 0 for a
     checkpoint older than drop path), so old runs resume unless the config sets the new key; the
     :data:`~kindjax.config.EXECUTION_KEYS` (attention kernel, remat, scan) may change."""
-    defaults = json.loads(model_config().to_json())
-    saved = {**{k: v for k, v in defaults.items() if k not in saved_config["model"]}, **saved_config["model"]}
+    saved = with_defaults(saved_config["model"], json.loads(model_config().to_json()))
     now = config_json(config)["model"]
     saved, now = ({k: v for k, v in m.items() if k not in EXECUTION_KEYS} for m in (saved, now))
     diffs = differences(saved, now, ("checkpoint ", "config "), "model.")

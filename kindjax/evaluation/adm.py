@@ -142,28 +142,34 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3,
     return float(np.mean(sample_in[:len(samples)])), float(np.mean(ref_in[:len(reference)]))
 
 
+#: The reference statistics of each feature: ``pool_3`` (FID) and ``spatial`` (sFID).
+STATS_OF = {"pool_3": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
+
+
 def statistics(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``mu, sigma`` of ``pool_3`` and ``mu_s, sigma_s`` of ``spatial`` (ADM's reference-batch keys)."""
-    mu, sigma = feature_statistics(features["pool_3"])
-    mu_s, sigma_s = feature_statistics(features["spatial"])
-    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+    stats = {}
+    for feature, (mu, sigma) in STATS_OF.items():
+        stats[mu], stats[sigma] = feature_statistics(features[feature])
+    return stats
 
 
-def adm_metrics(samples: dict[str, np.ndarray], reference_stats: dict[str, np.ndarray],
-                reference_pool_3: np.ndarray | None = None, k: int = 3, batch_size: int = 10000,
-                split_size: int = 5000) -> dict[str, float]:
-    """``inception_score``, ``fid``, ``sfid`` and (given reference ``pool_3`` features)
-    ``precision``, ``recall`` of sample features (``pool_3``, ``spatial``, ``logits_unbiased``)."""
-    own = statistics(samples)
-    metrics = {
-        "inception_score": inception_score(samples["logits_unbiased"], split_size),
-        "fid": frechet_distance(own["mu"], own["sigma"], reference_stats["mu"], reference_stats["sigma"]),
-        "sfid": frechet_distance(own["mu_s"], own["sigma_s"], reference_stats["mu_s"], reference_stats["sigma_s"]),
-    }
-    if reference_pool_3 is not None:
-        metrics["precision"], metrics["recall"] = precision_recall(reference_pool_3, samples["pool_3"], k,
-                                                                   batch_size)
-    return metrics
+@dataclasses.dataclass(frozen=True, eq=False)
+class InceptionFeatures:
+    """The ``inception`` need of a metric (:mod:`kindjax.evaluation.metric`): the samples' features
+    (``pool_3``, ``spatial``, ``logits_unbiased``), the reference's statistics (:data:`STAT_KEYS`) and
+    its features (``pool_3``, ``spatial``; None: a reference of statistics only)."""
+
+    samples: dict[str, np.ndarray]
+    reference_stats: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray] | None = None
+
+    def frechet(self, feature: str) -> float:
+        """FID (``feature="pool_3"``) or sFID (``"spatial"``): the Fréchet distance of the samples'
+        Gaussian to the reference's (:data:`STATS_OF`)."""
+        mu, sigma = STATS_OF[feature]
+        return frechet_distance(*feature_statistics(self.samples[feature]), self.reference_stats[mu],
+                                self.reference_stats[sigma])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

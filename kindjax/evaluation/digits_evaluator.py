@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -103,6 +104,26 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class DigitsOutputs:
+    """The ``digits`` need of a metric (:mod:`kindjax.evaluation.metric`): the classifier's ``logits``
+    and ``features`` of the samples, their evaluator ``labels``, and ``reference``: the features of
+    the real digits of those labels."""
+
+    logits: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+    reference: np.ndarray
+
+    def accuracy(self) -> float:
+        """``mean[argmax logits = labels]``."""
+        return float(np.mean(np.argmax(self.logits, axis=-1) == self.labels))
+
+    def frechet_distance(self) -> float:
+        """Fréchet distance between the samples' features and the real digits' (:mod:`.frechet`)."""
+        return frechet_distance(*feature_statistics(self.features), *feature_statistics(self.reference))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class DigitsEvaluator:
     """Trained classifier parameters plus the features of all real digits of ``classes``
     (train and test split), the reference set of :meth:`evaluate`.
@@ -160,21 +181,21 @@ class DigitsEvaluator:
         """``argmax`` label ``(N,)`` (label j means digit ``classes[j]``)."""
         return np.argmax(self.logits(images), axis=-1)
 
-    def evaluate(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        """``sample_accuracy`` = mean[predict = labels]; ``frechet_distance`` between the
-        features of ``images`` and of the real digits of the labels present in ``labels``."""
+    def outputs(self, images: np.ndarray, labels: np.ndarray) -> DigitsOutputs:
+        """The classifier's logits and features of ``images`` (labels ``labels`` of this evaluator),
+        and the features of the real digits of the labels present in ``labels``."""
         labels = np.asarray(labels)
         if labels.shape != (np.shape(images)[0],):
             raise ValueError(f"labels shape {labels.shape} does not match images")
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
         logits, features = self._run(images)
-        reference = self.reference_features[np.isin(self.reference_labels, labels)]
-        return {
-            "sample_accuracy": float(np.mean(np.argmax(logits, axis=-1) == labels)),
-            "frechet_distance": frechet_distance(*feature_statistics(features),
-                                                 *feature_statistics(reference)),
-        }
+        return DigitsOutputs(logits, features, labels, self.reference_features[np.isin(self.reference_labels, labels)])
+
+    def evaluate(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """``sample_accuracy`` and ``frechet_distance`` of ``images`` (:class:`DigitsOutputs`)."""
+        out = self.outputs(images, labels)
+        return {"sample_accuracy": out.accuracy(), "frechet_distance": out.frechet_distance()}
 
     def normalized_prediction_entropy(self, images: np.ndarray,
                                       classes: Sequence[int]) -> float:
@@ -203,3 +224,21 @@ class DigitsEvaluator:
         q = q[q > 0]
         return float(-np.sum(q * np.log(q)) / np.log(len(classes)))
 
+
+
+@functools.lru_cache(maxsize=4)
+def evaluator(seed: int = 0) -> DigitsEvaluator:
+    """The ten-class evaluator (trained once per process and seed)."""
+    return DigitsEvaluator.train(seed=seed)
+
+
+def digit_ids(classes: Sequence[int], labels: np.ndarray) -> np.ndarray:
+    """Model labels of a model trained on ``load_digits(classes)`` → digit ids (``classes[label]``;
+    identity when ``classes`` is empty): the labels of :func:`evaluator`."""
+    return np.asarray(tuple(classes) or range(10))[labels]
+
+
+def is_digits_data(config: ml_collections.ConfigDict) -> bool:
+    """The config trains on the embedded digits (``data.name="digits"``), which the digits classifier
+    reads: its metrics are the default there (:mod:`kindjax.evaluation.metrics`)."""
+    return config.data.name == "digits"

@@ -31,6 +31,7 @@ chosen size (:data:`DINOV2_SIZES`), so a ViT-B/14 directory cannot pass for the 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -483,3 +484,13 @@ def fdd(features_a: np.ndarray, features_b: np.ndarray, normalize: str = "l2") -
         return features / np.linalg.norm(features, axis=-1, keepdims=True) if normalize == "l2" else features
 
     return frechet_distance(*feature_statistics(mapped(features_a)), *feature_statistics(mapped(features_b)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DinoFeatures:
+    """The ``dinov2`` need of a metric (:mod:`kindjax.evaluation.metric`): :func:`dinov2_features` of
+    the samples and of the reference images, and the ``normalize`` of :func:`fdd` (``eval.fdd_normalize``)."""
+
+    samples: np.ndarray
+    reference: np.ndarray
+    normalize: str

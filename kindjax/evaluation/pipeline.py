@@ -14,17 +14,19 @@ They go to ``DIR``: the folder ``--out`` names, or else the training run ``RUN``
    grey images repeated to RGB, and written as ADM's sample batch
    ``DIR/samples_<step>_<N>x<H>x<W>x3.npz`` (``arr_0`` images, ``arr_1`` labels); a rerun with the
    same sampling settings reuses that file.
-3. Computes FID, sFID, Inception Score, precision and recall (:mod:`kindjax.evaluation.adm`) with the
-   FID Inception (``eval.inception_weights``, inputs resized by ``eval.inception_preprocess``) against
-   ``eval.reference``, an ADM reference batch: its ``mu, sigma, mu_s, sigma_s`` when present (computed
-   with the preprocessing the file records, else with ADM's evaluator's, ``"tf1"``: another setting is
-   refused before sampling), otherwise statistics of its images ``arr_0``; precision/recall need the
-   images. With ``eval.dinov2_weights`` also FDD (DINOv2 features of the
-   network ``eval.dinov2_model`` names; default ViT-L/14, dgm-eval's; features normalised by
-   ``eval.fdd_normalize``, :func:`kindjax.evaluation.dinov2.fdd`).
+3. Computes the chosen metrics of the needs offered here (:data:`OFFERED`; ``eval.metrics``, by default
+   FID, sFID, Inception Score, precision and recall, and FDD when ``eval.dinov2_weights`` is set:
+   :mod:`kindjax.evaluation.metrics`). Inception features (``eval.inception_weights``, inputs resized
+   by ``eval.inception_preprocess``) of the samples are compared with ``eval.reference``, an ADM
+   reference batch: its ``mu, sigma, mu_s, sigma_s`` when present (computed with the preprocessing the
+   file records, else with ADM's evaluator's, ``"tf1"``: another setting is refused before sampling),
+   otherwise statistics of its images ``arr_0``; precision/recall need the images. DINOv2 features are
+   those of the network ``eval.dinov2_model`` names (default ViT-L/14, dgm-eval's), on the samples and
+   the reference images, normalised by ``eval.fdd_normalize`` (:func:`kindjax.evaluation.dinov2.fdd`).
 4. Writes ``DIR/eval_<step>.json`` (metrics, step, files, config), the Inception features of the samples
-   and of the reference (``features_<step>.npz``, ``reference_features_<step>.npz``, each recording its
-   Inception preprocessing: pooled metrics over runs, :mod:`kindjax.evaluation.pooled`) and ``eval/<metric>`` scalars to
+   and of the reference when they were computed (``features_<step>.npz``, ``reference_features_<step>.npz``,
+   each recording its Inception preprocessing: pooled metrics over runs, :mod:`kindjax.evaluation.pooled`)
+   and ``eval/<metric>`` scalars to
    ``DIR/tensorboard``.
 """
 from __future__ import annotations
@@ -43,15 +45,21 @@ from kindjax.config import ConfigError, validate
 from kindjax.diffusion import GaussianDiffusion
 from kindjax.evaluation import adm
 from kindjax.evaluation.inception import PREPROCESSING, inception_features, load_inception
+from kindjax.evaluation.metric import to_rgb_uint8
+from kindjax.evaluation.metrics import METRICS, Inputs, Samples, chosen_metrics, compute_metrics, needs_of
 from kindjax.evaluation.pooled import save_features
 from kindjax.models.dit import abstract_params, build_model
 from kindjax.diffusion.generate import generate
 from kindjax import sharding
-from kindjax.io.logs import RunLogger, to_uint8
+from kindjax.io.logs import RunLogger
 from kindjax.io.paths import as_path, read_json, write_json
 
 PROGRESS_UPDATES = 20  # sampling is split into about this many chunks, each reported
 LATENT_FACTOR = 8      # image side / latent side of the SD-VAE (names the sample file before decoding)
+#: The needs of metrics (:data:`kindjax.evaluation.metric.NEEDS`) computed here.
+OFFERED = ("samples", "inception", "dinov2")
+#: The needs that read the reference batch ``eval.reference``.
+REFERENCE_NEEDS = {"inception", "dinov2"}
 
 
 def is_latent_model(config: ml_collections.ConfigDict) -> bool:
@@ -60,44 +68,66 @@ def is_latent_model(config: ml_collections.ConfigDict) -> bool:
     return config.data.name == "latents" or config.model.in_channels not in (1, 3)
 
 
-def check_eval_config(config: ml_collections.ConfigDict) -> set[str]:
-    """Everything that can be checked before sampling; returns the reference batch's keys."""
+def pipeline_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The chosen metrics computed here (of the needs :data:`OFFERED`); refuses a choice of none."""
+    names = chosen_metrics(config, OFFERED)
+    if not names:
+        elsewhere = {n: sorted(set(METRICS[n].needs) - set(OFFERED)) for n in config.eval.metrics}
+        raise ConfigError(f"eval.metrics={tuple(config.eval.metrics)}: none is computed by python -m kindjax.evaluation, "
+                          f"which offers {list(OFFERED)} (needs of the chosen ones it lacks: {elsewhere}; those are "
+                          f"computed at the end of training); name a metric of Inception or DINOv2 features or of "
+                          f"the samples, e.g. --config.eval.metrics=\"('fid', 'sfid')\"")
+    return names
+
+
+def check_eval_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], set[str]]:
+    """Everything that can be checked before sampling; returns the metrics computed here and the
+    reference batch's keys (none when no chosen metric reads it)."""
     e = config.eval
-    if not e.reference:
-        raise ConfigError("eval.reference is not set: give an ADM reference batch .npz (images arr_0 and/or "
-                          "mu, sigma, mu_s, sigma_s), e.g. VIRTUAL_imagenet256_labeled.npz")
-    if not e.inception_weights or not as_path(e.inception_weights).is_file():
-        raise ConfigError(f"eval.inception_weights={e.inception_weights!r} is not a file: give pytorch-fid's "
-                          f"pt_inception-2015-12-05-6726825d.pth (or the .npz of kindjax.evaluation.inception)")
-    if e.inception_preprocess not in PREPROCESSING:
-        raise ConfigError(f"eval.inception_preprocess={e.inception_preprocess!r}: use one of {PREPROCESSING}")
-    if e.num_samples < 4:
-        raise ConfigError(f"eval.num_samples={e.num_samples}: need at least 4 (precision/recall use the "
-                          f"3 nearest neighbours)")
+    names = pipeline_metrics(config)
+    needs = needs_of(names)
     if is_latent_model(config) and not config.vae.weights:
         raise ConfigError(f"the samples of this latent model (data.name={config.data.name!r}, model.in_channels="
                           f"{config.model.in_channels}) are decoded to images by the SD-VAE: set vae.weights")
+    if not needs & REFERENCE_NEEDS:
+        return names, set()
+    if not e.reference:
+        raise ConfigError("eval.reference is not set: give an ADM reference batch .npz (images arr_0 and/or "
+                          "mu, sigma, mu_s, sigma_s), e.g. VIRTUAL_imagenet256_labeled.npz")
+    if "inception" in needs:
+        if not e.inception_weights or not as_path(e.inception_weights).is_file():
+            raise ConfigError(f"eval.inception_weights={e.inception_weights!r} is not a file: give pytorch-fid's "
+                              f"pt_inception-2015-12-05-6726825d.pth (or the .npz of kindjax.evaluation.inception)")
+        if e.inception_preprocess not in PREPROCESSING:
+            raise ConfigError(f"eval.inception_preprocess={e.inception_preprocess!r}: use one of {PREPROCESSING}")
+    if e.num_samples < 4:
+        raise ConfigError(f"eval.num_samples={e.num_samples}: need at least 4 (precision/recall use the "
+                          f"3 nearest neighbours)")
     try:
         keys = adm.reference_keys(e.reference)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"eval.reference: {err}") from None
-    stats = adm.stats_preprocessing(e.reference)
+    stats = adm.stats_preprocessing(e.reference) if "inception" in needs else None
     if stats not in (None, e.inception_preprocess):
         raise ConfigError(f"eval.reference {e.reference} holds Inception statistics of the {stats!r} preprocessing "
                           f"but eval.inception_preprocess={e.inception_preprocess!r}: set "
                           f"eval.inception_preprocess={stats!r}, or give a reference of images only (arr_0)")
-    if e.dinov2_weights and "arr_0" not in keys:
-        raise ConfigError(f"eval.dinov2_weights is set but {e.reference} holds no images (arr_0) to compute "
-                          f"the reference DINOv2 features of FDD from; unset eval.dinov2_weights or give "
-                          f"a reference batch with images")
-    if e.dinov2_weights:
+    if "dinov2" in needs:
+        dino = [n for n in names if "dinov2" in METRICS[n].needs]
+        if not e.dinov2_weights:
+            raise ConfigError(f"eval.metrics chooses {dino} (DINOv2 features) but eval.dinov2_weights is not set: give "
+                              f"a Hugging Face DINOv2 directory, or leave {dino} out")
+        if "arr_0" not in keys:
+            raise ConfigError(f"eval.dinov2_weights is set but {e.reference} holds no images (arr_0) to compute "
+                              f"the reference DINOv2 features of {dino} from; unset eval.dinov2_weights or give "
+                              f"a reference batch with images")
         from kindjax.evaluation.dinov2 import read_dinov2_config
 
         try:   # before any sampling: the weights are the DINOv2 eval.dinov2_model names
             read_dinov2_config(e.dinov2_weights, model=e.dinov2_model)
         except FileNotFoundError as err:
             raise ConfigError(f"eval.dinov2_weights: {err}") from None
-    return keys
+    return names, keys
 
 
 def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
@@ -124,14 +154,6 @@ def latent_decoder(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[n
         return sharding.map_batches(lambda z, _: decode(vae_params, z), latents, config.eval.batch_size, mesh)
 
     return run
-
-
-def to_rgb_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] NHWC floats (1 or 3 channels) → uint8 RGB (one channel repeated three times)."""
-    pixels = to_uint8(images)
-    if pixels.shape[-1] == 1:
-        return np.repeat(pixels, 3, axis=-1)
-    return pixels
 
 
 def sample_labels(rule: str, n: int, num_classes: int, seed: int) -> np.ndarray:
@@ -175,9 +197,10 @@ def _sampling_settings(config: ml_collections.ConfigDict, step: int) -> dict:
 
 
 def samples_for_step(config: ml_collections.ConfigDict, out: str, step: int, params: Any, mesh: Mesh,
-                     log: Callable[[str], None]) -> tuple[str, np.ndarray]:
-    """The ADM sample batch of ``step`` in folder ``out`` (path, images): reused when a file written
-    with the same sampling settings exists (its ``.json`` beside it), sampled and written otherwise."""
+                     log: Callable[[str], None]) -> tuple[str, np.ndarray, np.ndarray]:
+    """The ADM sample batch of ``step`` in folder ``out`` (path, uint8 RGB images, labels): reused when a
+    file written with the same sampling settings exists (its ``.json`` beside it), sampled and written
+    otherwise."""
     m = config.model
     side = m.image_size * (LATENT_FACTOR if is_latent_model(config) else 1)
     path = os.path.join(out, f"samples_{step}_{config.eval.num_samples}x{side}x{side}x3.npz")
@@ -186,7 +209,7 @@ def samples_for_step(config: ml_collections.ConfigDict, out: str, step: int, par
     if as_path(path).is_file() and as_path(settings_path).is_file() and read_json(settings_path) == settings:
         log(f"Reusing the samples in {path}")
         with as_path(path).open("rb") as f, np.load(f) as batch:
-            return path, batch["arr_0"]
+            return path, batch["arr_0"], batch["arr_1"]
     images, labels = sample_batch(config, params, mesh, log)
     if jax.process_index() == 0:
         with as_path(path + ".tmp").open("wb") as f:
@@ -194,7 +217,52 @@ def samples_for_step(config: ml_collections.ConfigDict, out: str, step: int, par
         as_path(path + ".tmp").replace(as_path(path))
         write_json(settings_path, settings)
     log(f"Wrote {len(images)} samples to {path}")
-    return path, images
+    return path, images, labels
+
+
+def feature_inputs(config: ml_collections.ConfigDict, needs: set[str], images: np.ndarray, mesh: Mesh,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """The ``inception`` (:class:`kindjax.evaluation.adm.InceptionFeatures`) and ``dinov2``
+    (:class:`kindjax.evaluation.dinov2.DinoFeatures`) inputs among ``needs``: features of the uint8 RGB
+    samples ``images`` and of the reference batch ``eval.reference``, progress reported to ``log``."""
+    e = config.eval
+    inputs: dict[str, Any] = {}
+    if not needs & REFERENCE_NEEDS:
+        return inputs
+    reference = adm.read_reference(e.reference)
+
+    def progress(network: str, what: str, total: int) -> Callable[[int, int], None]:
+        """Reports about PROGRESS_UPDATES times over ``total`` images."""
+        every = max(1, total // (PROGRESS_UPDATES * e.inception_batch_size)) * e.inception_batch_size
+
+        def report(done: int, total: int) -> None:
+            if done % every < e.inception_batch_size or done == total:
+                log(f"{network} features of the {what}: {done}/{total}")
+
+        return report
+
+    if "inception" in needs:
+        module, variables = load_inception(e.inception_weights)
+        module = module.clone(dtype=jax.numpy.dtype(e.feature_dtype))
+
+        def features(pixels: np.ndarray, what: str) -> dict[str, np.ndarray]:
+            return inception_features(module, variables, pixels, e.inception_batch_size, e.inception_preprocess,
+                                      mesh, progress("Inception", what, len(pixels)))
+
+        own = features(images, "samples")
+        ref = features(reference.images, "reference") if reference.images is not None else None
+        inputs["inception"] = adm.InceptionFeatures(
+            own, reference.stats if reference.stats is not None else adm.statistics(ref), ref)
+    if "dinov2" in needs:
+        from kindjax.evaluation.dinov2 import DinoFeatures, dinov2_features, load_dinov2
+
+        dino, dino_params = load_dinov2(e.dinov2_weights, model=e.dinov2_model)
+        dino = dino.clone(dtype=jax.numpy.dtype(e.feature_dtype))
+        inputs["dinov2"] = DinoFeatures(*(dinov2_features(dino, dino_params, pixels, e.inception_batch_size, mesh,
+                                                          progress("DINOv2", what, len(pixels)))
+                                          for pixels, what in ((images, "samples"), (reference.images, "reference"))),
+                                        normalize=e.fdd_normalize)
+    return inputs
 
 
 def evaluate(config: ml_collections.ConfigDict, run: str, step: int | None = None, out: str = "") -> dict[str, float]:
@@ -202,7 +270,8 @@ def evaluate(config: ml_collections.ConfigDict, run: str, step: int | None = Non
     doc); returns the metrics, also written to ``DIR/eval_<step>.json`` and TensorBoard, ``DIR`` being
     ``out`` or else the run itself."""
     validate(config, jax.device_count())
-    reference_keys = check_eval_config(config)
+    names, reference_keys = check_eval_config(config)
+    needs = needs_of(names)
     e = config.eval
     try:
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -212,58 +281,36 @@ def evaluate(config: ml_collections.ConfigDict, run: str, step: int | None = Non
     out = out or run
     logger = RunLogger(out, config.train.num_steps)
     try:
+        elsewhere = [n for n in e.metrics if n not in names]
         logger.text(f"Evaluating {run} at step {step}: {e.num_samples} samples, {config.sample.sampler} "
-                    f"{config.sample.num_steps} steps, CFG scale {config.sample.cfg_scale}.")
-        samples_path, images = samples_for_step(config, out, step, params, mesh, logger.text)
-
-        module, variables = load_inception(e.inception_weights)
-        module = module.clone(dtype=jax.numpy.dtype(e.feature_dtype))
-
-        def progress(network: str, what: str, total: int) -> Callable[[int, int], None]:
-            """Reports about PROGRESS_UPDATES times over ``total`` images."""
-            every = max(1, total // (PROGRESS_UPDATES * e.inception_batch_size)) * e.inception_batch_size
-
-            def report(done: int, total: int) -> None:
-                if done % every < e.inception_batch_size or done == total:
-                    logger.text(f"{network} features of the {what}: {done}/{total}")
-
-            return report
-
-        def features(pixels: np.ndarray, what: str) -> dict[str, np.ndarray]:
-            return inception_features(module, variables, pixels, e.inception_batch_size, e.inception_preprocess,
-                                      mesh, progress("Inception", what, len(pixels)))
-
-        sample_features = features(images, "samples")
-        reference = adm.read_reference(e.reference)
-        reference_features = features(reference.images, "reference") if reference.images is not None else None
-        stats = reference.stats if reference.stats is not None else adm.statistics(reference_features)
-        metrics = adm.adm_metrics(sample_features, stats,
-                                  None if reference_features is None else reference_features["pool_3"])
-        if reference_features is None:
-            logger.text(f"{e.reference} holds statistics but no images: precision and recall are skipped.")
-        if e.dinov2_weights:
-            from kindjax.evaluation.dinov2 import dinov2_features, fdd, load_dinov2
-
-            dino, dino_params = load_dinov2(e.dinov2_weights, model=e.dinov2_model)
-            dino = dino.clone(dtype=jax.numpy.dtype(e.feature_dtype))
-            metrics["fdd"] = fdd(*(dinov2_features(dino, dino_params, pixels, e.inception_batch_size, mesh,
-                                                   progress("DINOv2", what, len(pixels)))
-                                   for pixels, what in ((images, "samples"), (reference.images, "reference"))),
-                                 normalize=e.fdd_normalize)
-        kept = {"features": str(as_path(out) / f"features_{step}.npz"),   # for pooled metrics (evaluation.pooled)
-                "reference_features": str(as_path(out) / f"reference_features_{step}.npz")
-                if reference_features is not None else None}
-        if jax.process_index() == 0:
-            save_features(kept["features"], sample_features, e.inception_preprocess)
-            if reference_features is not None:
-                save_features(kept["reference_features"], reference_features, e.inception_preprocess)
+                    f"{config.sample.num_steps} steps, CFG scale {config.sample.cfg_scale}; {', '.join(names)}"
+                    + (f" ({', '.join(elsewhere)}: at the end of training, not here)." if elsewhere else "."))
+        samples_path, images, labels = samples_for_step(config, out, step, params, mesh, logger.text)
+        inputs = {"samples": Samples(labels, pixels=images), **feature_inputs(config, needs, images, mesh, logger.text)}
+        metrics = compute_metrics(names, Inputs(**inputs))
+        inception = inputs.get("inception")
+        skipped = [n for n in names if n not in metrics]
+        if skipped:
+            why = f" ({e.reference} holds statistics but no images)" \
+                if inception is not None and inception.reference is None else ""
+            logger.text(f"{' and '.join(skipped)} are skipped: these inputs cannot give them{why}.")
+        kept = {"features": None, "reference_features": None}   # for pooled metrics (evaluation.pooled)
+        if inception is not None:
+            for key, features in (("features", inception.samples), ("reference_features", inception.reference)):
+                if features is not None:
+                    kept[key] = str(as_path(out) / f"{key}_{step}.npz")
+                    if jax.process_index() == 0:
+                        save_features(kept[key], features, e.inception_preprocess)
+        reads_reference = bool(needs & REFERENCE_NEEDS)
         report = {"step": step, "metrics": metrics, "num_samples": len(images), "samples": samples_path, **kept,
-                  "reference": str(as_path(e.reference)), "reference_keys": sorted(reference_keys),
-                  "inception_weights": str(as_path(e.inception_weights)),
-                  "inception_preprocess": e.inception_preprocess, "labels": e.labels,
+                  "reference": str(as_path(e.reference)) if reads_reference else None,
+                  "reference_keys": sorted(reference_keys),
+                  "inception_weights": str(as_path(e.inception_weights)) if inception is not None else None,
+                  "inception_preprocess": e.inception_preprocess if inception is not None else None,
+                  "labels": e.labels,
                   "dinov2": {"weights": str(as_path(e.dinov2_weights)), "model": e.dinov2_model,
                              "normalize": e.fdd_normalize}
-                  if e.dinov2_weights else None,
+                  if "dinov2" in needs else None,
                   "config": checkpoints.config_json(config)}
         if jax.process_index() == 0:
             write_json(as_path(out) / f"eval_{step}.json", report)

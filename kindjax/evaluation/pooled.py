@@ -3,9 +3,10 @@
 ``python -m kindjax.evaluation`` keeps each run's Inception features (``features_<step>.npz``: the
 samples' ``pool_3``, ``spatial`` and ``logits_unbiased``) and its reference batch's
 (``reference_features_<step>.npz``).  The pooled metrics concatenate the runs' sample features and
-their references' features, then compute FID, sFID, IS, precision and recall on the union, as if one
-model had drawn all the samples: ``FID(∪ samples, ∪ references)``, which no average of per-run FIDs
-gives (the Fréchet distance of the union is not a function of the per-run distances).
+their references' features, then compute the metrics of Inception features (FID, sFID, IS, precision,
+recall, any other registered one: :func:`poolable`) on the union, as if one model had drawn all the
+samples: ``FID(∪ samples, ∪ references)``, which no average of per-run FIDs gives (the Fréchet
+distance of the union is not a function of the per-run distances).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 from etils import epath
 
 from kindjax.evaluation import adm
+from kindjax.evaluation.metrics import METRICS, Inputs, compute_metrics
 
 #: The sample features the pooled metrics need.
 FEATURES = ("pool_3", "spatial", "logits_unbiased")
@@ -45,13 +47,24 @@ def concatenate(features: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarr
     return {k: np.concatenate([f[k] for f in features]) for k in sorted(keys)}
 
 
+#: The needs of metrics (:data:`kindjax.evaluation.metric.NEEDS`) the kept features give.
+OFFERED = ("inception",)
+
+
+def poolable(names: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The metrics of ``names`` (default: every registered one) computed from Inception features alone."""
+    names = tuple(METRICS) if names is None else names
+    return tuple(n for n in names if set(METRICS[n].needs) <= set(OFFERED))
+
+
 def pooled_metrics(samples: Sequence[dict[str, np.ndarray]], references: Sequence[dict[str, np.ndarray]],
-                   **kwargs) -> dict[str, float]:
-    """:func:`kindjax.evaluation.adm.adm_metrics` of the union of ``samples`` against the union of
-    ``references`` (features of every run's samples and of every run's reference batch); refuses
+                   names: Sequence[str] | None = None) -> dict[str, float]:
+    """The metrics ``names`` (default: :func:`poolable`) of the union of ``samples`` against the union
+    of ``references`` (features of every run's samples and of every run's reference batch); refuses
     features of different Inception preprocessing (:func:`kindjax.evaluation.adm.check_same_preprocessing`)."""
     sides = {f"{side} {i}": f.get(adm.PREPROCESS_KEY) for side, group in (("samples", samples), ("reference", references))
              for i, f in enumerate(group)}
     adm.check_same_preprocessing(sides)
     s, r = concatenate(samples), concatenate(references)
-    return adm.adm_metrics(s, adm.statistics(r), r["pool_3"], **kwargs)
+    names = poolable() if names is None else names
+    return compute_metrics(names, Inputs(inception=adm.InceptionFeatures(s, adm.statistics(r), r)))

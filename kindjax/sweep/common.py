@@ -1,5 +1,5 @@
-"""What several sweep experiments share: a task's reference batch, and the ADM report of a finished run
-against it (``python -m kindjax.evaluation``'s pipeline)."""
+"""What several sweep experiments share: a task's reference batch, and the evaluation report of a finished
+run against it (``python -m kindjax.evaluation``'s pipeline)."""
 from __future__ import annotations
 
 import json
@@ -49,11 +49,12 @@ def task_reference(run: Run, log: Callable[[str], None] = print) -> str:
     return str(path)
 
 
-def adm_report(run: Run) -> dict:
-    """The ADM metrics (FID, sFID, IS, precision, recall) of the run's EMA samples at its last step
-    against its task's reference (:func:`task_reference`), by :func:`kindjax.evaluation.pipeline.evaluate`:
-    ``eval_<step>.json`` (``metrics``, and ``features`` / ``reference_features`` files), reused when it
-    was computed against the same reference with as many samples."""
+def pipeline_report(run: Run) -> dict:
+    """The chosen metrics (``eval.metrics``; by default ADM's FID, sFID, IS, precision, recall, and FDD
+    with ``eval.dinov2_weights``) of the run's EMA samples at its last step against its task's reference
+    (:func:`task_reference`), by :func:`kindjax.evaluation.pipeline.evaluate`: ``eval_<step>.json``
+    (``metrics``, and the ``features`` / ``reference_features`` files of Inception features), reused when
+    it was computed against the same reference with as many samples and the same ``eval.metrics``."""
     from kindjax.evaluation.pipeline import evaluate
 
     reference = task_reference(run)
@@ -62,7 +63,7 @@ def adm_report(run: Run) -> dict:
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     evaluated = report.get("config", {}).get("eval", {})
     if (evaluated.get("reference") != reference or evaluated.get("num_samples") != run.config.eval.num_samples
-            or not report.get("reference_features")):
+            or evaluated.get("metrics", []) != list(run.config.eval.metrics) or "reference_features" not in report):
         c = run.config.copy_and_resolve_references()
         c.eval.reference = reference
         evaluate(c, run.workdir, step)

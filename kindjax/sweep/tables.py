@@ -11,13 +11,27 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from etils import epath
 
+from kindjax.evaluation.metrics import METRICS
+
 #: (key, header, format) of a table column.
 Column = tuple[str, str, str]
+
+
+def scored_metrics(scores: Mapping[str, Mapping]) -> tuple[str, ...]:
+    """The registered metrics (:mod:`kindjax.evaluation.metrics`) every score of ``scores`` holds, in the
+    order of the first: the chosen metrics of the runs (``eval.metrics``), the tables' metric columns."""
+    every = list(scores.values())
+    return tuple(k for k in (every[0] if every else ()) if k in METRICS and all(k in s for s in every))
+
+
+def metric_columns(names: Sequence[str]) -> list[Column]:
+    """The table column of each metric of ``names``: its key, its header with ↑/↓, its format."""
+    return [METRICS[n].column for n in names]
 
 
 def group(runs, scores: dict[str, dict], by: Sequence[str]) -> dict[tuple, list[tuple]]:

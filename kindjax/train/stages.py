@@ -18,10 +18,11 @@ import ml_collections
 
 from kindjax import checkpoints
 from kindjax.checkpoints import config_json
-from kindjax.config import EXECUTION_KEYS, EXTENSIONS, ConfigError, base_config, differences, start_keys, validate
+from kindjax.config import (EXECUTION_KEYS, EXTENSIONS, ConfigError, base_config, differences, start_keys, validate,
+                            with_defaults)
 from kindjax.distributed import warn_if_cpu_fallback
 from kindjax.data import make_dataset
-from kindjax.evaluation.digits_report import evaluate_digits
+from kindjax.evaluation.end_of_training import evaluation, training_metrics
 from kindjax.models.dit import abstract_params, build_model
 from kindjax.io.paths import as_path, read_json, write_json
 from kindjax.sharding import mesh_shape
@@ -30,17 +31,18 @@ from kindjax.train.trainer import origin, train
 
 
 def check(config: ml_collections.ConfigDict, starts: bool = True):
-    """Every check that needs no compilation: the schema, the mesh, the data source, a
-    shape-only trace of the model (which surfaces a linear variant's own errors, e.g. a rank that
-    does not fit) and, with ``starts``, that each ``init`` path holds a checkpoint (``False`` for a
-    stage whose start an earlier stage writes).  Nothing is written.  Returns the data source, so
-    the run does not open it twice."""
+    """Every check that needs no compilation: the schema, the mesh, the names of ``eval.metrics``, the
+    data source, a shape-only trace of the model (which surfaces a linear variant's own errors, e.g. a
+    rank that does not fit) and, with ``starts``, that each ``init`` path holds a checkpoint (``False``
+    for a stage whose start an earlier stage writes).  Nothing is written.  Returns the data source,
+    so the run does not open it twice."""
     num_devices = jax.device_count()
     try:
         mesh_shape(num_devices, config.mesh.data, config.mesh.fsdp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     validate(config, num_devices)
+    training_metrics(config)   # eval.metrics names registered metrics
     dataset = make_dataset(config)
     try:
         abstract_params(build_model(config))
@@ -91,11 +93,13 @@ def fingerprint(config: ml_collections.ConfigDict, start: dict) -> dict:
 
 
 def comparable(saved: dict, now: dict, workdir: str) -> tuple[dict, dict]:
-    """A fingerprint recorded in ``workdir`` (perhaps before a setting became unrecorded, with absolute
+    """A fingerprint recorded in ``workdir`` (perhaps before a setting became unrecorded or a key was
+    added to the schema, which reads as its default: :func:`kindjax.config.with_defaults`; with absolute
     origin paths or without weight digests) and ``now``, as they compare
     (:func:`kindjax.checkpoints.comparable`)."""
     then_origin, now_origin = checkpoints.comparable(saved.get("origin") or {}, now["origin"], workdir)
-    return {**recorded(saved), "origin": then_origin}, {**now, "origin": now_origin}
+    then = with_defaults(recorded(saved), recorded(config_json(base_config())))
+    return {**then, "origin": then_origin}, {**now, "origin": now_origin}
 
 
 def finished(workdir: str, config: ml_collections.ConfigDict, start: dict | None = None) -> dict | None:
@@ -108,7 +112,7 @@ def finished(workdir: str, config: ml_collections.ConfigDict, start: dict | None
     metrics = read_json(path)
     now = fingerprint(config, origin(config, workdir) if start is None else start)
     then, now = comparable(metrics.get("fingerprint", {}), now, workdir)
-    if metrics.get("step") == config.train.num_steps and then == now:
+    if metrics.get("step") == config.train.num_steps and "fingerprint" in metrics and then == now:
         return {k: v for k, v in metrics.items() if k != "fingerprint"}
     return None
 
@@ -116,13 +120,8 @@ def finished(workdir: str, config: ml_collections.ConfigDict, start: dict | None
 def saved_fingerprint(meta: dict) -> dict:
     """The :func:`fingerprint` of the run that wrote a checkpoint (``meta``: its config, keys the schema
     gained since then at their defaults, and its origin)."""
-    return fingerprint(ml_collections.ConfigDict(_with_defaults(config_json(base_config()), meta["config"])),
+    return fingerprint(ml_collections.ConfigDict(with_defaults(meta["config"], config_json(base_config()))),
                        meta.get("origin") or {})
-
-
-def _with_defaults(defaults: dict, saved: dict) -> dict:
-    return {**defaults, **{k: _with_defaults(defaults[k], v) if isinstance(v, dict) and isinstance(
-        defaults.get(k), dict) else v for k, v in saved.items()}}
 
 
 def _weights(fp: dict) -> dict:
@@ -240,10 +239,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def train_job(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Job ``train``: one stage (:func:`stage`) in ``workdir``, then the data set's evaluation (the digits have one)."""
+    """Job ``train``: one stage (:func:`stage`) in ``workdir``, then the chosen metrics computed at the end
+    of training (:mod:`kindjax.evaluation.end_of_training`; the digits' by default)."""
     dataset = check(config)
     check_workdir(config, workdir)
-    stage(config, workdir, evaluate_digits if config.data.name == "digits" else None, dataset)
+    stage(config, workdir, evaluation(config), dataset)
 
 
 #: ``config.job`` → ``job(config, workdir)``.

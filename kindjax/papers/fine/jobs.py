@@ -11,7 +11,7 @@ import jax
 import ml_collections
 
 from kindjax.config import ConfigError
-from kindjax.evaluation.digits_report import evaluate_digits
+from kindjax.evaluation.end_of_training import evaluation
 from kindjax.io.paths import as_path, write_json
 from kindjax.papers.fine.transfer import LimitedData
 from kindjax.train.stages import check, check_workdir, stage
@@ -53,7 +53,6 @@ def fine_init_configs(config: ml_collections.ConfigDict, workdir: str
 def run_fine_init(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     sigma_dir, main_dir = os.path.join(workdir, "sigma"), os.path.join(workdir, "train")
     sigma_config, main_config = fine_init_configs(config, workdir)
-    evaluate = evaluate_digits if config.data.name == "digits" else None
     if sigma_config is not None:
         data = check(sigma_config)
         check_workdir(sigma_config, sigma_dir)
@@ -66,7 +65,7 @@ def run_fine_init(config: ml_collections.ConfigDict, workdir: str) -> dict | Non
     else:
         main_data = check(main_config)
         check_workdir(main_config, main_dir)
-    metrics = stage(main_config, main_dir, evaluate, main_data)
+    metrics = stage(main_config, main_dir, evaluation(main_config), main_data)
     if metrics is None:
         print("Stopped before the end; rerun the same command to resume.", flush=True)
         return None

@@ -52,7 +52,7 @@ def _classifier(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Callable[
     """``uint8 RGB images → class probabilities`` and its name: the digits evaluator (all ten
     digits) for the digits, else the FID Inception's softmax over its 1008 logits."""
     if config.data.name == "digits":
-        from kindjax.evaluation.digits_report import evaluator
+        from kindjax.evaluation.digits_evaluator import evaluator
 
         digits = evaluator()
         return (lambda images: digits.probabilities(images[..., :1].astype(np.float32) / 127.5 - 1.0),

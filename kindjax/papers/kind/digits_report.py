@@ -9,13 +9,23 @@ import numpy as np
 
 from kindjax.checkpoints.learngene import assemble, load_learngene, load_tailors
 from kindjax.diffusion.generate import generate
-from kindjax.evaluation.digits_report import balanced_labels, evaluate_digits, evaluator
+from kindjax.evaluation.digits_evaluator import evaluator
+from kindjax.evaluation.end_of_training import balanced_labels, evaluate_samples
+
+#: The report's names of metrics whose prefixed name would differ from the first releases' keys.
+REPORT_NAMES = {"sample_accuracy": "accuracy"}
+
+
+def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` as ``<prefix>_<name>`` (``kind_accuracy``, ``novel_frechet_distance``, …)."""
+    return {f"{prefix}_{REPORT_NAMES.get(k, k)}": v for k, v in metrics.items()}
 
 
 def evaluate_kind_digits(trainer: Any, state: dict) -> dict[str, float]:
     """The KIND pre-training report on the digits (EMA weights):
 
-    ``kind_accuracy`` / ``kind_frechet_distance``: class-conditional samples, tailors on;
+    ``kind_<metric>`` (by default ``kind_accuracy``, ``kind_frechet_distance``): the chosen metrics of
+    class-conditional samples, tailors on (:func:`kindjax.evaluation.end_of_training.evaluate_samples`);
     ``learngene_only_entropy``: entropy of the distribution of predicted classes (over the
     pre-training classes) of null-class samples — the learngene alone, no guidance —
     normalised by log k (1: the learngene favours no class);
@@ -28,8 +38,7 @@ def evaluate_kind_digits(trainer: Any, state: dict) -> dict[str, float]:
     cfg, model = trainer.config, trainer.model
     classes = tuple(cfg.data.classes) or tuple(range(model.num_classes))
     n = cfg.eval.num_samples
-    report = {f"kind_{k}": v for k, v in evaluate_digits(trainer, state).items()}
-    report["kind_accuracy"] = report.pop("kind_sample_accuracy")
+    report = prefixed("kind", evaluate_samples(trainer, state))
     key = jax.random.fold_in(trainer.base_key, 4 << 20)
 
     unguided = cfg.sample.copy_and_resolve_references()

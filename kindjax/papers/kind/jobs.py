@@ -11,8 +11,9 @@ import jax
 import ml_collections
 
 from kindjax.io.paths import as_path, write_json
-from kindjax.papers.kind.digits_report import evaluate_kind_digits
-from kindjax.evaluation.digits_report import evaluate_digits
+from kindjax.evaluation.end_of_training import evaluation
+from kindjax.evaluation.metrics import metric_values
+from kindjax.papers.kind.digits_report import evaluate_kind_digits, prefixed
 from kindjax.papers.kind.transfer import transfer_config
 from kindjax.train.stages import check, check_workdir, stage
 
@@ -26,12 +27,12 @@ def run_kind_transfer(config: ml_collections.ConfigDict, workdir: str) -> dict |
     check_workdir(pre_config, pre_dir)
     check_workdir(tr_config, tr_dir)
     pre = stage(pre_config, pre_dir, evaluate_kind_digits, pre_data)
-    novel = stage(tr_config, tr_dir, evaluate_digits, tr_data) if pre is not None else None
+    novel = stage(tr_config, tr_dir, evaluation(tr_config), tr_data) if pre is not None else None
     if novel is None:
         print("Stopped before the end; rerun the same command to resume.", flush=True)
         return None
     report = {k: v for k, v in pre.items() if k != "step"}
-    report.update(novel_accuracy=novel["sample_accuracy"], novel_frechet_distance=novel["frechet_distance"])
+    report.update(prefixed("novel", metric_values(novel)))
     if jax.process_index() == 0:
         write_json(as_path(workdir) / "metrics.json", report)
     print("KIND on the digits:\n" + "\n".join(f"  {k:30s} {v:.4f}" for k, v in report.items()), flush=True)

@@ -19,9 +19,11 @@ From a FINE config on the digits (``configs/fine_miniature.py``) at depth ``L`` 
    The Σ-only stage and LiGO's coefficient run are steps the methods add before the common budget
    (as in their papers); their workdirs are prerequisites (``role="prerequisite"``), not table rows.
 
-Scores: the digits evaluator's sample accuracy and Fréchet distance of each run's EMA samples.
-Tables: ``depths_frechet.md`` and ``depths_accuracy.md`` (method × depth, mean ± std over seeds),
-``depths.csv`` (every (depth, method) row) and ``depths.png`` (Fréchet distance against depth).
+Scores: the chosen metrics of each run's EMA samples at the end of training (``eval.metrics``; by default
+the digits evaluator's sample accuracy and Fréchet distance).
+Tables: ``depths_<metric>.md`` (method × depth, mean ± std over seeds; by default ``depths_accuracy.md``
+and ``depths_frechet.md``), ``depths.csv`` (every (depth, method) row) and ``depths.png`` (each metric
+against depth).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ import ml_collections
 from etils import epath
 
 from kindjax.archs import with_depth
-from kindjax.evaluation.digits_report import evaluate_digits
+from kindjax.evaluation.end_of_training import evaluate_samples
+from kindjax.evaluation.metrics import METRICS, metric_values
 from kindjax.papers.fine.jobs import fine_init_configs
 from kindjax.sweep import tables
 from kindjax.sweep.grid import Experiment, Run, Scores
@@ -120,11 +123,8 @@ def fine_depths_runs(config: ml_collections.ConfigDict, workdir: str, options: d
 
 
 def fine_depths_score(run: Run, metrics: dict) -> Scores:
-    return dict(sample_accuracy=metrics["sample_accuracy"], frechet_distance=metrics["frechet_distance"],
-                wall_seconds=metrics.get("wall_seconds", 0.0))
-
-
-METRICS = ("sample_accuracy", "frechet_distance", "wall_seconds")
+    """The metrics of the run's training stage (by default the digits evaluator's) and its wall time."""
+    return dict(**metric_values(metrics), wall_seconds=metrics.get("wall_seconds", 0.0))
 
 
 def depth_table(rows: list[dict], metric: str, fmt: str) -> str:
@@ -137,23 +137,23 @@ def depth_table(rows: list[dict], metric: str, fmt: str) -> str:
     return "\n".join(lines)
 
 
-def plot_depths(rows: list[dict], path: epath.Path) -> None:
-    """Fréchet distance and accuracy against the target depth, a line per initialiser, std bars."""
+def plot_depths(rows: list[dict], names: tuple[str, ...], path: epath.Path) -> None:
+    """Each metric of ``names`` against the target depth, a line per initialiser, std bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: int(r["task"][1:]))
         x = [int(r["task"][1:]) for r in mine]
-        for ax, key in zip(axes, ("frechet_distance", "sample_accuracy")):
+        for ax, key in zip(axes[0], names):
             ax.errorbar(x, [r[key] for r in mine], yerr=[r[key + "_std"] for r in mine], marker="o", capsize=3,
                         label=method)
-    axes[0].set(xlabel="target depth L'", ylabel="Fréchet distance (digits evaluator) ↓")
-    axes[1].set(xlabel="target depth L'", ylabel="sample accuracy ↑", ylim=(0, 1.02))
-    axes[1].legend(fontsize=8)
+    for ax, key in zip(axes[0], names):
+        ax.set(xlabel="target depth L'", ylabel=METRICS[key].label)
+    axes[0][-1].legend(fontsize=8)
     fig.suptitle("Initialising DiTs of other depths from a depth-L pre-training (digits)")
     fig.tight_layout()
     with path.open("wb") as f:
@@ -162,20 +162,21 @@ def plot_depths(rows: list[dict], path: epath.Path) -> None:
 
 
 def fine_depths_tables(runs: list[Run], scores: dict[str, Scores], workdir: str) -> list[dict]:
-    rows = tables.per_task(runs, scores, METRICS)
+    names = tables.scored_metrics(scores)
+    rows = tables.per_task(runs, scores, names + ("wall_seconds",))
     if jax.process_index() == 0:
         root = epath.Path(workdir)
-        frechet = depth_table(rows, "frechet_distance", ".1f")
-        accuracy = depth_table(rows, "sample_accuracy", ".3f")
-        (root / "depths_frechet.md").write_text(frechet + "\n")
-        (root / "depths_accuracy.md").write_text(accuracy + "\n")
+        texts = {n: depth_table(rows, n, METRICS[n].fmt) for n in names}
+        for n, text in texts.items():
+            (root / f"depths_{METRICS[n].key}.md").write_text(text + "\n")
         (root / "depths.csv").write_text(tables.csv_text(rows))
-        plot_depths(rows, root / "depths.png")
-        print("Fréchet distance ↓\n" + frechet + "\n\nSample accuracy ↑\n" + accuracy, flush=True)
-        print(f"Wrote {workdir}/depths_frechet.md, depths_accuracy.md, depths.csv and depths.png", flush=True)
+        plot_depths(rows, names, root / "depths.png")
+        print("\n\n".join(f"{METRICS[n].label}\n{text}" for n, text in texts.items()), flush=True)
+        print(f"Wrote {workdir}/" + ", ".join(f"depths_{METRICS[n].key}.md" for n in names)
+              + ", depths.csv and depths.png", flush=True)
     return rows
 
 
-FINE_DEPTHS = Experiment("fine_depths", fine_depths_runs, evaluate_digits, fine_depths_score, fine_depths_tables,
+FINE_DEPTHS = Experiment("fine_depths", fine_depths_runs, evaluate_samples, fine_depths_score, fine_depths_tables,
                          methods=INITIALISERS,
                          selects=lambda c: c.data.name == "digits" and c.model.linear.kind == "fine")

@@ -24,7 +24,9 @@ domain shift), from a KIND and a dense pre-training that are given, not trained 
   precision, recall against the data set's real images, ``W/references/<dataset>.npz`` (written from the
   folder when missing) or ``eval.reference`` with ``{task}``.
 - Tables: ``W/table3.md/.csv/.png`` (Table 3's layout for one architecture: a row per method in Table 3's
-  order, a column per data set, FDD, mean ± std over seeds) and ``W/table3_fid.md/.csv`` (FID).
+  order, a column per data set, FDD, mean ± std over seeds) and ``W/table3_<metric>.md/.csv`` for each
+  other scored metric (by default ``table3_fid``, ``table3_sfid``, ``table3_inception_score``,
+  ``table3_precision``, ``table3_recall``).
 """
 from __future__ import annotations
 
@@ -35,13 +37,14 @@ from etils import epath
 
 from kindjax import checkpoints
 from kindjax.config import ConfigError, differences
+from kindjax.evaluation.metrics import METRICS
 from kindjax.papers.kind.methods import METHODS, config_sizes, method_config
 from kindjax.sweep import tables
 from kindjax.sweep.common import reference_path
 from kindjax.papers.kind.experiments.tables import config_file, kind_score, overrides, set_key
 from kindjax.sweep.grid import Experiment, Run, Scores
 from kindjax.train.trainer import origin
-from kindjax.papers.kind.facts import TABLE3_DATASETS, TABLE3_METHODS
+from kindjax.papers.kind.facts import TABLE3_DATASETS, TABLE3_METHODS, TABLE3_METRIC
 from kindjax.papers.kind.transfer import SHAPE_KEYS, check_compatible
 
 #: Every method ``--methods`` may give: Table 3's rows first (the tables' row order), then the others.
@@ -183,8 +186,8 @@ def table3_rows(runs: list[Run], scores: dict[str, Scores], metric: str) -> list
     return [rows[m] for m in ROWS if m in rows]
 
 
-def plot_table3(rows: list[dict], datasets: list[str], path: epath.Path) -> None:
-    """FDD per data set, a bar per method, error bars = std over seeds."""
+def plot_table3(rows: list[dict], datasets: list[str], metric: str, path: epath.Path) -> None:
+    """``metric`` (Table 3's: FDD) per data set, a bar per method, error bars = std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +200,7 @@ def plot_table3(rows: list[dict], datasets: list[str], path: epath.Path) -> None
         ax.bar(x + i * width, [r.get(d, np.nan) for d in datasets], width,
                yerr=[r.get(d + "_std", 0.0) for d in datasets], capsize=2, label=r["method"])
     ax.set_xticks(x + 0.4 - width / 2, [TABLE3_DATASETS.get(d, d) for d in datasets])
-    ax.set(ylabel="FDD ↓ (DINOv2)", title="KIND Table 3 layout: large domain shift")
+    ax.set(ylabel=METRICS[metric].label, title="KIND Table 3 layout: large domain shift")
     ax.legend(fontsize=7)
     fig.tight_layout()
     with path.open("wb") as f:
@@ -207,18 +210,20 @@ def plot_table3(rows: list[dict], datasets: list[str], path: epath.Path) -> None
 
 def table3_write(runs: list[Run], scores: dict[str, Scores], workdir: str) -> dict[str, list[dict]]:
     datasets = list(dict.fromkeys(r.labels["task"] for r in runs))
-    fdd, fid = table3_rows(runs, scores, "fdd"), table3_rows(runs, scores, "fid")
+    names = tables.scored_metrics(scores)
+    first = TABLE3_METRIC if TABLE3_METRIC in names else names[0]
+    files = {"table3": first, **{f"table3_{n}": n for n in names if n != first}}
+    out = {stem: table3_rows(runs, scores, n) for stem, n in files.items()}
     if jax.process_index() == 0:
         root = epath.Path(workdir)
-        columns = [("method", "method", "")]
-        text = tables.write(root / "table3", fdd, columns + [(d, f"{TABLE3_DATASETS.get(d, d)} FDD ↓", ".3f")
-                                                             for d in datasets])
-        tables.write(root / "table3_fid", fid, columns + [(d, f"{TABLE3_DATASETS.get(d, d)} FID ↓", ".2f")
-                                                          for d in datasets])
-        plot_table3(fdd, datasets, root / "table3.png")
-        print(text, flush=True)
-        print(f"Wrote {workdir}/table3.md/.csv/.png (FDD) and table3_fid.md/.csv (FID)", flush=True)
-    return dict(table3=fdd, table3_fid=fid)
+        texts = {stem: tables.write(root / stem, out[stem], [("method", "method", "")] + [
+                     (d, f"{TABLE3_DATASETS.get(d, d)} {METRICS[n].label}", METRICS[n].fmt) for d in datasets])
+                 for stem, n in files.items()}
+        print(texts["table3"], flush=True)
+        plot_table3(out["table3"], datasets, first, root / "table3.png")
+        print(f"Wrote in {workdir}: table3.png and " + ", ".join(f"{stem}.md/.csv ({METRICS[n].header})"
+                                                            for stem, n in files.items()), flush=True)
+    return out
 
 
 DOMAIN_SHIFT = Experiment("domain_shift", domain_shift_runs, None, kind_score, table3_write,

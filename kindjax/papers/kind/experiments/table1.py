@@ -24,10 +24,11 @@ digits config such as ``configs/kind_digits.py`` for a miniature):
 Scores: the entries of one size serve the same ``k`` classes, so one reference batch of their real
 images scores them all: ``eval.reference`` with ``{task}`` replaced by ``size_<S>``, or by default
 ``W/references/size_<S>.npz``, written from the classes' validation images (the digits: every digit
-of the classes) when missing; the ADM metrics of ``python -m kindjax.evaluation``'s pipeline
-(:func:`kindjax.sweep.common.adm_report`). Tables: ``W/table1.md/.csv/.png`` in Table 1's layout:
-per size, the rows Trad. PT, Heur-LG, Laptop-diff, Auto-LG, KIND with Para. (M) (the entry's stored
-parameters), Time (extra training steps), FID, sFID, IS, Prec., Rec. (mean ± std over seeds).
+of the classes) when missing; the chosen metrics of ``python -m kindjax.evaluation``'s pipeline
+(:func:`kindjax.sweep.common.pipeline_report`; by default ADM's). Tables: ``W/table1.md/.csv/.png`` in
+Table 1's layout: per size, the rows Trad. PT, Heur-LG, Laptop-diff, Auto-LG, KIND with Para. (M) (the
+entry's stored parameters), Time (extra training steps), and a column per metric (FID, sFID, IS,
+Prec., Recall; mean ± std over seeds).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from etils import epath
 
 from kindjax.sweep import tables
 from kindjax.papers.kind.experiments.pretraining import pretrain_runs
-from kindjax.sweep.common import adm_report, check_reference_pattern, reference_path
+from kindjax.evaluation.metrics import metric_values
+from kindjax.sweep.common import check_reference_pattern, pipeline_report, reference_path
 from kindjax.sweep.grid import Experiment, Run, Scores
 from kindjax.papers.kind.sizes import (ENTRIES, TABLE1_STEPS, Entry, build_entry, kind_size, parse_size, table1_configs,
                                    written)
@@ -47,10 +49,8 @@ NAMES = {"trad_pt": "Trad. PT", "heur_lg": "Heur-LG", "laptop_diff": "Laptop-dif
          "kind": "KIND"}
 #: Auto-LG's fine-tuning steps before its CKA probe (:func:`kindjax.papers.kind.sizes.build_layer_transfer`).
 PROBE_STEPS = 50
-METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
-COLUMNS = [("size", "Size", ""), ("entry", "Method", ""), ("para_m", "Para. (M)", ".1f"), ("time", "Time", ""),
-           ("fid", "FID ↓", ".2f"), ("sfid", "sFID ↓", ".2f"), ("inception_score", "IS ↑", ".2f"),
-           ("precision", "Prec. ↑", ".2f"), ("recall", "Rec. ↑", ".2f")]
+#: Table 1's columns before the metrics'.
+COLUMNS = [("size", "Size", ""), ("entry", "Method", ""), ("para_m", "Para. (M)", ".1f"), ("time", "Time", "")]
 
 
 def sizes(kind: ml_collections.ConfigDict, given: tuple[str, ...]) -> list[tuple[str, int]]:
@@ -133,20 +133,21 @@ def table1_prepare(run: Run) -> None:
 
 
 def table1_score(run: Run, metrics: dict) -> Scores:
-    """The ADM metrics of the entry against its size's reference, its stored parameters and extra steps."""
+    """The evaluation pipeline's metrics of the entry against its size's reference (by default ADM's),
+    its stored parameters and extra steps."""
     del metrics
-    report = adm_report(run)
-    return {**{k: float(report["metrics"][k]) for k in METRICS}, "params": float(run.extra["params"]),
+    report = pipeline_report(run)
+    return {**metric_values(report["metrics"]), "params": float(run.extra["params"]),
             "steps": float(run.config.train.num_steps)}
 
 
 def table1_rows(runs: list[Run], scores: dict[str, Scores]) -> list[dict]:
     """Per (size, entry) in Table 1's order: mean ± std over seeds of the metrics."""
-    rows = []
+    rows, names = [], tables.scored_metrics(scores)
     for (size, name), members in tables.group(runs, scores, ("size", "method")).items():
         row = dict(size=size, method=name, entry=NAMES[name], seeds=len(members),
                    para_m=members[0][1]["params"] / 1e6, time=steps_text(int(members[0][1]["steps"])))
-        for m in METRICS:
+        for m in names:
             row[m], row[m + "_std"] = tables.mean_std([s[m] for _, s in members])
         rows.append(row)
     order = {name: i for i, name in enumerate(ENTRIES)}
@@ -156,12 +157,12 @@ def table1_rows(runs: list[Run], scores: dict[str, Scores]) -> list[dict]:
 
 def table1_write(runs: list[Run], scores: dict[str, Scores], workdir: str) -> list[dict]:
     rows = table1_rows(runs, scores)
+    columns = tables.metric_columns(tables.scored_metrics(scores))
     if jax.process_index() == 0:
         root = epath.Path(workdir)
-        text = tables.write(root / "table1", rows, COLUMNS)
+        text = tables.write(root / "table1", rows, COLUMNS + columns)
         plotted = [{**r, "method": f"{r['entry']} ({r['size']})"} for r in rows]
-        tables.plot_against_parameters(plotted, "para_m", [("fid", "FID ↓"), ("sfid", "sFID ↓"),
-                                                           ("inception_score", "IS ↑")],
+        tables.plot_against_parameters(plotted, "para_m", [(k, h) for k, h, _ in columns[:3]],
                                        root / "table1.png", "KIND Table 1 layout: models of chosen sizes")
         print(text, flush=True)
         print(f"Wrote {workdir}/table1.md/.csv/.png", flush=True)

@@ -8,9 +8,10 @@ pre-train a dense DiT and the config's KIND DiT on ``data.classes`` (``train.num
 budget), then on each task (default: the novel digits ``transfer.classes`` as one task ``novel``;
 ``--tasks=7+8,9``: one task per group) every method of :mod:`kindjax.papers.kind.methods` plus two dense DiTs
 from scratch (adaLN-Zero, adaLN-Gaussian), ``transfer.num_steps`` steps, ``--seeds`` seeds.  Scores:
-the digits evaluator's accuracy and Fréchet distance of the EMA samples, trainable parameters, wall
-time.  Tables: ``table.md/.csv/.json/.png`` (per method: the mean over tasks, mean ± std over seeds)
-and ``table_per_task.md/.csv``.
+the chosen metrics of the EMA samples at the end of training (``eval.metrics``; by default the digits
+evaluator's accuracy and Fréchet distance), trainable parameters, wall time.  Tables:
+``table.md/.csv/.json/.png`` (per method: the mean over tasks, mean ± std over seeds; a column per
+metric) and ``table_per_task.md/.csv``.
 
 ``kind_tables`` (a KIND ImageNet pre-training config, ``configs/kind_dit_b.py`` / ``kind_dit_l.py``):
 pre-train the KIND DiT and a dense DiT on the training classes, then the 18 tasks of KIND Table 9 ×
@@ -21,9 +22,10 @@ run is scored by ``python -m kindjax.evaluation``'s pipeline against its task's 
 ``eval.reference`` with ``{task}`` replaced by the task, or by default ``DIR/references/<task>.npz``,
 which the sweep writes from the task's ImageNet **validation** images (every image, ADM centre crop)
 when it is missing.  Tables: ``table2.md/.csv/.png`` (the KIND paper's Table 2 layout: Para.,
-FLOPs, FID, sFID, IS, precision, recall of each method's samples pooled over the tasks against the
-pooled references — the aggregation the paper's numbers imply, see the README), ``table2_task_mean``
-(the plain mean over tasks, reported beside it) and ``table8.md/.csv`` (per task × method).
+FLOPs and the chosen metrics of Inception features — by default FID, sFID, IS, precision, recall — of
+each method's samples pooled over the tasks against the pooled references: the aggregation the paper's
+numbers imply, see the README), ``table2_task_mean`` (the plain mean over tasks of every chosen metric,
+reported beside it) and ``table8.md/.csv`` (per task × method).
 """
 from __future__ import annotations
 
@@ -38,11 +40,12 @@ from etils import epath
 from kindjax.papers.kind.accounting import parameter_counts, table2_flops
 from kindjax.archs import resolve_dims
 from kindjax.papers.kind.classes import kind_tasks
-from kindjax.evaluation.digits_report import evaluate_digits
+from kindjax.evaluation.end_of_training import evaluate_samples
+from kindjax.evaluation.metrics import METRICS, metric_values
 from kindjax.papers.kind.methods import METHODS, Sizes, config_sizes, kind_task_sizes, method_config
 from kindjax.sweep import tables
 from kindjax.papers.kind.experiments.pretraining import dense, pretrain_runs
-from kindjax.sweep.common import adm_report, check_reference_pattern, reference_path
+from kindjax.sweep.common import check_reference_pattern, pipeline_report, reference_path
 from kindjax.sweep.grid import Experiment, Run, Scores
 from kindjax.papers.kind.transfer import novel_task
 
@@ -102,77 +105,52 @@ def digits_runs(config: ml_collections.ConfigDict, workdir: str, options: dict) 
 
 
 def digits_score(run: Run, metrics: dict) -> Scores:
-    """The digits evaluator's figures of the run's training stage, its trainable parameters and wall time."""
-    return dict(sample_accuracy=metrics["sample_accuracy"], frechet_distance=metrics["frechet_distance"],
-                wall_seconds=metrics.get("wall_seconds", 0.0), trainable=float(parameter_counts(run.config)[0]))
-
-
-DIGITS_METRICS = ("sample_accuracy", "frechet_distance", "wall_seconds", "trainable")
+    """The metrics of the run's training stage (:func:`kindjax.evaluation.end_of_training.evaluate_samples`:
+    ``eval.metrics``, by default the digits classifier's sample accuracy and Fréchet distance), its
+    trainable parameters and wall time."""
+    return dict(**metric_values(metrics), wall_seconds=metrics.get("wall_seconds", 0.0),
+                trainable=float(parameter_counts(run.config)[0]))
 
 
 def digits_rows(runs: list[Run], scores: dict[str, Scores]) -> list[dict]:
-    """Per method (mean over tasks; mean ± std over seeds), with the keys of ``table.json``."""
+    """Per method (mean over tasks; mean ± std over seeds), with the keys of ``table.json``: each metric
+    under its short key (``accuracy``, ``frechet``)."""
+    names = tables.scored_metrics(scores)
     rows = []
-    for r in tables.task_mean(runs, scores, DIGITS_METRICS):
-        rows.append(dict(method=r["method"], accuracy=r["sample_accuracy"], accuracy_std=r["sample_accuracy_std"],
-                         frechet=r["frechet_distance"], frechet_std=r["frechet_distance_std"],
-                         trainable=int(round(r["trainable"])), wall=r["wall_seconds"], wall_std=r["wall_seconds_std"],
-                         seeds=r["seeds"], tasks=r["tasks"]))
+    for r in tables.task_mean(runs, scores, names + ("wall_seconds", "trainable")):
+        row = dict(method=r["method"])
+        for n in names:
+            row[METRICS[n].key], row[METRICS[n].key + "_std"] = r[n], r[n + "_std"]
+        rows.append(dict(**row, trainable=int(round(r["trainable"])), wall=r["wall_seconds"],
+                         wall_std=r["wall_seconds_std"], seeds=r["seeds"], tasks=r["tasks"]))
     return rows
 
 
-def digits_markdown(rows: list[dict]) -> str:
-    lines = ["| method | accuracy ↑ | Fréchet distance ↓ | trainable params | wall time (s) |",
-             "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | "
-                     f"{r['frechet']:.1f} ± {r['frechet_std']:.1f} | {r['trainable']:,} | "
-                     f"{r['wall']:.0f} ± {r['wall_std']:.0f} |")
-    return "\n".join(lines)
-
-
-def digits_plot(rows: list[dict], path: epath.Path) -> None:
-    """Fréchet distance against trainable parameters (log scale), and accuracy; error bars = std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(13, 5))
-    for r in rows:
-        ax_fd.errorbar(r["trainable"], r["frechet"], yerr=r["frechet_std"], fmt="o", capsize=3)
-        ax_fd.annotate(r["method"], (r["trainable"], r["frechet"]), fontsize=8, xytext=(4, 4),
-                       textcoords="offset points")
-    ax_fd.set(xscale="log", xlabel="trainable parameters", ylabel="Fréchet distance (digits evaluator) ↓",
-              title="Novel digits: quality vs. trainable parameters")
-    ax_acc.barh([r["method"] for r in rows], [r["accuracy"] for r in rows], xerr=[r["accuracy_std"] for r in rows],
-                capsize=3)
-    ax_acc.set(xlabel="sample accuracy ↑", xlim=(0, 1), title="Class-conditional accuracy")
-    ax_acc.invert_yaxis()
-    fig.tight_layout()
-    with path.open("wb") as f:
-        fig.savefig(f, dpi=120, format="png")
-    plt.close(fig)
+def digits_columns(names: tuple[str, ...]) -> list[tables.Column]:
+    """The digits table's columns: method, each metric (by its short key), trainable parameters, wall time."""
+    return [("method", "method", ""), *((METRICS[n].key, METRICS[n].label, METRICS[n].fmt) for n in names),
+            ("trainable", "trainable params", ","), ("wall", "wall time (s)", ".0f")]
 
 
 def digits_tables(runs: list[Run], scores: dict[str, Scores], workdir: str) -> list[dict]:
     rows = digits_rows(runs, scores)
+    names = tables.scored_metrics(scores)
     if jax.process_index() == 0:
         root = epath.Path(workdir)
-        table = digits_markdown(rows)
+        table = tables.markdown(rows, digits_columns(names))
         (root / "table.md").write_text(table + "\n")
         (root / "table.json").write_text(json.dumps(rows, indent=2))
         (root / "table.csv").write_text(tables.csv_text(rows))
-        digits_plot(rows, root / "table.png")
-        tables.write(root / "table_per_task", tables.per_task(runs, scores, DIGITS_METRICS),
-                     [("task", "task", ""), ("method", "method", ""), ("sample_accuracy", "accuracy ↑", ".3f"),
-                      ("frechet_distance", "Fréchet distance ↓", ".1f")])
+        tables.plot_against_parameters(rows, "trainable", [(METRICS[n].key, METRICS[n].label) for n in names],
+                                       root / "table.png", "Novel digits: quality vs. trainable parameters")
+        tables.write(root / "table_per_task", tables.per_task(runs, scores, names + ("wall_seconds", "trainable")),
+                     [("task", "task", ""), ("method", "method", ""), *tables.metric_columns(names)])
         print(table, flush=True)
         print(f"Wrote {workdir}/table.md, .csv, .png, .json and table_per_task.md, .csv", flush=True)
     return rows
 
 
-DIGITS = Experiment("digits", digits_runs, evaluate_digits, digits_score, digits_tables, methods=tuple(METHODS),
+DIGITS = Experiment("digits", digits_runs, evaluate_samples, digits_score, digits_tables, methods=tuple(METHODS),
                     selects=lambda c: c.data.name == "digits" and c.model.linear.kind != "fine")
 
 
@@ -284,25 +262,23 @@ def kind_tables_runs(config: ml_collections.ConfigDict, workdir: str, options: d
 
 
 def kind_score(run: Run, metrics: dict) -> Scores:
-    """ADM metrics of the run against its task's reference (:func:`kindjax.sweep.common.adm_report`),
-    its trainable parameters and KIND Table 2's FLOPs (forward GFLOP per image of the linear layers,
-    :func:`kindjax.papers.kind.accounting.table2_flops`)."""
+    """The evaluation pipeline's metrics of the run against its task's reference
+    (:func:`kindjax.sweep.common.pipeline_report`), its trainable parameters and KIND Table 2's FLOPs
+    (forward GFLOP per image of the linear layers, :func:`kindjax.papers.kind.accounting.table2_flops`)."""
     del metrics   # the training stage of kind_tables reports nothing to tabulate
-    report = adm_report(run)
+    report = pipeline_report(run)
     return {**report["metrics"], "trainable": float(parameter_counts(run.config)[0]),
             "gflops": table2_flops(run.config) / 1e9,
             "features": report["features"], "reference_features": report["reference_features"]}
 
 
-ADM = (("fid", "FID ↓", ".2f"), ("sfid", "sFID ↓", ".2f"), ("inception_score", "IS ↑", ".1f"),
-       ("precision", "Prec. ↑", ".2f"), ("recall", "Recall ↑", ".2f"))
-TABLE2 = [("method", "method", ""), ("para_m", "Para. (M)", ".1f"), ("gflops", "FLOPs (G)", ".1f"),
-          *ADM]
+#: Table 2's columns before the metrics'.
+TABLE2 = [("method", "method", ""), ("para_m", "Para. (M)", ".1f"), ("gflops", "FLOPs (G)", ".1f")]
 
 
-def pooled_rows(runs: list[Run], scores: dict[str, Scores]) -> list[dict]:
-    """Per method: ADM metrics of its samples pooled over the tasks (per seed; mean ± std over seeds),
-    its mean trainable parameters and Table 2 GFLOPs over the tasks."""
+def pooled_rows(runs: list[Run], scores: dict[str, Scores], names: tuple[str, ...]) -> list[dict]:
+    """Per method: the metrics ``names`` (of Inception features) of its samples pooled over the tasks
+    (per seed; mean ± std over seeds), its mean trainable parameters and Table 2 GFLOPs over the tasks."""
     from kindjax.evaluation.pooled import load_features, pooled_metrics
 
     rows = []
@@ -311,31 +287,36 @@ def pooled_rows(runs: list[Run], scores: dict[str, Scores]) -> list[dict]:
         for r, s in members:
             by_seed.setdefault(r.labels["seed"], []).append(s)
         per_seed = [pooled_metrics([load_features(s["features"]) for s in ss],
-                                   [load_features(s["reference_features"]) for s in ss]) for ss in by_seed.values()]
+                                   [load_features(s["reference_features"]) for s in ss], names)
+                    for ss in by_seed.values()]
         row = dict(method=method, seeds=len(by_seed), tasks=len({r.labels["task"] for r, _ in members}),
                    para_m=float(np.mean([s["trainable"] for _, s in members])) / 1e6,
                    gflops=float(np.mean([s["gflops"] for _, s in members])))
-        for key, _, _ in ADM:
+        for key in names:
             row[key], row[key + "_std"] = tables.mean_std([m[key] for m in per_seed])
         rows.append(row)
     return rows
 
 
 def kind_tables_write(runs: list[Run], scores: dict[str, Scores], workdir: str) -> dict[str, list[dict]]:
+    from kindjax.evaluation.pooled import poolable
+
+    names = tables.scored_metrics(scores)
+    pooled_names = poolable(names)
     numeric = {w: {k: v for k, v in s.items() if isinstance(v, float)} for w, s in scores.items()}
-    metrics = [k for k, _, _ in ADM] + ["trainable", "gflops"]
-    pooled = pooled_rows(runs, scores)
-    mean = tables.task_mean(runs, numeric, metrics)
+    pooled = pooled_rows(runs, scores, pooled_names)
+    mean = tables.task_mean(runs, numeric, names + ("trainable", "gflops"))
     for r in mean:
         r["para_m"] = r["trainable"] / 1e6
-    per_task = tables.per_task(runs, numeric, metrics)
+    per_task = tables.per_task(runs, numeric, names)
     if jax.process_index() == 0:
         root = epath.Path(workdir)
-        text = tables.write(root / "table2", pooled, TABLE2)
-        tables.write(root / "table2_task_mean", mean, TABLE2)
-        tables.write(root / "table8", per_task, [("task", "task", ""), ("method", "method", ""), *ADM])
-        tables.plot_against_parameters(pooled, "para_m", [(k, h) for k, h, _ in ADM[:3]], root / "table2.png",
-                                       "KIND Table 2 layout: samples pooled over the tasks")
+        text = tables.write(root / "table2", pooled, TABLE2 + tables.metric_columns(pooled_names))
+        tables.write(root / "table2_task_mean", mean, TABLE2 + tables.metric_columns(names))
+        tables.write(root / "table8", per_task, [("task", "task", ""), ("method", "method", ""),
+                                                 *tables.metric_columns(names)])
+        tables.plot_against_parameters(pooled, "para_m", [(k, h) for k, h, _ in tables.metric_columns(pooled_names[:3])],
+                                       root / "table2.png", "KIND Table 2 layout: samples pooled over the tasks")
         print(text, flush=True)
         print(f"Wrote {workdir}/table2.md/.csv/.png (pooled over the tasks), table2_task_mean.md/.csv (mean "
               f"over the tasks) and table8.md/.csv (per task)", flush=True)
