@@ -319,7 +319,7 @@ def adapter_config(kind: str, **oft) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(kind=kind, rank=RANK, alpha=ALPHA))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [k if k == "lora" else pytest.param(k, marks=pytest.mark.slow) for k in KINDS])
 def test_dit_step_changes_only_adapter_leaves(kind):
     config = tiny_config()
     config.model.update(hidden_size=32, depth=1)

@@ -37,6 +37,7 @@ def test_flags_map_to_options():
         parsed(["--arch", "M"])
 
 
+@pytest.mark.slow  # 70 s (-n 2, 2 cores)
 def test_tiny_benchmark_prints_the_figures_last(capsys):
     pytest.importorskip("diffusers")
     bench.run(TINY)
@@ -126,6 +127,7 @@ def test_out_of_memory_is_a_result_other_errors_are_not(monkeypatch):
         bench_accelerator.bench_train(options, devices, None, lambda line: None)
 
 
+@pytest.mark.slow  # 84 s (-n 2, 2 cores)
 def test_tiny_accelerator_suite_on_all_devices(capsys):
     """Every part of the suite runs on the 8 CPU devices and the last line is the JSON figures. The torch
     step (``bench.torch_runner``, run for real by the test above) is a counting stand-in here."""

@@ -109,6 +109,7 @@ def test_cli_reports_missing_imagenet_without_a_traceback(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # 26 s (-n 2, 2 cores)
 def test_kind_domain_shift_configs_build_for_every_table3_cell():
     """KIND Table 3: every data set × method × arch is a folder config; the models build (shape-only)."""
     import importlib

@@ -162,6 +162,7 @@ def test_original_checkpoint_matches_diffusers_with_the_original_timestep_embedd
         dit_params_from_original(state, config)
 
 
+@pytest.mark.slow  # 30 s (-n 2, 2 cores)
 def test_convert_command_writes_a_checkpoint_that_loads_as_pretrained(tmp_path):
     """``python -m kindjax.tools.convert`` on a ``.pt`` file: the checkpoint reads back (EMA and raw weights)
     with the original settings in its config, and its model reproduces the reference."""

@@ -46,6 +46,7 @@ def test_without_tailors_makes_every_class_compute_with_the_learngene_alone():
         without_tailors({"dense": {"kernel": jnp.ones((2, 2))}})
 
 
+@pytest.mark.slow  # 140 s (-n 2, 2 cores)
 def test_analyze_writes_table5_and_figure7(tmp_path):
     kind = tiny_config()
     kind.data.classes, kind.model.num_classes = (0, 1, 2), 3

@@ -60,6 +60,7 @@ def setup(tmp_path_factory):
     return config, workdir, root
 
 
+@pytest.mark.slow  # 64 s (-n 2, 2 cores)
 def test_evaluate_writes_npz_json_and_tensorboard(setup, capsys):
     config, workdir, root = setup
     metrics = evaluate(config, workdir)
@@ -143,6 +144,7 @@ def test_cli_refuses_missing_reference(setup, single_device_env):
     assert "kindjax.evaluation: eval.reference is not set" in out.stderr
 
 
+@pytest.mark.slow  # 20 s (-n 2, 2 cores)
 def test_out_keeps_the_run_untouched(setup, tmp_path):
     """With ``out`` the results go there; the evaluated run gains no file."""
     config, workdir, _ = setup

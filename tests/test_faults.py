@@ -428,6 +428,7 @@ def test_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(trained, tmp_
     assert_trees_close(state["params"], reference["params"])
 
 
+@pytest.mark.slow  # 25 s (-n 2, 2 cores)
 def test_a_full_disk_on_the_command_line_is_one_line(trained, small_disk, single_device_env):
     """The command line on a disk that holds one checkpoint: one line naming the step whose write
     failed, the cause and the newest complete checkpoint; none of the 4 tracebacks Orbax's write
@@ -445,6 +446,7 @@ def test_a_full_disk_on_the_command_line_is_one_line(trained, small_disk, single
     assert "Traceback" not in out.stdout and "Error" not in out.stdout
 
 
+@pytest.mark.slow  # 19 s (-n 2, 2 cores)
 def test_a_stopped_sampling_resumes_to_the_same_images(tmp_path):
     """Sampling with progress, stopped in its second batch and called again: the finished batch is
     read back, the stopped one resumes from its saved state, and the images are those of a sampling
@@ -554,8 +556,9 @@ def kind_job(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("key, value, transfer_aside", [("optim.lr", 0.01, "from_step_2"), ("train.seed", 1, "stale"),
-                                                        ("transfer.lr", 0.01, "stale")])
+@pytest.mark.parametrize("key, value, transfer_aside", [("optim.lr", 0.01, "from_step_2"),
+                                                        pytest.param("train.seed", 1, "stale", marks=pytest.mark.slow),
+                                                        pytest.param("transfer.lr", 0.01, "stale", marks=pytest.mark.slow)])
 def test_a_changed_setting_trains_afresh_and_keeps_the_old_stage(kind_job, tmp_path, capsys, key, value,
                                                                  transfer_aside):
     """The issue's repro: the KIND job, then the same with another learning rate (or seed, or transfer
@@ -616,6 +619,7 @@ def test_fewer_steps_train_afresh_and_finish(trained, tmp_path, capsys):
     assert "reusing it" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 25 s (-n 2, 2 cores)
 def test_a_resume_from_another_start_is_refused(tmp_path):
     config = tiny_config()
     config.train.num_steps = 2
@@ -746,6 +750,7 @@ def test_debug_shows_the_traceback(tmp_path, single_device_env):
 
 @pytest.mark.parametrize("sig, name", [(signal.SIGINT, "SIGINT (Ctrl-C)"),
                                        (signal.SIGHUP, "SIGHUP (terminal or ssh session closed)")])
+@pytest.mark.slow  # 39 s (-n 2, 2 cores)
 def test_sigint_and_sighup_save_and_exit_like_sigterm(tmp_path, single_device_env, sig, name):
     """Ctrl-C, and the hang-up of a dropped ssh session (once the end of an unsaved run), save the
     current step and exit 0."""

@@ -62,6 +62,7 @@ def dit_inputs(key, batch=4):
             jax.random.randint(ky, (batch,), 0, 11))
 
 
+@pytest.mark.slow  # 21 s (-n 2, 2 cores)
 @pytest.mark.parametrize("layout", ["per_role", "paper"])
 def test_shared_factor_is_one_array_per_role_and_every_block_feeds_its_gradient(layout):
     depth = 3
@@ -161,6 +162,7 @@ def dense_twin(config):
     return dense
 
 
+@pytest.mark.slow  # 18 s (-n 2, 2 cores)
 @pytest.mark.parametrize("layout", ["paper", "per_role"])
 def test_materialized_dense_dit_equals_the_factorized_one(layout):
     """``W_l = U diag(σ_l) Vᵀ`` built into the dense DiT's kernels (qkv split into q, k, v; the adaLN
@@ -202,6 +204,7 @@ def test_drop_path_keeps_each_sample_with_probability_one_minus_p_and_the_mean()
         assert abs(out.mean() - 1.0) < 0.012
 
 
+@pytest.mark.slow  # 34 s (-n 2, 2 cores)
 def test_drop_path_in_the_dit_is_off_without_rng_and_drops_whole_blocks_in_training():
     config = fine_model_config(depth=1)
     config.model.drop_path = 0.5
@@ -231,6 +234,7 @@ def test_drop_path_in_the_dit_is_off_without_rng_and_drops_whole_blocks_in_train
     np.testing.assert_allclose(scanned, looped, atol=1e-3)   # rounding (outputs ~20); another mask: > 0.05
 
 
+@pytest.mark.slow  # 42 s (-n 2, 2 cores)
 def test_trainer_draws_drop_path_from_the_step_key_only_when_the_rate_is_set(tmp_path):
     config = fine_model_config(depth=2)
     config.model.drop_path = 0.5
@@ -254,6 +258,7 @@ def source_fine_params(depth=3, layout="paper", seed=0):
                                                            seed), seed + 1))
 
 
+@pytest.mark.slow  # 14 s (-n 2, 2 cores)
 @pytest.mark.parametrize("rule", ["identical", "linear", "random", "trained", "copy"])
 def test_sigma_rules_set_the_new_layers(rule):
     source = source_fine_params(depth=3)
@@ -292,6 +297,7 @@ def test_sigma_rules_set_the_new_layers(rule):
             init_from_fine_learngene(fresh, source, jax.random.key(1), "copy")
 
 
+@pytest.mark.slow  # 17 s (-n 2, 2 cores)
 def test_width_and_rank_crop_and_extend_as_our_extension():
     source = source_fine_params(depth=2, layout="per_role")
     # Narrower and lower-rank target: factors cropped, σ = cropped mean; leaves of other shapes fresh.
@@ -322,6 +328,7 @@ def test_width_and_rank_crop_and_extend_as_our_extension():
         init_from_fine_learngene(fresh_params(build_model(fine_model_config(depth=1)), 0), source, jax.random.key(0))
 
 
+@pytest.mark.slow  # 53 s (-n 2, 2 cores)
 def test_saved_learngene_initialises_a_deeper_model_and_a_materialized_dense_one(tmp_path):
     source_dir = str(tmp_path / "source")
     config = fine_model_config(hidden=32, depth=1, rank=8)
@@ -516,6 +523,7 @@ def test_imagenet_fine_configs_have_table_7_and_build(arch, rank, hidden):
         get("L6")
 
 
+@pytest.mark.slow  # 26 s (-n 2, 2 cores)
 def test_adaln_zero_factorized_adaln_starts_with_zero_gates_and_trainable_factors():
     """Under adaLN-Zero the factorized adaLN matrix W_l = U·diag(σ_l)·Vᵀ has its gate rows exactly 0
     (every block starts as the identity) while σ_l is at the xavier-matching value: the loss's gradient

@@ -113,6 +113,7 @@ def test_block_maps():
     assert prune_blocks(4, 2) == (0, 3) and prune_blocks(8, 3) == (0, 4, 7) and prune_blocks(2, 1) == (0,)
 
 
+@pytest.mark.slow  # 14 s (-n 2, 2 cores)
 @pytest.mark.parametrize("mapping", [(0, 0, 1), (1, 0, 1)])
 def test_share_copies_mapped_blocks(mapping):
     source = randomize(fresh(small_config(depth=2)), 11)
@@ -159,6 +160,7 @@ def test_tleg_layer_uses_l_over_depth():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # 10 s (-n 2, 2 cores)
 def test_ligo_stacks_materialize_and_match_the_ligo_model():
     source = randomize(fresh(small_config(depth=2)), 14)
     ligo = small_config(depth=3, linear=ligo_config(2))
@@ -192,6 +194,7 @@ def test_ligo_stacks_materialize_and_match_the_ligo_model():
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # 23 s (-n 2, 2 cores)
 def test_distillation_gradient_equals_naive_combined_loss():
     student_config, teacher_config = small_config(depth=1), small_config(depth=1)
     student, teacher = build_model(student_config), build_model(teacher_config)
@@ -281,6 +284,7 @@ def random_sources(tmp_path_factory):
             "ligo": write_source(root / "ligo", ligo, 35), "root": root}
 
 
+@pytest.mark.slow  # 27 s (-n 2, 2 cores)
 def test_grow_from_workdirs(random_sources):
     """``init.grow`` reads the source workdir: EMA weights (raw ones for a LiGO operator), blocks mapped."""
     base = small_config()
@@ -312,6 +316,7 @@ def test_grow_from_workdirs(random_sources):
         grow_init(config, fresh(config), jax.random.key(0))
 
 
+@pytest.mark.slow  # 29 s (-n 2, 2 cores)
 def test_prune_then_distill_step(random_sources):
     """A 1-block DiT pruned from the 2-block source, with the source as teacher: the kept block is the
     source's block 0, and the step's loss is the objective's plain loss + w·mean‖ε_student − ε_teacher‖²,

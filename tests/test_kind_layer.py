@@ -106,6 +106,7 @@ def test_module_float32_and_bfloat16_against_oracle():
 
 @pytest.mark.parametrize("d_in,d_out,n_cls,n_t,n_g", [
     (64, 64, 10, 2, 20), (64, 256, 8, 3, 30), (256, 64, 8, 3, 30), (96, 384, 20, 4, 12)])
+@pytest.mark.slow  # 22 s (-n 2, 2 cores)
 def test_init_matches_dense_output_scale(d_in, d_out, n_cls, n_t, n_g):
     tokens = 64
     y = jnp.arange(n_cls + 1, dtype=jnp.int32)            # every class and the null class

@@ -55,6 +55,7 @@ def test_class_gate_leaves_absent_tailors_and_their_moments_bit_identical(tmp_pa
     assert any(not np.array_equal(lg_new[n], lg_old[n]) for n in lg_new)
 
 
+@pytest.mark.slow  # 56 s (-n 2, 2 cores)
 def test_kind_sharded_step_equals_single_device(tmp_path):
     config = kind_tiny()
     single = Trainer(config, str(tmp_path / "a"), devices=jax.devices()[:1])
@@ -68,6 +69,7 @@ def test_kind_sharded_step_equals_single_device(tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # 93 s (-n 2, 2 cores)
 def test_transfer_freezes_learngene_and_trains_fresh_tailors(tmp_path):
     config = kind_tiny()
     config.train.num_steps = 4
@@ -98,6 +100,7 @@ def test_transfer_freezes_learngene_and_trains_fresh_tailors(tmp_path):
     assert all(jax.tree.leaves(changed))
 
 
+@pytest.mark.slow  # 31 s (-n 2, 2 cores)
 def test_transfer_refuses_a_learngene_of_another_shape(tmp_path):
     config = kind_tiny()
     config.train.num_steps = 1
@@ -109,6 +112,7 @@ def test_transfer_refuses_a_learngene_of_another_shape(tmp_path):
         Trainer(tconfig, str(tmp_path / "tr")).fresh_state()
 
 
+@pytest.mark.slow  # 44 s (-n 2, 2 cores)
 def test_kind_resume_equals_uninterrupted(tmp_path):
     config = kind_tiny()
     config.train.update(num_steps=6, checkpoint_every=3)

@@ -517,6 +517,7 @@ def test_missing_or_corrupt_latents_are_clear_errors(encoded, tmp_path):
         LatentDataset(root, read_index(root), classes=()).batch(0, 0, 0)
 
 
+@pytest.mark.slow  # 34 s (-n 2, 2 cores)
 def test_command_encodes_a_folder_with_a_diffusers_vae(tmp_path, single_device_env):
     """``python -m kindjax.tools.encode`` end to end: a folder of PNGs, a tiny diffusers VAE directory."""
     torch = pytest.importorskip("torch")

@@ -11,6 +11,7 @@ from test_kind_training import kind_tiny
 from kindjax.train.trainer import train
 
 
+@pytest.mark.slow  # 60 s (-n 2, 2 cores)
 def test_learngene_notebook_runs(tmp_path, monkeypatch):
     config = kind_tiny()
     config.train.num_steps = 2

@@ -130,6 +130,7 @@ def relative_error(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.slow  # 25 s (-n 2, 2 cores)
 @pytest.mark.parametrize("name", sorted(set(LINEARS) - {"fine", "fine_per_role", "tleg"}))   # shared factors: DiT below
 def test_bf16_layer_matches_float32(name):
     """Each variant's layer alone, bf16 input vs f32 input, same (perturbed, f32) parameters."""
@@ -146,6 +147,7 @@ def test_bf16_layer_matches_float32(name):
     assert 0 < relative_error(out16, out32) < BF16_RTOL
 
 
+@pytest.mark.slow  # 46 s (-n 2, 2 cores)
 @pytest.mark.parametrize("name", ["dense", "kind", "fine", "fine_per_role", "tleg"])
 def test_bf16_model_matches_float32(name):
     """The whole DiT (perturbed parameters, so that adaLN-Zero hides no branch) in bf16 vs f32."""
@@ -191,6 +193,7 @@ def test_vae_inception_dinov2_compute_in_bf16(name):
         assert {leaf.dtype for leaf in jax.tree.leaves(out)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow  # 55 s (-n 2, 2 cores)
 def test_vae_bf16_matches_float32():
     build, shape = _feature_models()["vae"]
     x = jax.random.uniform(jax.random.key(1), shape, minval=-1, maxval=1)

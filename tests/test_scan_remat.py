@@ -50,7 +50,8 @@ def loops():
     return found
 
 
-@pytest.mark.parametrize("name,setting", CASES,
+@pytest.mark.parametrize("name,setting", [case if case[0] == "fine" or case == ("kind", SETTINGS[-1]) else
+                                          pytest.param(*case, marks=pytest.mark.slow) for case in CASES],
                          ids=[f"{n}-" + "+".join(f"{k}={v}" for k, v in s.items()) for n, s in CASES])
 def test_outputs_and_gradients_equal_the_loop(name, setting, loops):
     params, out, grads = loops[name]

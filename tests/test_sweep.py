@@ -110,6 +110,7 @@ def test_shards_partition_the_grid(tmp_path, num_shards):
             grid.parse_shard(bad)
 
 
+@pytest.mark.slow  # 266 s (-n 2, 2 cores)
 def test_two_shards_wait_for_each_other_resume_and_write_the_tables(tmp_path, monkeypatch):
     """Shard 1 runs the KIND pre-training, then waits for the dense one (shard 0's); while it waits
     shard 0 runs all of its runs; shard 1 then finishes and, finding the grid done, writes the tables."""

@@ -96,6 +96,7 @@ def sorted_pairs(images: np.ndarray, labels: np.ndarray) -> list[tuple[int, byte
     return sorted(zip(labels.tolist(), (image.tobytes() for image in images)))
 
 
+@pytest.mark.slow  # 44 s (-n 2, 2 cores)
 def test_kind_tables_grid_reads_the_fake_imagenet_and_writes_the_references(imagenet, tmp_path):
     """Every run of the grid passes the sweep's start-up check (model fits, data opens) and trains on
     exactly its classes' latents; each task's reference batch is its validation images, no other; a

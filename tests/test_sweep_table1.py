@@ -20,6 +20,7 @@ from kindjax.papers.kind.experiments.table1 import TABLE1, steps_text
 KIND_B = os.path.join(ROOT, "configs", "kind_dit_b.py")
 
 
+@pytest.mark.slow  # 11 s (-n 2, 2 cores)
 def test_dit_b_grid_entries_sizes_steps_and_needs(tmp_path):
     from configs.kind_dit_b import get_config
 
@@ -66,6 +67,7 @@ def test_dit_b_grid_entries_sizes_steps_and_needs(tmp_path):
     assert steps_text(100_000) == "100K" and steps_text(0) == "0" and steps_text(2) == "2"
 
 
+@pytest.mark.slow  # 14 s (-n 2, 2 cores)
 def test_trad_pt_cut_model_is_the_dense_model_on_its_classes(tmp_path):
     from kindjax.checkpoints.learngene import load_params
     from test_variable_size import pretrain_config, saved_run

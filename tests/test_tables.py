@@ -103,6 +103,7 @@ def test_every_task_method_spec_resolves_to_table7_sizes(arch):
             assert config.train.num_steps == 50_000
 
 
+@pytest.mark.slow  # 47 s (-n 2, 2 cores)
 @pytest.mark.parametrize("arch", ["B", "L"])
 def test_every_method_on_task_1_builds_with_the_naive_count(arch):
     """Task 1 (7 classes; Table 7's 21 OFT blocks divide no matrix width): every method builds
@@ -189,6 +190,7 @@ def test_table2_flops_column_is_reproduced(arch, method):
     assert mean == pytest.approx(TABLE2_FLOPS[arch][method], rel=0.02), (method, mean)
 
 
+@pytest.mark.slow  # 15 s (-n 2, 2 cores)
 def test_accounting_command_prints_the_task_averages():
     out = subprocess.run(
         [sys.executable, "-m", "kindjax.papers.kind.accounting", "--config", "configs/kind_dit_b.py", "--kind_tasks",

@@ -70,6 +70,7 @@ def wait_for(predicate, proc, timeout=300):
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # 63 s (-n 2, 2 cores)
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, single_device_env):
     env, steps = single_device_env, "--config.train.num_steps=40"
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -107,6 +108,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, single_device_env):
     assert len(steps) == 1 and steps[0] >= 3
 
 
+@pytest.mark.slow  # 20 s (-n 2, 2 cores)
 def test_workdir_of_another_model_is_refused(tmp_path, single_device_env):
     env = single_device_env
     subprocess.run(cli(tmp_path, env, "--config.train.num_steps=4"), env=env, check=True,

@@ -56,6 +56,7 @@ def fresh_params(config, seed=1):
     return init_params(jax.random.key(seed), trainer.model)
 
 
+@pytest.mark.slow  # 26 s (-n 2, 2 cores)
 def test_dense_copy_keeps_shared_leaves_and_draws_new_label_rows(sources):
     source, _ = load_params(sources["dense"])
     config = novel_config()
@@ -153,7 +154,8 @@ def test_ungated_kind_layer_equals_float64_formula():
     np.testing.assert_allclose(np.asarray(out), x @ w + bias, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", [m if m in ("kind", "lora") else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in sorted(METHODS)])   # 15 s each: two in the default run
 def test_each_method_trains_only_its_trainable_leaves(sources, method, tmp_path):
     """Two steps of every method from the pre-trained sources: leaves outside ``train.trainable``
     (and the frozen learngene) are bit-identical, and some trainable leaf moved."""

@@ -48,6 +48,7 @@ def runs(tmp_path_factory):
     return kind, saved_run(kind, root / "kind", 0), dense, saved_run(dense, root / "dense", 10), root
 
 
+@pytest.mark.slow  # 32 s (-n 2, 2 cores)
 def test_recombined_model_has_the_size_and_the_full_models_outputs(runs):
     from kindjax.papers.kind.accounting import parameter_counts
     from kindjax.evaluation.pipeline import restore_ema_params
