@@ -3,10 +3,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from kindjax.tools import bench_loader
 
 
+@pytest.mark.slow  # 12 s (-n 2, 2 cores)
 def test_loader_benchmark_checks_the_processes_rows(tmp_path):
     options = bench_loader.LoaderOptions(dir=str(tmp_path / "synthetic"), images=600, batch=32, steps=3, rounds=1,
                                          processes=2)

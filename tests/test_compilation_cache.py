@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, tiny_overrides
 from kindjax.train.stages import compilation_cache_dir
 
@@ -18,6 +20,7 @@ def train(workdir, env, *extra):
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # 55 s (-n 2, 2 cores)
 def test_a_restarted_run_loads_its_train_step_from_the_workdir_cache(tmp_path, single_device_env):
     env = {k: v for k, v in single_device_env.items() if k != "JAX_COMPILATION_CACHE_DIR"}   # no session cache
     env["JAX_LOG_COMPILES"] = "1"

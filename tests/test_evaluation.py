@@ -126,6 +126,7 @@ def test_training_is_deterministic(evaluator):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # 12 s (-n 2, 2 cores)
 def test_class_subset_evaluator_uses_subset_labels():
     sub = DigitsEvaluator.train(seed=1, classes=(8, 3))
     assert sub.classes == (8, 3) and sub.probabilities(load_digits().images[:3]).shape == (3, 2)

@@ -165,6 +165,7 @@ def test_ungated_kind_exports_several_classes_exactly(kind_run, tmp_path):
     assert meta["source"]["item"] == "params"
 
 
+@pytest.mark.slow  # 12 s (-n 2, 2 cores)
 def test_fine_model_materializes_to_diffusers_and_back(tmp_path):
     config = tiny_config()
     config.model.update(hidden_size=32, depth=2, num_heads=2, linear=fine_config(8, "paper"))

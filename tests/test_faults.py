@@ -358,6 +358,7 @@ class NanAt:
         return StepBatches(lambda s: self.local_batch(s, batch_size, seed, process_index, process_count), start_step)
 
 
+@pytest.mark.slow  # 15 s (-n 2, 2 cores)
 def test_a_non_finite_step_changes_nothing(tmp_path):
     """The guard in the step: a NaN batch leaves parameters, EMA and optimizer state bit-identical."""
     config = tiny_config()
@@ -507,6 +508,7 @@ def saved_params(workdir, step):
     return checkpoints.restore_leaves(os.path.join(step_dir(workdir, step), "params"))
 
 
+@pytest.mark.slow  # 68 s (-n 2, 2 cores)
 def test_stale_stages_train_on_rerun_or_are_refused(tmp_path, capsys):
     """The two stages of a KIND transfer job: a finished stage is reused only with the same
     fingerprint; more pre-training steps train it on and rerun the transfer from the new learngene
@@ -842,6 +844,7 @@ def test_a_gce_maintenance_event_saves_and_exits_like_sigterm(tmp_path, single_d
     assert os.listdir(workdir / "checkpoints") == [str(saved)] and saved >= seen + 3
 
 
+@pytest.mark.slow  # 44 s (-n 2, 2 cores)
 def test_sigterm_during_the_evaluation_saves_its_samples_and_the_rerun_resumes(tmp_path, single_device_env):
     """SIGTERM once the final evaluation samples: the samples drawn so far are saved and the run exits 0
     within seconds (it ignored SIGTERM for the whole evaluation, 36 s); the rerun trains nothing,

@@ -122,6 +122,7 @@ def trained(bucket):
     return first, resumed.getvalue()
 
 
+@pytest.mark.slow  # 28 s (-n 2, 2 cores)
 def test_training_workdir_on_gcs_holds_everything_and_resumes(bucket, trained, capsys):
     first, out = trained
     workdir = bucket / "bucket" / "run"

@@ -326,6 +326,7 @@ RESUMABLE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 12 s (-n 2, 2 cores)
 def test_resume_after_sigkill_gives_identical_batches(encoded, tmp_path, single_device_env):
     root, _ = encoded
     script = tmp_path / "resumable.py"

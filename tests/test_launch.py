@@ -139,8 +139,10 @@ FAKE = textwrap.dedent('''
             open(counter, "a").write("x")
             plan = os.environ.get("FAKE_RUN_PLAN", "finish").split(",")
             what = plan[min(attempt, len(plan) - 1)]
-            if what == "slow":
-                time.sleep(3)
+            if what == "slow":                               # runs until the test releases it (FAKE_RELEASE)
+                deadline = time.time() + 120
+                while not os.path.exists(os.environ["FAKE_RELEASE"]) and time.time() < deadline:
+                    time.sleep(0.05)
             if what == "stop":                               # saved on a stop request, as kindjax notes it
                 open(os.environ["KINDJAX_STOP_FILE"], "w").write("SIGTERM: saved step 10\\n")
             if what == "lost":                               # the VM went away: the runner dies with it
@@ -332,7 +334,8 @@ def test_tpu_pod_run_survives_the_launcher_hanging_up(tmp_path):
     import signal
     import time
 
-    env = tpu_env(tmp_path, FAKE_RUN_PLAN="slow", FAKE_TPU_WORKERS="2")
+    release = tmp_path / "release"
+    env = tpu_env(tmp_path, FAKE_RUN_PLAN="slow", FAKE_TPU_WORKERS="2", FAKE_RELEASE=str(release))
     launcher = subprocess.Popen(["launch/tpu_pod.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
@@ -342,6 +345,7 @@ def test_tpu_pod_run_survives_the_launcher_hanging_up(tmp_path):
     os.killpg(launcher.pid, signal.SIGHUP)
     launcher.wait(timeout=30)
     assert launcher.returncode != 0   # the launcher is gone ...
+    release.touch()
     for w in range(2):                # ... the runs are not
         exit_code = tmp_path / f"worker{w}" / "kindjax-run" / "exit_code"
         while not exit_code.exists():
@@ -438,8 +442,9 @@ def test_device_check_writes_the_figures_and_logs(tmp_path):
 
 
 @pytest.mark.parametrize("last_line, bench_rc, want_rc", [('{"suite": "accelerator", "num_devices": 1}', 0, 0),
-                                                          ("Traceback: out of time", 124, 124),
-                                                          ("not the figures", 0, 1)])
+                                                          pytest.param("Traceback: out of time", 124, 124,
+                                                                       marks=pytest.mark.slow),
+                                                          pytest.param("not the figures", 0, 1, marks=pytest.mark.slow)])
 def test_device_check_plumbing(tmp_path, last_line, bench_rc, want_rc):
     """The script around the bench (the bench itself: tests/test_bench.py): flags passed on, the last line
     kept as accelerator.json, the bench's exit status returned, a run without figures an error."""

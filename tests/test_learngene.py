@@ -98,6 +98,7 @@ def cli(env, *args):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow  # 27 s (-n 2, 2 cores)
 def test_slice_cli_and_function(run, tmp_path, single_device_env):
     workdir = tmp_path / "copy"
     shutil.copytree(run.workdir, workdir)

@@ -76,7 +76,9 @@ def _round_up(n: int, multiple: int) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(tokens: int, padded: int, heads: int, interpret: bool):
-    """A splash-attention kernel over ``(heads, padded, h)``: every query sees the first ``tokens`` keys."""
+    """A splash-attention kernel over ``(heads, padded, h)``: every query sees the first ``tokens`` keys.
+    Built eagerly (``ensure_compile_time_eval``) so that its mask arrays are constants, never tracers of
+    the trace that first asked for it: the kernel is cached and reused by later traces."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     visible = np.zeros((padded, padded), bool)
@@ -86,7 +88,8 @@ def _splash_kernel(tokens: int, padded: int, heads: int, interpret: bool):
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                               block_kv_dq=block)
-    return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
 
 
 def _mesh_of(x: jax.Array) -> jax.sharding.AbstractMesh | None:
