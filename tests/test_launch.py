@@ -336,8 +336,10 @@ def test_tpu_pod_run_survives_the_launcher_hanging_up(tmp_path):
 
     release = tmp_path / "release"
     env = tpu_env(tmp_path, FAKE_RUN_PLAN="slow", FAKE_TPU_WORKERS="2", FAKE_RELEASE=str(release))
+    # As from a terminal: SIGHUP at its default (a suite started under nohup ignores it, and children inherit that).
     launcher = subprocess.Popen(["launch/tpu_pod.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     deadline = time.time() + 120
     while len(worker_runs(tmp_path, 1)) < 1:
         assert time.time() < deadline and launcher.poll() is None
