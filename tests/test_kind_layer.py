@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import flax
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -12,7 +13,8 @@ import kindjax
 from kindjax.config import model_config
 from kindjax.layers.dense import DenseLinear
 from kindjax.layers.svd import svd_product
-from kindjax.papers.kind.layer import KINDLinear, check_rank, kind_config, kind_linear, naive_kind_linear
+from kindjax.papers.kind.layer import (KINDLinear, check_rank, grouped_kind_linear, kind_config, kind_linear,
+                                       naive_kind_linear)
 
 N_CLS, N_T, N_G = 4, 3, 5
 D_IN, D_OUT = 24, 40
@@ -46,12 +48,24 @@ def efficient(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
     return kind_linear(x, y, params["learngene"], params["tailors"], params["bias"])
 
 
+def grouped(group_size: int):
+    def apply(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+        return grouped_kind_linear(x, y, params["learngene"], params["tailors"], params["bias"], None, group_size)
+    return apply
+
+
+# The efficient forms: gated, and grouped with groups of 1, 2 (gcd(6, 16) too), 3 and the whole batch.
+FORMS = {"gated": efficient, **{f"grouped_{g}": grouped(g) for g in (1, 3, 6, 16)}}
+
+
 def rel_err(a, b) -> float:
     a, b = np.asarray(a), np.asarray(b)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def test_efficient_gate_matches_oracle_values_and_gradients():
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_efficient_gate_matches_oracle_values_and_gradients(form):
+    efficient = FORMS[form]
     with jax.enable_x64(True):
         kp, kx, kg = jax.random.split(jax.random.key(0), 3)
         params = random_params(kp, jnp.float64)
@@ -74,7 +88,9 @@ def test_efficient_gate_matches_oracle_values_and_gradients():
             assert rel_err(g, w) <= 1e-5, jax.tree_util.keystr(path)
 
 
-def test_absent_classes_get_exactly_zero_gradient():
+@pytest.mark.parametrize("form", ["gated", "grouped_3"])
+def test_absent_classes_get_exactly_zero_gradient(form):
+    efficient = FORMS[form]
     params = random_params(jax.random.key(1), jnp.float32)
     x = jax.random.normal(jax.random.key(2), (len(Y), 5, D_IN))
     grads = jax.jit(jax.grad(lambda p: jnp.sum(efficient(p, x, jnp.asarray(Y)) ** 2)))(params)
@@ -215,6 +231,47 @@ def test_naive_formulation_matches_gated_values_and_gradients():
         assert rel_err(g, w) <= 1e-5, jax.tree_util.keystr(path)
 
 
+@pytest.mark.parametrize("tokens", [7, 1])
+def test_grouped_formulation_matches_gated_values_and_gradients_in_float32(tokens):
+    """The grouped form against today's gated form, f32, on random inputs (and one token per sample)."""
+    kp, kx, kg = jax.random.split(jax.random.key(11), 3)
+    params = random_params(kp, jnp.float32)
+    x = jax.random.normal(kx, (len(Y), tokens, D_IN))
+    cot = jax.random.normal(kg, (len(Y), tokens, D_OUT))
+    y = jnp.asarray(Y)
+    for group_size in (2, 3, 16):
+        assert rel_err(jax.jit(grouped(group_size))(params, x, y), jax.jit(efficient)(params, x, y)) <= 1e-5
+
+        def grads(fn):
+            return jax.jit(jax.grad(lambda p, xx: jnp.sum(fn(p, xx, y) * cot), argnums=(0, 1)))
+
+        got, want = grads(grouped(group_size))(params, x), grads(efficient)(params, x)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+            assert rel_err(g, w) <= 1e-5, (group_size, jax.tree_util.keystr(path))
+
+
+def test_grouped_formulation_reads_the_activations_once():
+    """Each layer's activations enter one product (learngene and tailors together), where the gated form
+    has two: the property that makes the grouped form cheap in memory traffic."""
+    params = random_params(jax.random.key(12), jnp.float32)
+    x, y = jax.random.normal(jax.random.key(13), (len(Y), 7, D_IN)), jnp.asarray(Y)
+
+    def products_reading_x(fn):
+        jaxpr = jax.make_jaxpr(fn)(params, x, y).jaxpr
+        derived = {jaxpr.invars[-2]}             # x and the reshapes and casts of it
+        count = 0
+        for eqn in jaxpr.eqns:
+            if any(v in derived for v in eqn.invars if not isinstance(v, jax.extend.core.Literal)):
+                if eqn.primitive.name == "dot_general":
+                    count += 1
+                elif eqn.primitive.name in ("reshape", "convert_element_type", "broadcast_in_dim"):
+                    derived.update(eqn.outvars)
+        return count
+
+    assert products_reading_x(grouped(3)) == 1
+    assert products_reading_x(efficient) == 2
+
+
 def test_dit_naive_formulation_matches_gated_and_bad_formulation_is_refused():
     x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
     t, y = jnp.array([1, 500, 999]), jnp.array([0, 3, 4])
@@ -226,8 +283,15 @@ def test_dit_naive_formulation_matches_gated_and_bad_formulation_is_refused():
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
     want = jax.jit(gated.apply)(params, x, t, y)
     assert rel_err(jax.jit(naive.apply)(params, x, t, y), want) <= 1e-5
+    config.linear.formulation = "grouped"
+    config.linear.group_size = 3
+    assert rel_err(jax.jit(kindjax.build_model(config).apply)(params, x, t, y), want) <= 1e-5
     config.linear.formulation = "full"
-    with pytest.raises(ValueError, match=r"formulation='full' for kind='kind': use one of \['gated', 'naive', 'ungated'\]"):
+    with pytest.raises(ValueError, match=r"formulation='full' for kind='kind': use one of "
+                                         r"\['gated', 'grouped', 'naive', 'ungated'\]"):
+        kindjax.build_model(config)
+    config.linear.update(formulation="grouped", group_size=0)
+    with pytest.raises(ValueError, match=r"config.model.linear.group_size must be a positive int"):
         kindjax.build_model(config)
 
 

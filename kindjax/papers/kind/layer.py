@@ -18,6 +18,7 @@ means a tailor leaf whose leading axis is the class; everything else is learngen
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import flax.linen as nn
@@ -31,19 +32,35 @@ from kindjax.layers.svd import extend_orthonormal, init_sigma, matrix_shapes, sv
 
 
 #: Keys of ``config.model.linear`` for ``kind="kind"``; ``N_cls`` is ``model.num_classes``.
-CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "formulation")
+CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "formulation", "group_size")
 
-#: ``config.model.linear.formulation``: how the class gate is computed.  ``gated`` is the
-#: efficient form; ``naive`` materialises one full-rank weight per sample (same values,
-#: about twice the FLOPs or more; a reference and benchmark baseline).  ``ungated`` is
-#: KIND's ablation #3: every sample uses every tailor (no class gate).
-FORMULATIONS = ("gated", "naive", "ungated")
+#: ``config.model.linear.formulation``: how the class gate is computed, all with the same values.
+#: ``gated``: the learngene as one product shared by the batch, each sample's tailor as its own
+#: rank-``N_T`` product (:func:`kind_linear`).  ``grouped``: the samples in groups of ``group_size``,
+#: the learngene and the group's tailors as one wider product (:func:`grouped_kind_linear`; one pass
+#: over the activations and no rank-``N_T`` product; docs/benchmarks.md compares both on TPU).  ``naive``: one
+#: full-rank weight per sample (about twice the FLOPs or more; a reference and benchmark baseline).
+#: ``ungated`` is KIND's ablation #3: every sample uses every tailor (no class gate).
+FORMULATIONS = ("gated", "grouped", "naive", "ungated")
+
+#: ``config.model.linear.group_size`` of ``formulation="grouped"``: samples whose tailors share one
+#: product (``N_G + group_size·N_T`` columns; 16 keeps DiT-B's 297 + 48 and DiT-L's 396 + 64 inside the
+#: 384 and 512 that a 128-wide matrix unit computes for the learngene alone).
+GROUP_SIZE = 16
+
+#: The grouped product's ``K = N_G + G·N_T`` is padded with zero components to a multiple of this: the
+#: width of a TPU's matrix unit (and of 8 of a GPU's tensor-core tiles), which computes the padding anyway;
+#: an unpadded ``K`` makes XLA:TPU lay the activations out token-minor and copy them into the attention's layout.
+MATRIX_UNIT = 128
 
 
-def kind_config(n_learngene: int, n_tailor: int, formulation: str = "gated") -> ml_collections.ConfigDict:
-    """``config.model.linear`` for KIND with ``N_G`` and ``N_T`` (``N_cls`` = ``model.num_classes``)."""
-    return ml_collections.ConfigDict(dict(kind="kind", n_learngene=n_learngene, n_tailor=n_tailor,
-                                          formulation=formulation))
+def kind_config(n_learngene: int, n_tailor: int, formulation: str = "gated",
+                group_size: int | None = None) -> ml_collections.ConfigDict:
+    """``config.model.linear`` for KIND with ``N_G`` and ``N_T`` (``N_cls`` = ``model.num_classes``);
+    ``group_size`` only when given (absent: :data:`GROUP_SIZE`; so configs and the fingerprints of runs
+    made before the key existed stay as they were)."""
+    linear = dict(kind="kind", n_learngene=n_learngene, n_tailor=n_tailor, formulation=formulation)
+    return ml_collections.ConfigDict(linear if group_size is None else {**linear, "group_size": group_size})
 
 
 def kind_formulation(linear_config: Mapping) -> str:
@@ -134,6 +151,54 @@ def kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
     return svd_product(x, learngene, dtype) + tailor + bias.astype(dtype)
 
 
+def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
+                        tailors: Mapping[str, jax.Array], bias: jax.Array, dtype: jnp.dtype | None = None,
+                        group_size: int = GROUP_SIZE) -> jax.Array:
+    """Class-gated product, grouped form: the same values as :func:`kind_linear`.
+
+    The batch is cut into groups of ``G = gcd(B, group_size)`` samples ``b_1 … b_G``.  A group's
+    tokens go through one product ``h = x·[V_G | V_T[c_1] | … | V_T[c_G] | 0]`` (``K = N_G + G·N_T``
+    components, zero-padded to a multiple of :data:`MATRIX_UNIT`); sample ``b_j`` keeps the learngene's
+    columns and its own tailor's (``h ⊙ m_j``), and
+    ``out = (h ⊙ m)·[U_G σ_G | U_T[c_1] σ_T[c_1] | … | U_T[c_G] σ_T[c_G] | 0]ᵀ + b``
+    (``σ_T[c] = 0`` for the null class).  The activations are read once, as a dense layer reads them;
+    the ``G·N_T`` tailor columns are the extra work.
+    """
+    dtype = dtype or x.dtype
+    n_classes, n_tailor = tailors["sigma"].shape
+    n_learngene, d_in, d_out = learngene["sigma"].shape[0], x.shape[-1], learngene["U"].shape[0]
+    batch, tokens = x.shape[0], math.prod(x.shape[1:-1])
+    group = math.gcd(batch, group_size)
+    groups = batch // group
+    c = jnp.clip(y, 0, n_classes - 1)
+
+    width = n_learngene + group * n_tailor
+    padding = -width % MATRIX_UNIT
+
+    def columns(learngene_part: jax.Array, tailor_part: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+        """``(groups, K, d)``: the learngene's components, each sample's tailor in turn, zeros up to ``K``;
+        times ``scale`` (``(groups, K)``) when given."""
+        d = learngene_part.shape[0]
+        per_sample = tailor_part[c].reshape(groups, group, d, n_tailor).transpose(0, 1, 3, 2)
+        stacked = jnp.concatenate([jnp.broadcast_to(learngene_part.T, (groups, n_learngene, d)),
+                                   per_sample.reshape(groups, group * n_tailor, d),
+                                   jnp.zeros((groups, padding, d), learngene_part.dtype)], axis=1)
+        return (stacked if scale is None else stacked * scale[:, :, None]).astype(dtype)
+
+    sigma_t = jnp.where((y < n_classes)[:, None], tailors["sigma"][c], 0.0).reshape(groups, group * n_tailor)
+    sigma = jnp.concatenate([jnp.broadcast_to(learngene["sigma"], (groups, n_learngene)), sigma_t,
+                             jnp.zeros((groups, padding))], axis=1)
+    # Sample s of a group keeps the learngene's components and its own tailor's (a constant pattern).
+    component = jnp.arange(width + padding)
+    own = (component < n_learngene) | ((component - n_learngene) // n_tailor == jnp.arange(group)[:, None])
+    # Built once, outside the products (XLA would otherwise rebuild them inside each product's tiles).
+    v, u = jax.lax.optimization_barrier((columns(learngene["V"], tailors["V"]),
+                                         columns(learngene["U"], tailors["U"], sigma)))
+    h = jnp.einsum("gsni,gki->gsnk", x.astype(dtype).reshape(groups, group, tokens, d_in), v)
+    out = jnp.einsum("gsnk,gko->gsno", jnp.where(own[None, :, None, :], h, 0), u) + bias.astype(dtype)
+    return out.reshape(x.shape[:-1] + (d_out,))
+
+
 def naive_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
                       tailors: Mapping[str, jax.Array], bias: jax.Array,
                       dtype: jnp.dtype | None = None) -> jax.Array:
@@ -175,7 +240,8 @@ def ungated_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
     return svd_product(x, learngene, dtype) + tailor + bias.astype(dtype)
 
 
-_APPLY = {"gated": kind_linear, "naive": naive_kind_linear, "ungated": ungated_kind_linear}
+_APPLY = {"gated": kind_linear, "grouped": grouped_kind_linear, "naive": naive_kind_linear,
+          "ungated": ungated_kind_linear}
 
 
 class KINDLinear(nn.Module):
@@ -198,6 +264,7 @@ class KINDLinear(nn.Module):
     n_learngene: int
     role: str = "linear"
     formulation: str = "gated"
+    group_size: int = GROUP_SIZE
     dtype: jnp.dtype | None = None
     fan_out: int | None = None   # None: features
 
@@ -211,6 +278,8 @@ class KINDLinear(nn.Module):
         learngene = self.param("learngene", init_learngene, d_in, d_out, self.n_learngene, sigma)
         tailors = self.param("tailors", init_tailors, learngene, self.n_classes, self.n_tailor, sigma)
         bias = self.param("bias", nn.initializers.zeros, (d_out,))
+        if self.formulation == "grouped":
+            return grouped_kind_linear(x, y, learngene, tailors, bias, self.dtype, self.group_size)
         return _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype)
 
 
@@ -219,6 +288,8 @@ def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
     refuses ranks that do not fit."""
     n_classes, n_tailor, n_learngene = kind_sizes(model_config)
     formulation = kind_formulation(model_config.linear)
+    group_size = (positive_int(model_config.linear, "group_size", "kind", "samples per grouped product")
+                  if "group_size" in model_config.linear else GROUP_SIZE)
     qkv_init = model_config.get("qkv_init", "fused")
     for role, (d_in, d_out) in matrix_shapes(model_config).items():
         check_rank(d_in, d_out, model_config, role)
@@ -226,6 +297,6 @@ def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
     def make(role: str, features: int, name: str, shared: None = None) -> nn.Module:
         return KINDLinear(features=features, n_classes=n_classes, n_tailor=n_tailor,
                           n_learngene=n_learngene, role=role, formulation=formulation,
-                          fan_out=xavier_fan_out(role, features, qkv_init), name=name)
+                          group_size=group_size, fan_out=xavier_fan_out(role, features, qkv_init), name=name)
 
     return make
