@@ -15,6 +15,7 @@ import ml_collections
 
 from kindjax.archs import resolve_dims
 from kindjax.registry import Registry
+from kindjax.sharding import CLASS_ROW_REDUCTIONS
 
 #: ``model.attention``: how attention is computed (:mod:`kindjax.models.attention`).
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
@@ -167,6 +168,10 @@ def core_config() -> ml_collections.ConfigDict:
             # The dtype the data-parallel gradient is reduced in across devices (kindjax.sharding:
             # "float32", as PyTorch DDP, or "bfloat16": half the bytes, bf16 sums of partial gradients).
             grad_reduce_dtype="float32",
+            # Under a class gate, how a class-row leaf's gradient (tailors, label table) is summed across
+            # devices (kindjax.sharding.CLASS_ROW_REDUCTIONS): "all_reduce" the whole leaf, "gather" only
+            # the rows of each device's labels, "auto" = whichever moves fewer interconnect bytes.
+            class_row_reduce="all_reduce",
             # JAX's persistent compilation cache (kindjax.train.stages.use_compilation_cache): "auto" =
             # WORKDIR/compilation_cache (or $JAX_COMPILATION_CACHE_DIR), a directory (local or gs://), "" = off.
             compilation_cache="auto",
@@ -337,6 +342,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         require(t[key] > 0, f"train.{key}={t[key]} must be positive")
     require(t.grad_reduce_dtype in ("float32", "bfloat16"),
             f"train.grad_reduce_dtype={t.grad_reduce_dtype!r}: use 'float32' or 'bfloat16'")
+    require(t.get("class_row_reduce", "all_reduce") in CLASS_ROW_REDUCTIONS,
+            f"train.class_row_reduce={t.get('class_row_reduce')!r}: use one of {list(CLASS_ROW_REDUCTIONS)}")
     require(t.max_nonfinite_steps >= 0, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be ≥ 0")
     require(t.max_update_ratio >= 0, f"train.max_update_ratio={t.max_update_ratio} must be ≥ 0 (0: no limit)")
     require(o.lr > 0, f"optim.lr={o.lr} must be positive")

@@ -123,6 +123,11 @@ class UpdateRule:
         """``"trainable"`` or ``"frozen"`` per leaf (the optimizer's partition)."""
         return map_with_path(lambda path, _: "trainable" if self.trainable(path) else "frozen", tree)
 
+    def labelled_rows(self, tree: PyTree) -> PyTree | None:
+        """Per leaf, whether a batch's gradient lives in its labels' rows only (the class-row leaves
+        under the class gate; :func:`kindjax.sharding.gather_class_rows`); None without a gate."""
+        return map_with_path(lambda path, _: has_class_rows(path), tree) if self.class_gated else None
+
     def restrict(self, new: PyTree, old: PyTree, labels: jax.Array, num_classes: int) -> PyTree:
         """``new`` with the class rows the step may not change taken from ``old``."""
         if not self.class_gated and self.null_row:

@@ -14,7 +14,9 @@ The gradient of the train step is data parallel by hand (:func:`data_parallel_va
 each device differentiates the loss of its own batch rows inside a ``jax.shard_map`` manual over
 the whole mesh (the FSDP-sharded leaves all-gathered first), and the gradients are reduced
 explicitly, in a chosen dtype (``train.grad_reduce_dtype``, f32 by default, as PyTorch DDP does):
-no activation is ever resharded, and no bf16 partial sum is reduced.
+no activation is ever resharded, and no bf16 partial sum is reduced.  Under a class gate the gradient
+of a class-row leaf (tailors, label table) is non-zero only in the rows of the device's own labels:
+those rows alone can be gathered instead of the whole leaf reduced (:func:`class_row_reduction`).
 """
 from __future__ import annotations
 
@@ -106,8 +108,47 @@ def fsdp_axis(spec: P) -> int | None:
     return next((axis for axis, name in enumerate(spec) if name == "fsdp"), None)
 
 
+#: ``train.class_row_reduce``: how the gradient of a class-row leaf is summed over the devices:
+#: ``all_reduce`` the whole leaf (``2(S−1)/S·R`` rows move per device for ``R`` rows and ``S`` devices),
+#: ``gather`` only each device's labelled rows (``(S−1)·B_s`` rows for ``B_s`` samples per device), or
+#: ``auto``: whichever moves fewer, per leaf.  Gathering trades interconnect bytes for HBM work (two one-hot
+#: products per leaf): docs/benchmarks.md has both on v5p-8; the default is ``all_reduce``.
+CLASS_ROW_REDUCTIONS = ("auto", "all_reduce", "gather")
+
+
+def class_row_reduction(setting: str, rows: int, local_batch: int, devices: int) -> str:
+    """``"gather"`` or ``"all_reduce"`` for a class-row leaf of ``rows`` rows (see :data:`CLASS_ROW_REDUCTIONS`)."""
+    if setting != "auto":
+        return setting
+    return "gather" if local_batch * devices < 2 * rows else "all_reduce"
+
+
+def gather_class_rows(grad: jax.Array, labels: jax.Array, axes: Any) -> jax.Array:
+    """``Σ_s grad_s`` over the devices of ``axes`` for a gradient whose rows other than ``labels``
+    (the device's class ids; ids ≥ ``grad.shape[0]`` touch no row) are zero: each device sends the
+    rows of its labels, the first occurrence of each (later ones and the out-of-range ones as zeros),
+    with the labels; every device adds all of them into zeros.  Inside a ``shard_map`` over ``axes``.
+
+    Rows are picked and added by one-hot products (exact at ``HIGHEST`` precision: each output is a
+    sum of whole rows) rather than gather and scatter, which XLA:TPU costs at the whole leaf per row.
+    """
+    first = jnp.argmax(labels[:, None] == labels[None, :], axis=1) == jnp.arange(labels.shape[0])
+    sent_labels = jnp.where(first, labels, grad.shape[0])          # a repeat sends nothing (no row)
+
+    def one_hot(ids: jax.Array) -> jax.Array:
+        return (ids[:, None] == jnp.arange(grad.shape[0])).astype(grad.dtype)
+
+    flat = grad.reshape(grad.shape[0], -1)
+    sent = jnp.dot(one_hot(sent_labels), flat, precision=jax.lax.Precision.HIGHEST)
+    all_rows = jax.lax.all_gather(sent, axes, tiled=True)
+    all_labels = jax.lax.all_gather(sent_labels, axes, tiled=True)
+    return jnp.dot(one_hot(all_labels).T, all_rows, precision=jax.lax.Precision.HIGHEST).reshape(grad.shape)
+
+
 def data_parallel_value_and_grad(fn: Callable[..., tuple[jax.Array, Any]], mesh: Mesh,
-                                 reduce_dtype: Any = jnp.float32) -> Callable[..., tuple[tuple[jax.Array, Any], Any]]:
+                                 reduce_dtype: Any = jnp.float32, class_rows: Any = None,
+                                 labels: str = "y", class_row_reduce: str = "all_reduce",
+                                 ) -> Callable[..., tuple[tuple[jax.Array, Any], Any]]:
     """``jax.value_and_grad(fn, has_aux=True)`` computed data parallel over ``mesh``'s batch axes.
 
     ``fn(params, rows, frozen, key) -> (loss, per_row)``: ``loss`` the mean over ``rows`` (a dict of
@@ -118,6 +159,10 @@ def data_parallel_value_and_grad(fn: Callable[..., tuple[jax.Array, Any]], mesh:
     in their own dtype), then the local gradients ``g_s`` are cast to ``reduce_dtype`` and reduced:
     ``∇L = (1/S) Σ_s g_s`` (psum over ``data``; over ``fsdp`` a reduce-scatter for the split leaves, a
     psum for the others), returned in each parameter's dtype with its sharding; ``L = (1/S) Σ_s L_s``.
+
+    ``class_rows`` (a tree of bools like ``params``, or None): the leaves whose gradient on a device is
+    non-zero only in the rows ``rows[labels]`` of that device (a class gate); each is summed as
+    ``class_row_reduce`` says (:func:`class_row_reduction`, :func:`gather_class_rows`).
     """
     fsdp = mesh.shape["fsdp"]
     shards = mesh.shape["data"] * fsdp
@@ -132,10 +177,15 @@ def data_parallel_value_and_grad(fn: Callable[..., tuple[jax.Array, Any]], mesh:
             return leaf if axis is None else jax.lax.all_gather(leaf, "fsdp", axis=axis, tiled=True)
         return jax.tree.map(one, tree, tree_specs)
 
-    def reduce(grad: jax.Array, spec: P, like: jax.Array) -> jax.Array:
+    def reduce(grad: jax.Array, spec: P, like: jax.Array, gathered: bool, row_labels: jax.Array) -> jax.Array:
         grad = grad.astype(reduce_dtype)
         axis = fsdp_axis(spec)
-        if axis is None:
+        if gathered:
+            grad = gather_class_rows(grad, row_labels, BATCH_AXES)
+            if axis is not None:   # this device's part of the fsdp split
+                size = grad.shape[axis] // fsdp
+                grad = jax.lax.dynamic_slice_in_dim(grad, jax.lax.axis_index("fsdp") * size, size, axis)
+        elif axis is None:
             grad = jax.lax.psum(grad, BATCH_AXES)
         else:
             grad = jax.lax.psum(jax.lax.psum_scatter(grad, "fsdp", scatter_dimension=axis, tiled=True), "data")
@@ -143,6 +193,10 @@ def data_parallel_value_and_grad(fn: Callable[..., tuple[jax.Array, Any]], mesh:
 
     def wrapped(params: Any, rows: Any, frozen: Any, key: jax.Array | None):
         param_specs, frozen_specs = specs(params), specs(frozen)
+        local_batch = jax.tree.leaves(rows)[0].shape[0] // shards
+        flags = jax.tree.map(lambda _: False, params) if class_rows is None else class_rows
+        gathered = jax.tree.map(lambda leaf, is_rows: bool(is_rows) and class_row_reduction(
+            class_row_reduce, leaf.shape[0], local_batch, shards) == "gather", params, flags)
 
         def local(params, rows, frozen, key):
             whole = gather(params, param_specs)
@@ -150,7 +204,8 @@ def data_parallel_value_and_grad(fn: Callable[..., tuple[jax.Array, Any]], mesh:
                 key = jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXES))
             (loss, per_row), grads = jax.value_and_grad(fn, has_aux=True)(whole, rows, gather(frozen, frozen_specs),
                                                                          key)
-            grads = jax.tree.map(reduce, grads, param_specs, params)
+            grads = jax.tree.map(lambda g, spec, like, gather: reduce(g, spec, like, gather, rows.get(labels)),
+                                 grads, param_specs, params, gathered)
             return (jax.lax.psum(loss, BATCH_AXES) / shards, per_row), grads
 
         row_specs = jax.tree.map(lambda _: rows_spec, rows)

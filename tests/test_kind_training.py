@@ -55,6 +55,31 @@ def test_class_gate_leaves_absent_tailors_and_their_moments_bit_identical(tmp_pa
     assert any(not np.array_equal(lg_new[n], lg_old[n]) for n in lg_new)
 
 
+@pytest.mark.slow  # 85 s (one core, beside a pre-flight compile)
+def test_gathered_tailor_rows_step_equals_the_all_reduced_step_and_keeps_absent_classes(tmp_path):
+    """``train.class_row_reduce="gather"`` on 8 devices (data 2 × fsdp 4): each device sends the gradient rows
+    of its own labels; the step equals the all-reduced one and leaves absent classes bit-identical."""
+    config = kind_tiny()
+    config.model.adaln_init = "gaussian"
+    config.mesh.update(data=2, fsdp=4)
+    labels = [0, 1, 1, 3, 0, 0, 3, 1] * 2            # classes 2, 4, 5, 6 absent
+    states = {}
+    for how in ("all_reduce", "gather"):
+        config.train.class_row_reduce = how
+        trainer = Trainer(config, str(tmp_path / how))
+        state = trainer.fresh_state()
+        before = jax.tree.map(np.asarray, state)
+        states[how], _ = trainer.step_fn(state, batch_of(trainer, labels))
+    for a, b in zip(jax.tree.leaves(states["all_reduce"]), jax.tree.leaves(states["gather"])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    absent = [2, 4, 5, 6]
+    for tree in ("params", "opt_state"):
+        old, new = leaves(before[tree], param_rules.has_class_rows), leaves(states["gather"][tree], param_rules.has_class_rows)
+        for name in old:
+            if new[name].ndim:
+                np.testing.assert_array_equal(new[name][absent], old[name][absent], err_msg=name)
+
+
 @pytest.mark.slow  # 56 s (-n 2, 2 cores)
 def test_kind_sharded_step_equals_single_device(tmp_path):
     config = kind_tiny()

@@ -58,7 +58,7 @@ def check(config: ml_collections.ConfigDict, starts: bool = True):
 #: the model's EXECUTION_KEYS change only its rounding, as the device count does).
 UNRECORDED = {"job": None, "mesh": None, "model": EXECUTION_KEYS,
               "train": ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "max_nonfinite_steps",
-                        "max_update_ratio", "grad_reduce_dtype", "compilation_cache"),
+                        "max_update_ratio", "grad_reduce_dtype", "class_row_reduce", "compilation_cache"),
               "data": ("workers", "device_prefetch", "verify_latents"),
               "vae": ("encode_batch_size", "prefetch")}
 #: Fingerprint sections that change a stage's figures but not its weights: a finished stage is

@@ -79,8 +79,8 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_params: Any = 
     term (:func:`kindjax.diffusion.denoising_loss`, ``metrics['distill']``); the teacher is only read.
 
     ``mesh``: the gradient is computed data parallel over it
-    (:func:`kindjax.sharding.data_parallel_value_and_grad`), reduced in ``train.grad_reduce_dtype``;
-    None: on one device.
+    (:func:`kindjax.sharding.data_parallel_value_and_grad`), reduced in ``train.grad_reduce_dtype``, the
+    leaves of :meth:`~kindjax.params.UpdateRule.labelled_rows` as ``train.class_row_reduce`` says; None: on one device.
 
     The update is applied only when the loss and the gradient norm are finite and it does not explode
     (``state' = where(finite ∧ ‖Δθ‖ ≤ r·‖θ‖, update(state), state)`` with ``r = train.max_update_ratio``,
@@ -104,14 +104,16 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_params: Any = 
     # The model's own randomness (drop path) only when it has some: the other streams stay as they were.
     drop_key = jax.random.fold_in(key, 3) if config.model.get("drop_path", 0.0) > 0 else None
     rows = {"x0": x0, "xt": xt, "t": t, "noise": noise, "y": y}
+    rule = param_rules.update_rule(config)
     if mesh is None:
         value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     else:
         reduce_dtype = jnp.dtype(config.train.get("grad_reduce_dtype", "float32"))
-        value_and_grad = sharding.data_parallel_value_and_grad(loss_fn, mesh, reduce_dtype)
+        value_and_grad = sharding.data_parallel_value_and_grad(
+            loss_fn, mesh, reduce_dtype, rule.labelled_rows(state["params"]), labels="y",
+            class_row_reduce=config.train.get("class_row_reduce", "all_reduce"))
     (loss, losses), grads = value_and_grad(state["params"], rows, teacher_params, drop_key)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    rule = param_rules.update_rule(config)
     params = rule.restrict(optax.apply_updates(state["params"], updates), state["params"], y, model.num_classes)
     opt_state = rule.restrict(opt_state, state["opt_state"], y, model.num_classes)
     ema = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay(config, state["step"]))
