@@ -79,10 +79,48 @@ def test_dense_step_compiles_for_v5p_8_with_splash_and_prints_the_json_last():
 @pytest.mark.parametrize("linear", ["kind", "fine"])
 def test_kind_and_fine_steps_compile_with_splash_and_f32_gradients(linear):
     config = tiny(linear)
+    config.train.class_row_reduce = "all_reduce"   # every gradient all-reduced (the gathered rows: below)
     result = preflight.preflight(config, "v5p-8")
     assert result["compiled"] and result["fits"] and result["attention"] == "splash", result["error"]
     assert result["memory_gib_per_chip"]["temp"] > 0
     check_gradients_reduce_in_f32(result, config)
+
+
+def test_a_class_gated_step_gathers_the_labelled_tailor_rows_instead_of_all_reducing_the_tailors():
+    """KIND's tailors (and the label table) on v5p-8, 16 images on 4 chips, 10 classes: each chip sends the
+    f32 rows of its own 4 labels (16 rows in all arrive, ``(S−1)·B_s`` = 12 from the others) where the
+    all-reduce moved every row of every class-row leaf; the other gradients are all-reduced in f32 as before."""
+    from kindjax import params as param_rules
+
+    config, found = tiny("kind"), {}
+    for how in ("gather", "all_reduce"):
+        config.train.class_row_reduce = how
+        found[how] = preflight.preflight(config, "v5p-8", advise=False)["collectives"]
+    trainer = Trainer(config, "", devices=jax.devices()[:1], dataset=preflight.ShapesOnly(config.model.num_classes))
+    class_rows = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(trainer.abstract_state["params"])
+                  if param_rules.has_class_rows(path)]
+    whole = sum(4 * leaf.size for leaf in class_rows)
+    rows = sum(4 * leaf.size // leaf.shape[0] for leaf in class_rows)
+    assert found["gather"]["all-gather"]["f32"]["bytes"] == 16 * rows
+    assert "all-gather" not in found["all_reduce"]
+    assert found["all_reduce"]["all-reduce"]["f32"]["bytes"] - found["gather"]["all-reduce"]["f32"]["bytes"] == whole
+
+
+def test_compare_dense_sets_the_step_beside_the_dense_dits():
+    result = preflight.compare_dense(tiny("kind"), "v5p-8")
+    dense = result["dense"]
+    assert result["compiled"] and dense["compiled"] and dense["linear"] == "dense" and result["linear"] == "kind"
+    assert (dense["batch"], dense["mesh"], dense["model"]) == (result["batch"], result["mesh"], result["model"])
+    ratios = result["kind_over_dense"]
+    assert ratios["roofline_step"] == pytest.approx(result["roofline_step_s"] / dense["roofline_step_s"], rel=1e-3)
+    assert ratios["hbm_bytes"] == pytest.approx(result["hbm_gib_per_step"] / dense["hbm_gib_per_step"], rel=1e-3)
+    assert ratios["flops"] == pytest.approx(result["gflop_per_image"] / dense["gflop_per_image"], rel=1e-3)
+    assert result["xla_estimated_mcycles"] > 0 and dense["xla_estimated_mcycles"] > 0
+    assert ratios["xla_estimated_cycles"] == pytest.approx(
+        result["xla_estimated_mcycles"] / dense["xla_estimated_mcycles"], rel=1e-3)
+    assert preflight.estimated_mcycles('%f = f32[2] fusion(%a), backend_config={"estimated_cycles":"1500000"}\n'
+                                       '%g = f32[2] fusion(%f), backend_config={"estimated_cycles":"500000"}') == 2.0
+    assert preflight.estimated_mcycles("%f = f32[2] fusion(%a)") is None
 
 
 @pytest.mark.parametrize("every_axis", [True, False])

@@ -1,6 +1,7 @@
 """Pre-flight: the real train step compiled for a TPU slice on any host, before the job is launched.
 
     python -m kindjax.tools.preflight --config configs/dit_xl.py --topology v5p-8 [--batch 256] [--config.KEY=VALUE ...]
+    python -m kindjax.tools.preflight --config configs/kind_dit_l.py --compare_dense [--batch 256]
 
 libtpu's compile-only devices of ``--topology`` (a Cloud TPU accelerator type, :func:`parse_topology`;
 ``jax.experimental.topologies``)
@@ -197,6 +198,13 @@ def collectives(hlo: str) -> dict[str, dict[str, dict[str, int]]]:
     return found
 
 
+def estimated_mcycles(hlo: str) -> float | None:
+    """The sum of XLA:TPU's ``estimated_cycles`` over the compiled ``hlo`` text's instructions, in millions
+    (None where the backend writes none: CPU, GPU).  A ``while`` body (``model.scan_blocks``) counts once."""
+    cycles = [int(c) for c in re.findall(r'"estimated_cycles":"(\d+)"', hlo)]
+    return round(sum(cycles) / 1e6, 3) if cycles else None
+
+
 def attention_lowered(hlo: str) -> str:
     """``splash`` (a Mosaic custom call of the splash kernel), ``cudnn`` (cuDNN's fused attention) or
     ``xla``: the attention the compiled ``hlo`` text computes."""
@@ -270,7 +278,7 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
         "hbm_gib_per_chip": _significant(chip.hbm_gib), "fits": False, "gflop_per_image": None, "analytic_gflop_per_image": None,
         "hbm_gib_per_step": None, "roofline_step_s": None, "roofline_images_per_s": None,
         "analytic_step_s": None, "roofline_over_analytic": None, "xla_optimal_step_s": None,
-        "collectives": None, "compile_s": None, "flops_from": None, "advice": None}
+        "xla_estimated_mcycles": None, "collectives": None, "compile_s": None, "flops_from": None, "advice": None}
     log(f"pre-flight: {config.model.arch or 'custom'} ({config.model.linear.kind}) batch {b} on {topology} "
         f"({chips} x {devices[0].device_kind}, {chip.hbm_gib:.4g} GiB each)")
     try:
@@ -285,7 +293,7 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
     hlo = compiled.as_text()
     result.update(compiled=True, compile_s=round(seconds, 1), mesh=dict(trainer.mesh.shape),
                   attention=attention_lowered(hlo), memory_gib_per_chip=memory_gib(compiled),
-                  collectives=collectives(hlo))
+                  collectives=collectives(hlo), xla_estimated_mcycles=estimated_mcycles(hlo))
     result["fits"] = result["memory_gib_per_chip"]["peak"] <= chip.hbm_gib
     cost, result["flops_from"] = compiled.cost_analysis(), "compiled step"
     if cost is None:
@@ -330,6 +338,39 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
     return result
 
 
+#: The figures ``--compare_dense`` divides, model by dense (each a key of :func:`preflight`'s dict).
+COMPARED = {"roofline_step": "roofline_step_s", "hbm_bytes": "hbm_gib_per_step", "flops": "gflop_per_image",
+            "xla_estimated_cycles": "xla_estimated_mcycles", "peak_memory": ("memory_gib_per_chip", "peak")}
+
+
+def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with plain dense linear layers: the same DiT, batch, mesh and settings otherwise."""
+    twin = config.copy_and_resolve_references()
+    twin.model.linear = ml_collections.ConfigDict({"kind": "dense"})
+    return twin
+
+
+def compare_dense(config: ml_collections.ConfigDict, topology: str, batch: int | None = None,
+                  log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """:func:`preflight` of ``config`` and of its :func:`dense_twin`; the model's dict with ``dense`` (the
+    twin's) and ``<linear kind>_over_dense``: each :data:`COMPARED` figure of the model over the dense one's
+    (None where either is missing)."""
+    result = preflight(config, topology, batch, advise=False, log=log)
+    log("the dense DiT of the same architecture and batch:")
+    dense = preflight(dense_twin(config), topology, batch, advise=False, log=log)
+
+    def figure(r: dict, key: str | tuple[str, str]) -> float | None:
+        return r.get(key) if isinstance(key, str) else (r.get(key[0]) or {}).get(key[1])
+
+    ratios = {}
+    for name, key in COMPARED.items():
+        a, b = figure(result, key), figure(dense, key)
+        ratios[name] = _significant(a / b) if a is not None and b else None
+    result.update(dense=dense, **{f"{config.model.linear.kind}_over_dense": ratios})
+    log(f"{config.model.linear.kind} / dense: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    return result
+
+
 def find_fit(config: ml_collections.ConfigDict, devices: list[jax.Device], chip: Chip,
              log: Callable[[str], None]) -> dict[str, Any] | None:
     """The first setting that fits: each ``model.remat`` that keeps less than the config's (at its
@@ -366,8 +407,13 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     fv = flags.FLAGS
+    log = lambda line: print(line, flush=True)   # noqa: E731
     try:
-        result = preflight(fv.config, fv.topology, fv.batch, fv.advise, log=lambda line: print(line, flush=True))
+        if fv.compare_dense and fv.config.model.linear.kind != "dense":
+            result = compare_dense(fv.config, fv.topology, fv.batch, log)
+            result["compiled"] = result["compiled"] and result["dense"]["compiled"]
+        else:
+            result = preflight(fv.config, fv.topology, fv.batch, fv.advise, log=log)
     except Exception as e:  # noqa: BLE001 — every failure still ends with the JSON line
         result = {"compiled": False, "error": _one_line(e), "topology": fv.topology, "fits": False}
     print(json.dumps(result), flush=True)
@@ -388,5 +434,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch", None, "Global batch size (default: the config's train.batch_size).")
     flags.DEFINE_bool("advise", True, "When the step does not fit, compile again with more remat or a smaller "
                                       "batch to find a setting that fits.")
+    flags.DEFINE_bool("compare_dense", False, "Also compile the dense DiT of the same architecture and batch and "
+                                              "report <variant>_over_dense: the ratios of the roofline steps, HBM "
+                                              "bytes, FLOPs and XLA's estimated cycles (no --advise).")
     flags.mark_flags_as_required(["config"])
     cli.run(main)
