@@ -44,8 +44,8 @@ def test_tiny_benchmark_prints_the_figures_last(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert any("measuring" in line for line in lines[:-1])
     result = json.loads(lines[-1])
-    for key in ("kindjax_step_s", "torch_step_s", "ratio", "kind_step_s", "naive_step_s",
-                "kind_over_dense", "naive_over_dense", "images_per_s", "forward_gflops"):
+    for key in ("kindjax_step_s", "torch_step_s", "ratio", "kind_step_s", "grouped_step_s", "naive_step_s",
+                "kind_over_dense", "grouped_over_dense", "naive_over_dense", "images_per_s", "forward_gflops"):
         assert result[key] > 0, key
     assert result["device"].startswith("cpu") and result["batch"] == 4 and result["arch"] == "custom"
     assert result["kind"]["n_learngene"] == 32 - 4 * 2

@@ -17,9 +17,9 @@ shared machine's load hit every variant alike); the figure is the median.
   noising, forward and backward of ``MSE(output, [ε, 0])`` (MSE on ε, a squared
   penalty on the variance channels standing in for the VB term), global-norm
   clipping, AdamW (``foreach``), parameter EMA (``torch._foreach_lerp_``).
-- ``kind`` / ``naive``: the ``dense`` step on the KIND DiT (``--kind_*`` sizes,
-  random classes), with the gated (efficient) or naive (per-sample full-rank)
-  formulation of the class gate.
+- ``kind`` / ``grouped`` / ``naive``: the ``dense`` step on the KIND DiT (``--kind_*`` sizes,
+  random classes), with the gated, grouped (the learngene and a group's tailors as one product)
+  or naive (per-sample full-rank) formulation of the class gate, on the same parameters.
 
 The last line printed is one JSON object with the figures.
 """
@@ -76,6 +76,7 @@ class Options:
     skip_torch: bool = False
     skip_kind: bool = False
     skip_naive: bool = False
+    skip_grouped: bool = False
     kind_num_classes: int = kind_facts.PRETRAIN_CLASSES
     kind_tailor: int = 1
     kind_learngene: int = -1
@@ -104,6 +105,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_bool("skip_torch", d.skip_torch, "Skip the diffusers (PyTorch) step.", **fv)
     flags.DEFINE_bool("skip_kind", d.skip_kind, "Skip the KIND steps.", **fv)
     flags.DEFINE_bool("skip_naive", d.skip_naive, "Skip the naive KIND step.", **fv)
+    flags.DEFINE_bool("skip_grouped", d.skip_grouped, "Skip the grouped KIND step.", **fv)
     flags.DEFINE_integer("kind_num_classes", d.kind_num_classes, "KIND N_cls (classes of the KIND model).", **fv)
     flags.DEFINE_integer("kind_tailor", d.kind_tailor, "KIND N_T.", **fv)
     flags.DEFINE_integer("kind_learngene", d.kind_learngene, "KIND N_G; -1: fill the rank, hidden - N_cls·N_T.", **fv)
@@ -275,15 +277,17 @@ def run(options: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
                               "image_size": options.image_size, "batch": options.batch, "dtype": options.dtype,
                               "cpu_cores": os.cpu_count(), "dense_params": param_rules.count(shapes)}
     if not options.skip_kind:
-        log("building the KIND kindjax steps (gated" + ("" if options.skip_naive else ", naive") + ")")
+        log("building the KIND kindjax steps (gated" + ("" if options.skip_grouped else ", grouped")
+            + ("" if options.skip_naive else ", naive") + ")")
         config = bench_config(options, kind_linear_config(options, "gated"), options.kind_num_classes)
         state = fresh_state(config)
         result["kind"] = config.model.linear.to_dict()
         result["kind_params"] = param_rules.count(state["params"])
         runners["kind"], _ = jax_runner(config, state)   # ``state`` is donated at its first step
-        if not options.skip_naive:   # the same parameters, the other formulation
-            naive = bench_config(options, kind_linear_config(options, "naive"), options.kind_num_classes)
-            runners["naive"], _ = jax_runner(naive, jax.tree.map(jnp.copy, state))
+        for formulation in ("grouped", "naive"):   # the same parameters, another formulation
+            if not getattr(options, f"skip_{formulation}"):
+                other = bench_config(options, kind_linear_config(options, formulation), options.kind_num_classes)
+                runners[formulation], _ = jax_runner(other, jax.tree.map(jnp.copy, state))
     if not options.skip_torch:
         where = torch_device()
         log(f"building diffusers DiTTransformer2DModel step (torch, {where})")
@@ -299,8 +303,10 @@ def run(options: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
         "torch_step_s": median.get("torch"),
         "ratio": median["dense"] / median["torch"] if "torch" in median else None,
         "kind_step_s": median.get("kind"),
+        "grouped_step_s": median.get("grouped"),
         "naive_step_s": median.get("naive"),
         "kind_over_dense": median["kind"] / median["dense"] if "kind" in median else None,
+        "grouped_over_dense": median["grouped"] / median["dense"] if "grouped" in median else None,
         "naive_over_dense": median["naive"] / median["dense"] if "naive" in median else None,
         "images_per_s": options.batch / median["dense"],
         "forward_gflops": flops / 1e9,
