@@ -191,11 +191,10 @@ def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
     # Sample s of a group keeps the learngene's components and its own tailor's (a constant pattern).
     component = jnp.arange(width + padding)
     own = (component < n_learngene) | ((component - n_learngene) // n_tailor == jnp.arange(group)[:, None])
-    # Built once, outside the products (XLA would otherwise rebuild them inside each product's tiles).
-    v, u = jax.lax.optimization_barrier((columns(learngene["V"], tailors["V"]),
-                                         columns(learngene["U"], tailors["U"], sigma)))
-    h = jnp.einsum("gsni,gki->gsnk", x.astype(dtype).reshape(groups, group, tokens, d_in), v)
-    out = jnp.einsum("gsnk,gko->gsno", jnp.where(own[None, :, None, :], h, 0), u) + bias.astype(dtype)
+    h = jnp.einsum("gsni,gki->gsnk", x.astype(dtype).reshape(groups, group, tokens, d_in),
+                   columns(learngene["V"], tailors["V"]))
+    out = jnp.einsum("gsnk,gko->gsno", jnp.where(own[None, :, None, :], h, 0),
+                     columns(learngene["U"], tailors["U"], sigma)) + bias.astype(dtype)
     return out.reshape(x.shape[:-1] + (d_out,))
 
 
