@@ -204,7 +204,7 @@ def data_parallel_value_and_grad(fn: Callable[..., tuple[jax.Array, Any]], mesh:
                 key = jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXES))
             (loss, per_row), grads = jax.value_and_grad(fn, has_aux=True)(whole, rows, gather(frozen, frozen_specs),
                                                                          key)
-            grads = jax.tree.map(lambda g, spec, like, gather: reduce(g, spec, like, gather, rows.get(labels)),
+            grads = jax.tree.map(lambda g, spec, like, by_rows: reduce(g, spec, like, by_rows, rows.get(labels)),
                                  grads, param_specs, params, gathered)
             return (jax.lax.psum(loss, BATCH_AXES) / shards, per_row), grads
 
