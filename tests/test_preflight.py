@@ -123,6 +123,21 @@ def test_compare_dense_sets_the_step_beside_the_dense_dits():
     assert preflight.estimated_mcycles("%f = f32[2] fusion(%a)") is None
 
 
+def test_layers_compile_each_matrix_alone_beside_the_dense_ones():
+    """``--layers``: each of a block's six matrices, forward and backward on one chip's 4 images of 16 tokens;
+    the dense ones' FLOPs are the three products' ``3 · 2·rows·d_in·d_out`` (plus the bias work)."""
+    found = preflight.layer_costs(tiny("kind"), "v5p-8")
+    shapes = {"q": (128, 128), "k": (128, 128), "v": (128, 128), "attn_out": (128, 128), "mlp_in": (128, 512),
+              "mlp_out": (512, 128)}
+    assert set(found) == {"model", "dense"} and all(set(found[n]) == set(shapes) for n in found)
+    for role, (d_in, d_out) in shapes.items():
+        assert found["dense"][role]["gflop"] * 1e9 == pytest.approx(3 * 2 * 4 * 16 * d_in * d_out, rel=0.05)
+        for name in found:
+            figures = found[name][role]
+            assert figures["mib"] > 0 and figures["mcycles"] > 0 and figures["roofline_us"] > 0
+    assert found["model"]["q"]["mib"] > found["dense"]["q"]["mib"]   # the tailors' passes over the activations
+
+
 @pytest.mark.parametrize("every_axis", [True, False])
 def test_splash_on_a_mesh_with_a_size_one_axis_needs_a_shard_map_manual_over_every_axis(monkeypatch, every_axis):
     """Outside the train step's data-parallel region (sampling, evaluation) splash runs under XLA's

@@ -2,6 +2,7 @@
 
     python -m kindjax.tools.preflight --config configs/dit_xl.py --topology v5p-8 [--batch 256] [--config.KEY=VALUE ...]
     python -m kindjax.tools.preflight --config configs/kind_dit_l.py --compare_dense [--batch 256]
+    python -m kindjax.tools.preflight --config configs/kind_dit_l.py --layers    (each matrix alone, beside dense)
 
 libtpu's compile-only devices of ``--topology`` (a Cloud TPU accelerator type, :func:`parse_topology`;
 ``jax.experimental.topologies``)
@@ -338,6 +339,51 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
     return result
 
 
+def layer_costs(config: ml_collections.ConfigDict, topology: str, batch: int | None = None,
+                log: Callable[[str], None] = lambda line: None) -> dict[str, dict[str, dict[str, float]]]:
+    """``{"model"|"dense": {role: figures}}``: each main matrix of a block (:func:`matrix_shapes`) of
+    ``config``'s linear variant and of its :func:`dense_twin`, forward and backward (the parameters' and
+    the input's gradients) compiled alone for one chip of ``topology``, on that chip's share of the
+    batch (random class ids) in ``model.dtype``: ``gflop``, ``mib`` (XLA's bytes accessed),
+    ``mcycles`` (:func:`estimated_mcycles`) and ``roofline_us``.  Where a step's cost goes, layer by layer."""
+    from kindjax.layers import make_linear_factory, shared_params
+    from kindjax.layers.svd import matrix_shapes
+
+    config = config.copy_and_resolve_references()
+    devices = topology_devices(topology)
+    chip, peak = CHIPS[devices[0].device_kind], peak_flops(devices[0])
+    rows = (batch or config.train.batch_size) // len(devices)
+    m = config.model
+    tokens, dtype = (m.image_size // m.patch_size) ** 2, jax.numpy.dtype(m.dtype)
+    one_chip = jax.sharding.SingleDeviceSharding(devices[0])
+    found: dict[str, dict[str, dict[str, float]]] = {}
+    for name, c in (("model", config), ("dense", dense_twin(config))):
+        factory = make_linear_factory(c.model)
+        if shared_params(factory) is not None:
+            raise ConfigError(f"--layers: model.linear.kind={c.model.linear.kind!r} shares parameters across "
+                              f"layers; its layers are not compiled alone")
+        found[name] = {}
+        for role, (d_in, d_out) in matrix_shapes(c.model).items():
+            layer = factory(role, d_out, role)
+            x = jax.ShapeDtypeStruct((rows, tokens, d_in), dtype)
+            y = jax.ShapeDtypeStruct((rows,), jax.numpy.int32)
+            params = jax.eval_shape(layer.init, jax.random.key(0), x, y)
+
+            def forward_backward(params, x, y, cotangent, layer=layer):
+                out, pullback = jax.vjp(lambda p, xx: layer.apply(p, xx, y), params, x)
+                return out, pullback(cotangent)
+
+            compiled = jax.jit(forward_backward, in_shardings=one_chip, out_shardings=one_chip).lower(
+                params, x, y, jax.ShapeDtypeStruct((rows, tokens, d_out), dtype)).compile()
+            cost = compiled.cost_analysis() or {}
+            flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+            found[name][role] = {"gflop": _significant(flops / 1e9), "mib": _significant(nbytes / 2 ** 20),
+                                 "mcycles": estimated_mcycles(compiled.as_text()),
+                                 "roofline_us": _significant(max(flops / peak, nbytes / chip.hbm_bytes_per_s) * 1e6)}
+            log(f"  {name} {role} {d_in}x{d_out}: " + ", ".join(f"{k} {v}" for k, v in found[name][role].items()))
+    return found
+
+
 #: The figures ``--compare_dense`` divides, model by dense (each a key of :func:`preflight`'s dict).
 COMPARED = {"roofline_step": "roofline_step_s", "hbm_bytes": "hbm_gib_per_step", "flops": "gflop_per_image",
             "xla_estimated_cycles": "xla_estimated_mcycles", "peak_memory": ("memory_gib_per_chip", "peak")}
@@ -409,7 +455,10 @@ def main(argv: list[str]) -> None:
     fv = flags.FLAGS
     log = lambda line: print(line, flush=True)   # noqa: E731
     try:
-        if fv.compare_dense and fv.config.model.linear.kind != "dense":
+        if fv.layers:
+            result = {"compiled": True, "fits": True, "topology": fv.topology,
+                      "layers": layer_costs(fv.config, fv.topology, fv.batch, log)}
+        elif fv.compare_dense and fv.config.model.linear.kind != "dense":
             result = compare_dense(fv.config, fv.topology, fv.batch, log)
             result["compiled"] = result["compiled"] and result["dense"]["compiled"]
         else:
@@ -437,5 +486,7 @@ if __name__ == "__main__":
     flags.DEFINE_bool("compare_dense", False, "Also compile the dense DiT of the same architecture and batch and "
                                               "report <variant>_over_dense: the ratios of the roofline steps, HBM "
                                               "bytes, FLOPs and XLA's estimated cycles (no --advise).")
+    flags.DEFINE_bool("layers", False, "Instead of the step: each main matrix of a block, forward and backward, "
+                                       "compiled alone for one chip beside the dense DiT's (layer_costs).")
     flags.mark_flags_as_required(["config"])
     cli.run(main)
