@@ -154,7 +154,8 @@ def test_accounting_averages_over_the_18_tasks_match_table2(arch):
 def naive_table2_flops(method: str, arch: str, task: int) -> float:
     """Forward FLOP per image of the DiT's linear layers for ``method`` on ``task``, counted by hand
     (2 × MACs; 256 tokens of DiT-B/2, DiT-L/2 at 256²): six block matrices per block as the method
-    applies them, plus the dense patch embedding, final projection, timestep MLP and adaLN layers."""
+    applies them, plus the dense patch embedding, final projection, timestep MLP and adaLN layers, plus
+    DoRA's per-forward ``lora_B(lora_A(eye(d_in)))`` (``r·d_in²`` then ``r·d_in·d_out``)."""
     hidden, depth, _ = DIT_ARCHS[arch]
     tokens, patch, shapes = 256, 2 * 2 * 4, [(hidden, hidden)] * 4 + [(hidden, 4 * hidden), (4 * hidden, hidden)]
     rank, (n_learngene, _) = TABLE7_RANK[arch][task - 1], PAPER_N[arch]
@@ -164,15 +165,13 @@ def naive_table2_flops(method: str, arch: str, task: int) -> float:
     matrix = per_matrix.get(method, lambda a, b: a * b)
     per_token = depth * sum(matrix(a, b) for a, b in shapes) + patch * hidden + hidden * 2 * patch
     per_image = (256 + hidden) * hidden + (6 * depth + 2) * hidden * hidden
+    if method == "dora":
+        per_image += depth * sum(a * a * rank + a * rank * b for a, b in shapes)
     return 2.0 * (tokens * per_token + per_image)
 
 
 @pytest.mark.parametrize("arch", ["B", "L"])
-@pytest.mark.parametrize("method", [
-    *[m for m in TABLE2_FLOPS["B"] if m != "dora"],
-    pytest.param("dora", marks=pytest.mark.xfail(strict=True, reason="Table 2's DoRA FLOPs are not reproduced: "
-                                                 "peft's forward (x·W twice + LoRA) gives 72% (B) and 66% (L) of them; "
-                                                 "docs/reproduce.md"))])
+@pytest.mark.parametrize("method", list(TABLE2_FLOPS["B"]))
 def test_table2_flops_column_is_reproduced(arch, method):
     """KIND Table 2's "FLOPs (G)" (forward FLOPs per image, 2 × MACs of the linear layers) for each
     method at its Table 7 size, averaged over the 18 tasks: the accounting's count equals the hand
@@ -188,6 +187,33 @@ def test_table2_flops_column_is_reproduced(arch, method):
         assert counts[-1] == pytest.approx(naive_table2_flops(method, arch, task), rel=1e-12), (method, task)
     mean = sum(counts) / len(counts) / 1e9
     assert mean == pytest.approx(TABLE2_FLOPS[arch][method], rel=0.02), (method, mean)
+
+
+def test_doras_count_is_what_peft_runs_in_training():
+    """peft's DoRA layer (the PyPI package) in training with LoRA dropout, counted by torch's
+    FlopCounterMode at two token counts: per token ``2·d_in·d_out + r·(d_in + d_out)`` (``x·W``, again
+    ``x·W`` on the dropped-out input inside the DoRA term, and the LoRA path), per forward
+    ``r·d_in·(d_in + d_out)`` (the identity through ``lora_A`` and ``lora_B``, for the weight norm): the
+    accounting's two DoRA terms."""
+    import ml_collections
+    import peft
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    d_in, d_out, r = 48, 80, 6
+    linear = ml_collections.ConfigDict(dict(kind="dora", rank=r))
+    macs = {}
+    for tokens in (5, 11):
+        model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(d_in, d_out)),
+                                    peft.LoraConfig(r=r, target_modules=["0"], use_dora=True, lora_dropout=0.1))
+        model.train()
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(1, tokens, d_in))
+        macs[tokens] = counter.get_total_flops() / 2
+    per_token = (macs[11] - macs[5]) / 6
+    assert per_token == accounting._matrix_macs(linear, 1, d_in, d_out) == 2 * d_in * d_out + r * (d_in + d_out)
+    assert macs[5] - 5 * per_token == accounting._matrix_macs_per_forward(linear, d_in, d_out) > 0
+    assert accounting._matrix_macs_per_forward(ml_collections.ConfigDict(dict(kind="lora", rank=r)), d_in, d_out) == 0
 
 
 @pytest.mark.slow  # 15 s (-n 2, 2 cores)
