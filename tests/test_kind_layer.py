@@ -272,6 +272,24 @@ def test_grouped_formulation_reads_the_activations_once():
     assert products_reading_x(efficient) == 2
 
 
+def test_grouped_formulation_takes_the_bias_gradient_from_the_product():
+    """The grouped form's bias rides on a padding component of its second product, so its backward sums no
+    output-sized array: the gated form sums the output gradient over the batch and tokens for the bias
+    (a pass over the whole output that XLA may not fuse)."""
+    params = random_params(jax.random.key(14), jnp.float32)
+    x, y = jax.random.normal(jax.random.key(15), (len(Y), 7, D_IN)), jnp.asarray(Y)
+    w = jax.random.normal(jax.random.key(16), (len(Y), 7, D_OUT))
+
+    def output_sums(fn):
+        grad = jax.grad(lambda p: jnp.sum(fn(p, x, y) * w))
+        eqns = jax.make_jaxpr(grad)(params).jaxpr.eqns
+        return sum(eqn.primitive.name == "reduce_sum" and eqn.invars[0].aval.shape == w.shape
+                   and w.ndim - 1 not in eqn.params["axes"] for eqn in eqns)   # (the loss sums every axis)
+
+    assert output_sums(grouped(3)) == 0
+    assert output_sums(efficient) >= 1
+
+
 def test_dit_naive_formulation_matches_gated_and_bad_formulation_is_refused():
     x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
     t, y = jnp.array([1, 500, 999]), jnp.array([0, 3, 4])

@@ -121,6 +121,31 @@ def test_compare_dense_sets_the_step_beside_the_dense_dits():
     assert preflight.estimated_mcycles('%f = f32[2] fusion(%a), backend_config={"estimated_cycles":"1500000"}\n'
                                        '%g = f32[2] fusion(%f), backend_config={"estimated_cycles":"500000"}') == 2.0
     assert preflight.estimated_mcycles("%f = f32[2] fusion(%a)") is None
+    # Where the cycles go: every cycle under one source, the tailors' products in KIND's alone.
+    for r in (result, dense):
+        assert sum(r["xla_mcycles_by_source"].values()) == pytest.approx(r["xla_estimated_mcycles"], abs=1e-3)
+    tailor_products = [s for s in result["xla_mcycles_by_source"] if "bik->" in s or "bok->" in s]
+    assert tailor_products and not [s for s in dense["xla_mcycles_by_source"] if "bik->" in s or "bok->" in s]
+    excess = result["mcycles_over_dense_by_source"]
+    assert 0 < len(excess) <= preflight.SOURCES_LOGGED and set(tailor_products) & set(excess)
+    for source, mcycles in excess.items():
+        want = result["xla_mcycles_by_source"].get(source, 0) - dense["xla_mcycles_by_source"].get(source, 0)
+        assert mcycles == pytest.approx(want, abs=1e-3)
+
+
+def test_cycles_are_summed_by_the_jax_operation_they_come_from():
+    hlo = "\n".join([
+        '  %f.1 = bf16[8]{0} fusion(%a), metadata={op_name="jit(train_step)/shard_map/jvp(DiT)/block_0/q/dot_general"'
+        ' stack_frame_id=3}, backend_config={"estimated_cycles":"1000000"}',
+        '  %f.2 = bf16[8]{0} fusion(%b), metadata={op_name="jit(train_step)/shard_map/jvp(DiT)/block_11/q/dot_general"}'
+        ', backend_config={"estimated_cycles":"500000"}',
+        '  %c.3 = (bf16[8]{0}, f32[2]{0}) fusion(%c), metadata={op_name="jit(train_step)/convert.17"}, '
+        'backend_config={"estimated_cycles":"250000"}',
+        '  %copy.4 = bf16[8]{0:T(8)} copy(%f.1), backend_config={"estimated_cycles":"2000000"}',
+        '  %g = bf16[8]{0} add(%f.1, %f.2)'])
+    assert preflight.cycles_by_source(hlo) == {"copy": 2.0, "jvp(DiT)/block_*/q/dot_general": 1.5, "convert": 0.25}
+    assert preflight.cycles_by_source("%g = bf16[8]{0} add(%f, %f)") == {}
+    assert preflight.excess_over({"a": 1.0, "b": 3.0}, {"a": 2.5, "c": 0.5}) == {"b": 3.0, "a": -1.5, "c": -0.5}
 
 
 def test_layers_compile_each_matrix_alone_beside_the_dense_ones():

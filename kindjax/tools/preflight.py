@@ -15,7 +15,8 @@ HBM bytes of XLA's cost analysis (of the unrolled twin's compile when ``model.sc
 body XLA counts once) against the analytic count (3 × the forward FLOPs of the unrolled model,
 :func:`kindjax.tools.bench_accelerator.forward_flops`); the roofline ``max(FLOPs / peak FLOP/s, bytes / HBM
 bandwidth)`` (compute and HBM only: collectives are listed, not timed); every collective by op and
-dtype; and the attention kernel that lowered.  A step that does not fit is compiled again with more
+dtype; the attention kernel that lowered; and XLA:TPU's estimated cycles, in all and by the JAX
+operation they come from (:func:`cycles_by_source`: where the step's time goes).  A step that does not fit is compiled again with more
 remat, then with half the batch per chip, until one fits (``--advise``).
 
 The last line printed is :func:`preflight`'s dict as one JSON object; the exit status is 0 when the
@@ -207,6 +208,31 @@ def estimated_mcycles(hlo: str) -> float | None:
     return round(sum(cycles) / 1e6, 3) if cycles else None
 
 
+def cycles_by_source(hlo: str) -> dict[str, float]:
+    """XLA:TPU's ``estimated_cycles`` of the compiled ``hlo`` text's instructions summed by the JAX operation
+    each comes from, in millions, largest first: the instruction's ``op_name`` (JAX's name stack: the
+    module path and primitive, e.g. ``transpose(jvp(DiT))/block_*/mlp_in/dot_general`` for the backward of
+    every block's first MLP matrix; ``jit(…)/`` and ``shard_map/`` dropped, block indices folded into
+    ``*``, XLA's numbering of names dropped), or its opcode where it has none (the copies, prefetches and kernels XLA adds).  A fusion counts
+    under its root's source.  The values add up to :func:`estimated_mcycles`; empty where the backend
+    writes no cycles."""
+    found: dict[str, int] = {}
+    for line in hlo.splitlines():
+        cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
+        if cycles is None:
+            continue
+        name = re.search(r'op_name="([^"]*)"', line)
+        if name is None:
+            opcode = re.search(r"\s([a-z][a-z0-9-]*)\(", line.partition(" = ")[2])
+            source = opcode.group(1) if opcode else "?"
+        else:
+            parts = [p for p in name.group(1).split("/")[1:] if p != "shard_map"]
+            source = re.sub(r"\.\d+(?=/|;|$)", "", "/".join(parts))        # XLA's numbered names: convert.17
+            source = re.sub(r"\bblock_\d+\b", "block_*", source) or "(top level)"
+        found[source] = found.get(source, 0) + int(cycles.group(1))
+    return {k: v / 1e6 for k, v in sorted(found.items(), key=lambda kv: -kv[1])}
+
+
 def attention_lowered(hlo: str) -> str:
     """``splash`` (a Mosaic custom call of the splash kernel), ``cudnn`` (cuDNN's fused attention) or
     ``xla``: the attention the compiled ``hlo`` text computes."""
@@ -285,7 +311,7 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
         "hbm_gib_per_chip": _significant(chip.hbm_gib), "fits": False, "gflop_per_image": None, "analytic_gflop_per_image": None,
         "hbm_gib_per_step": None, "roofline_step_s": None, "roofline_images_per_s": None,
         "analytic_step_s": None, "roofline_over_analytic": None, "xla_optimal_step_s": None,
-        "xla_estimated_mcycles": None, "collectives": None, "compile_s": None, "flops_from": None, "advice": None}
+        "xla_estimated_mcycles": None, "xla_mcycles_by_source": None, "collectives": None, "compile_s": None, "flops_from": None, "advice": None}
     log(f"pre-flight: {config.model.arch or 'custom'} ({config.model.linear.kind}) batch {b} on {topology} "
         f"({chips} x {devices[0].device_kind}, {chip.hbm_gib:.4g} GiB each)")
     try:
@@ -300,7 +326,8 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
     hlo = compiled.as_text()
     result.update(compiled=True, compile_s=round(seconds, 1), mesh=dict(trainer.mesh.shape),
                   attention=attention_lowered(hlo), memory_gib_per_chip=memory_gib(compiled),
-                  collectives=collectives(hlo), xla_estimated_mcycles=estimated_mcycles(hlo))
+                  collectives=collectives(hlo), xla_estimated_mcycles=estimated_mcycles(hlo),
+                  xla_mcycles_by_source=cycles_by_source(hlo))
     result["fits"] = result["memory_gib_per_chip"]["peak"] <= chip.hbm_gib
     cost, result["flops_from"] = compiled.cost_analysis(), "compiled step"
     if cost is None:
@@ -340,6 +367,10 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
     for op, by_dtype in sorted(result["collectives"].items()):
         log(f"  {op}: " + ", ".join(f"{v['count']} x {dtype} ({v['bytes'] / 2 ** 20:.1f} MiB)"
                                     for dtype, v in sorted(by_dtype.items())))
+    if result["xla_mcycles_by_source"]:
+        log(f"  XLA's estimated cycles: {result['xla_estimated_mcycles']} M; the largest sources (M):")
+        for source, mcycles in list(result["xla_mcycles_by_source"].items())[:SOURCES_LOGGED]:
+            log(f"    {mcycles:9.3f}  {source}")
     if advise and not result["fits"]:
         result["advice"] = find_fit(config, devices, chip, log)
     return result
@@ -397,6 +428,17 @@ COMPARED = {"roofline_step": "roofline_step_s", "hbm_bytes": "hbm_gib_per_step",
             "xla_estimated_cycles": "xla_estimated_mcycles", "peak_memory": ("memory_gib_per_chip", "peak")}
 
 
+#: Sources of XLA's estimated cycles (:func:`cycles_by_source`) the log lists, and excesses over dense.
+SOURCES_LOGGED = 12
+
+
+def excess_over(model: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
+    """``model − dense`` estimated Mcycles per source (a source absent on one side counts 0 there), the
+    :data:`SOURCES_LOGGED` largest differences by size, largest first."""
+    diff = {k: round(model.get(k, 0.0) - dense.get(k, 0.0), 3) for k in {*model, *dense}}
+    return dict(sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:SOURCES_LOGGED])
+
+
 def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``config`` with plain dense linear layers: the same DiT, batch, mesh and settings otherwise."""
     twin = config.copy_and_resolve_references()
@@ -407,8 +449,9 @@ def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def compare_dense(config: ml_collections.ConfigDict, topology: str, batch: int | None = None,
                   log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """:func:`preflight` of ``config`` and of its :func:`dense_twin`; the model's dict with ``dense`` (the
-    twin's) and ``<linear kind>_over_dense``: each :data:`COMPARED` figure of the model over the dense one's
-    (None where either is missing)."""
+    twin's), ``<linear kind>_over_dense``: each :data:`COMPARED` figure of the model over the dense one's
+    (None where either is missing), and ``mcycles_over_dense_by_source``: where XLA's estimated cycles
+    differ most (:func:`excess_over`; TPU only)."""
     result = preflight(config, topology, batch, advise=False, log=log)
     log("the dense DiT of the same architecture and batch:")
     dense = preflight(dense_twin(config), topology, batch, advise=False, log=log)
@@ -422,6 +465,12 @@ def compare_dense(config: ml_collections.ConfigDict, topology: str, batch: int |
         ratios[name] = _significant(a / b) if a is not None and b else None
     result.update(dense=dense, **{f"{config.model.linear.kind}_over_dense": ratios})
     log(f"{config.model.linear.kind} / dense: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    if result.get("xla_mcycles_by_source") and dense.get("xla_mcycles_by_source"):
+        result["mcycles_over_dense_by_source"] = excess_over(result["xla_mcycles_by_source"],
+                                                             dense["xla_mcycles_by_source"])
+        log(f"XLA's estimated cycles, {config.model.linear.kind} − dense, by source (M):")
+        for source, mcycles in result["mcycles_over_dense_by_source"].items():
+            log(f"  {mcycles:+9.3f}  {source}")
     return result
 
 

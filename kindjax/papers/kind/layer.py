@@ -160,9 +160,10 @@ def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
     tokens go through one product ``h = x·[V_G | V_T[c_1] | … | V_T[c_G] | 0]`` (``K = N_G + G·N_T``
     components, zero-padded to a multiple of :data:`MATRIX_UNIT`); sample ``b_j`` keeps the learngene's
     columns and its own tailor's (``h ⊙ m_j``), and
-    ``out = (h ⊙ m)·[U_G σ_G | U_T[c_1] σ_T[c_1] | … | U_T[c_G] σ_T[c_G] | 0]ᵀ + b``
-    (``σ_T[c] = 0`` for the null class).  The activations are read once, as a dense layer reads them;
-    the ``G·N_T`` tailor columns are the extra work.
+    ``out = [h ⊙ m | 1 | 0]·[U_G σ_G | U_T[c_1] σ_T[c_1] | … | U_T[c_G] σ_T[c_G] | b | 0]ᵀ``
+    (``σ_T[c] = 0`` for the null class): the bias rides on the first padding component, whose ``h`` is 1,
+    so its gradient comes out of the ``U`` product's and no pass over the output sums it.  The activations
+    are read once, as a dense layer reads them; the ``G·N_T`` tailor columns are the extra work.
     """
     dtype = dtype or x.dtype
     n_classes, n_tailor = tailors["sigma"].shape
@@ -172,29 +173,35 @@ def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
     groups = batch // group
     c = jnp.clip(y, 0, n_classes - 1)
 
-    width = n_learngene + group * n_tailor
-    padding = -width % MATRIX_UNIT
+    width = n_learngene + group * n_tailor      # component ``width`` carries the bias
+    padding = -(width + 1) % MATRIX_UNIT
 
-    def columns(learngene_part: jax.Array, tailor_part: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-        """``(groups, K, d)``: the learngene's components, each sample's tailor in turn, zeros up to ``K``;
-        times ``scale`` (``(groups, K)``) when given."""
+    def columns(learngene_part: jax.Array, tailor_part: jax.Array, scale: jax.Array | None = None,
+                bias_row: jax.Array | None = None) -> jax.Array:
+        """``(groups, K, d)``: the learngene's components, each sample's tailor in turn, ``bias_row`` (or
+        zeros), zeros up to ``K``; the components times ``scale`` (``(groups, width)``) when given."""
         d = learngene_part.shape[0]
         per_sample = tailor_part[c].reshape(groups, group, d, n_tailor).transpose(0, 1, 3, 2)
         stacked = jnp.concatenate([jnp.broadcast_to(learngene_part.T, (groups, n_learngene, d)),
-                                   per_sample.reshape(groups, group * n_tailor, d),
-                                   jnp.zeros((groups, padding, d), learngene_part.dtype)], axis=1)
-        return (stacked if scale is None else stacked * scale[:, :, None]).astype(dtype)
+                                   per_sample.reshape(groups, group * n_tailor, d)], axis=1)
+        if scale is not None:
+            stacked = stacked * scale[:, :, None]
+        extra = jnp.zeros((1 + padding, d), stacked.dtype)
+        if bias_row is not None:
+            extra = extra.at[0].set(bias_row)
+        return jnp.concatenate([stacked, jnp.broadcast_to(extra, (groups,) + extra.shape)], axis=1).astype(dtype)
 
     sigma_t = jnp.where((y < n_classes)[:, None], tailors["sigma"][c], 0.0).reshape(groups, group * n_tailor)
-    sigma = jnp.concatenate([jnp.broadcast_to(learngene["sigma"], (groups, n_learngene)), sigma_t,
-                             jnp.zeros((groups, padding))], axis=1)
-    # Sample s of a group keeps the learngene's components and its own tailor's (a constant pattern).
-    component = jnp.arange(width + padding)
+    sigma = jnp.concatenate([jnp.broadcast_to(learngene["sigma"], (groups, n_learngene)), sigma_t], axis=1)
+    # Sample s of a group keeps the learngene's components and its own tailor's (a constant pattern);
+    # the bias component is 1.
+    component = jnp.arange(width + 1 + padding)
     own = (component < n_learngene) | ((component - n_learngene) // n_tailor == jnp.arange(group)[:, None])
+    own = own & (component < width)
     h = jnp.einsum("gsni,gki->gsnk", x.astype(dtype).reshape(groups, group, tokens, d_in),
                    columns(learngene["V"], tailors["V"]))
-    out = jnp.einsum("gsnk,gko->gsno", jnp.where(own[None, :, None, :], h, 0),
-                     columns(learngene["U"], tailors["U"], sigma)) + bias.astype(dtype)
+    h = jnp.where(component == width, jnp.ones((), dtype), jnp.where(own[None, :, None, :], h, 0))
+    out = jnp.einsum("gsnk,gko->gsno", h, columns(learngene["U"], tailors["U"], sigma, bias))
     return out.reshape(x.shape[:-1] + (d_out,))
 
 
