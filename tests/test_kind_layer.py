@@ -1,11 +1,14 @@
 """KIND layer: efficient class gate vs a naive per-sample full-rank oracle, init, config checks."""
 from __future__ import annotations
 
+import math
+
 import flax
 import jax
 import jax.extend.core
 import jax.numpy as jnp
 import ml_collections
+
 import numpy as np
 import pytest
 
@@ -54,8 +57,17 @@ def grouped(group_size: int):
     return apply
 
 
-# The efficient forms: gated, and grouped with groups of 1, 2 (gcd(6, 16) too), 3 and the whole batch.
-FORMS = {"gated": efficient, **{f"grouped_{g}": grouped(g) for g in (1, 3, 6, 16)}}
+def fused(group_size: int):
+    def apply(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+        return grouped_kind_linear(x, y, params["learngene"], params["tailors"], params["bias"], None, group_size,
+                                   kernel=True)
+    return apply
+
+
+# The efficient forms: gated, and grouped with groups of 1, 2 (gcd(6, 16) too), 3 and the whole batch, and
+# grouped in the Pallas kernel (interpret mode here).
+FORMS = {"gated": efficient, **{f"grouped_{g}": grouped(g) for g in (1, 3, 6, 16)},
+         **{f"fused_{g}": fused(g) for g in (1, 3, 6)}}
 
 
 def rel_err(a, b) -> float:
@@ -88,7 +100,7 @@ def test_efficient_gate_matches_oracle_values_and_gradients(form):
             assert rel_err(g, w) <= 1e-5, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("form", ["gated", "grouped_3"])
+@pytest.mark.parametrize("form", ["gated", "grouped_3", "fused_3"])
 def test_absent_classes_get_exactly_zero_gradient(form):
     efficient = FORMS[form]
     params = random_params(jax.random.key(1), jnp.float32)
@@ -272,6 +284,34 @@ def test_grouped_formulation_reads_the_activations_once():
     assert products_reading_x(efficient) == 2
 
 
+def test_fused_formulation_runs_both_products_of_each_pass_in_its_kernel():
+    """``fused``: the forward is one Pallas call and the backward another; no XLA product touches the
+    activations (the weight-sized work of building the group's columns stays in XLA)."""
+    params = random_params(jax.random.key(17), jnp.float32)
+    x, y = jax.random.normal(jax.random.key(18), (len(Y), 8, D_IN)), jnp.asarray(Y)
+
+    def primitives(jaxpr) -> list[tuple[str, tuple]]:
+        found = []
+        for eqn in jaxpr.eqns:
+            found.append((eqn.primitive.name, tuple(v.aval.shape for v in eqn.invars if hasattr(v, "aval"))))
+            if eqn.primitive.name != "pallas_call":       # the kernel's own products are the point
+                for sub in jax.core.jaxprs_in_params(eqn.params):
+                    found += primitives(sub)
+        return found
+
+    def found(form) -> list[tuple[str, tuple]]:
+        grad = jax.grad(lambda p, xx: jnp.sum(FORMS[form](p, xx, y) ** 2), argnums=(0, 1))
+        return primitives(jax.make_jaxpr(grad)(params, x).jaxpr)
+
+    def products_over_tokens(form) -> int:   # an operand with a row per token of the batch
+        return sum(name == "dot_general" and any(math.prod(s[:-1]) == x.size // D_IN for s in shapes)
+                   for name, shapes in found(form))
+
+    assert sum(name == "pallas_call" for name, _ in found("fused_3")) == 2
+    assert products_over_tokens("fused_3") == 0
+    assert products_over_tokens("grouped_3") == 6 and not [n for n, _ in found("grouped_3") if n == "pallas_call"]
+
+
 def test_grouped_formulation_takes_the_bias_gradient_from_the_product():
     """The grouped form's bias rides on a padding component of its second product, so its backward sums no
     output-sized array: the gated form sums the output gradient over the batch and tokens for the bias
@@ -306,7 +346,7 @@ def test_dit_naive_formulation_matches_gated_and_bad_formulation_is_refused():
     assert rel_err(jax.jit(kindjax.build_model(config).apply)(params, x, t, y), want) <= 1e-5
     config.linear.formulation = "full"
     with pytest.raises(ValueError, match=r"formulation='full' for kind='kind': use one of "
-                                         r"\['gated', 'grouped', 'naive', 'ungated'\]"):
+                                         r"\['gated', 'grouped', 'fused', 'naive', 'ungated'\]"):
         kindjax.build_model(config)
     config.linear.update(formulation="grouped", group_size=0)
     with pytest.raises(ValueError, match=r"config.model.linear.group_size must be a positive int"):

@@ -6,6 +6,7 @@ KIND, FINE): about a minute and a half in all."""
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,11 +16,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import kindjax
 from conftest import ROOT
 from kindjax import sharding
 from kindjax.config import base_config
 from kindjax.models import attention
+from kindjax.models.dit import abstract_params
 from kindjax.tools import preflight
+from kindjax.tools.bench_accelerator import forward_flops
 from kindjax.train.trainer import Trainer, train_step
 
 LINEARS = {"dense": dict(kind="dense"), "kind": dict(kind="kind", n_learngene=108, n_tailor=2),
@@ -146,6 +150,30 @@ def test_cycles_are_summed_by_the_jax_operation_they_come_from():
     assert preflight.cycles_by_source(hlo) == {"copy": 2.0, "jvp(DiT)/block_*/q/dot_general": 1.5, "convert": 0.25}
     assert preflight.cycles_by_source("%g = bf16[8]{0} add(%f, %f)") == {}
     assert preflight.excess_over({"a": 1.0, "b": 3.0}, {"a": 2.5, "c": 0.5}) == {"b": 3.0, "a": -1.5, "c": -0.5}
+
+
+def test_the_fused_kind_step_compiles_its_kernels_for_v5p_8():
+    """``formulation="fused"`` lowers to Mosaic kernels that XLA:TPU compiles: a forward and a backward
+    kernel for each of the six matrices of both blocks, beside splash's; their cost estimates enter XLA's
+    cost analysis (the backward kernel recomputes ``h``: more FLOPs than the grouped step's products)."""
+    devices, flops = preflight.topology_devices("v5p-8"), {}
+    for formulation in ("fused", "grouped"):
+        config = tiny("kind")
+        config.model.linear.formulation = formulation
+        compiled, _, _ = preflight.compile_step(config, devices)
+        kernels = [line for line in compiled.as_text().splitlines()
+                   if 'custom_call_target="tpu_custom_call"' in line and not re.match(r"^\s*(?:ROOT\s+)?%splash", line)]
+        assert len(kernels) == (2 * 6 * 2 if formulation == "fused" else 0), formulation
+        flops[formulation] = compiled.cost_analysis()["flops"]
+    assert flops["grouped"] < flops["fused"] < 1.5 * flops["grouped"]
+    # The analytic count traces the model for the host: the kernels' layers count as their XLA twins'.
+    counted = {}
+    for formulation in ("fused", "grouped"):
+        config = tiny("kind")
+        config.model.linear.formulation = formulation
+        model = kindjax.build_model(config.model)
+        counted[formulation] = forward_flops(model, abstract_params(model), 16)
+    assert counted["fused"] == counted["grouped"] > 0
 
 
 def test_layers_compile_each_matrix_alone_beside_the_dense_ones():

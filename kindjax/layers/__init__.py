@@ -18,7 +18,9 @@ shared=...)``; factories without shared parameters get ``shared=None`` and ignor
 A variant may also declare ``fused_roles`` (:data:`kindjax.layers.base.FUSABLE_ROLES`): the DiT
 then asks it for one ``"qkv"`` matrix (``d → 3d``, split into q, k, v after the product) instead
 of three, and/or for the ``"adaln"`` modulation matrix (``d → 6d``, applied to ``SiLU(c)``)
-instead of building that one as a plain dense layer.  Other variants' trees do not change.
+instead of building that one as a plain dense layer.  Other variants' trees do not change.  A
+variant whose layers run a Pallas kernel declares ``counted_twin``: the same layers in XLA operations,
+for FLOP counts (:func:`kindjax.models.dit.unrolled`).
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ import flax.linen as nn
 import ml_collections
 
 from kindjax.layers import adapters
-from kindjax.layers.base import (FUSABLE_ROLES, LinearFactory, SharedParams, fused_roles, shared_params,
-                                 xavier_fan_out)
+from kindjax.layers.base import (FUSABLE_ROLES, LinearFactory, SharedParams, counted_twin, fused_roles,
+                                 shared_params, xavier_fan_out)
 from kindjax.layers.dense import DenseLinear
 from kindjax.registry import Registry
 
@@ -92,5 +94,5 @@ def make_linear_factory(model_config: ml_collections.ConfigDict) -> LinearFactor
     return VARIANTS[model_config.linear.kind].build(model_config)
 
 
-__all__ = ["FUSABLE_ROLES", "ROLES", "VARIANTS", "LinearFactory", "SharedParams", "Variant", "dense_factory",
-           "fused_roles", "is_class_gated", "make_linear_factory", "register_variant", "shared_params"]
+__all__ = ["FUSABLE_ROLES", "ROLES", "VARIANTS", "LinearFactory", "SharedParams", "Variant", "counted_twin",
+           "dense_factory", "fused_roles", "is_class_gated", "make_linear_factory", "register_variant", "shared_params"]

@@ -57,6 +57,13 @@ def fused_roles(factory: LinearFactory) -> frozenset[str]:
     return frozenset(getattr(factory, "fused_roles", ()))
 
 
+def counted_twin(factory: LinearFactory) -> LinearFactory:
+    """The factory's layers computing the same function with XLA's own operations only (attribute
+    ``counted_twin``, where its layers run a Pallas kernel, whose FLOPs XLA's cost analysis of a
+    host-side trace does not see); ``factory`` itself otherwise."""
+    return getattr(factory, "counted_twin", factory)
+
+
 def check_linear_keys(linear_config: Mapping, allowed: Sequence[str], kind: str) -> None:
     """ConfigError naming the keys of ``config.model.linear`` that variant ``kind`` does not take."""
     unknown = sorted(set(linear_config.keys()) - set(allowed))

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from kindjax.archs import resolve_dims
-from kindjax.layers import LinearFactory, fused_roles, make_linear_factory, shared_params
+from kindjax.layers import LinearFactory, counted_twin, fused_roles, make_linear_factory, shared_params
 from kindjax.models.attention import dot_product_attention
 
 
@@ -400,10 +400,11 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
 
 
 def unrolled(model: DiT) -> DiT:
-    """``model`` computing the same function with its blocks in a Python loop, no remat and XLA
-    attention: the form whose every FLOP XLA's cost analysis counts (it counts the body of a
-    ``lax.scan`` once, and a Pallas or cuDNN attention kernel as opaque)."""
-    return model.clone(scan_blocks=False, remat="none", attention="xla")
+    """``model`` computing the same function with its blocks in a Python loop, no remat, XLA attention
+    and linear layers without kernels (:func:`kindjax.layers.counted_twin`): the form whose every FLOP
+    XLA's cost analysis counts (it counts the body of a ``lax.scan`` once, and a Pallas or cuDNN kernel
+    traced for the host as opaque or as its interpreter's loop)."""
+    return model.clone(scan_blocks=False, remat="none", attention="xla", linear=counted_twin(model.linear))
 
 
 def _dummy_inputs(model: DiT) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:

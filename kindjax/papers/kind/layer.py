@@ -18,6 +18,7 @@ means a tailor leaf whose leading axis is the class; everything else is learngen
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping
 
@@ -29,6 +30,7 @@ import ml_collections
 from kindjax.archs import resolve_dims
 from kindjax.layers.base import LinearFactory, check_linear_keys, one_of, positive_int, xavier_fan_out
 from kindjax.layers.svd import extend_orthonormal, init_sigma, matrix_shapes, svd_product
+from kindjax.papers.kind.kernel import grouped_product
 
 
 #: Keys of ``config.model.linear`` for ``kind="kind"``; ``N_cls`` is ``model.num_classes``.
@@ -38,10 +40,11 @@ CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "formulation", "group_size")
 #: ``gated``: the learngene as one product shared by the batch, each sample's tailor as its own
 #: rank-``N_T`` product (:func:`kind_linear`).  ``grouped``: the samples in groups of ``group_size``,
 #: the learngene and the group's tailors as one wider product (:func:`grouped_kind_linear`; one pass
-#: over the activations and no rank-``N_T`` product; docs/benchmarks.md compares both on TPU).  ``naive``: one
+#: over the activations and no rank-``N_T`` product; docs/benchmarks.md compares both on TPU).  ``fused``:
+#: grouped, each pass's two products one Pallas TPU kernel (:mod:`kindjax.papers.kind.kernel`).  ``naive``: one
 #: full-rank weight per sample (about twice the FLOPs or more; a reference and benchmark baseline).
 #: ``ungated`` is KIND's ablation #3: every sample uses every tailor (no class gate).
-FORMULATIONS = ("gated", "grouped", "naive", "ungated")
+FORMULATIONS = ("gated", "grouped", "fused", "naive", "ungated")
 
 #: ``config.model.linear.group_size`` of ``formulation="grouped"``: samples whose tailors share one
 #: product (``N_G + group_size·N_T`` columns; 16 keeps DiT-B's 297 + 48 and DiT-L's 396 + 64 inside the
@@ -153,7 +156,7 @@ def kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
 
 def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
                         tailors: Mapping[str, jax.Array], bias: jax.Array, dtype: jnp.dtype | None = None,
-                        group_size: int = GROUP_SIZE) -> jax.Array:
+                        group_size: int = GROUP_SIZE, kernel: bool = False) -> jax.Array:
     """Class-gated product, grouped form: the same values as :func:`kind_linear`.
 
     The batch is cut into groups of ``G = gcd(B, group_size)`` samples ``b_1 … b_G``.  A group's
@@ -163,7 +166,9 @@ def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
     ``out = [h ⊙ m | 1 | 0]·[U_G σ_G | U_T[c_1] σ_T[c_1] | … | U_T[c_G] σ_T[c_G] | b | 0]ᵀ``
     (``σ_T[c] = 0`` for the null class): the bias rides on the first padding component, whose ``h`` is 1,
     so its gradient comes out of the ``U`` product's and no pass over the output sums it.  The activations
-    are read once, as a dense layer reads them; the ``G·N_T`` tailor columns are the extra work.
+    are read once, as a dense layer reads them; the ``G·N_T`` tailor columns are the extra work.  With
+    ``kernel``, both products of a pass run as one Pallas kernel (:mod:`kindjax.papers.kind.kernel`), ``h``
+    kept on chip.
     """
     dtype = dtype or x.dtype
     n_classes, n_tailor = tailors["sigma"].shape
@@ -198,6 +203,11 @@ def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
     component = jnp.arange(width + 1 + padding)
     own = (component < n_learngene) | ((component - n_learngene) // n_tailor == jnp.arange(group)[:, None])
     own = own & (component < width)
+    if kernel:
+        out = grouped_product(x.astype(dtype).reshape(groups, group * tokens, d_in),
+                              columns(learngene["V"], tailors["V"]).transpose(0, 2, 1),
+                              columns(learngene["U"], tailors["U"], sigma, bias), n_learngene, n_tailor, width, tokens)
+        return out.reshape(x.shape[:-1] + (d_out,))
     h = jnp.einsum("gsni,gki->gsnk", x.astype(dtype).reshape(groups, group, tokens, d_in),
                    columns(learngene["V"], tailors["V"]))
     h = jnp.where(component == width, jnp.ones((), dtype), jnp.where(own[None, :, None, :], h, 0))
@@ -246,7 +256,8 @@ def ungated_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
     return svd_product(x, learngene, dtype) + tailor + bias.astype(dtype)
 
 
-_APPLY = {"gated": kind_linear, "grouped": grouped_kind_linear, "naive": naive_kind_linear,
+_APPLY = {"gated": kind_linear, "grouped": grouped_kind_linear,
+          "fused": functools.partial(grouped_kind_linear, kernel=True), "naive": naive_kind_linear,
           "ungated": ungated_kind_linear}
 
 
@@ -284,8 +295,8 @@ class KINDLinear(nn.Module):
         learngene = self.param("learngene", init_learngene, d_in, d_out, self.n_learngene, sigma)
         tailors = self.param("tailors", init_tailors, learngene, self.n_classes, self.n_tailor, sigma)
         bias = self.param("bias", nn.initializers.zeros, (d_out,))
-        if self.formulation == "grouped":
-            return grouped_kind_linear(x, y, learngene, tailors, bias, self.dtype, self.group_size)
+        if self.formulation in ("grouped", "fused"):
+            return _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype, self.group_size)
         return _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype)
 
 
@@ -300,9 +311,14 @@ def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
     for role, (d_in, d_out) in matrix_shapes(model_config).items():
         check_rank(d_in, d_out, model_config, role)
 
-    def make(role: str, features: int, name: str, shared: None = None) -> nn.Module:
-        return KINDLinear(features=features, n_classes=n_classes, n_tailor=n_tailor,
-                          n_learngene=n_learngene, role=role, formulation=formulation,
-                          group_size=group_size, fan_out=xavier_fan_out(role, features, qkv_init), name=name)
+    def factory(formulation: str) -> LinearFactory:
+        def make(role: str, features: int, name: str, shared: None = None) -> nn.Module:
+            return KINDLinear(features=features, n_classes=n_classes, n_tailor=n_tailor,
+                              n_learngene=n_learngene, role=role, formulation=formulation,
+                              group_size=group_size, fan_out=xavier_fan_out(role, features, qkv_init), name=name)
+        return make
 
+    make = factory(formulation)
+    if formulation == "fused":   # the same products in XLA, for FLOP counts
+        make.counted_twin = factory("grouped")
     return make
