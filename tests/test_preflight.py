@@ -174,6 +174,13 @@ def test_the_fused_kind_step_compiles_its_kernels_for_v5p_8():
         model = kindjax.build_model(config.model)
         counted[formulation] = forward_flops(model, abstract_params(model), 16)
     assert counted["fused"] == counted["grouped"] > 0
+    # --layers compiles a layer alone on a one-chip mesh, where the kernel (not its interpreter) lowers:
+    # XLA counts its products, forward 2·rows·K·(d_in + d_out) and backward 2·rows·K·(3·d_in + 2·d_out).
+    config = tiny("kind")
+    config.model.linear.formulation = "fused"
+    rows, k, d = 16 // 4 * 16, 128, 128    # 4 images per chip of 16 tokens; K = 108 + 4·2 + 1 padded to 128
+    q = preflight.layer_costs(config, "v5p-8")["model"]["q"]
+    assert 2 * rows * k * (2 * d + 5 * d) <= q["gflop"] * 1e9 <= 1.2 * 2 * rows * k * (2 * d + 5 * d)
 
 
 def test_layers_compile_each_matrix_alone_beside_the_dense_ones():

@@ -392,7 +392,9 @@ def layer_costs(config: ml_collections.ConfigDict, topology: str, batch: int | N
     rows = (batch or config.train.batch_size) // len(devices)
     m = config.model
     tokens, dtype = (m.image_size // m.patch_size) ** 2, jax.numpy.dtype(m.dtype)
-    one_chip = jax.sharding.SingleDeviceSharding(devices[0])
+    # A one-chip mesh: layers that choose a kernel by platform (kindjax.models.attention.platform_of) see the TPU.
+    mesh = jax.sharding.Mesh(devices[:1], ("data",))
+    one_chip = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     found: dict[str, dict[str, dict[str, float]]] = {}
     for name, c in (("model", config), ("dense", dense_twin(config))):
         factory = make_linear_factory(c.model)
@@ -410,8 +412,9 @@ def layer_costs(config: ml_collections.ConfigDict, topology: str, batch: int | N
                 out, pullback = jax.vjp(lambda p, xx: layer.apply(p, xx, y), params, x)
                 return out, pullback(cotangent)
 
-            compiled = jax.jit(forward_backward, in_shardings=one_chip, out_shardings=one_chip).lower(
-                params, x, y, jax.ShapeDtypeStruct((rows, tokens, d_out), dtype)).compile()
+            with jax.set_mesh(mesh):
+                compiled = jax.jit(forward_backward, in_shardings=one_chip, out_shardings=one_chip).lower(
+                    params, x, y, jax.ShapeDtypeStruct((rows, tokens, d_out), dtype)).compile()
             cost = compiled.cost_analysis()   # None for XLA's compile-only GPU programs
             flops, nbytes = (None, None) if cost is None else (float(cost["flops"]), float(cost["bytes accessed"]))
             found[name][role] = {
