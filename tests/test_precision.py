@@ -30,6 +30,8 @@ LINEARS = {
     "kind": dict(kind="kind", n_learngene=40, n_tailor=2),
     "kind_naive": dict(kind="kind", n_learngene=40, n_tailor=2, formulation="naive"),
     "kind_ungated": dict(kind="kind", n_learngene=40, n_tailor=2, formulation="ungated"),
+    "kind_grouped": dict(kind="kind", n_learngene=40, n_tailor=2, formulation="grouped"),
+    "kind_fused": dict(kind="kind", n_learngene=40, n_tailor=2, formulation="fused"),   # the kernel's own products
     "fine": dict(kind="fine", rank=40),
     "fine_per_role": dict(kind="fine", rank=40, layout="per_role"),
     "tleg": dict(kind="tleg"),
