@@ -183,6 +183,14 @@ def test_the_fused_kind_step_compiles_its_kernels_for_v5p_8():
     assert 2 * rows * k * (2 * d + 5 * d) <= q["gflop"] * 1e9 <= 1.2 * 2 * rows * k * (2 * d + 5 * d)
 
 
+def test_fused_kind_refuses_a_token_count_a_tpu_cannot_tile_in_one_line():
+    config = tiny("kind", image_size=6)     # 3 × 3 = 9 tokens per image
+    config.model.linear.formulation = "fused"
+    result = preflight.preflight(config, "v5p-8", advise=False)
+    assert not result["compiled"] and "formulation='fused' runs one sample's 9 tokens" in result["error"]
+    assert "use formulation='grouped'" in result["error"]
+
+
 def test_layers_compile_each_matrix_alone_beside_the_dense_ones():
     """``--layers``: each of a block's six matrices, forward and backward on one chip's 4 images of 16 tokens;
     the dense ones' FLOPs are the three products' ``3 · 2·rows·d_in·d_out`` (plus the bias work)."""

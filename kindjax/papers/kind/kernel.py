@@ -26,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kindjax.models.attention import platform_of, splash_mesh
 
 #: Scoped VMEM the kernels may use: a group's two column blocks, their f32 gradient accumulators and
-#: one sample's activations (DiT-L's MLP matrices at K = 512: about 30 MiB double-buffered).
+#: one sample's activations (DiT-L's MLP matrices at K = 512: about 40 MiB double-buffered).
 VMEM_LIMIT_BYTES = 64 * 2 ** 20
 
 
@@ -72,12 +72,14 @@ def _backward_kernel(x_ref, v_ref, u_ref, dout_ref, dx_ref, dv_ref, du_ref, *, n
                                        preferred_element_type=acc)
 
 
-def _specs(groups: int, group: int, tokens: int, d_in: int, d_out: int, k: int):
-    """Block specs over the grid ``(group g, sample j)``: sample ``j``'s tokens of ``(groups, G·T, d)``
-    arrays, group ``g``'s column blocks."""
-    rows = lambda d: pl.BlockSpec((None, tokens, d), lambda g, j: (g, j, 0))   # noqa: E731
-    columns = lambda a, b: pl.BlockSpec((None, a, b), lambda g, j: (g, 0, 0))   # noqa: E731
-    return rows, columns
+def _rows(tokens: int, d: int) -> pl.BlockSpec:
+    """Over the grid ``(group g, sample j)``: sample ``j``'s ``tokens`` rows of a ``(groups, G·T, d)`` array."""
+    return pl.BlockSpec((None, tokens, d), lambda g, j: (g, j, 0))
+
+
+def _columns(a: int, b: int) -> pl.BlockSpec:
+    """Over the grid ``(group g, sample j)``: group ``g``'s ``(a, b)`` column block (fetched once per group)."""
+    return pl.BlockSpec((None, a, b), lambda g, j: (g, 0, 0))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, semantics, flops, bytes_accessed, interpret):
@@ -102,10 +104,10 @@ def fused_grouped_product(x: jax.Array, v: jax.Array, u: jax.Array, n_learngene:
 def _forward(x, v, u, n_learngene, n_tailor, width, tokens, interpret):
     (groups, rows_per_group, d_in), (k, d_out) = x.shape, u.shape[1:]
     group = rows_per_group // tokens
-    rows, columns = _specs(groups, group, tokens, d_in, d_out, k)
     out_shape = jax.ShapeDtypeStruct((groups, rows_per_group, d_out), x.dtype)
     kernel = functools.partial(_forward_kernel, n_learngene=n_learngene, n_tailor=n_tailor, width=width)
-    return _call(kernel, (groups, group), [rows(d_in), columns(d_in, k), columns(k, d_out)], rows(d_out), out_shape,
+    return _call(kernel, (groups, group), [_rows(tokens, d_in), _columns(d_in, k), _columns(k, d_out)],
+                 _rows(tokens, d_out), out_shape,
                  ("parallel", "parallel"), 2 * groups * rows_per_group * k * (d_in + d_out),
                  _size(x, v, u) + groups * rows_per_group * d_out * x.dtype.itemsize, interpret)(x, v, u)
 
@@ -118,13 +120,13 @@ def _backward_rule(n_learngene, n_tailor, width, tokens, interpret, residuals, d
     x, v, u = residuals
     (groups, rows_per_group, d_in), (k, d_out) = x.shape, u.shape[1:]
     group = rows_per_group // tokens
-    rows, columns = _specs(groups, group, tokens, d_in, d_out, k)
     acc = _accumulator(x.dtype)
     out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(v.shape, acc),
                  jax.ShapeDtypeStruct(u.shape, acc))
     kernel = functools.partial(_backward_kernel, n_learngene=n_learngene, n_tailor=n_tailor, width=width)
-    dx, dv, du = _call(kernel, (groups, group), [rows(d_in), columns(d_in, k), columns(k, d_out), rows(d_out)],
-                       (rows(d_in), columns(d_in, k), columns(k, d_out)), out_shape, ("parallel", "arbitrary"),
+    dx, dv, du = _call(kernel, (groups, group),
+                       [_rows(tokens, d_in), _columns(d_in, k), _columns(k, d_out), _rows(tokens, d_out)],
+                       (_rows(tokens, d_in), _columns(d_in, k), _columns(k, d_out)), out_shape, ("parallel", "arbitrary"),
                        2 * groups * rows_per_group * k * (3 * d_in + 2 * d_out),
                        2 * _size(x) + _size(v, u, dout) + 4 * (v.size + u.size), interpret)(x, v, u, dout)
     return dx, dv.astype(v.dtype), du.astype(u.dtype)
@@ -146,6 +148,7 @@ def grouped_product(x: jax.Array, v: jax.Array, u: jax.Array, n_learngene: int, 
     if not interpret and tokens % SUBLANES:
         raise ValueError(f"formulation='fused' runs one sample's {tokens} tokens per kernel step, which a TPU "
                          f"tiles in multiples of {SUBLANES}; use formulation='grouped' for this model")
+
     def local(x, v, u):
         return fused_grouped_product(x, v, u, n_learngene, n_tailor, width, tokens, interpret)
 
