@@ -198,16 +198,16 @@ def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
 
     sigma_t = jnp.where((y < n_classes)[:, None], tailors["sigma"][c], 0.0).reshape(groups, group * n_tailor)
     sigma = jnp.concatenate([jnp.broadcast_to(learngene["sigma"], (groups, n_learngene)), sigma_t], axis=1)
-    # Sample s of a group keeps the learngene's components and its own tailor's (a constant pattern);
-    # the bias component is 1.
-    component = jnp.arange(width + 1 + padding)
-    own = (component < n_learngene) | ((component - n_learngene) // n_tailor == jnp.arange(group)[:, None])
-    own = own & (component < width)
     if kernel:
         out = grouped_product(x.astype(dtype).reshape(groups, group * tokens, d_in),
                               columns(learngene["V"], tailors["V"]).transpose(0, 2, 1),
                               columns(learngene["U"], tailors["U"], sigma, bias), n_learngene, n_tailor, width, tokens)
         return out.reshape(x.shape[:-1] + (d_out,))
+    # Sample s of a group keeps the learngene's components and its own tailor's (a constant pattern);
+    # the bias component is 1.
+    component = jnp.arange(width + 1 + padding)
+    own = (component < n_learngene) | ((component - n_learngene) // n_tailor == jnp.arange(group)[:, None])
+    own = own & (component < width)
     h = jnp.einsum("gsni,gki->gsnk", x.astype(dtype).reshape(groups, group, tokens, d_in),
                    columns(learngene["V"], tailors["V"]))
     h = jnp.where(component == width, jnp.ones((), dtype), jnp.where(own[None, :, None, :], h, 0))
