@@ -28,6 +28,8 @@ default backend is one: a step lowered for compile-only TPU devices on a CPU hos
 from __future__ import annotations
 
 import functools
+import math
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -133,18 +135,28 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool |
     TPU (:func:`platform_of`).  On a mesh (:func:`splash_mesh`) each device runs the kernel on its rows
     of the batch, in a ``jax.shard_map`` manual over every mesh axis."""
     interpret = platform_of(q) != "tpu" if interpret is None else interpret
-    found = splash_mesh(q)
+    return on_each_device(
+        functools.partial(_splash_local, interpret=interpret), (q, k, v),
+        lambda batch, devices: f"splash attention splits the batch over the mesh axes {batch} ({devices} devices), "
+                               f"but the batch has {q.shape[0]} rows; use a batch divisible by {devices}")
+
+
+def on_each_device(local: Callable[..., jax.Array], arrays: Sequence[jax.Array],
+                   refuse: Callable[[tuple[str, ...], int], str]) -> jax.Array:
+    """``local(*arrays)`` for a Mosaic kernel, which XLA does not partition: on a mesh with axes not yet
+    manual (:func:`splash_mesh`), in a ``jax.shard_map`` manual over all of them, the leading axis of
+    every array (and of the result) split over the batch axes; ValueError ``refuse(batch axes, devices)``
+    when that axis does not divide.  Off a mesh, ``local(*arrays)``."""
+    found = splash_mesh(arrays[0])
     if found is None:
-        return _splash_local(q, k, v, interpret)
+        return local(*arrays)
     mesh, free, batch = found
-    devices = int(np.prod([mesh.shape[a] for a in batch]))
-    if q.shape[0] % devices:
-        raise ValueError(f"splash attention splits the batch over the mesh axes {batch} ({devices} devices), "
-                         f"but the batch has {q.shape[0]} rows; use a batch divisible by {devices}")
+    devices = math.prod(mesh.shape[a] for a in batch)
+    if arrays[0].shape[0] % devices:
+        raise ValueError(refuse(batch, devices))
     rows = jax.sharding.PartitionSpec(batch or None)
-    return jax.shard_map(functools.partial(_splash_local, interpret=interpret), mesh=mesh,
-                         in_specs=(rows, rows, rows), out_specs=rows, axis_names=set(free),
-                         check_vma=False)(q, k, v)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows,) * len(arrays), out_specs=rows,
+                         axis_names=set(free), check_vma=False)(*arrays)
 
 
 def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:

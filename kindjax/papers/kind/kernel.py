@@ -16,14 +16,13 @@ and read ``h`` (forward) and ``dh`` (backward).  Off a TPU the kernels run in Pa
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kindjax.models.attention import platform_of, splash_mesh
+from kindjax.models.attention import on_each_device, platform_of
 
 #: Scoped VMEM the kernels may use: a group's two column blocks, their f32 gradient accumulators and
 #: one sample's activations (DiT-L's MLP matrices at K = 512: about 40 MiB double-buffered).
@@ -126,7 +125,8 @@ def _backward_rule(n_learngene, n_tailor, width, tokens, interpret, residuals, d
     kernel = functools.partial(_backward_kernel, n_learngene=n_learngene, n_tailor=n_tailor, width=width)
     dx, dv, du = _call(kernel, (groups, group),
                        [_rows(tokens, d_in), _columns(d_in, k), _columns(k, d_out), _rows(tokens, d_out)],
-                       (_rows(tokens, d_in), _columns(d_in, k), _columns(k, d_out)), out_shape, ("parallel", "arbitrary"),
+                       (_rows(tokens, d_in), _columns(d_in, k), _columns(k, d_out)), out_shape,
+                       ("parallel", "arbitrary"),
                        2 * groups * rows_per_group * k * (3 * d_in + 2 * d_out),
                        2 * _size(x) + _size(v, u, dout) + 4 * (v.size + u.size), interpret)(x, v, u, dout)
     return dx, dv.astype(v.dtype), du.astype(u.dtype)
@@ -141,9 +141,8 @@ SUBLANES = 16
 
 def grouped_product(x: jax.Array, v: jax.Array, u: jax.Array, n_learngene: int, n_tailor: int, width: int,
                     tokens: int) -> jax.Array:
-    """:func:`fused_grouped_product`, in interpret mode off a TPU (:func:`~kindjax.models.attention.platform_of`);
-    on a mesh with axes not yet manual, in a ``jax.shard_map`` manual over all of them with the groups split
-    over the batch axes (a Mosaic kernel is not partitioned automatically)."""
+    """:func:`fused_grouped_product`, in interpret mode off a TPU (:func:`~kindjax.models.attention.platform_of`),
+    each device on its groups (:func:`~kindjax.models.attention.on_each_device`)."""
     interpret = platform_of(x) != "tpu"
     if not interpret and tokens % SUBLANES:
         raise ValueError(f"formulation='fused' runs one sample's {tokens} tokens per kernel step, which a TPU "
@@ -152,14 +151,7 @@ def grouped_product(x: jax.Array, v: jax.Array, u: jax.Array, n_learngene: int, 
     def local(x, v, u):
         return fused_grouped_product(x, v, u, n_learngene, n_tailor, width, tokens, interpret)
 
-    found = splash_mesh(x)
-    if found is None:
-        return local(x, v, u)
-    mesh, free, batch = found
-    devices = math.prod(mesh.shape[a] for a in batch)
-    if x.shape[0] % devices:
-        raise ValueError(f"formulation='fused' splits its {x.shape[0]} groups over the mesh axes {batch} "
-                         f"({devices} devices); use a per-device batch divisible by model.linear.group_size")
-    groups = jax.sharding.PartitionSpec(batch or None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(groups, groups, groups), out_specs=groups,
-                         axis_names=set(free), check_vma=False)(x, v, u)
+    return on_each_device(
+        local, (x, v, u),
+        lambda batch, devices: f"formulation='fused' splits its {x.shape[0]} groups over the mesh axes {batch} "
+                               f"({devices} devices); use a per-device batch divisible by model.linear.group_size")
