@@ -16,8 +16,8 @@ body XLA counts once) against the analytic count (3 × the forward FLOPs of the 
 :func:`kindjax.tools.bench_accelerator.forward_flops`); the roofline ``max(FLOPs / peak FLOP/s, bytes / HBM
 bandwidth)`` (compute and HBM only: collectives are listed, not timed); every collective by op and
 dtype; the attention kernel that lowered; and XLA:TPU's estimated cycles, in all and by the JAX
-operation they come from (:func:`cycles_by_source`: where the step's time goes).  A step that does not fit is compiled again with more
-remat, then with half the batch per chip, until one fits (``--advise``).
+operation they come from (:func:`cycles_by_source`: where the step's time goes).  A step that does not
+fit is compiled again with more remat, then with half the batch per chip, until one fits (``--advise``).
 
 The last line printed is :func:`preflight`'s dict as one JSON object; the exit status is 0 when the
 step compiled and fits (with ``--layers``: when every matrix compiled), else 1.  Deviceless GPU compilation:
@@ -204,8 +204,12 @@ def collectives(hlo: str) -> dict[str, dict[str, dict[str, int]]]:
 def estimated_mcycles(hlo: str) -> float | None:
     """The sum of XLA:TPU's ``estimated_cycles`` over the compiled ``hlo`` text's instructions, in millions
     (None where the backend writes none: CPU, GPU).  A ``while`` body (``model.scan_blocks``) counts once."""
-    cycles = [int(c) for c in re.findall(r'"estimated_cycles":"(\d+)"', hlo)]
-    return round(sum(cycles) / 1e6, 3) if cycles else None
+    return _total_mcycles(cycles_by_source(hlo))
+
+
+def _total_mcycles(by_source: dict[str, float]) -> float | None:
+    """The sum of :func:`cycles_by_source`'s values, in millions to 3 decimals (None when it is empty)."""
+    return round(sum(by_source.values()), 3) if by_source else None
 
 
 def cycles_by_source(hlo: str) -> dict[str, float]:
@@ -213,9 +217,9 @@ def cycles_by_source(hlo: str) -> dict[str, float]:
     each comes from, in millions, largest first: the instruction's ``op_name`` (JAX's name stack: the
     module path and primitive, e.g. ``transpose(jvp(DiT))/block_*/mlp_in/dot_general`` for the backward of
     every block's first MLP matrix; ``jit(…)/`` and ``shard_map/`` dropped, block indices folded into
-    ``*``, XLA's numbering of names dropped), or its opcode where it has none (the copies, prefetches and kernels XLA adds).  A fusion counts
-    under its root's source.  The values add up to :func:`estimated_mcycles`; empty where the backend
-    writes no cycles."""
+    ``*``, XLA's numbering of names dropped), or its opcode where it has none (the copies, prefetches
+    and kernels XLA adds).  A fusion counts under its root's source.  The values add up to
+    :func:`estimated_mcycles`; empty where the backend writes no cycles."""
     found: dict[str, int] = {}
     for line in hlo.splitlines():
         cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
@@ -311,7 +315,8 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
         "hbm_gib_per_chip": _significant(chip.hbm_gib), "fits": False, "gflop_per_image": None, "analytic_gflop_per_image": None,
         "hbm_gib_per_step": None, "roofline_step_s": None, "roofline_images_per_s": None,
         "analytic_step_s": None, "roofline_over_analytic": None, "xla_optimal_step_s": None,
-        "xla_estimated_mcycles": None, "xla_mcycles_by_source": None, "collectives": None, "compile_s": None, "flops_from": None, "advice": None}
+        "xla_estimated_mcycles": None, "xla_mcycles_by_source": None, "collectives": None, "compile_s": None,
+        "flops_from": None, "advice": None}
     log(f"pre-flight: {config.model.arch or 'custom'} ({config.model.linear.kind}) batch {b} on {topology} "
         f"({chips} x {devices[0].device_kind}, {chip.hbm_gib:.4g} GiB each)")
     try:
@@ -326,8 +331,8 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
     hlo = compiled.as_text()
     result.update(compiled=True, compile_s=round(seconds, 1), mesh=dict(trainer.mesh.shape),
                   attention=attention_lowered(hlo), memory_gib_per_chip=memory_gib(compiled),
-                  collectives=collectives(hlo), xla_estimated_mcycles=estimated_mcycles(hlo),
-                  xla_mcycles_by_source=cycles_by_source(hlo))
+                  collectives=collectives(hlo), xla_mcycles_by_source=cycles_by_source(hlo))
+    result["xla_estimated_mcycles"] = _total_mcycles(result["xla_mcycles_by_source"])
     result["fits"] = result["memory_gib_per_chip"]["peak"] <= chip.hbm_gib
     cost, result["flops_from"] = compiled.cost_analysis(), "compiled step"
     if cost is None:

@@ -129,8 +129,8 @@ def table2_flops(config: ml_collections.ConfigDict) -> float:
     ``d_in·d_out + r·(d_in + d_out)`` (LoRA, PiSSA: the unmerged ``x·A·B``), ``2·d_in·d_out`` (LoHa:
     ``x·W + x·ΔW``, peft's forward), ``d_in² + d_in·d_out`` (OFT: ``x`` through its block-diagonal
     ``R`` as one ``d_in × d_in`` matrix, then ``W``), ``2·d_in·d_out + r·(d_in + d_out)`` (DoRA, peft's
-    training forward with LoRA dropout: ``x·W`` twice and the LoRA path), ``(N_G + N_cls·N_T)·(d_in + d_out)`` (KIND: the learngene
-    and every class's tailor as thin factors).  The other linear layers are dense: the patch embedding
+    training forward with LoRA dropout: ``x·W`` twice and the LoRA path), ``(N_G + N_cls·N_T)·(d_in + d_out)``
+    (KIND: the learngene and every class's tailor as thin factors).  The other linear layers are dense: the patch embedding
     and final projection per token; the timestep MLP, every block's adaLN ``d → 6d`` and the final
     ``d → 2d`` per image.  Per image, as for one image per forward, the work on weights that passes
     through linear layers (:func:`_matrix_macs_per_forward`: DoRA's identity through ``lora_A`` and
