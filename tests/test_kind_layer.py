@@ -8,7 +8,6 @@ import jax
 import jax.extend.core
 import jax.numpy as jnp
 import ml_collections
-
 import numpy as np
 import pytest
 
