@@ -118,6 +118,15 @@ def test_compare_dense_sets_the_step_beside_the_dense_dits():
     ratios = result["kind_over_dense"]
     assert ratios["roofline_step"] == pytest.approx(result["roofline_step_s"] / dense["roofline_step_s"], rel=1e-3)
     assert ratios["hbm_bytes"] == pytest.approx(result["hbm_gib_per_step"] / dense["hbm_gib_per_step"], rel=1e-3)
+    assert ratios["xla_bytes_accessed"] == pytest.approx(
+        result["xla_bytes_accessed_gib"] / dense["xla_bytes_accessed_gib"], rel=1e-3)
+    peak = preflight.peak_flops(preflight.topology_devices("v5p-8")[0])
+    for r in (result, dense):   # the roofline's bytes are the HBM traffic, not XLA's bytes accessed
+        images_per_chip = r["batch"] / r["chips"]
+        compute_bound = max(r["gflop_per_image"], r["analytic_gflop_per_image"]) * 1e9 * images_per_chip / peak
+        memory_bound = r["hbm_gib_per_step"] * preflight.GIB / preflight.CHIPS["TPU v5"].hbm_bytes_per_s
+        assert r["roofline_step_s"] == pytest.approx(max(compute_bound, memory_bound), rel=2e-3)
+        assert r["xla_bytes_accessed_gib"] > r["hbm_gib_per_step"]
     assert ratios["flops"] == pytest.approx(result["gflop_per_image"] / dense["gflop_per_image"], rel=1e-3)
     assert result["xla_estimated_mcycles"] > 0 and dense["xla_estimated_mcycles"] > 0
     assert ratios["xla_estimated_cycles"] == pytest.approx(
@@ -337,6 +346,54 @@ def test_collectives_are_counted_by_op_dtype_and_result_bytes():
     assert preflight.attention_lowered(hlo) == "splash"
     assert preflight.attention_lowered(hlo.replace("%splash_mha", "%other")) == "xla"
     assert np.isclose(preflight._significant(0.000123456), 0.0001235)
+
+
+def test_hbm_traffic_counts_each_hbm_array_once_and_nothing_in_on_chip_memory():
+    """Hand-counted: ``a`` (100×300 bf16, tiles of 8×128: 104×384) is prefetched into memory space 1 and read
+    from there, ``b`` (304×256 padded) read from HBM, the 104×256 result written; a while body counts once,
+    a fused computation's instructions not at all (the fusion counts its operands and result)."""
+    hlo = "\n".join([
+        "%fused (p: bf16[100,300]) -> bf16[100,200] {",
+        "  ROOT %big = bf16[9999,9999]{1,0:T(8,128)(2,1)} broadcast(%p)",
+        "}",
+        "%body (t: (bf16[100,200])) -> (bf16[100,200]) {",
+        "  %t = (bf16[100,200]{1,0:T(8,128)(2,1)}) parameter(0)",
+        "  %e = bf16[100,200]{1,0:T(8,128)(2,1)} get-tuple-element(%t), index=0",
+        "  %n = bf16[100,200]{1,0:T(8,128)(2,1)} fusion(%e), kind=kLoop, calls=%fused",
+        "  ROOT %r = (bf16[100,200]{1,0:T(8,128)(2,1)}) tuple(%n)",
+        "}",
+        "ENTRY %main (a: bf16[100,300], b: bf16[300,200]) -> bf16[100,200] {",
+        "  %a = bf16[100,300]{1,0:T(8,128)(2,1)} parameter(0)",
+        "  %b = bf16[300,200]{1,0:T(8,128)(2,1)} parameter(1)",
+        "  %copy-start = (bf16[100,300]{1,0:T(8,128)(2,1)S(1)}, bf16[100,300]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) "
+        "copy-start(%a), cross_program_prefetch_index=0",
+        "  %copy-done = bf16[100,300]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)",
+        "  %f = bf16[100,200]{1,0:T(8,128)(2,1)} fusion(%copy-done, %b), kind=kOutput, calls=%fused",
+        "  %w = (bf16[100,200]{1,0:T(8,128)(2,1)}) tuple(%f)",
+        "  %loop = (bf16[100,200]{1,0:T(8,128)(2,1)}) while(%w), condition=%cond, body=%body",
+        "  ROOT %out = bf16[100,200]{1,0:T(8,128)(2,1)} get-tuple-element(%loop), index=0",
+        "}"])
+    a, b, out = 104 * 384 * 2, 304 * 256 * 2, 104 * 256 * 2
+    assert preflight.hbm_traffic(hlo) == a + b + out + 2 * out   # the body's fusion reads and writes one out
+    assert preflight.hbm_traffic(hlo.replace("{1,0:T(8,128)(2,1)} parameter(1)", "{1,0:T(8,128)(2,1)S(1)} "
+                                             "parameter(1)").replace("fusion(%copy-done, %b)", "fusion(%copy-done)")) \
+        == a + 3 * out
+
+
+@pytest.mark.parametrize("rows", [16384, 4096])
+def test_a_compiled_products_hbm_traffic_is_its_operands_and_result(rows):
+    """``x·w`` compiled for one v5p chip moves ``x``, ``w`` and the product through HBM once each (the
+    naive count); XLA's bytes accessed also counts the prefetch of ``x`` into on-chip memory and the
+    product's reads from there."""
+    devices = preflight.topology_devices("v5p-8")
+    mesh = Mesh(devices[:1], ("data",))
+    one_chip = NamedSharding(mesh, P())
+    x, w = jax.ShapeDtypeStruct((rows, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jnp.dot, in_shardings=one_chip, out_shardings=one_chip).lower(x, w).compile()
+    naive = 2 * (rows * 1024 + 1024 * 512 + rows * 512)
+    assert preflight.hbm_traffic(compiled.as_text()) == naive
+    assert float(compiled.cost_analysis()["bytes accessed"]) > naive
 
 
 def test_h100_topology_compiles_with_cudnn_without_a_gpu():

@@ -10,14 +10,15 @@ stand in for the chips: :class:`kindjax.train.trainer.Trainer` builds its own me
 and step on them, the step is lowered on the trainer's abstract state and batch
 (:meth:`~kindjax.train.trainer.Trainer.abstract_batch`) and compiled by the real XLA:TPU compiler, on
 the CPU of this host.  Nothing runs.  From the compiled program, per chip: XLA's memory analysis
-(``peak = argument + output − alias + temp + generated code``) against the chip's HBM; the FLOPs and
-HBM bytes of XLA's cost analysis (of the unrolled twin's compile when ``model.scan_blocks``, whose loop
-body XLA counts once) against the analytic count (3 × the forward FLOPs of the unrolled model,
+(``peak = argument + output − alias + temp + generated code``) against the chip's HBM; the FLOPs of XLA's
+cost analysis (of the unrolled twin's compile when ``model.scan_blocks``, whose loop body XLA counts once)
+against the analytic count (3 × the forward FLOPs of the unrolled model,
 :func:`kindjax.tools.bench_accelerator.forward_flops`); the roofline ``max(FLOPs / peak FLOP/s, bytes / HBM
-bandwidth)`` (compute and HBM only: collectives are listed, not timed); every collective by op and
-dtype; the attention kernel that lowered; and XLA:TPU's estimated cycles, in all and by the JAX
-operation they come from (:func:`cycles_by_source`: where the step's time goes).  A step that does not
-fit is compiled again with more remat, then with half the batch per chip, until one fits (``--advise``).
+bandwidth)``, the bytes being those the program moves to and from HBM (:func:`hbm_traffic`; XLA's own
+bytes accessed, every memory space, beside them; compute and HBM only: collectives are listed, not timed);
+every collective by op and dtype; the attention kernel that lowered; and XLA:TPU's estimated cycles, in
+all and by the JAX operation they come from (:func:`cycles_by_source`: where the step's time goes).  A step
+that does not fit is compiled again with more remat, then with half the batch per chip, until one fits (``--advise``).
 
 The last line printed is :func:`preflight`'s dict as one JSON object; the exit status is 0 when the
 step compiled and fits (with ``--layers``: when every matrix compiled), else 1.  Deviceless GPU compilation:
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -201,6 +203,89 @@ def collectives(hlo: str) -> dict[str, dict[str, dict[str, int]]]:
     return found
 
 
+# One instruction of a compiled HLO text: "%name = TYPE opcode(%operand, ...)".
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>\S+)\s*=\s*(?P<type>.*?)\s(?P<op>[a-z][a-z0-9-]*)"
+                          r"\((?P<operands>[^)]*)\)")
+# An array with its layout, e.g. bf16[64,256,1024]{2,1,0:T(8,128)(2,1)S(1)}: minor-to-major dims, tiles, memory space.
+_LAID_OUT = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\](?:\{([^}]*)\})?")
+# Instructions that move no data themselves: names, views, and the halves of asynchronous pairs that
+# complete a transfer counted at their "-start".
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id"}
+# Computations a control instruction runs as a program (not fused): while bodies, branches, called computations.
+_RUNS = re.compile(r"\b(?:body|condition|true_computation|false_computation|to_apply)=%([\w.-]+)"
+                   r"|branch_computations=\{([^}]*)\}")
+
+
+def _buffers(hlo_type: str) -> list[tuple[str, int, int]]:
+    """``(array text, bytes, memory space)`` of each array of an HLO type: its dims padded to the
+    layout's first tile (``T(8,128)``: the minor dim to a multiple of 128, the next to one of 8), and
+    ``S(n)``'s ``n`` (0, HBM, when absent)."""
+    found = []
+    for match in _LAID_OUT.finditer(hlo_type):
+        dtype, layout = match.group(1), match.group(3) or ""
+        dims = [int(d) for d in filter(None, match.group(2).split(","))]
+        order, _, rest = layout.partition(":")
+        tile = re.match(r"T\(([\d,]+)\)", rest)
+        space = re.search(r"S\((\d+)\)", rest)
+        if dims and tile and order:
+            minor_first = [int(d) for d in order.split(",")]
+            for axis, size in zip(minor_first, reversed([int(t) for t in tile.group(1).split(",")])):
+                dims[axis] = -(-dims[axis] // size) * size
+        found.append((match.group(0), math.prod(dims) * ELEMENT_BYTES.get(dtype, 4),
+                      int(space.group(1)) if space else 0))
+    return found
+
+
+def hbm_traffic(hlo: str) -> int:
+    """Bytes read from and written to HBM (memory space 0) by the compiled ``hlo`` text's program, per chip:
+    each instruction of the entry computation (and of a while body, a branch or a called computation, once)
+    reads each of its operands and writes each of its results whole, tile padding included; what is in
+    another memory space (``S(1)``: where XLA:TPU's memory-space assignment prefetches, the space a fusion's
+    scoped VMEM is in) costs no HBM traffic there; a transfer (``copy-start``, any ``*-start``) counts once,
+    for what it reads and the new arrays it writes, not at its ``*-done``.  XLA's own "bytes accessed" counts
+    every memory space and both halves of a transfer."""
+    computations: dict[str, list[str]] = {}
+    entry, name = None, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(ENTRY\s+)?%([\w.-]+)\s.*\{\s*$", line)
+        if header:
+            name = header.group(2)
+            computations[name] = []
+            entry = name if header.group(1) else entry
+        elif name is not None:
+            computations[name].append(line)
+    total, pending, seen = 0, [entry], set()
+    while pending:
+        computation = pending.pop()
+        if computation is None or computation in seen:
+            continue
+        seen.add(computation)
+        arrays: dict[str, list[tuple[str, int, int]]] = {}
+        for line in computations.get(computation, []):
+            match = _INSTRUCTION.match(line)
+            if match is None:
+                continue
+            arrays[match["name"]] = results = _buffers(match["type"])
+            op = match["op"]
+            if op in ("while", "conditional", "call"):
+                for single, several in _RUNS.findall(line):
+                    pending.extend([single] if single else re.findall(r"%([\w.-]+)", several))
+            if op in _NO_TRAFFIC or op.endswith("-done"):
+                continue
+            operands = [a for o in re.findall(r"%([\w.-]+)", match["operands"]) for a in arrays.get(o, [])]
+            if op.endswith("-start"):      # its result repeats its operands beside the arrays it writes
+                echoed, written = [a[0] for a in operands], []
+                for array in results:
+                    if array[0] in echoed:
+                        echoed.remove(array[0])
+                    else:
+                        written.append(array)
+                results = written
+            total += sum(size for _, size, space in operands + results if space == 0)
+    return total
+
+
 def estimated_mcycles(hlo: str) -> float | None:
     """The sum of XLA:TPU's ``estimated_cycles`` over the compiled ``hlo`` text's instructions, in millions
     (None where the backend writes none: CPU, GPU).  A ``while`` body (``model.scan_blocks``) counts once."""
@@ -313,7 +398,8 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
                                                          ("arch", "dtype", "attention", "remat", "scan_blocks")},
         "linear": config.model.linear.kind, "mesh": None, "attention": None, "memory_gib_per_chip": None,
         "hbm_gib_per_chip": _significant(chip.hbm_gib), "fits": False, "gflop_per_image": None, "analytic_gflop_per_image": None,
-        "hbm_gib_per_step": None, "roofline_step_s": None, "roofline_images_per_s": None,
+        "hbm_gib_per_step": None, "xla_bytes_accessed_gib": None, "roofline_step_s": None,
+        "roofline_images_per_s": None,
         "analytic_step_s": None, "roofline_over_analytic": None, "xla_optimal_step_s": None,
         "xla_estimated_mcycles": None, "xla_mcycles_by_source": None, "collectives": None, "compile_s": None,
         "flops_from": None, "advice": None}
@@ -334,7 +420,7 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
                   collectives=collectives(hlo), xla_mcycles_by_source=cycles_by_source(hlo))
     result["xla_estimated_mcycles"] = _total_mcycles(result["xla_mcycles_by_source"])
     result["fits"] = result["memory_gib_per_chip"]["peak"] <= chip.hbm_gib
-    cost, result["flops_from"] = compiled.cost_analysis(), "compiled step"
+    cost, counted, result["flops_from"] = compiled.cost_analysis(), hlo, "compiled step"
     if cost is None:
         result["flops_from"] = "none: XLA's compile-only GPU programs have no cost analysis"
     elif config.model.scan_blocks:   # XLA counts the while body once: the unrolled twin's compile counts all blocks
@@ -342,7 +428,8 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
         twin.model.scan_blocks = False
         try:
             twin_compiled, _, twin_seconds = compile_step(twin, devices)
-            cost, result["flops_from"] = twin_compiled.cost_analysis(), "compiled unrolled twin (model.scan_blocks=False)"
+            cost, counted = twin_compiled.cost_analysis(), twin_compiled.as_text()
+            result["flops_from"] = "compiled unrolled twin (model.scan_blocks=False)"
             result["compile_s"] = round(seconds + twin_seconds, 1)
         except Exception as e:  # noqa: BLE001 — the twin may not fit where the scan does
             result["flops_from"] = f"compiled step, scanned blocks counted once (the unrolled twin: {_one_line(e)})"
@@ -354,19 +441,21 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
     log(f"  memory per chip: peak {mem['peak']} GiB of {chip.hbm_gib:.4g} (arguments {mem['argument']}, temporaries "
         f"{mem['temp']}, code {mem['generated_code']}): {'fits' if result['fits'] else 'DOES NOT FIT'}")
     if cost is not None:
-        flops_chip, bytes_chip = float(cost["flops"]), float(cost["bytes accessed"])
+        flops_chip, bytes_chip = float(cost["flops"]), hbm_traffic(counted)
         # XLA does not count the FLOPs of a Mosaic (splash) or cuDNN attention kernel: where one runs,
         # the compute bound takes the analytic count when it is the larger.
         compute = flops_chip if result["attention"] == "xla" else max(flops_chip, analytic * b / chips)
         roofline = roofline_s(compute, bytes_chip, peak, chip)
         result.update(gflop_per_image=_significant(flops_chip * chips / b / 1e9),
                       hbm_gib_per_step=_significant(bytes_chip / GIB), roofline_step_s=_significant(roofline),
+                      xla_bytes_accessed_gib=_significant(float(cost["bytes accessed"]) / GIB),
                       roofline_images_per_s=_significant(b / roofline),
                       roofline_over_analytic=_significant(roofline / analytic_step),
                       xla_optimal_step_s=cost.get("optimal_seconds"))
         uncounted = "" if result["attention"] == "xla" else f", the {result['attention']} kernel's not counted by XLA"
         log(f"  {result['gflop_per_image']} GFLOP per image (analytic {result['analytic_gflop_per_image']}{uncounted}), "
-            f"{result['hbm_gib_per_step']} GiB of HBM traffic per chip and step")
+            f"{result['hbm_gib_per_step']} GiB of HBM traffic per chip and step (XLA's bytes accessed, every memory "
+            f"space: {result['xla_bytes_accessed_gib']} GiB)")
         log(f"  roofline {result['roofline_step_s'] * 1e3:.1f} ms per step ({result['roofline_images_per_s']} img/s), "
             f"{result['roofline_over_analytic']:.3f} x the analytic-FLOPs bound")
     for op, by_dtype in sorted(result["collectives"].items()):
@@ -386,8 +475,9 @@ def layer_costs(config: ml_collections.ConfigDict, topology: str, batch: int | N
     """``{"model"|"dense": {role: figures}}``: each main matrix of a block (:func:`matrix_shapes`) of
     ``config``'s linear variant and of its :func:`dense_twin`, forward and backward (the parameters' and
     the input's gradients) compiled alone for one chip of ``topology``, on that chip's share of the
-    batch (random class ids) in ``model.dtype``: ``gflop``, ``mib`` (XLA's bytes accessed),
-    ``mcycles`` (:func:`estimated_mcycles`) and ``roofline_us``.  Where a step's cost goes, layer by layer."""
+    batch (random class ids) in ``model.dtype``: ``gflop``, ``mib`` (:func:`hbm_traffic`), ``xla_mib`` (XLA's
+    bytes accessed), ``mcycles`` (:func:`estimated_mcycles`) and ``roofline_us``.  Where a step's cost goes,
+    layer by layer."""
     from kindjax.layers import make_linear_factory, shared_params
     from kindjax.layers.svd import matrix_shapes
 
@@ -420,19 +510,21 @@ def layer_costs(config: ml_collections.ConfigDict, topology: str, batch: int | N
             with jax.set_mesh(mesh):
                 compiled = jax.jit(forward_backward, in_shardings=one_chip, out_shardings=one_chip).lower(
                     params, x, y, jax.ShapeDtypeStruct((rows, tokens, d_out), dtype)).compile()
-            cost = compiled.cost_analysis()   # None for XLA's compile-only GPU programs
-            flops, nbytes = (None, None) if cost is None else (float(cost["flops"]), float(cost["bytes accessed"]))
+            cost, hlo = compiled.cost_analysis(), compiled.as_text()   # cost: None for XLA's compile-only GPU programs
+            flops, nbytes = None if cost is None else float(cost["flops"]), hbm_traffic(hlo)
             found[name][role] = {
                 "gflop": None if cost is None else _significant(flops / 1e9),
-                "mib": None if cost is None else _significant(nbytes / 2 ** 20),
-                "mcycles": estimated_mcycles(compiled.as_text()),
+                "mib": _significant(nbytes / 2 ** 20),
+                "xla_mib": None if cost is None else _significant(float(cost["bytes accessed"]) / 2 ** 20),
+                "mcycles": estimated_mcycles(hlo),
                 "roofline_us": None if cost is None else _significant(roofline_s(flops, nbytes, peak, chip) * 1e6)}
             log(f"  {name} {role} {d_in}x{d_out}: " + ", ".join(f"{k} {v}" for k, v in found[name][role].items()))
     return found
 
 
 #: The figures ``--compare_dense`` divides, model by dense (each a key of :func:`preflight`'s dict).
-COMPARED = {"roofline_step": "roofline_step_s", "hbm_bytes": "hbm_gib_per_step", "flops": "gflop_per_image",
+COMPARED = {"roofline_step": "roofline_step_s", "hbm_bytes": "hbm_gib_per_step",
+            "xla_bytes_accessed": "xla_bytes_accessed_gib", "flops": "gflop_per_image",
             "xla_estimated_cycles": "xla_estimated_mcycles", "peak_memory": ("memory_gib_per_chip", "peak")}
 
 
