@@ -261,6 +261,65 @@ def test_grouped_formulation_matches_gated_values_and_gradients_in_float32(token
             assert rel_err(g, w) <= 1e-5, (group_size, jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("form", ["gated", "grouped_3", "fused_3"])
+def test_the_layer_adds_the_gated_residual_itself_with_the_same_values_and_gradients(form):
+    """``KINDLinear(x, y, residual=r, gate=g) = r + g ⊙ KINDLinear(x, y)`` (float32, random inputs), gradients
+    to every parameter, ``x``, ``r`` and ``g`` too; the grouped forms sum it in their grouped layout."""
+    formulation, _, group_size = form.partition("_")
+    layer = KINDLinear(features=D_OUT, n_classes=N_CLS, n_tailor=N_T, n_learngene=N_G, formulation=formulation,
+                       group_size=int(group_size or 16))
+    keys = jax.random.split(jax.random.key(21), 5)
+    x, y = jax.random.normal(keys[0], (len(Y), 7, D_IN)), jnp.asarray(Y)
+    residual, gate = jax.random.normal(keys[1], (len(Y), 7, D_OUT)), jax.random.normal(keys[2], (len(Y), D_OUT))
+    cot = jax.random.normal(keys[3], (len(Y), 7, D_OUT))
+    params = {"params": random_params(keys[4], jnp.float32)}
+    assert KINDLinear.applies_residual
+
+    def inside(p, xx, r, g):
+        return jnp.sum(layer.apply(p, xx, y, residual=r, gate=g) * cot)
+
+    def outside(p, xx, r, g):
+        return jnp.sum((r + g[:, None] * layer.apply(p, xx, y)) * cot)
+
+    (got, got_grads), (want, want_grads) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(
+        params, x, residual, gate) for f in (inside, outside))
+    assert rel_err(got, want) <= 1e-6
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
+        assert rel_err(g, w) <= 1e-6, jax.tree_util.keystr(path)
+
+
+def test_a_dit_block_lets_the_layer_add_its_residual_and_computes_the_same():
+    """The DiT hands each block's two residual branches to a layer that applies them (:func:`gated_residual`):
+    the model's output and gradients are those of the block adding them itself (float32, bit for bit)."""
+    from kindjax.models import dit
+
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    t, y = jnp.array([1, 500, 999, 30]), jnp.array([0, 3, 4, 1])
+    config = small_dit_config(32, 8, 2)
+    config.linear.update(formulation="grouped", group_size=2)
+    model = kindjax.build_model(config)
+    params = jax.jit(model.init)(jax.random.key(1), x, t, y)   # zero final layer: perturb all
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+    calls = []
+    real = dit.gated_residual
+
+    def counted(layer, *args):
+        calls.append(type(layer).__name__)
+        return real(layer, *args)
+
+    def value_and_grads():
+        return jax.value_and_grad(lambda p: jnp.sum(model.apply(p, x, t, y) ** 2))(params)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dit, "gated_residual", counted)
+        got = value_and_grads()
+        assert calls == ["KINDLinear"] * 4   # attn_out and mlp_out of both blocks
+        patch.setattr(KINDLinear, "applies_residual", False)
+        want = value_and_grads()
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_grouped_formulation_reads_the_activations_once():
     """Each layer's activations enter one product (learngene and tailors together), where the gated form
     has two: the property that makes the grouped form cheap in memory traffic."""

@@ -396,6 +396,40 @@ def test_a_compiled_products_hbm_traffic_is_its_operands_and_result(rows):
     assert float(compiled.cost_analysis()["bytes accessed"]) > naive
 
 
+def test_the_grouped_layer_adding_its_residual_moves_fewer_hbm_bytes():
+    """Summed in the grouped layout, ``residual + gate ⊙ out`` fuses into the product (forward and backward):
+    compiled for one v5p chip, the grouped KIND layer that adds it moves fewer bytes through HBM than the same
+    layer with the sum after it, which the reshape back to ``(B, T, d)`` keeps out of the product's fusion."""
+    from kindjax.papers.kind.layer import KINDLinear
+
+    devices = preflight.topology_devices("v5p-8")
+    mesh = Mesh(devices[:1], ("data",))
+    one_chip = NamedSharding(mesh, P())
+    layer = KINDLinear(features=768, n_classes=10, n_tailor=2, n_learngene=96, formulation="grouped",
+                       dtype=jnp.bfloat16)
+    shape = jax.ShapeDtypeStruct
+    x, y = shape((32, 256, 768), jnp.bfloat16), shape((32,), jnp.int32)
+    residual, cotangent = shape((32, 256, 768), jnp.bfloat16), shape((32, 256, 768), jnp.bfloat16)
+    gate = shape((32, 768), jnp.bfloat16)
+    params = jax.eval_shape(layer.init, jax.random.key(0), x, y)
+
+    def traffic(inside: bool) -> int:
+        def step(p, xx, yy, r, g, ct):
+            def forward(p, xx, r, g):
+                if inside:
+                    return layer.apply(p, xx, yy, residual=r, gate=g)
+                return r + g[:, None] * layer.apply(p, xx, yy)
+            out, pullback = jax.vjp(forward, p, xx, r, g)
+            return out, pullback(ct)
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(step, in_shardings=one_chip, out_shardings=one_chip).lower(
+                params, x, y, residual, gate, cotangent).compile()
+        return preflight.hbm_traffic(compiled.as_text())
+
+    inside, outside = traffic(True), traffic(False)
+    assert inside < 0.85 * outside, (inside, outside)   # 122 against 172 MiB with libtpu 0.0.42.1
+
+
 def test_h100_topology_compiles_with_cudnn_without_a_gpu():
     """Deviceless GPU compilation: JAX's CUDA plugin makes compile-only H100s from a target config.
     The plugin comes with the '.[cuda]' / '.[cuda13]' extras, not the test extras: skipped without it."""

@@ -98,6 +98,16 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def gated_residual(layer: nn.Module, x: jax.Array, y: jax.Array, residual: jax.Array,
+                   gate: jax.Array) -> jax.Array:
+    """``residual + gate ⊙ layer(x, y)`` with one ``gate`` row per sample (``(B, d)``).  A layer whose class
+    sets ``applies_residual`` takes ``residual=`` and ``gate=`` and computes the sum itself, in its own layout
+    (XLA:TPU fuses the sum into a product's output only when no reshape stands between them)."""
+    if getattr(layer, "applies_residual", False):
+        return layer(x, y, residual=residual, gate=gate)
+    return residual + gate[:, None] * layer(x, y)
+
+
 def adaln_kernel_init(adaln_init: str, stds: Sequence[float], hidden: int):
     """Initialiser of the block modulation matrix (6 chunks: β, γ, α for attention then MLP).
 
@@ -148,7 +158,10 @@ class Attention(nn.Module):
     scales: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, y: jax.Array, shared: Any = None) -> jax.Array:
+    def __call__(self, x: jax.Array, y: jax.Array, shared: Any = None, residual: jax.Array | None = None,
+                 gate: jax.Array | None = None) -> jax.Array:
+        """The attention's output, or ``residual + gate ⊙ output`` when ``residual`` and ``gate`` are given
+        (:func:`gated_residual`)."""
         b, n, d = x.shape
         head_dim = d // self.num_heads
 
@@ -164,10 +177,14 @@ class Attention(nn.Module):
             qkv = [h * g.astype(h.dtype) for h, g in zip(qkv, gamma)]
         q, k, v = (heads(h) for h in qkv)
         out = dot_product_attention(q, k, v, self.attention)
-        out = self.linear("attn_out", d, "attn_out", shared=shared)(out.reshape(b, n, d), y)
+        attn_out = self.linear("attn_out", d, "attn_out", shared=shared)
         if self.scales:
+            out = attn_out(out.reshape(b, n, d), y)
             out = out * self.param("gamma_proj", nn.initializers.ones, (d,)).astype(out.dtype)
-        return out
+            return out if residual is None else residual + gate[:, None] * out
+        if residual is None:
+            return attn_out(out.reshape(b, n, d), y)
+        return gated_residual(attn_out, out.reshape(b, n, d), y, residual, gate)
 
 
 def drop_path(key: jax.Array, branch: jax.Array, rate: float) -> jax.Array:
@@ -225,11 +242,16 @@ class DiTBlock(nn.Module):
             return branch if key is None else drop_path(key, branch, self.drop_path)
 
         attn = Attention(d, self.num_heads, self.linear, self.attention, self.attention_scales, name="attn")
-        x = x + residual(keys[0], gate_msa[:, None] * attn(h, y, shared))
+        if keys[0] is None:
+            x = attn(h, y, shared, residual=x, gate=gate_msa)
+        else:
+            x = x + residual(keys[0], gate_msa[:, None] * attn(h, y, shared))
         h = modulate(norm("norm2", self.mlp_norm_eps)(x), shift_mlp, scale_mlp)
-        h = self.linear("mlp_in", int(d * self.mlp_ratio), "mlp_in", shared=shared)(h, y)
-        h = self.linear("mlp_out", d, "mlp_out", shared=shared)(nn.gelu(h, approximate=True), y)
-        return x + residual(keys[1], gate_mlp[:, None] * h)
+        h = nn.gelu(self.linear("mlp_in", int(d * self.mlp_ratio), "mlp_in", shared=shared)(h, y), approximate=True)
+        mlp_out = self.linear("mlp_out", d, "mlp_out", shared=shared)
+        if keys[1] is None:
+            return gated_residual(mlp_out, h, y, x, gate_mlp)
+        return x + residual(keys[1], gate_mlp[:, None] * mlp_out(h, y))
 
 
 class FinalLayer(nn.Module):

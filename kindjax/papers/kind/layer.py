@@ -156,7 +156,8 @@ def kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
 
 def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
                         tailors: Mapping[str, jax.Array], bias: jax.Array, dtype: jnp.dtype | None = None,
-                        group_size: int = GROUP_SIZE, kernel: bool = False) -> jax.Array:
+                        group_size: int = GROUP_SIZE, kernel: bool = False, residual: jax.Array | None = None,
+                        gate: jax.Array | None = None) -> jax.Array:
     """Class-gated product, grouped form: the same values as :func:`kind_linear`.
 
     The batch is cut into groups of ``G = gcd(B, group_size)`` samples ``b_1 … b_G``.  A group's
@@ -168,7 +169,9 @@ def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
     so its gradient comes out of the ``U`` product's and no pass over the output sums it.  The activations
     are read once, as a dense layer reads them; the ``G·N_T`` tailor columns are the extra work.  With
     ``kernel``, both products of a pass run as one Pallas kernel (:mod:`kindjax.papers.kind.kernel`), ``h``
-    kept on chip.
+    kept on chip.  With ``residual`` (shaped as the output) and ``gate`` (``(B, d_out)``), the result is
+    ``residual + gate ⊙ out``, summed in the grouped layout so that XLA fuses it into the product (a
+    reshape between them stops it: one pass over the output fewer, its backward too).
     """
     dtype = dtype or x.dtype
     n_classes, n_tailor = tailors["sigma"].shape
@@ -202,16 +205,19 @@ def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
         out = grouped_product(x.astype(dtype).reshape(groups, group * tokens, d_in),
                               columns(learngene["V"], tailors["V"]).transpose(0, 2, 1),
                               columns(learngene["U"], tailors["U"], sigma, bias), n_learngene, n_tailor, width, tokens)
-        return out.reshape(x.shape[:-1] + (d_out,))
-    # Sample s of a group keeps the learngene's components and its own tailor's (a constant pattern);
-    # the bias component is 1.
-    component = jnp.arange(width + 1 + padding)
-    own = (component < n_learngene) | ((component - n_learngene) // n_tailor == jnp.arange(group)[:, None])
-    own = own & (component < width)
-    h = jnp.einsum("gsni,gki->gsnk", x.astype(dtype).reshape(groups, group, tokens, d_in),
-                   columns(learngene["V"], tailors["V"]))
-    h = jnp.where(component == width, jnp.ones((), dtype), jnp.where(own[None, :, None, :], h, 0))
-    out = jnp.einsum("gsnk,gko->gsno", h, columns(learngene["U"], tailors["U"], sigma, bias))
+        out = out.reshape(groups, group, tokens, d_out)
+    else:
+        # Sample s of a group keeps the learngene's components and its own tailor's (a constant pattern);
+        # the bias component is 1.
+        component = jnp.arange(width + 1 + padding)
+        own = (component < n_learngene) | ((component - n_learngene) // n_tailor == jnp.arange(group)[:, None])
+        own = own & (component < width)
+        h = jnp.einsum("gsni,gki->gsnk", x.astype(dtype).reshape(groups, group, tokens, d_in),
+                       columns(learngene["V"], tailors["V"]))
+        h = jnp.where(component == width, jnp.ones((), dtype), jnp.where(own[None, :, None, :], h, 0))
+        out = jnp.einsum("gsnk,gko->gsno", h, columns(learngene["U"], tailors["U"], sigma, bias))
+    if residual is not None:
+        out = residual.reshape(out.shape) + gate.reshape(groups, group, 1, d_out) * out
     return out.reshape(x.shape[:-1] + (d_out,))
 
 
@@ -285,8 +291,14 @@ class KINDLinear(nn.Module):
     dtype: jnp.dtype | None = None
     fan_out: int | None = None   # None: features
 
+    #: Takes ``residual=`` and ``gate=`` (:func:`kindjax.models.dit.gated_residual`).
+    applies_residual = True
+
     @nn.compact
-    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, y: jax.Array, residual: jax.Array | None = None,
+                 gate: jax.Array | None = None) -> jax.Array:
+        """``x·W_yᵀ + b``, or ``residual + gate ⊙ (x·W_yᵀ + b)`` (``gate``: ``(B, d_out)``) when ``residual``
+        is given: in the grouped layout for ``grouped`` and ``fused``."""
         if self.formulation not in _APPLY:
             raise ValueError(f"KINDLinear formulation={self.formulation!r}: use one of {list(_APPLY)}")
         d_in, d_out = x.shape[-1], self.features
@@ -296,8 +308,10 @@ class KINDLinear(nn.Module):
         tailors = self.param("tailors", init_tailors, learngene, self.n_classes, self.n_tailor, sigma)
         bias = self.param("bias", nn.initializers.zeros, (d_out,))
         if self.formulation in ("grouped", "fused"):
-            return _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype, self.group_size)
-        return _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype)
+            return _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype, self.group_size,
+                                            residual=residual, gate=gate)
+        out = _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype)
+        return out if residual is None else residual + jnp.expand_dims(gate, tuple(range(1, out.ndim - 1))) * out
 
 
 def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
