@@ -20,7 +20,8 @@ then asks it for one ``"qkv"`` matrix (``d → 3d``, split into q, k, v after th
 of three, and/or for the ``"adaln"`` modulation matrix (``d → 6d``, applied to ``SiLU(c)``)
 instead of building that one as a plain dense layer.  Other variants' trees do not change.  A
 variant whose layers run a Pallas kernel declares ``counted_twin``: the same layers in XLA operations,
-for FLOP counts (:func:`kindjax.models.dit.unrolled`).
+for FLOP counts (:func:`kindjax.models.dit.unrolled`).  A layer class that sets ``applies_residual``
+sums a block's residual branch ``r + g ⊙ layer(x, y)`` itself (:func:`kindjax.models.dit.gated_residual`).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ import flax.linen as nn
 import ml_collections
 
 from kindjax.layers import adapters
-from kindjax.layers.base import (FUSABLE_ROLES, LinearFactory, SharedParams, counted_twin, fused_roles,
-                                 shared_params, xavier_fan_out)
+from kindjax.layers.base import (FUSABLE_ROLES, LinearFactory, SharedParams, applies_residual, counted_twin,
+                                 fused_roles, shared_params, xavier_fan_out)
 from kindjax.layers.dense import DenseLinear
 from kindjax.registry import Registry
 
@@ -94,5 +95,6 @@ def make_linear_factory(model_config: ml_collections.ConfigDict) -> LinearFactor
     return VARIANTS[model_config.linear.kind].build(model_config)
 
 
-__all__ = ["FUSABLE_ROLES", "ROLES", "VARIANTS", "LinearFactory", "SharedParams", "Variant", "counted_twin",
-           "dense_factory", "fused_roles", "is_class_gated", "make_linear_factory", "register_variant", "shared_params"]
+__all__ = ["FUSABLE_ROLES", "ROLES", "VARIANTS", "LinearFactory", "SharedParams", "Variant", "applies_residual",
+           "counted_twin", "dense_factory", "fused_roles", "is_class_gated", "make_linear_factory", "register_variant",
+           "shared_params"]

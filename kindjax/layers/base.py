@@ -34,7 +34,9 @@ def xavier_fan_out(role: str, features: int, qkv_init: str = "fused") -> int:
 class LinearFactory(Protocol):
     def __call__(self, role: str, features: int, name: str, shared: Any = None) -> nn.Module:
         """Returns the layer for matrix ``role`` with ``features`` outputs; ``shared`` is the
-        output of the factory's :class:`SharedParams` module (``None`` when it has none)."""
+        output of the factory's :class:`SharedParams` module (``None`` when it has none).  The layer is
+        called as ``layer(x, y)``; one whose class sets :func:`applies_residual` also as
+        ``layer(x, y, residual=r, gate=g)``, returning ``r + g ⊙ layer(x, y)``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,3 +92,9 @@ def one_of(linear_config: Mapping, key: str, default: str, allowed: Sequence[str
         raise ConfigError(f"config.model.linear.{key}={value!r} for kind={kind!r}: use one of {list(allowed)}"
                           + (f" ({meaning})" if meaning else ""))
     return value
+
+
+def applies_residual(layer: nn.Module) -> bool:
+    """Whether ``layer`` sums a block's residual branch ``r + g ⊙ layer(x, y)`` itself (class attribute
+    ``applies_residual``; false by default), where that sum fuses into its product and would not outside."""
+    return bool(getattr(layer, "applies_residual", False))

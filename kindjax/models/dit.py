@@ -32,7 +32,8 @@ import ml_collections
 import numpy as np
 
 from kindjax.archs import resolve_dims
-from kindjax.layers import LinearFactory, counted_twin, fused_roles, make_linear_factory, shared_params
+from kindjax.layers import (LinearFactory, applies_residual, counted_twin, fused_roles, make_linear_factory,
+                            shared_params)
 from kindjax.models.attention import dot_product_attention
 
 
@@ -100,10 +101,11 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 def gated_residual(layer: nn.Module, x: jax.Array, y: jax.Array, residual: jax.Array,
                    gate: jax.Array) -> jax.Array:
-    """``residual + gate ⊙ layer(x, y)`` with one ``gate`` row per sample (``(B, d)``).  A layer whose class
-    sets ``applies_residual`` takes ``residual=`` and ``gate=`` and computes the sum itself, in its own layout
-    (XLA:TPU fuses the sum into a product's output only when no reshape stands between them)."""
-    if getattr(layer, "applies_residual", False):
+    """``residual + gate ⊙ layer(x, y)`` with one ``gate`` row per sample (``(B, d)``).  A layer that
+    :func:`~kindjax.layers.base.applies_residual` takes ``residual=`` and ``gate=`` and computes the sum
+    itself, in its own layout (XLA:TPU fuses the sum into a product's output only when no reshape stands
+    between them)."""
+    if applies_residual(layer):
         return layer(x, y, residual=residual, gate=gate)
     return residual + gate[:, None] * layer(x, y)
 
