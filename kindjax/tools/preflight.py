@@ -207,7 +207,7 @@ def collectives(hlo: str) -> dict[str, dict[str, dict[str, int]]]:
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>\S+)\s*=\s*(?P<type>.*?)\s(?P<op>[a-z][a-z0-9-]*)"
                           r"\((?P<operands>[^)]*)\)")
 # An array with its layout, e.g. bf16[64,256,1024]{2,1,0:T(8,128)(2,1)S(1)}: minor-to-major dims, tiles, memory space.
-_LAID_OUT = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\](?:\{([^}]*)\})?")
+_LAID_OUT = re.compile(_ARRAY.pattern + r"(?:\{([^}]*)\})?")
 # Instructions that move no data themselves: names, views, and the halves of asynchronous pairs that
 # complete a transfer counted at their "-start".
 _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "conditional", "call",
