@@ -144,6 +144,16 @@ def test_compare_dense_sets_the_step_beside_the_dense_dits():
     for source, mcycles in excess.items():
         want = result["xla_mcycles_by_source"].get(source, 0) - dense["xla_mcycles_by_source"].get(source, 0)
         assert mcycles == pytest.approx(want, abs=1e-3)
+    # Where the HBM bytes go: every byte under one source and one phase; the tailors' products in KIND's alone.
+    for r in (result, dense):
+        assert sum(r["hbm_gib_by_source"].values()) == pytest.approx(r["hbm_gib_per_step"], rel=1e-3)
+        assert sum(r["hbm_gib_by_phase"].values()) == pytest.approx(r["hbm_gib_per_step"], rel=1e-3)
+        assert min(r["hbm_gib_by_phase"].values()) > 0
+    assert [s for s in result["hbm_gib_by_source"] if "bik->" in s]
+    assert not [s for s in dense["hbm_gib_by_source"] if "bik->" in s]
+    for source, gib in result["hbm_gib_over_dense_by_source"].items():
+        want = result["hbm_gib_by_source"].get(source, 0) - dense["hbm_gib_by_source"].get(source, 0)
+        assert gib == pytest.approx(want, abs=1e-3)
 
 
 def test_cycles_are_summed_by_the_jax_operation_they_come_from():
@@ -378,6 +388,34 @@ def test_hbm_traffic_counts_each_hbm_array_once_and_nothing_in_on_chip_memory():
     assert preflight.hbm_traffic(hlo.replace("{1,0:T(8,128)(2,1)} parameter(1)", "{1,0:T(8,128)(2,1)S(1)} "
                                              "parameter(1)").replace("fusion(%copy-done, %b)", "fusion(%copy-done)")) \
         == a + 3 * out
+
+
+def test_hbm_traffic_is_summed_by_source_and_phase():
+    """Hand-counted: a backward fusion and the prefetch (no ``op_name``: under its operand's source) that brings
+    its result on chip for a forward one; the optimizer's update and a copy of it (under the update's source);
+    the sources named as :func:`cycles_by_source` names them."""
+    meta = 'metadata={{op_name="jit(train_step)/shard_map/{}"}}'
+    hlo = "\n".join([
+        "ENTRY %main (a: bf16[100,300], b: bf16[300,200]) -> bf16[100,200] {",
+        "  %a = bf16[128,256]{1,0:T(8,128)(2,1)} parameter(0)",
+        "  %g = bf16[128,256]{1,0:T(8,128)(2,1)} fusion(%a), kind=kLoop, calls=%c, "
+        + meta.format("transpose(jvp(DiT))/block_11/mlp_in/mul.3"),
+        "  %copy-start = (bf16[128,256]{1,0:T(8,128)(2,1)S(1)}, bf16[128,256]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) "
+        "copy-start(%g)",
+        "  %copy-done = bf16[128,256]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)",
+        "  %f = bf16[128,256]{1,0:T(8,128)(2,1)} fusion(%copy-done), kind=kOutput, calls=%c, "
+        + meta.format("jvp(DiT)/block_2/q/dot_general"),
+        "  %h = bf16[128,256]{1,0:T(8,128)(2,1)} fusion(%f, %a), kind=kLoop, calls=%c, "
+        + meta.format("jit(_where)/select_n"),
+        "  ROOT %out = bf16[128,256]{1,0:T(8,128)(2,1)} copy(%h)",
+        "}"])
+    array = 128 * 256 * 2 / preflight.GIB
+    by_source = preflight.hbm_traffic_by_source(hlo)
+    assert by_source == pytest.approx({"jit(_where)/select_n": 5 * array, "jvp(DiT)/block_*/q/dot_general": array,
+                                       "transpose(jvp(DiT))/block_*/mlp_in/mul": 3 * array})
+    assert list(by_source)[-1] == "jvp(DiT)/block_*/q/dot_general"   # largest first
+    assert sum(by_source.values()) * preflight.GIB == pytest.approx(preflight.hbm_traffic(hlo))
+    assert preflight.by_phase(by_source) == pytest.approx({"forward": array, "backward": 3 * array, "rest": 5 * array})
 
 
 @pytest.mark.parametrize("rows", [16384, 4096])

@@ -14,7 +14,8 @@ the CPU of this host.  Nothing runs.  From the compiled program, per chip: XLA's
 cost analysis (of the unrolled twin's compile when ``model.scan_blocks``, whose loop body XLA counts once)
 against the analytic count (3 × the forward FLOPs of the unrolled model,
 :func:`kindjax.tools.bench_accelerator.forward_flops`); the roofline ``max(FLOPs / peak FLOP/s, bytes / HBM
-bandwidth)``, the bytes being those the program moves to and from HBM (:func:`hbm_traffic`; XLA's own
+bandwidth)``, the bytes being those the program moves to and from HBM (:func:`hbm_traffic`, also by the JAX
+operation and the step's phase they come from, :func:`hbm_traffic_by_source`, :func:`by_phase`; XLA's own
 bytes accessed, every memory space, beside them; compute and HBM only: collectives are listed, not timed);
 every collective by op and dtype; the attention kernel that lowered; and XLA:TPU's estimated cycles, in
 all and by the JAX operation they come from (:func:`cycles_by_source`: where the step's time goes).  A step
@@ -32,7 +33,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -245,6 +246,44 @@ def hbm_traffic(hlo: str) -> int:
     scoped VMEM is in) costs no HBM traffic there; a transfer (``copy-start``, any ``*-start``) counts once,
     for what it reads and the new arrays it writes, not at its ``*-done``.  XLA's own "bytes accessed" counts
     every memory space and both halves of a transfer."""
+    return sum(size for _, size in _hbm_instructions(hlo))
+
+
+def hbm_traffic_by_source(hlo: str) -> dict[str, float]:
+    """:func:`hbm_traffic` in GiB, summed by the JAX operation each instruction comes from (:func:`_source` of
+    its ``op_name``; an instruction XLA added without one, a prefetch or a copy, under its first operand's
+    source, else its opcode), largest first; the values add up to :func:`hbm_traffic`."""
+    found: dict[str, int] = {}
+    for source, size in _hbm_instructions(hlo):
+        found[source] = found.get(source, 0) + size
+    return {k: v / GIB for k, v in sorted(found.items(), key=lambda kv: -kv[1]) if v}
+
+
+#: The parts of a train step :func:`by_phase` splits a by-source figure into.
+PHASES = ("forward", "backward", "rest")
+
+
+def by_phase(by_source: dict[str, float]) -> dict[str, float]:
+    """A by-source figure (:func:`hbm_traffic_by_source`, :func:`cycles_by_source`) summed over the step's
+    :data:`PHASES`: the model's ``forward`` (sources under ``jvp(…)``), its ``backward`` (``transpose(jvp(…))``)
+    and the ``rest``: the gradients' reduction, the optimizer and EMA update, the non-finite guard, and what
+    XLA added with no source in the model."""
+    found = dict.fromkeys(PHASES, 0.0)
+    for source, value in by_source.items():
+        found["backward" if "transpose(jvp(" in source else "forward" if "jvp(" in source else "rest"] += value
+    return found
+
+
+def _source(op_name: str) -> str:
+    """An ``op_name`` (JAX's name stack) as a source: the module path and primitive, ``jit(…)/`` and
+    ``shard_map/`` dropped, block indices folded into ``*``, XLA's numbering of names dropped."""
+    parts = [p for p in op_name.split("/")[1:] if p != "shard_map"]
+    source = re.sub(r"\.\d+(?=/|;|$)", "", "/".join(parts))        # XLA's numbered names: convert.17
+    return re.sub(r"\bblock_\d+\b", "block_*", source) or "(top level)"
+
+
+def _hbm_instructions(hlo: str) -> Iterator[tuple[str, int]]:
+    """``(source, HBM bytes)`` of each instruction that moves data, by :func:`hbm_traffic`'s rule."""
     computations: dict[str, list[str]] = {}
     entry, name = None, None
     for line in hlo.splitlines():
@@ -255,25 +294,30 @@ def hbm_traffic(hlo: str) -> int:
             entry = name if header.group(1) else entry
         elif name is not None:
             computations[name].append(line)
-    total, pending, seen = 0, [entry], set()
+    pending, seen = [entry], set()
     while pending:
         computation = pending.pop()
         if computation is None or computation in seen:
             continue
         seen.add(computation)
         arrays: dict[str, list[tuple[str, int, int]]] = {}
+        sources: dict[str, str] = {}
         for line in computations.get(computation, []):
             match = _INSTRUCTION.match(line)
             if match is None:
                 continue
             arrays[match["name"]] = results = _buffers(match["type"])
+            names = re.findall(r"%([\w.-]+)", match["operands"])
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            sources[match["name"]] = source = (_source(op_name.group(1)) if op_name else
+                                               sources.get(names[0]) if names and names[0] in sources else match["op"])
             op = match["op"]
             if op in ("while", "conditional", "call"):
                 for single, several in _RUNS.findall(line):
                     pending.extend([single] if single else re.findall(r"%([\w.-]+)", several))
             if op in _NO_TRAFFIC or op.endswith("-done"):
                 continue
-            operands = [a for o in re.findall(r"%([\w.-]+)", match["operands"]) for a in arrays.get(o, [])]
+            operands = [a for o in names for a in arrays.get(o, [])]
             if op.endswith("-start"):      # its result repeats its operands beside the arrays it writes
                 echoed, written = [a[0] for a in operands], []
                 for array in results:
@@ -282,8 +326,7 @@ def hbm_traffic(hlo: str) -> int:
                     else:
                         written.append(array)
                 results = written
-            total += sum(size for _, size, space in operands + results if space == 0)
-    return total
+            yield source, sum(size for _, size, space in operands + results if space == 0)
 
 
 def estimated_mcycles(hlo: str) -> float | None:
@@ -299,12 +342,10 @@ def _total_mcycles(by_source: dict[str, float]) -> float | None:
 
 def cycles_by_source(hlo: str) -> dict[str, float]:
     """XLA:TPU's ``estimated_cycles`` of the compiled ``hlo`` text's instructions summed by the JAX operation
-    each comes from, in millions, largest first: the instruction's ``op_name`` (JAX's name stack: the
-    module path and primitive, e.g. ``transpose(jvp(DiT))/block_*/mlp_in/dot_general`` for the backward of
-    every block's first MLP matrix; ``jit(…)/`` and ``shard_map/`` dropped, block indices folded into
-    ``*``, XLA's numbering of names dropped), or its opcode where it has none (the copies, prefetches
-    and kernels XLA adds).  A fusion counts under its root's source.  The values add up to
-    :func:`estimated_mcycles`; empty where the backend writes no cycles."""
+    each comes from, in millions, largest first: the :func:`_source` of the instruction's ``op_name`` (e.g.
+    ``transpose(jvp(DiT))/block_*/mlp_in/dot_general`` for the backward of every block's first MLP matrix),
+    or its opcode where it has none (the copies, prefetches and kernels XLA adds).  A fusion counts under its
+    root's source.  The values add up to :func:`estimated_mcycles`; empty where the backend writes no cycles."""
     found: dict[str, int] = {}
     for line in hlo.splitlines():
         cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
@@ -315,9 +356,7 @@ def cycles_by_source(hlo: str) -> dict[str, float]:
             opcode = re.search(r"\s([a-z][a-z0-9-]*)\(", line.partition(" = ")[2])
             source = opcode.group(1) if opcode else "?"
         else:
-            parts = [p for p in name.group(1).split("/")[1:] if p != "shard_map"]
-            source = re.sub(r"\.\d+(?=/|;|$)", "", "/".join(parts))        # XLA's numbered names: convert.17
-            source = re.sub(r"\bblock_\d+\b", "block_*", source) or "(top level)"
+            source = _source(name.group(1))
         found[source] = found.get(source, 0) + int(cycles.group(1))
     return {k: v / 1e6 for k, v in sorted(found.items(), key=lambda kv: -kv[1])}
 
@@ -398,7 +437,8 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
                                                          ("arch", "dtype", "attention", "remat", "scan_blocks")},
         "linear": config.model.linear.kind, "mesh": None, "attention": None, "memory_gib_per_chip": None,
         "hbm_gib_per_chip": _significant(chip.hbm_gib), "fits": False, "gflop_per_image": None, "analytic_gflop_per_image": None,
-        "hbm_gib_per_step": None, "xla_bytes_accessed_gib": None, "roofline_step_s": None,
+        "hbm_gib_per_step": None, "hbm_gib_by_phase": None, "hbm_gib_by_source": None,
+        "xla_bytes_accessed_gib": None, "roofline_step_s": None,
         "roofline_images_per_s": None,
         "analytic_step_s": None, "roofline_over_analytic": None, "xla_optimal_step_s": None,
         "xla_estimated_mcycles": None, "xla_mcycles_by_source": None, "collectives": None, "compile_s": None,
@@ -446,8 +486,11 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
         # the compute bound takes the analytic count when it is the larger.
         compute = flops_chip if result["attention"] == "xla" else max(flops_chip, analytic * b / chips)
         roofline = roofline_s(compute, bytes_chip, peak, chip)
+        by_source = hbm_traffic_by_source(counted)
         result.update(gflop_per_image=_significant(flops_chip * chips / b / 1e9),
                       hbm_gib_per_step=_significant(bytes_chip / GIB), roofline_step_s=_significant(roofline),
+                      hbm_gib_by_source=by_source,
+                      hbm_gib_by_phase={k: _significant(v) for k, v in by_phase(by_source).items()},
                       xla_bytes_accessed_gib=_significant(float(cost["bytes accessed"]) / GIB),
                       roofline_images_per_s=_significant(b / roofline),
                       roofline_over_analytic=_significant(roofline / analytic_step),
@@ -455,7 +498,8 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
         uncounted = "" if result["attention"] == "xla" else f", the {result['attention']} kernel's not counted by XLA"
         log(f"  {result['gflop_per_image']} GFLOP per image (analytic {result['analytic_gflop_per_image']}{uncounted}), "
             f"{result['hbm_gib_per_step']} GiB of HBM traffic per chip and step (XLA's bytes accessed, every memory "
-            f"space: {result['xla_bytes_accessed_gib']} GiB)")
+            f"space: {result['xla_bytes_accessed_gib']} GiB); by phase: "
+            + ", ".join(f"{k} {v}" for k, v in result["hbm_gib_by_phase"].items()))
         log(f"  roofline {result['roofline_step_s'] * 1e3:.1f} ms per step ({result['roofline_images_per_s']} img/s), "
             f"{result['roofline_over_analytic']:.3f} x the analytic-FLOPs bound")
     for op, by_dtype in sorted(result["collectives"].items()):
@@ -533,8 +577,8 @@ SOURCES_LOGGED = 12
 
 
 def excess_over(model: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
-    """``model − dense`` estimated Mcycles per source (a source absent on one side counts 0 there), the
-    :data:`SOURCES_LOGGED` largest differences by size, largest first."""
+    """``model − dense`` per source of a by-source figure (estimated Mcycles, GiB of HBM traffic; a source
+    absent on one side counts 0 there), the :data:`SOURCES_LOGGED` largest differences by size, largest first."""
     diff = {k: round(model.get(k, 0.0) - dense.get(k, 0.0), 3) for k in {*model, *dense}}
     return dict(sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:SOURCES_LOGGED])
 
@@ -550,8 +594,8 @@ def compare_dense(config: ml_collections.ConfigDict, topology: str, batch: int |
                   log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """:func:`preflight` of ``config`` and of its :func:`dense_twin`; the model's dict with ``dense`` (the
     twin's), ``<linear kind>_over_dense``: each :data:`COMPARED` figure of the model over the dense one's
-    (None where either is missing), and ``mcycles_over_dense_by_source``: where XLA's estimated cycles
-    differ most (:func:`excess_over`; TPU only)."""
+    (None where either is missing), ``mcycles_over_dense_by_source``: where XLA's estimated cycles differ
+    most (:func:`excess_over`; TPU only), and ``hbm_gib_over_dense_by_source``: where the HBM traffic does."""
     result = preflight(config, topology, batch, advise=False, log=log)
     log("the dense DiT of the same architecture and batch:")
     dense = preflight(dense_twin(config), topology, batch, advise=False, log=log)
@@ -571,6 +615,13 @@ def compare_dense(config: ml_collections.ConfigDict, topology: str, batch: int |
         log(f"XLA's estimated cycles, {config.model.linear.kind} − dense, by source (M):")
         for source, mcycles in result["mcycles_over_dense_by_source"].items():
             log(f"  {mcycles:+9.3f}  {source}")
+    if result.get("hbm_gib_by_source") and dense.get("hbm_gib_by_source"):
+        result["hbm_gib_over_dense_by_source"] = excess_over(result["hbm_gib_by_source"], dense["hbm_gib_by_source"])
+        log(f"HBM traffic, {config.model.linear.kind} − dense, by phase (GiB): " + ", ".join(
+            f"{k} {result['hbm_gib_by_phase'][k] - dense['hbm_gib_by_phase'][k]:+.4g}" for k in PHASES)
+            + "; by source:")
+        for source, gib in result["hbm_gib_over_dense_by_source"].items():
+            log(f"  {gib:+9.3f}  {source}")
     return result
 
 
