@@ -267,7 +267,7 @@ def by_phase(by_source: dict[str, float]) -> dict[str, float]:
     """A by-source figure (:func:`hbm_traffic_by_source`, :func:`cycles_by_source`) summed over the step's
     :data:`PHASES`: the model's ``forward`` (sources under ``jvp(…)``), its ``backward`` (``transpose(jvp(…))``)
     and the ``rest``: the gradients' reduction, the optimizer and EMA update, the non-finite guard, and what
-    XLA added with no source in the model."""
+    has no source in the model (XLA's additions; the splash attention's kernels, named after the step)."""
     found = dict.fromkeys(PHASES, 0.0)
     for source, value in by_source.items():
         found["backward" if "transpose(jvp(" in source else "forward" if "jvp(" in source else "rest"] += value
