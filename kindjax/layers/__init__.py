@@ -33,7 +33,7 @@ import ml_collections
 
 from kindjax.layers import adapters
 from kindjax.layers.base import (FUSABLE_ROLES, LinearFactory, SharedParams, applies_residual, counted_twin,
-                                 fused_roles, shared_params, xavier_fan_out)
+                                 fused_roles, gated_sum, shared_params, xavier_fan_out)
 from kindjax.layers.dense import DenseLinear
 from kindjax.registry import Registry
 
@@ -96,5 +96,5 @@ def make_linear_factory(model_config: ml_collections.ConfigDict) -> LinearFactor
 
 
 __all__ = ["FUSABLE_ROLES", "ROLES", "VARIANTS", "LinearFactory", "SharedParams", "Variant", "applies_residual",
-           "counted_twin", "dense_factory", "fused_roles", "is_class_gated", "make_linear_factory", "register_variant",
-           "shared_params"]
+           "counted_twin", "dense_factory", "fused_roles", "gated_sum", "is_class_gated", "make_linear_factory",
+           "register_variant", "shared_params"]

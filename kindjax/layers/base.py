@@ -5,6 +5,8 @@ import dataclasses
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from kindjax.config import QKV_INITS, ConfigError
 
@@ -98,3 +100,9 @@ def applies_residual(layer: nn.Module) -> bool:
     """Whether ``layer`` sums a block's residual branch ``r + g ⊙ layer(x, y)`` itself (class attribute
     ``applies_residual``; false by default), where that sum fuses into its product and would not outside."""
     return bool(getattr(layer, "applies_residual", False))
+
+
+def gated_sum(residual: jax.Array, gate: jax.Array, out: jax.Array) -> jax.Array:
+    """A block's residual branch ``residual + gate ⊙ out``, one ``gate`` row per sample (``(B, d)``)
+    broadcast over the tokens of ``out`` (``(B, …, d)``)."""
+    return residual + jnp.expand_dims(gate, tuple(range(1, out.ndim - 1))) * out

@@ -32,8 +32,8 @@ import ml_collections
 import numpy as np
 
 from kindjax.archs import resolve_dims
-from kindjax.layers import (LinearFactory, applies_residual, counted_twin, fused_roles, make_linear_factory,
-                            shared_params)
+from kindjax.layers import (LinearFactory, applies_residual, counted_twin, fused_roles, gated_sum,
+                            make_linear_factory, shared_params)
 from kindjax.models.attention import dot_product_attention
 
 
@@ -107,7 +107,7 @@ def gated_residual(layer: nn.Module, x: jax.Array, y: jax.Array, residual: jax.A
     between them)."""
     if applies_residual(layer):
         return layer(x, y, residual=residual, gate=gate)
-    return residual + gate[:, None] * layer(x, y)
+    return gated_sum(residual, gate, layer(x, y))
 
 
 def adaln_kernel_init(adaln_init: str, stds: Sequence[float], hidden: int):
@@ -183,7 +183,7 @@ class Attention(nn.Module):
         if self.scales:
             out = attn_out(out.reshape(b, n, d), y)
             out = out * self.param("gamma_proj", nn.initializers.ones, (d,)).astype(out.dtype)
-            return out if residual is None else residual + gate[:, None] * out
+            return out if residual is None else gated_sum(residual, gate, out)
         if residual is None:
             return attn_out(out.reshape(b, n, d), y)
         return gated_residual(attn_out, out.reshape(b, n, d), y, residual, gate)

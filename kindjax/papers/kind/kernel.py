@@ -29,11 +29,12 @@ from kindjax.models.attention import on_each_device, platform_of
 VMEM_LIMIT_BYTES = 64 * 2 ** 20
 
 
-def _mask(h: jax.Array, sample: jax.Array, n_learngene: int, n_tailor: int, width: int,
-          bias_value: float) -> jax.Array:
-    """``h`` (``T × K``) with only the learngene's and sample ``sample``'s tailor components kept, the
-    bias component (``width``) set to ``bias_value`` and the padding zeroed."""
-    component = jax.lax.broadcasted_iota(jnp.int32, h.shape, 1)
+def sample_mask(h: jax.Array, sample: jax.Array, n_learngene: int, n_tailor: int, width: int,
+                bias_value: float) -> jax.Array:
+    """``h`` (``…, K``, components last) with only the learngene's components and sample ``sample``'s tailor
+    kept (``sample``: its index in the group, broadcast against ``h``), the bias component (``width``) set
+    to ``bias_value`` and the padding zeroed: ``mask_j`` of the module docstring."""
+    component = jax.lax.broadcasted_iota(jnp.int32, h.shape, h.ndim - 1)
     own = (component < n_learngene) | ((component >= n_learngene) & (component < width)
                                        & ((component - n_learngene) // n_tailor == sample))
     return jnp.where(component == width, jnp.asarray(bias_value, h.dtype), jnp.where(own, h, 0))
@@ -47,7 +48,7 @@ def _accumulator(dtype: jnp.dtype) -> jnp.dtype:
 def _forward_kernel(x_ref, v_ref, u_ref, out_ref, *, n_learngene, n_tailor, width):
     acc = _accumulator(x_ref.dtype)
     h = jnp.dot(x_ref[...], v_ref[...], preferred_element_type=acc)
-    h = _mask(h, pl.program_id(1), n_learngene, n_tailor, width, 1.0).astype(u_ref.dtype)
+    h = sample_mask(h, pl.program_id(1), n_learngene, n_tailor, width, 1.0).astype(u_ref.dtype)
     out_ref[...] = jnp.dot(h, u_ref[...], preferred_element_type=acc).astype(out_ref.dtype)
 
 
@@ -61,9 +62,9 @@ def _backward_kernel(x_ref, v_ref, u_ref, dout_ref, dx_ref, dv_ref, du_ref, *, n
 
     x, v, u, dout = x_ref[...], v_ref[...], u_ref[...], dout_ref[...]
     acc = _accumulator(x.dtype)
-    h = _mask(jnp.dot(x, v, preferred_element_type=acc), sample, n_learngene, n_tailor, width, 1.0)
+    h = sample_mask(jnp.dot(x, v, preferred_element_type=acc), sample, n_learngene, n_tailor, width, 1.0)
     dh = jax.lax.dot_general(dout, u, (((1,), (1,)), ((), ())), preferred_element_type=acc)
-    dh = _mask(dh, sample, n_learngene, n_tailor, width, 0.0).astype(x.dtype)
+    dh = sample_mask(dh, sample, n_learngene, n_tailor, width, 0.0).astype(x.dtype)
     dx_ref[...] = jax.lax.dot_general(dh, v, (((1,), (1,)), ((), ())),
                                       preferred_element_type=acc).astype(dx_ref.dtype)
     dv_ref[...] += jax.lax.dot_general(x, dh, (((0,), (0,)), ((), ())), preferred_element_type=acc)

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from kindjax.archs import resolve_dims
-from kindjax.layers.base import LinearFactory, check_linear_keys, one_of, positive_int, xavier_fan_out
+from kindjax.layers.base import LinearFactory, check_linear_keys, gated_sum, one_of, positive_int, xavier_fan_out
 from kindjax.layers.svd import extend_orthonormal, init_sigma, matrix_shapes, svd_product
-from kindjax.papers.kind.kernel import grouped_product
+from kindjax.papers.kind.kernel import grouped_product, sample_mask
 
 
 #: Keys of ``config.model.linear`` for ``kind="kind"``; ``N_cls`` is ``model.num_classes``.
@@ -206,15 +206,10 @@ def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
                               columns(learngene["V"], tailors["V"]).transpose(0, 2, 1),
                               columns(learngene["U"], tailors["U"], sigma, bias), n_learngene, n_tailor, width, tokens)
         out = out.reshape(groups, group, tokens, d_out)
-    else:
-        # Sample s of a group keeps the learngene's components and its own tailor's (a constant pattern);
-        # the bias component is 1.
-        component = jnp.arange(width + 1 + padding)
-        own = (component < n_learngene) | ((component - n_learngene) // n_tailor == jnp.arange(group)[:, None])
-        own = own & (component < width)
+    else:   # sample s of a group keeps the learngene's components and its own tailor's; the bias component is 1
         h = jnp.einsum("gsni,gki->gsnk", x.astype(dtype).reshape(groups, group, tokens, d_in),
                        columns(learngene["V"], tailors["V"]))
-        h = jnp.where(component == width, jnp.ones((), dtype), jnp.where(own[None, :, None, :], h, 0))
+        h = sample_mask(h, jnp.arange(group).reshape(1, group, 1, 1), n_learngene, n_tailor, width, 1.0)
         out = jnp.einsum("gsnk,gko->gsno", h, columns(learngene["U"], tailors["U"], sigma, bias))
     if residual is not None:
         out = residual.reshape(out.shape) + gate.reshape(groups, group, 1, d_out) * out
@@ -311,7 +306,7 @@ class KINDLinear(nn.Module):
             return _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype, self.group_size,
                                             residual=residual, gate=gate)
         out = _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype)
-        return out if residual is None else residual + jnp.expand_dims(gate, tuple(range(1, out.ndim - 1))) * out
+        return out if residual is None else gated_sum(residual, gate, out)
 
 
 def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
