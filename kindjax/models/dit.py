@@ -178,15 +178,15 @@ class Attention(nn.Module):
             gamma = jnp.split(self.param("gamma_qkv", nn.initializers.ones, (3 * d,)), 3)
             qkv = [h * g.astype(h.dtype) for h, g in zip(qkv, gamma)]
         q, k, v = (heads(h) for h in qkv)
-        out = dot_product_attention(q, k, v, self.attention)
+        out = dot_product_attention(q, k, v, self.attention).reshape(b, n, d)
         attn_out = self.linear("attn_out", d, "attn_out", shared=shared)
         if self.scales:
-            out = attn_out(out.reshape(b, n, d), y)
+            out = attn_out(out, y)
             out = out * self.param("gamma_proj", nn.initializers.ones, (d,)).astype(out.dtype)
             return out if residual is None else gated_sum(residual, gate, out)
         if residual is None:
-            return attn_out(out.reshape(b, n, d), y)
-        return gated_residual(attn_out, out.reshape(b, n, d), y, residual, gate)
+            return attn_out(out, y)
+        return gated_residual(attn_out, out, y, residual, gate)
 
 
 def drop_path(key: jax.Array, branch: jax.Array, rate: float) -> jax.Array:

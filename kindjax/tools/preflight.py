@@ -310,7 +310,7 @@ def _hbm_instructions(hlo: str) -> Iterator[tuple[str, int]]:
             names = re.findall(r"%([\w.-]+)", match["operands"])
             op_name = re.search(r'op_name="([^"]*)"', line)
             sources[match["name"]] = source = (_source(op_name.group(1)) if op_name else
-                                               sources.get(names[0]) if names and names[0] in sources else match["op"])
+                                               sources.get(names[0], match["op"]) if names else match["op"])
             op = match["op"]
             if op in ("while", "conditional", "call"):
                 for single, several in _RUNS.findall(line):
@@ -481,12 +481,12 @@ def preflight(config: ml_collections.ConfigDict, topology: str, batch: int | Non
     log(f"  memory per chip: peak {mem['peak']} GiB of {chip.hbm_gib:.4g} (arguments {mem['argument']}, temporaries "
         f"{mem['temp']}, code {mem['generated_code']}): {'fits' if result['fits'] else 'DOES NOT FIT'}")
     if cost is not None:
-        flops_chip, bytes_chip = float(cost["flops"]), hbm_traffic(counted)
+        by_source = hbm_traffic_by_source(counted)
+        flops_chip, bytes_chip = float(cost["flops"]), sum(by_source.values()) * GIB
         # XLA does not count the FLOPs of a Mosaic (splash) or cuDNN attention kernel: where one runs,
         # the compute bound takes the analytic count when it is the larger.
         compute = flops_chip if result["attention"] == "xla" else max(flops_chip, analytic * b / chips)
         roofline = roofline_s(compute, bytes_chip, peak, chip)
-        by_source = hbm_traffic_by_source(counted)
         result.update(gflop_per_image=_significant(flops_chip * chips / b / 1e9),
                       hbm_gib_per_step=_significant(bytes_chip / GIB), roofline_step_s=_significant(roofline),
                       hbm_gib_by_source=by_source,
