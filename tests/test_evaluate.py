@@ -18,6 +18,9 @@ from kindjax.evaluation import adm, inception
 from kindjax.train.trainer import train
 from test_inception import random_fid_inception
 
+# The module fixtures are built once, the module running on one worker (README: -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("evaluate")
+
 METRICS = {"inception_score", "fid", "sfid", "precision", "recall"}
 
 

@@ -12,6 +12,9 @@ from kindjax.data.digits import load_digits, split_train_test
 from kindjax.evaluation import DigitsEvaluator, feature_statistics, frechet_distance
 from kindjax.evaluation.digits_evaluator import TEST_FRACTION
 
+# The module fixtures are built once, the module running on one worker (README: -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("evaluation")
+
 
 def _random_covariance(rng: np.random.Generator, dim: int, rank: int) -> np.ndarray:
     factor = rng.normal(size=(dim, rank)) * rng.uniform(0.2, 3.0, size=rank)

@@ -28,6 +28,9 @@ from kindjax.papers.kind.layer import kind_config  # noqa: E402
 from kindjax.tools.convert import dit_config_to_diffusers, read_checkpoint  # noqa: E402
 from kindjax.tools.export import MODEL_CARD, export  # noqa: E402
 
+# The module fixtures are built once, the module running on one worker (README: -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("export")
+
 CLASS = 3
 
 

@@ -34,6 +34,9 @@ from kindjax.train.trainer import TEACHER, NonFiniteLoss, Trainer, origin, train
 from kindjax.papers.kind.transfer import transfer_config
 from test_trainer import tb_scalars, wait_for
 
+# The module fixtures are built once, the module running on one worker (README: -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("faults")
+
 
 def host(tree):
     return jax.tree.map(np.asarray, tree)

@@ -19,6 +19,9 @@ from kindjax.checkpoints.slicing import slice_checkpoint
 from kindjax.papers.kind.layer import kind_config
 from kindjax.train.trainer import train
 
+# The module fixtures are built once, the module running on one worker (README: -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("learngene")
+
 CLASSES = (7, 0, 3)
 
 

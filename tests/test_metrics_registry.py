@@ -22,6 +22,9 @@ from kindjax.evaluation.pipeline import check_eval_config, evaluate, pipeline_me
 from kindjax.io.paths import read_json, write_json
 from kindjax.train import stages
 
+# The module fixtures are built once, the module running on one worker (README: -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("metrics_registry")
+
 ADM = ("fid", "sfid", "inception_score", "precision", "recall")
 
 

@@ -80,26 +80,40 @@ def test_dense_step_compiles_for_v5p_8_with_splash_and_prints_the_json_last():
     check_gradients_reduce_in_f32(result, config)
 
 
+def all_reducing(linear: str) -> "ml_collections.ConfigDict":  # noqa: F821
+    """:func:`tiny` with every gradient all-reduced (``train.class_row_reduce``; the gathered rows: below)."""
+    config = tiny(linear)
+    config.train.class_row_reduce = "all_reduce"
+    return config
+
+
+@functools.cache
+def all_reducing_preflight(linear: str) -> dict:
+    """The pre-flight of :func:`all_reducing`, compiled once for the tests of the ``all_reducing`` group."""
+    return preflight.preflight(all_reducing(linear), "v5p-8", advise=False)
+
+
+@pytest.mark.xdist_group("all_reducing")
 @pytest.mark.parametrize("linear", ["kind", "fine"])
 def test_kind_and_fine_steps_compile_with_splash_and_f32_gradients(linear):
-    config = tiny(linear)
-    config.train.class_row_reduce = "all_reduce"   # every gradient all-reduced (the gathered rows: below)
-    result = preflight.preflight(config, "v5p-8")
+    config = all_reducing(linear)
+    result = all_reducing_preflight(linear)
     assert result["compiled"] and result["fits"] and result["attention"] == "splash", result["error"]
     assert result["memory_gib_per_chip"]["temp"] > 0
     check_gradients_reduce_in_f32(result, config)
 
 
+@pytest.mark.xdist_group("all_reducing")
 def test_a_class_gated_step_gathers_the_labelled_tailor_rows_instead_of_all_reducing_the_tailors():
     """KIND's tailors (and the label table) on v5p-8, 16 images on 4 chips, 10 classes: each chip sends the
     f32 rows of its own 4 labels (16 rows in all arrive, ``(S−1)·B_s`` = 12 from the others) where the
     all-reduce moved every row of every class-row leaf; the other gradients are all-reduced in f32 as before."""
     from kindjax import params as param_rules
 
-    config, found = tiny("kind"), {}
-    for how in ("gather", "all_reduce"):
-        config.train.class_row_reduce = how
-        found[how] = preflight.preflight(config, "v5p-8", advise=False)["collectives"]
+    config = tiny("kind")
+    config.train.class_row_reduce = "gather"
+    found = {"gather": preflight.preflight(config, "v5p-8", advise=False)["collectives"],
+             "all_reduce": all_reducing_preflight("kind")["collectives"]}
     trainer = Trainer(config, "", devices=jax.devices()[:1], dataset=preflight.ShapesOnly(config.model.num_classes))
     class_rows = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(trainer.abstract_state["params"])
                   if param_rules.has_class_rows(path)]

@@ -9,6 +9,9 @@ from conftest import tiny_config
 from kindjax import build_model
 from kindjax.models.dit import abstract_params, init_params
 
+# The module fixtures are built once, the module running on one worker (README: -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("scan_remat")
+
 LINEARS = {"dense": dict(kind="dense"), "kind": dict(kind="kind", n_learngene=24, n_tailor=2),
            "fine": dict(kind="fine", rank=16)}
 SETTINGS = [dict(remat="block"), dict(remat="dots_saveable"), dict(scan_blocks=True),

@@ -17,6 +17,9 @@ from kindjax.models.dit import init_params
 from kindjax.train.trainer import Trainer, train
 from kindjax.transfer.pretrained import dense_kernel, init_from_pretrained, random_svd_backbone
 
+# The module fixtures are built once, the module running on one worker (README: -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("transfer_baselines")
+
 PRE, NOVEL = (0, 1, 2, 3, 4, 5, 6), (7, 8, 9)
 SIZES = Sizes(rank=6, n_learngene=16, n_tailor=2, oft_blocks=4, num_blocks=1)
 
