@@ -57,7 +57,12 @@ def kind_imagenet_config(arch: str, spec: str = ""):
         config.model.num_classes = n_pretrain
         config.train.num_steps = facts.PRETRAIN_STEPS
         config.transfer.num_steps = facts.TRANSFER_STEPS   # the downstream runs of python -m kindjax.sweep
-        config.model.linear = kind_config(n_learngene=n_learngene, n_tailor=n_tailor)
+        # ``auto``: the grouped formulation on a TPU, the gated one elsewhere; DiT-L's train state split
+        # over the devices (FSDP): what the pre-flight shows cheapest on v5p-8 (docs/benchmarks.md, "KIND's
+        # step beside the dense DiT's").  Neither changes the values computed, only how.
+        config.model.linear = kind_config(n_learngene=n_learngene, n_tailor=n_tailor, formulation="auto")
+        if arch == "L":
+            config.mesh.update(data=1, fsdp=-1)
         return config
     if task not in kind_tasks():
         raise ValueError(f"config spec {spec!r}: the task is one of task_1..task_18 (KIND Table 9), "

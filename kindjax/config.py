@@ -334,7 +334,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
              f"(data×fsdp); use a multiple of {num_devices}")
     require(config.mesh.dcn_data >= 1 and (config.mesh.data == -1 or config.mesh.data % config.mesh.dcn_data == 0),
              f"mesh.dcn_data={config.mesh.dcn_data} must be ≥ 1 and divide mesh.data={config.mesh.data} "
-             f"(the number of slices or nodes)")
+             f"(the number of slices or nodes): set mesh.data to a multiple of it, e.g. "
+             f"--config.mesh.data={config.mesh.dcn_data}")
     require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     require(t.num_steps >= 0, f"train.num_steps={t.num_steps} must be ≥ 0 (0: nothing is trained, the workdir's "
                                f"step-0 checkpoint is the model, e.g. one assembled from parts of another)")

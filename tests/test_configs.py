@@ -13,6 +13,7 @@ from kindjax.data import class_groups as cg
 from kindjax.papers.kind import classes as kc
 from kindjax.archs import DIT_ARCHS
 from kindjax.models.dit import abstract_params, build_model
+from kindjax.sharding import mesh_shape
 from kindjax.train.stages import check
 
 
@@ -50,6 +51,11 @@ def test_kind_imagenet_configs_pretrain_on_the_kind_split_and_fill_the_rank(name
     assert linear.n_tailor == n_tailor and n_cls * n_tailor + linear.n_learngene == hidden
     assert hidden - 150 * n_tailor == paper_n_learngene   # the paper's N_G with its 150 classes
     build_model(config)  # the KIND factory checks the rank of all six matrices here
+    # grouped on a TPU (tests/test_preflight.py), DiT-L's train state split over any number of devices
+    assert linear.formulation == "auto"
+    split = name == "kind_dit_l"
+    assert [mesh_shape(n, config.mesh.data, config.mesh.fsdp) for n in (1, 4, 8)] == [
+        (1, 1), (1, 4) if split else (4, 1), (1, 8) if split else (8, 1)]
     with pytest.raises(ConfigError, match="ImageNet-1K"):
         check(config)
     config.model.linear.n_learngene += 1

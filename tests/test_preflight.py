@@ -482,6 +482,29 @@ def test_the_grouped_layer_adding_its_residual_moves_fewer_hbm_bytes():
     assert inside < 0.85 * outside, (inside, outside)   # 122 against 172 MiB with libtpu 0.0.42.1
 
 
+def test_the_auto_formulation_is_the_grouped_one_for_a_tpu_and_the_gated_one_on_the_cpu():
+    """``formulation="auto"`` (the ImageNet KIND configs') lowers to exactly the program of ``grouped`` for a v5p
+    chip and of ``gated`` on this CPU host, and to neither's on the other platform."""
+    from kindjax.papers.kind.layer import KINDLinear
+
+    mesh = Mesh(preflight.topology_devices("v5p-8")[:1], ("data",))
+    x, y = jax.ShapeDtypeStruct((32, 256, 768), jnp.bfloat16), jax.ShapeDtypeStruct((32,), jnp.int32)
+
+    def program(formulation: str, tpu: bool) -> str:
+        layer = KINDLinear(features=768, n_classes=10, n_tailor=2, n_learngene=96, formulation=formulation,
+                           dtype=jnp.bfloat16)
+        params = jax.eval_shape(layer.init, jax.random.key(0), x, y)
+        if not tpu:
+            return jax.jit(layer.apply).lower(params, x, y).as_text()
+        one_chip = NamedSharding(mesh, P())
+        with jax.set_mesh(mesh):
+            return jax.jit(layer.apply, in_shardings=one_chip, out_shardings=one_chip).lower(params, x, y).as_text()
+
+    for tpu, chosen, other in ((True, "grouped", "gated"), (False, "gated", "grouped")):
+        auto = program("auto", tpu)
+        assert auto == program(chosen, tpu) and auto != program(other, tpu), tpu
+
+
 def test_h100_topology_compiles_with_cudnn_without_a_gpu():
     """Deviceless GPU compilation: JAX's CUDA plugin makes compile-only H100s from a target config.
     The plugin comes with the '.[cuda]' / '.[cuda13]' extras, not the test extras: skipped without it."""

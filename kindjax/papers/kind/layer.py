@@ -30,6 +30,7 @@ import ml_collections
 from kindjax.archs import resolve_dims
 from kindjax.layers.base import LinearFactory, check_linear_keys, gated_sum, one_of, positive_int, xavier_fan_out
 from kindjax.layers.svd import extend_orthonormal, init_sigma, matrix_shapes, svd_product
+from kindjax.models.attention import platform_of
 from kindjax.papers.kind.kernel import grouped_product, sample_mask
 
 
@@ -43,8 +44,10 @@ CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "formulation", "group_size")
 #: over the activations and no rank-``N_T`` product; docs/benchmarks.md compares both on TPU).  ``fused``:
 #: grouped, each pass's two products one Pallas TPU kernel (:mod:`kindjax.papers.kind.kernel`).  ``naive``: one
 #: full-rank weight per sample (about twice the FLOPs or more; a reference and benchmark baseline).
-#: ``ungated`` is KIND's ablation #3: every sample uses every tailor (no class gate).
-FORMULATIONS = ("gated", "grouped", "fused", "naive", "ungated")
+#: ``ungated`` is KIND's ablation #3: every sample uses every tailor (no class gate).  ``auto``: ``grouped`` on a
+#: TPU, where its step is the cheaper by the pre-flight (docs/benchmarks.md), ``gated`` elsewhere (the faster
+#: on a CPU; on a GPU neither is measured yet): :func:`applied_formulation`.
+FORMULATIONS = ("auto", "gated", "grouped", "fused", "naive", "ungated")
 
 #: ``config.model.linear.group_size`` of ``formulation="grouped"``: samples whose tailors share one
 #: product (``N_G + group_size·N_T`` columns; 16 keeps DiT-B's 297 + 48 and DiT-L's 396 + 64 inside the
@@ -69,6 +72,14 @@ def kind_config(n_learngene: int, n_tailor: int, formulation: str = "gated",
 def kind_formulation(linear_config: Mapping) -> str:
     """``config.model.linear.formulation`` (default ``"gated"``), checked against :data:`FORMULATIONS`."""
     return one_of(linear_config, "formulation", "gated", FORMULATIONS, "kind")
+
+
+def applied_formulation(formulation: str, x: jax.Array) -> str:
+    """The formulation that computes on ``x``: ``formulation``, with ``auto`` resolved by ``x``'s platform
+    (:func:`~kindjax.models.attention.platform_of`: a step lowered for compile-only TPU devices says ``tpu``)."""
+    if formulation != "auto":
+        return formulation
+    return "grouped" if platform_of(x) == "tpu" else "gated"
 
 
 def is_class_gated(linear_config: Mapping) -> bool:
@@ -294,18 +305,19 @@ class KINDLinear(nn.Module):
                  gate: jax.Array | None = None) -> jax.Array:
         """``x·W_yᵀ + b``, or ``residual + gate ⊙ (x·W_yᵀ + b)`` (``gate``: ``(B, d_out)``) when ``residual``
         is given: in the grouped layout for ``grouped`` and ``fused``."""
-        if self.formulation not in _APPLY:
-            raise ValueError(f"KINDLinear formulation={self.formulation!r}: use one of {list(_APPLY)}")
+        if self.formulation not in FORMULATIONS:
+            raise ValueError(f"KINDLinear formulation={self.formulation!r}: use one of {list(FORMULATIONS)}")
+        formulation = applied_formulation(self.formulation, x)
         d_in, d_out = x.shape[-1], self.features
         _check_fits(d_in, d_out, self.n_classes, self.n_tailor, self.n_learngene, self.role)
         sigma = init_sigma(d_in, d_out, self.n_learngene + self.n_tailor, self.fan_out)
         learngene = self.param("learngene", init_learngene, d_in, d_out, self.n_learngene, sigma)
         tailors = self.param("tailors", init_tailors, learngene, self.n_classes, self.n_tailor, sigma)
         bias = self.param("bias", nn.initializers.zeros, (d_out,))
-        if self.formulation in ("grouped", "fused"):
-            return _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype, self.group_size,
-                                            residual=residual, gate=gate)
-        out = _APPLY[self.formulation](x, y, learngene, tailors, bias, self.dtype)
+        if formulation in ("grouped", "fused"):
+            return _APPLY[formulation](x, y, learngene, tailors, bias, self.dtype, self.group_size,
+                                       residual=residual, gate=gate)
+        out = _APPLY[formulation](x, y, learngene, tailors, bias, self.dtype)
         return out if residual is None else gated_sum(residual, gate, out)
 
 
