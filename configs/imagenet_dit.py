@@ -59,7 +59,7 @@ def kind_imagenet_config(arch: str, spec: str = ""):
         config.transfer.num_steps = facts.TRANSFER_STEPS   # the downstream runs of python -m kindjax.sweep
         # ``auto``: the grouped formulation on a TPU, the gated one elsewhere; DiT-L's train state split
         # over the devices (FSDP): what the pre-flight shows cheapest on v5p-8 (docs/benchmarks.md, "KIND's
-        # step beside the dense DiT's").  Neither changes the values computed, only how.
+        # step beside the dense DiT's").  Neither changes the values computed (up to rounding), only how.
         config.model.linear = kind_config(n_learngene=n_learngene, n_tailor=n_tailor, formulation="auto")
         if arch == "L":
             config.mesh.update(data=1, fsdp=-1)
