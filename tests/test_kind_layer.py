@@ -404,7 +404,7 @@ def test_dit_naive_formulation_matches_gated_and_bad_formulation_is_refused():
     assert rel_err(jax.jit(kindjax.build_model(config).apply)(params, x, t, y), want) <= 1e-5
     config.linear.formulation = "full"
     with pytest.raises(ValueError, match=r"formulation='full' for kind='kind': use one of "
-                                         r"\['auto', 'gated', 'grouped', 'fused', 'naive', 'ungated'\]"):
+                                         r"\['auto', 'gated', 'grouped', 'fused', 'fused_mlp', 'naive', 'ungated'\]"):
         kindjax.build_model(config)
     config.linear.update(formulation="grouped", group_size=0)
     with pytest.raises(ValueError, match=r"config.model.linear.group_size must be a positive int"):

@@ -187,26 +187,29 @@ def test_cycles_are_summed_by_the_jax_operation_they_come_from():
 
 def test_the_fused_kind_step_compiles_its_kernels_for_v5p_8():
     """``formulation="fused"`` lowers to Mosaic kernels that XLA:TPU compiles: a forward and a backward
-    kernel for each of the six matrices of both blocks, beside splash's; their cost estimates enter XLA's
+    kernel for each of the six matrices of both blocks, beside splash's, and ``"fused_mlp"`` to its four
+    kernels per block, on the data-parallel mesh; their cost estimates enter XLA's
     cost analysis (the backward kernel recomputes ``h``: more FLOPs than the grouped step's products)."""
     devices, flops = preflight.topology_devices("v5p-8"), {}
-    for formulation in ("fused", "grouped"):
+    # fused: a forward and a backward kernel per matrix; fused_mlp: two of each per block's MLP half.
+    for formulation, expected in (("fused", 2 * 6 * 2), ("grouped", 0), ("fused_mlp", 4 * 2)):
         config = tiny("kind")
         config.model.linear.formulation = formulation
         compiled, _, _ = preflight.compile_step(config, devices)
         kernels = [line for line in compiled.as_text().splitlines()
                    if 'custom_call_target="tpu_custom_call"' in line and not re.match(r"^\s*(?:ROOT\s+)?%splash", line)]
-        assert len(kernels) == (2 * 6 * 2 if formulation == "fused" else 0), formulation
+        assert len(kernels) == expected, formulation
         flops[formulation] = compiled.cost_analysis()["flops"]
     assert flops["grouped"] < flops["fused"] < 1.5 * flops["grouped"]
+    assert flops["grouped"] < flops["fused_mlp"] < 1.5 * flops["grouped"]   # the MLP kernels' estimates counted too
     # The analytic count traces the model for the host: the kernels' layers count as their XLA twins'.
     counted = {}
-    for formulation in ("fused", "grouped"):
+    for formulation in ("fused", "grouped", "fused_mlp"):
         config = tiny("kind")
         config.model.linear.formulation = formulation
         model = kindjax.build_model(config.model)
         counted[formulation] = forward_flops(model, abstract_params(model), 16)
-    assert counted["fused"] == counted["grouped"] > 0
+    assert counted["fused"] == counted["fused_mlp"] == counted["grouped"] > 0
     # --layers compiles a layer alone on a one-chip mesh, where the kernel (not its interpreter) lowers:
     # XLA counts its products, forward 2·rows·K·(d_in + d_out) and backward 2·rows·K·(3·d_in + 2·d_out).
     config = tiny("kind")
@@ -216,11 +219,12 @@ def test_the_fused_kind_step_compiles_its_kernels_for_v5p_8():
     assert 2 * rows * k * (2 * d + 5 * d) <= q["gflop"] * 1e9 <= 1.2 * 2 * rows * k * (2 * d + 5 * d)
 
 
-def test_fused_kind_refuses_a_token_count_a_tpu_cannot_tile_in_one_line():
+@pytest.mark.parametrize("formulation", ["fused", "fused_mlp"])
+def test_fused_kind_refuses_a_token_count_a_tpu_cannot_tile_in_one_line(formulation):
     config = tiny("kind", image_size=6)     # 3 × 3 = 9 tokens per image
-    config.model.linear.formulation = "fused"
+    config.model.linear.formulation = formulation
     result = preflight.preflight(config, "v5p-8", advise=False)
-    assert not result["compiled"] and "formulation='fused' runs one sample's 9 tokens" in result["error"]
+    assert not result["compiled"] and f"formulation='{formulation}' runs one sample's 9 tokens" in result["error"]
     assert "use formulation='grouped'" in result["error"]
 
 

@@ -22,6 +22,8 @@ instead of building that one as a plain dense layer.  Other variants' trees do n
 variant whose layers run a Pallas kernel declares ``counted_twin``: the same layers in XLA operations,
 for FLOP counts (:func:`kindjax.models.dit.unrolled`).  A layer class that sets ``applies_residual``
 sums a block's residual branch ``r + g ⊙ layer(x, y)`` itself (:func:`kindjax.models.dit.gated_residual`).
+A variant may declare ``fused_mlp`` (:func:`kindjax.layers.base.fused_mlp`): the DiT block then hands it its
+two MLP layers and computes its MLP half (LayerNorm, modulation, both products, GELU, gated residual) with it.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import ml_collections
 
 from kindjax.layers import adapters
 from kindjax.layers.base import (FUSABLE_ROLES, LinearFactory, SharedParams, applies_residual, counted_twin,
-                                 fused_roles, gated_sum, shared_params, xavier_fan_out)
+                                 fused_mlp, fused_roles, gated_sum, shared_params, xavier_fan_out)
 from kindjax.layers.dense import DenseLinear
 from kindjax.registry import Registry
 
@@ -96,5 +98,5 @@ def make_linear_factory(model_config: ml_collections.ConfigDict) -> LinearFactor
 
 
 __all__ = ["FUSABLE_ROLES", "ROLES", "VARIANTS", "LinearFactory", "SharedParams", "Variant", "applies_residual",
-           "counted_twin", "dense_factory", "fused_roles", "gated_sum", "is_class_gated", "make_linear_factory",
-           "register_variant", "shared_params"]
+           "counted_twin", "dense_factory", "fused_mlp", "fused_roles", "gated_sum", "is_class_gated",
+           "make_linear_factory", "register_variant", "shared_params"]

@@ -61,6 +61,13 @@ def fused_roles(factory: LinearFactory) -> frozenset[str]:
     return frozenset(getattr(factory, "fused_roles", ()))
 
 
+def fused_mlp(factory: LinearFactory) -> Callable[..., jax.Array] | None:
+    """The factory's block-MLP function (attribute ``fused_mlp``; None by default): called by the DiT block
+    as ``fused_mlp(mlp_in, mlp_out, x, y, shift, scale, gate, eps)`` with the block's two MLP layers (built,
+    not yet called), it returns ``x + gate ⊙ mlp_out(gelu(mlp_in(LN(x)·(1 + scale) + shift)))``."""
+    return getattr(factory, "fused_mlp", None)
+
+
 def counted_twin(factory: LinearFactory) -> LinearFactory:
     """The factory's layers computing the same function with XLA's own operations only (attribute
     ``counted_twin``, where its layers run a Pallas kernel, whose FLOPs XLA's cost analysis of a

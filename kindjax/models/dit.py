@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from kindjax.archs import resolve_dims
-from kindjax.layers import (LinearFactory, applies_residual, counted_twin, fused_roles, gated_sum,
+from kindjax.layers import (LinearFactory, applies_residual, counted_twin, fused_mlp, fused_roles, gated_sum,
                             make_linear_factory, shared_params)
 from kindjax.models.attention import dot_product_attention
 
@@ -248,9 +248,13 @@ class DiTBlock(nn.Module):
             x = attn(h, y, shared, residual=x, gate=gate_msa)
         else:
             x = x + residual(keys[0], gate_msa[:, None] * attn(h, y, shared))
-        h = modulate(norm("norm2", self.mlp_norm_eps)(x), shift_mlp, scale_mlp)
-        h = nn.gelu(self.linear("mlp_in", int(d * self.mlp_ratio), "mlp_in", shared=shared)(h, y), approximate=True)
+        mlp_in = self.linear("mlp_in", int(d * self.mlp_ratio), "mlp_in", shared=shared)
         mlp_out = self.linear("mlp_out", d, "mlp_out", shared=shared)
+        fused = fused_mlp(self.linear)
+        if fused is not None and keys[1] is None:
+            return fused(mlp_in, mlp_out, x, y, shift_mlp, scale_mlp, gate_mlp, self.mlp_norm_eps)
+        h = modulate(norm("norm2", self.mlp_norm_eps)(x), shift_mlp, scale_mlp)
+        h = nn.gelu(mlp_in(h, y), approximate=True)
         if keys[1] is None:
             return gated_residual(mlp_out, h, y, x, gate_mlp)
         return x + residual(keys[1], gate_mlp[:, None] * mlp_out(h, y))

@@ -40,13 +40,13 @@ def sample_mask(h: jax.Array, sample: jax.Array, n_learngene: int, n_tailor: int
     return jnp.where(component == width, jnp.asarray(bias_value, h.dtype), jnp.where(own, h, 0))
 
 
-def _accumulator(dtype: jnp.dtype) -> jnp.dtype:
+def accumulator(dtype: jnp.dtype) -> jnp.dtype:
     """Products accumulate in f32 (f64 for f64 inputs: the tests' oracle comparisons)."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
 def _forward_kernel(x_ref, v_ref, u_ref, out_ref, *, n_learngene, n_tailor, width):
-    acc = _accumulator(x_ref.dtype)
+    acc = accumulator(x_ref.dtype)
     h = jnp.dot(x_ref[...], v_ref[...], preferred_element_type=acc)
     h = sample_mask(h, pl.program_id(1), n_learngene, n_tailor, width, 1.0).astype(u_ref.dtype)
     out_ref[...] = jnp.dot(h, u_ref[...], preferred_element_type=acc).astype(out_ref.dtype)
@@ -61,7 +61,7 @@ def _backward_kernel(x_ref, v_ref, u_ref, dout_ref, dx_ref, dv_ref, du_ref, *, n
         du_ref[...] = jnp.zeros_like(du_ref)
 
     x, v, u, dout = x_ref[...], v_ref[...], u_ref[...], dout_ref[...]
-    acc = _accumulator(x.dtype)
+    acc = accumulator(x.dtype)
     h = sample_mask(jnp.dot(x, v, preferred_element_type=acc), sample, n_learngene, n_tailor, width, 1.0)
     dh = jax.lax.dot_general(dout, u, (((1,), (1,)), ((), ())), preferred_element_type=acc)
     dh = sample_mask(dh, sample, n_learngene, n_tailor, width, 0.0).astype(x.dtype)
@@ -72,12 +72,12 @@ def _backward_kernel(x_ref, v_ref, u_ref, dout_ref, dx_ref, dv_ref, du_ref, *, n
                                        preferred_element_type=acc)
 
 
-def _rows(tokens: int, d: int) -> pl.BlockSpec:
+def sample_rows(tokens: int, d: int) -> pl.BlockSpec:
     """Over the grid ``(group g, sample j)``: sample ``j``'s ``tokens`` rows of a ``(groups, G·T, d)`` array."""
     return pl.BlockSpec((None, tokens, d), lambda g, j: (g, j, 0))
 
 
-def _columns(a: int, b: int) -> pl.BlockSpec:
+def column_block(a: int, b: int) -> pl.BlockSpec:
     """Over the grid ``(group g, sample j)``: group ``g``'s ``(a, b)`` column block (fetched once per group)."""
     return pl.BlockSpec((None, a, b), lambda g, j: (g, 0, 0))
 
@@ -106,8 +106,8 @@ def _forward(x, v, u, n_learngene, n_tailor, width, tokens, interpret):
     group = rows_per_group // tokens
     out_shape = jax.ShapeDtypeStruct((groups, rows_per_group, d_out), x.dtype)
     kernel = functools.partial(_forward_kernel, n_learngene=n_learngene, n_tailor=n_tailor, width=width)
-    return _call(kernel, (groups, group), [_rows(tokens, d_in), _columns(d_in, k), _columns(k, d_out)],
-                 _rows(tokens, d_out), out_shape,
+    return _call(kernel, (groups, group), [sample_rows(tokens, d_in), column_block(d_in, k), column_block(k, d_out)],
+                 sample_rows(tokens, d_out), out_shape,
                  ("parallel", "parallel"), 2 * groups * rows_per_group * k * (d_in + d_out),
                  _size(x, v, u) + groups * rows_per_group * d_out * x.dtype.itemsize, interpret)(x, v, u)
 
@@ -120,13 +120,14 @@ def _backward_rule(n_learngene, n_tailor, width, tokens, interpret, residuals, d
     x, v, u = residuals
     (groups, rows_per_group, d_in), (k, d_out) = x.shape, u.shape[1:]
     group = rows_per_group // tokens
-    acc = _accumulator(x.dtype)
+    acc = accumulator(x.dtype)
     out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(v.shape, acc),
                  jax.ShapeDtypeStruct(u.shape, acc))
     kernel = functools.partial(_backward_kernel, n_learngene=n_learngene, n_tailor=n_tailor, width=width)
     dx, dv, du = _call(kernel, (groups, group),
-                       [_rows(tokens, d_in), _columns(d_in, k), _columns(k, d_out), _rows(tokens, d_out)],
-                       (_rows(tokens, d_in), _columns(d_in, k), _columns(k, d_out)), out_shape,
+                       [sample_rows(tokens, d_in), column_block(d_in, k), column_block(k, d_out),
+                        sample_rows(tokens, d_out)],
+                       (sample_rows(tokens, d_in), column_block(d_in, k), column_block(k, d_out)), out_shape,
                        ("parallel", "arbitrary"),
                        2 * groups * rows_per_group * k * (3 * d_in + 2 * d_out),
                        2 * _size(x) + _size(v, u, dout) + 4 * (v.size + u.size), interpret)(x, v, u, dout)

@@ -30,8 +30,9 @@ import ml_collections
 from kindjax.archs import resolve_dims
 from kindjax.layers.base import LinearFactory, check_linear_keys, gated_sum, one_of, positive_int, xavier_fan_out
 from kindjax.layers.svd import extend_orthonormal, init_sigma, matrix_shapes, svd_product
-from kindjax.models.attention import platform_of
-from kindjax.papers.kind.kernel import grouped_product, sample_mask
+from kindjax.models.attention import on_each_device, platform_of
+from kindjax.papers.kind.kernel import SUBLANES, grouped_product, sample_mask
+from kindjax.papers.kind.mlp_kernel import grouped_mlp
 
 
 #: Keys of ``config.model.linear`` for ``kind="kind"``; ``N_cls`` is ``model.num_classes``.
@@ -47,7 +48,7 @@ CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "formulation", "group_size")
 #: ``ungated`` is KIND's ablation #3: every sample uses every tailor (no class gate).  ``auto``: ``grouped`` on a
 #: TPU, where its step is the cheaper by the pre-flight (docs/benchmarks.md), ``gated`` elsewhere (the faster
 #: on a CPU; on a GPU neither is measured yet): :func:`applied_formulation`.
-FORMULATIONS = ("auto", "gated", "grouped", "fused", "naive", "ungated")
+FORMULATIONS = ("auto", "gated", "grouped", "fused", "fused_mlp", "naive", "ungated")
 
 #: ``config.model.linear.group_size`` of ``formulation="grouped"``: samples whose tailors share one
 #: product (``N_G + group_size·N_T`` columns; 16 keeps DiT-B's 297 + 48 and DiT-L's 396 + 64 inside the
@@ -165,33 +166,16 @@ def kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
     return svd_product(x, learngene, dtype) + tailor + bias.astype(dtype)
 
 
-def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
-                        tailors: Mapping[str, jax.Array], bias: jax.Array, dtype: jnp.dtype | None = None,
-                        group_size: int = GROUP_SIZE, kernel: bool = False, residual: jax.Array | None = None,
-                        gate: jax.Array | None = None) -> jax.Array:
-    """Class-gated product, grouped form: the same values as :func:`kind_linear`.
-
-    The batch is cut into groups of ``G = gcd(B, group_size)`` samples ``b_1 … b_G``.  A group's
-    tokens go through one product ``h = x·[V_G | V_T[c_1] | … | V_T[c_G] | 0]`` (``K = N_G + G·N_T``
-    components, zero-padded to a multiple of :data:`MATRIX_UNIT`); sample ``b_j`` keeps the learngene's
-    columns and its own tailor's (``h ⊙ m_j``), and
-    ``out = [h ⊙ m | 1 | 0]·[U_G σ_G | U_T[c_1] σ_T[c_1] | … | U_T[c_G] σ_T[c_G] | b | 0]ᵀ``
-    (``σ_T[c] = 0`` for the null class): the bias rides on the first padding component, whose ``h`` is 1,
-    so its gradient comes out of the ``U`` product's and no pass over the output sums it.  The activations
-    are read once, as a dense layer reads them; the ``G·N_T`` tailor columns are the extra work.  With
-    ``kernel``, both products of a pass run as one Pallas kernel (:mod:`kindjax.papers.kind.kernel`), ``h``
-    kept on chip.  With ``residual`` (shaped as the output) and ``gate`` (``(B, d_out)``), the result is
-    ``residual + gate ⊙ out``, summed in the grouped layout so that XLA fuses it into the product (a
-    reshape between them stops it: one pass over the output fewer, its backward too).
-    """
-    dtype = dtype or x.dtype
+def group_columns(learngene: Mapping[str, jax.Array], tailors: Mapping[str, jax.Array], bias: jax.Array,
+                  y: jax.Array, group: int, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, tuple[int, int, int]]:
+    """``(V_c, U_c, (N_G, N_T, width))`` of :func:`grouped_kind_linear` for the batch's labels ``y`` in groups
+    of ``group`` samples: ``V_c`` ``(groups, K, d_in)`` holds ``[V_G | V_T[c_1] | … | V_T[c_G] | 0]`` and ``U_c``
+    ``(groups, K, d_out)`` holds ``[U_G σ_G | U_T[c_1] σ_T[c_1] | … | b | 0]`` (``σ_T[c] = 0`` for the null class;
+    the bias on component ``width = N_G + G·N_T``), ``K`` padded to a multiple of :data:`MATRIX_UNIT`."""
     n_classes, n_tailor = tailors["sigma"].shape
-    n_learngene, d_in, d_out = learngene["sigma"].shape[0], x.shape[-1], learngene["U"].shape[0]
-    batch, tokens = x.shape[0], math.prod(x.shape[1:-1])
-    group = math.gcd(batch, group_size)
-    groups = batch // group
+    n_learngene = learngene["sigma"].shape[0]
+    groups = y.shape[0] // group
     c = jnp.clip(y, 0, n_classes - 1)
-
     width = n_learngene + group * n_tailor      # component ``width`` carries the bias
     padding = -(width + 1) % MATRIX_UNIT
 
@@ -212,16 +196,43 @@ def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.
 
     sigma_t = jnp.where((y < n_classes)[:, None], tailors["sigma"][c], 0.0).reshape(groups, group * n_tailor)
     sigma = jnp.concatenate([jnp.broadcast_to(learngene["sigma"], (groups, n_learngene)), sigma_t], axis=1)
+    return (columns(learngene["V"], tailors["V"]), columns(learngene["U"], tailors["U"], sigma, bias),
+            (n_learngene, n_tailor, width))
+
+
+def grouped_kind_linear(x: jax.Array, y: jax.Array, learngene: Mapping[str, jax.Array],
+                        tailors: Mapping[str, jax.Array], bias: jax.Array, dtype: jnp.dtype | None = None,
+                        group_size: int = GROUP_SIZE, kernel: bool = False, residual: jax.Array | None = None,
+                        gate: jax.Array | None = None) -> jax.Array:
+    """Class-gated product, grouped form: the same values as :func:`kind_linear`.
+
+    The batch is cut into groups of ``G = gcd(B, group_size)`` samples ``b_1 … b_G``.  A group's
+    tokens go through one product ``h = x·[V_G | V_T[c_1] | … | V_T[c_G] | 0]`` (``K = N_G + G·N_T``
+    components, zero-padded to a multiple of :data:`MATRIX_UNIT`); sample ``b_j`` keeps the learngene's
+    columns and its own tailor's (``h ⊙ m_j``), and
+    ``out = [h ⊙ m | 1 | 0]·[U_G σ_G | U_T[c_1] σ_T[c_1] | … | U_T[c_G] σ_T[c_G] | b | 0]ᵀ``
+    (:func:`group_columns`): the bias rides on the first padding component, whose ``h`` is 1,
+    so its gradient comes out of the ``U`` product's and no pass over the output sums it.  The activations
+    are read once, as a dense layer reads them; the ``G·N_T`` tailor columns are the extra work.  With
+    ``kernel``, both products of a pass run as one Pallas kernel (:mod:`kindjax.papers.kind.kernel`), ``h``
+    kept on chip.  With ``residual`` (shaped as the output) and ``gate`` (``(B, d_out)``), the result is
+    ``residual + gate ⊙ out``, summed in the grouped layout so that XLA fuses it into the product (a
+    reshape between them stops it: one pass over the output fewer, its backward too).
+    """
+    dtype = dtype or x.dtype
+    d_in, d_out = x.shape[-1], learngene["U"].shape[0]
+    batch, tokens = x.shape[0], math.prod(x.shape[1:-1])
+    group = math.gcd(batch, group_size)
+    groups = batch // group
+    v, u, widths = group_columns(learngene, tailors, bias, y, group, dtype)
     if kernel:
-        out = grouped_product(x.astype(dtype).reshape(groups, group * tokens, d_in),
-                              columns(learngene["V"], tailors["V"]).transpose(0, 2, 1),
-                              columns(learngene["U"], tailors["U"], sigma, bias), n_learngene, n_tailor, width, tokens)
+        out = grouped_product(x.astype(dtype).reshape(groups, group * tokens, d_in), v.transpose(0, 2, 1), u,
+                              *widths, tokens)
         out = out.reshape(groups, group, tokens, d_out)
     else:   # sample s of a group keeps the learngene's components and its own tailor's; the bias component is 1
-        h = jnp.einsum("gsni,gki->gsnk", x.astype(dtype).reshape(groups, group, tokens, d_in),
-                       columns(learngene["V"], tailors["V"]))
-        h = sample_mask(h, jnp.arange(group).reshape(1, group, 1, 1), n_learngene, n_tailor, width, 1.0)
-        out = jnp.einsum("gsnk,gko->gsno", h, columns(learngene["U"], tailors["U"], sigma, bias))
+        h = jnp.einsum("gsni,gki->gsnk", x.astype(dtype).reshape(groups, group, tokens, d_in), v)
+        h = sample_mask(h, jnp.arange(group).reshape(1, group, 1, 1), *widths, 1.0)
+        out = jnp.einsum("gsnk,gko->gsno", h, u)
     if residual is not None:
         out = residual.reshape(out.shape) + gate.reshape(groups, group, 1, d_out) * out
     return out.reshape(x.shape[:-1] + (d_out,))
@@ -301,6 +312,15 @@ class KINDLinear(nn.Module):
     applies_residual = True
 
     @nn.compact
+    def factors(self, d_in: int) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+        """``(learngene, tailors, bias)`` of this layer for inputs ``d_in`` wide (created at init)."""
+        d_out = self.features
+        _check_fits(d_in, d_out, self.n_classes, self.n_tailor, self.n_learngene, self.role)
+        sigma = init_sigma(d_in, d_out, self.n_learngene + self.n_tailor, self.fan_out)
+        learngene = self.param("learngene", init_learngene, d_in, d_out, self.n_learngene, sigma)
+        tailors = self.param("tailors", init_tailors, learngene, self.n_classes, self.n_tailor, sigma)
+        return learngene, tailors, self.param("bias", nn.initializers.zeros, (d_out,))
+
     def __call__(self, x: jax.Array, y: jax.Array, residual: jax.Array | None = None,
                  gate: jax.Array | None = None) -> jax.Array:
         """``x·W_yᵀ + b``, or ``residual + gate ⊙ (x·W_yᵀ + b)`` (``gate``: ``(B, d_out)``) when ``residual``
@@ -308,17 +328,44 @@ class KINDLinear(nn.Module):
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"KINDLinear formulation={self.formulation!r}: use one of {list(FORMULATIONS)}")
         formulation = applied_formulation(self.formulation, x)
-        d_in, d_out = x.shape[-1], self.features
-        _check_fits(d_in, d_out, self.n_classes, self.n_tailor, self.n_learngene, self.role)
-        sigma = init_sigma(d_in, d_out, self.n_learngene + self.n_tailor, self.fan_out)
-        learngene = self.param("learngene", init_learngene, d_in, d_out, self.n_learngene, sigma)
-        tailors = self.param("tailors", init_tailors, learngene, self.n_classes, self.n_tailor, sigma)
-        bias = self.param("bias", nn.initializers.zeros, (d_out,))
+        learngene, tailors, bias = self.factors(x.shape[-1])
         if formulation in ("grouped", "fused"):
             return _APPLY[formulation](x, y, learngene, tailors, bias, self.dtype, self.group_size,
                                        residual=residual, gate=gate)
         out = _APPLY[formulation](x, y, learngene, tailors, bias, self.dtype)
         return out if residual is None else gated_sum(residual, gate, out)
+
+
+def kind_mlp(mlp_in: KINDLinear, mlp_out: KINDLinear, x: jax.Array, y: jax.Array, shift: jax.Array,
+             scale: jax.Array, gate: jax.Array, eps: float) -> jax.Array:
+    """A DiT block's MLP half, ``x + gate ⊙ mlp_out(gelu(mlp_in(LN(x)·(1 + scale) + shift)))``, as the Pallas
+    kernels of :mod:`kindjax.papers.kind.mlp_kernel` on the grouped columns (:func:`group_columns`) of the two
+    layers: ``formulation="fused_mlp"``'s (:func:`kindjax.layers.base.fused_mlp`)."""
+    dtype = mlp_in.dtype or x.dtype
+    batch, tokens, d = x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1]
+    group = math.gcd(batch, mlp_in.group_size)
+    groups = batch // group
+    learngene_in, tailors_in, bias_in = mlp_in.factors(d)
+    learngene_out, tailors_out, bias_out = mlp_out.factors(mlp_in.features)
+    v_in, u_in, widths_in = group_columns(learngene_in, tailors_in, bias_in, y, group, dtype)
+    v_out, u_out, widths_out = group_columns(learngene_out, tailors_out, bias_out, y, group, dtype)
+    interpret = platform_of(x) != "tpu"
+    if not interpret and tokens % SUBLANES:
+        raise ValueError(f"formulation='fused_mlp' runs one sample's {tokens} tokens per kernel step, which a TPU "
+                         f"tiles in multiples of {SUBLANES}; use formulation='grouped' for this model")
+
+    def local(x, shift, scale, gate, v_in, u_in, v_out, u_out):
+        return grouped_mlp(x, shift, scale, gate, v_in, u_in, v_out, u_out, widths_in, widths_out, tokens, eps,
+                         interpret)
+
+    rows = [a.astype(dtype)[:, None] for a in (shift, scale, gate)]
+    out = on_each_device(
+        local, (x.astype(dtype).reshape(groups, group * tokens, d), *rows, v_in.transpose(0, 2, 1), u_in,
+                v_out.transpose(0, 2, 1), u_out),
+        lambda batch_axes, devices: f"formulation='fused_mlp' splits its {groups} groups over the mesh axes "
+                                    f"{batch_axes} ({devices} devices); use a per-device batch divisible by "
+                                    f"model.linear.group_size")
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
@@ -339,6 +386,11 @@ def kind_factory(model_config: ml_collections.ConfigDict) -> LinearFactory:
                               group_size=group_size, fan_out=xavier_fan_out(role, features, qkv_init), name=name)
         return make
 
+    if formulation == "fused_mlp":   # the other matrices grouped; the block's MLP half as kernels
+        make = factory("grouped")
+        make.fused_mlp = kind_mlp
+        make.counted_twin = factory("grouped")
+        return make
     make = factory(formulation)
     if formulation == "fused":   # the same products in XLA, for FLOP counts
         make.counted_twin = factory("grouped")
