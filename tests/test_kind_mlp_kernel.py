@@ -11,11 +11,12 @@ import pytest
 from conftest import tiny_config
 from kindjax.models.dit import build_model
 from kindjax.papers.kind.layer import KINDLinear, kind_config, kind_mlp
+# The layer's sizes and labels (classes 1 and 3 absent, the null class twice), and its float64 oracle: each
+# sample's full-rank weight over all components.
+from test_kind_layer import N_CLS, N_G, N_T, Y, rel_err
+from test_kind_layer import oracle as per_sample_layer
 
-N_CLS, N_T, N_G = 4, 3, 5
 D, F, TOKENS, EPS = 24, 40, 16, 1e-6
-# Classes 0 and 2 twice, the null class twice; 1 and 3 are absent (3 = the null's clamped index).
-Y = np.array([0, 2, N_CLS, 2, 0, N_CLS], np.int32)
 
 
 class MLPHalf(nn.Module):
@@ -31,30 +32,12 @@ class MLPHalf(nn.Module):
         return kind_mlp(layer(F, "mlp_in"), layer(D, "mlp_out"), x, y, shift, scale, gate, EPS)
 
 
-def per_sample_layer(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-    """``x_b·W_{y_b}ᵀ + b`` with the full-rank ``W_c = U diag(σ ⊙ m_c) Vᵀ`` (learngene + tailor ``c``; the null
-    class the learngene alone)."""
-    lg, tl = p["learngene"], p["tailors"]
-    u = jnp.concatenate([lg["U"]] + [tl["U"][c] for c in range(N_CLS)], axis=1)
-    v = jnp.concatenate([lg["V"]] + [tl["V"][c] for c in range(N_CLS)], axis=1)
-    sigma = jnp.concatenate([lg["sigma"]] + [tl["sigma"][c] for c in range(N_CLS)])
-    owner = np.concatenate([np.full(N_G, -1)] + [np.full(N_T, c) for c in range(N_CLS)])
-    masks = jnp.asarray([(owner == -1) | (owner == c) for c in range(N_CLS + 1)], sigma.dtype)
-    weights = jnp.einsum("or,br,ir->boi", u, sigma * masks[y], v)
-    return jnp.einsum("bni,boi->bno", x, weights) + p["bias"]
-
-
 def oracle(params: dict, x, y, shift, scale, gate) -> jax.Array:
     """``x + gate ⊙ mlp_out(gelu(mlp_in(LN(x)·(1 + scale) + shift)))``, LayerNorm and GELU written out."""
     centred = x - x.mean(-1, keepdims=True)
     ln = centred / jnp.sqrt((centred ** 2).mean(-1, keepdims=True) + EPS)
     z = per_sample_layer(params["mlp_in"], ln * (1 + scale[:, None]) + shift[:, None], y)
     return x + gate[:, None] * per_sample_layer(params["mlp_out"], jax.nn.gelu(z, approximate=True), y)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("group_size", [1, 3])
