@@ -43,7 +43,8 @@ CONFIG_KEYS = ("kind", "n_learngene", "n_tailor", "formulation", "group_size")
 #: rank-``N_T`` product (:func:`kind_linear`).  ``grouped``: the samples in groups of ``group_size``,
 #: the learngene and the group's tailors as one wider product (:func:`grouped_kind_linear`; one pass
 #: over the activations and no rank-``N_T`` product; docs/benchmarks.md compares both on TPU).  ``fused``:
-#: grouped, each pass's two products one Pallas TPU kernel (:mod:`kindjax.papers.kind.kernel`).  ``naive``: one
+#: grouped, each pass's two products one Pallas TPU kernel (:mod:`kindjax.papers.kind.kernel`).  ``fused_mlp``:
+#: grouped, each block's whole MLP half in Pallas TPU kernels (:func:`kind_mlp`).  ``naive``: one
 #: full-rank weight per sample (about twice the FLOPs or more; a reference and benchmark baseline).
 #: ``ungated`` is KIND's ablation #3: every sample uses every tailor (no class gate).  ``auto``: ``grouped`` on a
 #: TPU, where its step is the cheaper by the pre-flight (docs/benchmarks.md), ``gated`` elsewhere (the faster
