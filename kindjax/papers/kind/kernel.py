@@ -141,14 +141,21 @@ fused_grouped_product.defvjp(_forward_rule, _backward_rule)
 SUBLANES = 16
 
 
+def interpreted(x: jax.Array, tokens: int, formulation: str) -> bool:
+    """Whether ``formulation``'s kernels on ``x`` run in interpret mode (off a TPU: :func:`platform_of`);
+    ValueError on a TPU when a sample's ``tokens`` (one kernel grid step) are not a multiple of :data:`SUBLANES`."""
+    interpret = platform_of(x) != "tpu"
+    if not interpret and tokens % SUBLANES:
+        raise ValueError(f"formulation={formulation!r} runs one sample's {tokens} tokens per kernel step, which a "
+                         f"TPU tiles in multiples of {SUBLANES}; use formulation='grouped' for this model")
+    return interpret
+
+
 def grouped_product(x: jax.Array, v: jax.Array, u: jax.Array, n_learngene: int, n_tailor: int, width: int,
                     tokens: int) -> jax.Array:
     """:func:`fused_grouped_product`, in interpret mode off a TPU (:func:`~kindjax.models.attention.platform_of`),
     each device on its groups (:func:`~kindjax.models.attention.on_each_device`)."""
-    interpret = platform_of(x) != "tpu"
-    if not interpret and tokens % SUBLANES:
-        raise ValueError(f"formulation='fused' runs one sample's {tokens} tokens per kernel step, which a TPU "
-                         f"tiles in multiples of {SUBLANES}; use formulation='grouped' for this model")
+    interpret = interpreted(x, tokens, "fused")
 
     def local(x, v, u):
         return fused_grouped_product(x, v, u, n_learngene, n_tailor, width, tokens, interpret)

@@ -31,7 +31,7 @@ from kindjax.archs import resolve_dims
 from kindjax.layers.base import LinearFactory, check_linear_keys, gated_sum, one_of, positive_int, xavier_fan_out
 from kindjax.layers.svd import extend_orthonormal, init_sigma, matrix_shapes, svd_product
 from kindjax.models.attention import on_each_device, platform_of
-from kindjax.papers.kind.kernel import SUBLANES, grouped_product, sample_mask
+from kindjax.papers.kind.kernel import grouped_product, interpreted, sample_mask
 from kindjax.papers.kind.mlp_kernel import grouped_mlp
 
 
@@ -350,10 +350,7 @@ def kind_mlp(mlp_in: KINDLinear, mlp_out: KINDLinear, x: jax.Array, y: jax.Array
     learngene_out, tailors_out, bias_out = mlp_out.factors(mlp_in.features)
     v_in, u_in, widths_in = group_columns(learngene_in, tailors_in, bias_in, y, group, dtype)
     v_out, u_out, widths_out = group_columns(learngene_out, tailors_out, bias_out, y, group, dtype)
-    interpret = platform_of(x) != "tpu"
-    if not interpret and tokens % SUBLANES:
-        raise ValueError(f"formulation='fused_mlp' runs one sample's {tokens} tokens per kernel step, which a TPU "
-                         f"tiles in multiples of {SUBLANES}; use formulation='grouped' for this model")
+    interpret = interpreted(x, tokens, "fused_mlp")
 
     def local(x, shift, scale, gate, v_in, u_in, v_out, u_out):
         return grouped_mlp(x, shift, scale, gate, v_in, u_in, v_out, u_out, widths_in, widths_out, tokens, eps,
